@@ -1,0 +1,1 @@
+"""dlora_sim: a discrete-event simulator of multi-LoRA LLM serving clusters."""
