@@ -1,0 +1,1 @@
+"""Calibration: microbenchmarks -> CSV -> fitted profiles, and analytic profiles from datasheets."""

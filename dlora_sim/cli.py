@@ -1,0 +1,49 @@
+"""`dlora-sim`: one simulated run per Hydra job; results in the job's output folder."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dlora_sim.config import build_simulation
+from dlora_sim.metrics import RESULT_FILES, summarize, write_results
+from dlora_sim.paths import CONF_DIR
+
+log = logging.getLogger("dlora_sim")
+
+
+def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
+    sim = build_simulation(cfg)
+    try:
+        res = sim.run()
+        summary = {"system": system, "overrides": overrides, **summarize(res, float(cfg.slo_s_per_token)),
+                   "config": OmegaConf.to_container(cfg, resolve=True)}
+        write_results(out, res, summary)
+    except BaseException:
+        for name in RESULT_FILES:   # never leave a folder that looks complete
+            (out / name).unlink(missing_ok=True)
+        raise
+    if cfg.get("charts", True):
+        from dlora_sim.plots import run_charts
+        run_charts(out)
+    return summary
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    system = hc.runtime.choices.get("system", "custom")
+    s = run_job(cfg, out, system, list(hc.overrides.task))
+    log.info("%s: %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, SLO %.1f%%, wall %.1f s -> %s",
+             system, s["completed"], s["num_requests"], s["throughput_rps"], s["mean_latency_s"], s["p99_latency_s"],
+             100 * s["slo_attainment"], s["sim_wall_s"], out)
+    return s["mean_s_per_token"] or 0.0
+
+
+def main() -> None:
+    sys.exit(_main())

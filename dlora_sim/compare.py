@@ -1,0 +1,97 @@
+"""Comparison across the jobs of a multirun: a table on stdout, comparison.csv and comparison.png.
+
+Runs as a Hydra callback at the end of every `--multirun`, and as `dlora-compare <sweep dir>` on any
+folder of results folders. It only reads summary.json files.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+COLUMNS = [("label", "run", "{}"), ("throughput_rps", "req/s", "{:.3f}"), ("mean_latency_s", "mean lat s", "{:.2f}"),
+           ("p99_latency_s", "p99 lat s", "{:.2f}"), ("mean_ttft_s", "TTFT s", "{:.2f}"),
+           ("mean_s_per_token", "s/token", "{:.4f}"), ("p90_s_per_token", "p90 s/tok", "{:.4f}"),
+           ("slo_attainment", "SLO", "{:.1%}"), ("num_switches", "switches", "{}"),
+           ("completed", "done", "{}"), ("rejected", "rejected", "{}")]
+
+
+def load_summaries(sweep: Path) -> list[dict[str, Any]]:
+    rows = []
+    for f in sorted(Path(sweep).glob("*/summary.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        s = json.loads(f.read_text())
+        s["folder"] = str(f.parent)
+        rows.append(s)
+    # label each run by the overrides that differ between runs (all of them if there is one run)
+    common = set.intersection(*(set(s.get("overrides") or []) for s in rows)) if len(rows) > 1 else set()
+    for s in rows:
+        s["label"] = " ".join(o for o in (s.get("overrides") or []) if o not in common) or s.get("system", "run")
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    def cell(s, key, fmt):
+        v = s.get(key)
+        return "-" if v is None else fmt.format(v)
+    body = [[cell(s, k, f) for k, _, f in COLUMNS] for s in rows]
+    head = [h for _, h, _ in COLUMNS]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def comparison_chart(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("throughput_rps", "throughput (req/s)"), ("mean_latency_s", "mean latency (s)"),
+               ("p99_latency_s", "p99 latency (s)"), ("mean_s_per_token", "mean s / token"),
+               ("slo_attainment", "SLO attainment")]
+    labels = [s["label"].replace("system=", "") for s in rows]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.8))
+    for ax, (key, title) in zip(axes, metrics):
+        vals = [s.get(key) or 0.0 for s in rows]
+        ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{rows[0].get('num_requests', '?')} requests, {rows[0].get('num_replicas', '?')} replica(s)"
+                 if rows else "no runs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(sweep: Path) -> Path | None:
+    rows = load_summaries(sweep)
+    if not rows:
+        print(f"no summary.json under {sweep}")
+        return None
+    print(format_table(rows))
+    with (Path(sweep) / "comparison.csv").open("w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow([k for k, _, _ in COLUMNS] + ["folder"])
+        for s in rows:
+            w.writerow([s.get(k) for k, _, _ in COLUMNS] + [s["folder"]])
+    chart = comparison_chart(rows, Path(sweep) / "comparison.png")
+    print(f"comparison chart: {chart.resolve()}")
+    return chart
+
+
+class CompareCallback(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        compare(Path(config.hydra.sweep.dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Compare the runs of a sweep folder (reads */summary.json).")
+    ap.add_argument("sweep", type=Path)
+    compare(ap.parse_args(argv).sweep)

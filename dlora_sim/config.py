@@ -1,0 +1,78 @@
+"""From a Hydra/OmegaConf config to a ready Simulation: the only place config keys are interpreted."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dlora_sim.engine import ClusterConfig, Simulation
+from dlora_sim.paths import PROFILES_DIR
+from dlora_sim.profile import Profile, ProfileError, load_profile
+from dlora_sim.replica import ReplicaConfig
+from dlora_sim.workload.spec import Workload
+
+
+class ConfigError(ValueError):
+    """A config key is missing, unknown or has an impossible value; the message names the key."""
+
+
+def _dataclass_from(cls: type, raw: Any, where: str):
+    data = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; valid: {sorted(valid)}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def build_cluster(cfg: DictConfig) -> ClusterConfig:
+    c = cfg.cluster
+    replica = _dataclass_from(ReplicaConfig, c.get("replica", {}), "cluster.replica")
+    rest = {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k != "replica"}
+    try:
+        return dataclasses.replace(_dataclass_from(ClusterConfig, rest, "cluster"), replica=replica)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def build_profile(cfg: DictConfig) -> Profile:
+    p = cfg.profile
+    path = p.get("path") or PROFILES_DIR / f"{p.hardware}-{cfg.model.name}.yaml"
+    prof = load_profile(Path(path))
+    if prof.model.name != cfg.model.name:
+        raise ProfileError(f"{path}: profile is for model {prof.model.name!r} but model.name is {cfg.model.name!r}")
+    return prof
+
+
+def build_workload(cfg: DictConfig) -> Workload:
+    try:
+        source = instantiate(cfg.workload, _convert_="all")
+    except Exception as e:  # Hydra wraps constructor errors; keep the key in the message
+        raise ConfigError(f"workload: {e}") from None
+    return source.build(int(cfg.seed))
+
+
+def _policy(node: DictConfig, where: str):
+    if node is None or "_target_" not in node:
+        raise ConfigError(f"{where}: needs a _target_ naming a policy class (see conf/{where}/)")
+    return instantiate(node, _convert_="all")
+
+
+def build_simulation(cfg: DictConfig, workload: Workload | None = None) -> Simulation:
+    profile = build_profile(cfg)
+    cluster = build_cluster(cfg)
+    workload = workload if workload is not None else build_workload(cfg)
+    scheduler_cfg = cfg.scheduler
+    _policy(scheduler_cfg, "scheduler")  # fail fast, before the cluster is built
+    router = _policy(cfg.router, "router")
+    mig = cfg.get("migration")
+    migrator = _policy(mig, "migration") if mig is not None and "_target_" in mig else None
+    return Simulation(workload, profile, cluster, lambda: instantiate(scheduler_cfg, _convert_="all"), router,
+                      migrator, progress=bool(cfg.get("progress", False)),
+                      keep_iterations=bool(cfg.get("keep_iterations", True)))

@@ -1,0 +1,99 @@
+"""Closed-form costs from a profile, evaluated in microseconds inside the event loop.
+
+Every time the simulator charges (iterations, merges, loads, swaps, transfers) comes from here, so
+swapping a profile changes all of them together and nothing is hard-coded elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dlora_sim.profile import Profile
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """How one replica's GPU memory splits into weights, adapter slots and KV blocks."""
+
+    total_kv_blocks: int
+    block_size: int
+    block_bytes: int
+    adapter_slot_bytes: int
+    weight_bytes: int
+
+
+class CostModel:
+    def __init__(self, profile: Profile, gpus_per_replica: int = 1):
+        if gpus_per_replica < 1:
+            raise ValueError("gpus_per_replica must be >= 1")
+        self.profile = profile
+        self.gpus = gpus_per_replica
+        it, lo = profile.iteration, profile.lora
+        # Tensor parallelism divides the bandwidth/FLOP-bound terms; software overheads stay.
+        g = float(gpus_per_replica)
+        self._overhead = it.overhead_s
+        self._per_seq = it.per_seq_s
+        self._weight = it.weight_read_s / g
+        self._per_tok = it.per_token_s / g
+        self._per_ctx = it.per_context_token_s / g
+        self._per_sq = it.per_prefill_sq_s / g
+        self._lora_overhead = lo.overhead_s
+        self._lora_adapter = lo.per_adapter_rank_s / g
+        self._lora_token = lo.per_token_rank_s / g
+
+    def iteration_time(self, prefill_tokens: int, prefill_sq: int, decode_seqs: int, decode_context: int,
+                       num_seqs: int, lora_rank_sum: int = 0, lora_token_rank: int = 0) -> float:
+        """Seconds for one iteration. `lora_rank_sum` = sum of ranks of distinct adapters in an unmerged
+        batch (0 in merged mode); `lora_token_rank` = sum over the batch's tokens of their adapter's rank."""
+        tokens = prefill_tokens + decode_seqs
+        t = (self._overhead + self._per_seq * num_seqs + max(self._weight, self._per_tok * tokens)
+             + self._per_ctx * decode_context + self._per_sq * prefill_sq)
+        if lora_rank_sum:
+            t += self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
+        return t
+
+    def decode_time(self, batch: int, context: int, merged: bool = True, distinct_adapters: int = 1,
+                    rank: int = 16) -> float:
+        """Convenience: a pure-decode iteration of `batch` sequences with `context` tokens each."""
+        lora = 0 if merged else distinct_adapters * rank
+        return self.iteration_time(0, 0, batch, batch * context, batch, lora, batch * rank if not merged else 0)
+
+    def prefill_time(self, prompt_tokens: int, merged: bool = True, rank: int = 16) -> float:
+        lora = 0 if merged else rank
+        return self.iteration_time(prompt_tokens, prompt_tokens * prompt_tokens, 0, 0, 1, lora,
+                                   prompt_tokens * rank if not merged else 0)
+
+    # --- mode changes, loads, swaps, transfers ---------------------------------------------------
+    def mode_change_time(self, old: int | None, new: int | None, full_copy: bool = False) -> float:
+        """Merged on `old` (None = clean) -> merged on `new`. Whole-model copies switch for free."""
+        if old == new or full_copy:
+            return 0.0
+        sw = self.profile.switch
+        if old is None:
+            return sw.merge_s / self.gpus
+        if new is None:
+            return sw.unmerge_s / self.gpus
+        return sw.switch_s / self.gpus
+
+    def load_time(self, nbytes: int) -> float:
+        return nbytes / (self.profile.transfers.host_to_gpu_bytes_per_s * self.gpus)
+
+    def swap_time(self, blocks: int, block_bytes: int) -> float:
+        return blocks * block_bytes / (self.profile.transfers.kv_swap_bytes_per_s * self.gpus)
+
+    def kv_transfer_time(self, tokens: int) -> float:
+        return tokens * self.profile.model.kv_bytes_per_token / self.profile.transfers.kv_transfer_bytes_per_s
+
+    # --- memory ------------------------------------------------------------------------------------
+    def memory_layout(self, block_size: int, adapter_slots: int, slot_bytes: int) -> MemoryLayout:
+        p = self.profile
+        usable = p.hardware.gpu_bytes * p.memory.gpu_utilization * self.gpus
+        weights = p.model.weight_bytes
+        free = usable - weights - p.memory.activation_reserve_bytes * self.gpus - adapter_slots * slot_bytes
+        block_bytes = block_size * p.model.kv_bytes_per_token
+        blocks = math.floor(free / block_bytes)
+        if blocks < 1:
+            raise ValueError(
+                f"no room for a KV cache on {p.hardware.name} x{self.gpus}: {usable / 1e9:.1f} GB usable, "
+                f"weights {weights / 1e9:.1f} GB, {adapter_slots} adapter slots of {slot_bytes / 1e9:.2f} GB")
+        return MemoryLayout(blocks, block_size, block_bytes, slot_bytes, weights)

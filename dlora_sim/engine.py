@@ -1,0 +1,161 @@
+"""The cluster: arrivals, dispatch, replicas and (optionally) periodic migration, as SimPy processes.
+
+Arrivals and migration ticks are scheduled URGENT, so at any instant global decisions happen before
+replica iterations that end at that same instant: ties resolve the same way every run, and the same
+way with or without fast-forwarding.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import simpy
+from simpy.events import URGENT
+from tqdm import tqdm
+
+from dlora_sim.cost_model import CostModel
+from dlora_sim.metrics import Recorder, SimResult
+from dlora_sim.policies.base import LocalScheduler, Migrator, PolicyError, Router
+from dlora_sim.profile import Profile
+from dlora_sim.replica import Replica, ReplicaConfig
+from dlora_sim.request import NS, Request, State, blocks_for, to_ns
+from dlora_sim.workload.spec import Workload
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not finish every request (a policy stalled the cluster)."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_replicas: int = 1
+    gpus_per_replica: int = 1
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1 or self.gpus_per_replica < 1:
+            raise ValueError("cluster.num_replicas and cluster.gpus_per_replica must be >= 1")
+
+
+class Simulation:
+    """Replays a workload on a cluster; `run()` returns every request's timestamps and the iteration log."""
+
+    def __init__(self, workload: Workload, profile: Profile, cluster: ClusterConfig,
+                 scheduler_factory: Callable[[], LocalScheduler], router: Router,
+                 migrator: Migrator | None = None, *, progress: bool = False, keep_iterations: bool = True):
+        self.workload, self.profile, self.cluster_cfg = workload, profile, cluster
+        self.env = simpy.Environment()
+        self.cost = CostModel(profile, cluster.gpus_per_replica)
+        self.adapters = workload.adapters
+        self.recorder = Recorder(keep_iterations=keep_iterations)
+        self.router, self.migrator = router, migrator
+        self.requests = [Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
+                         for i, s in enumerate(workload.requests)]
+        ranks = [a.rank for a in workload.adapters]
+        self.replicas: list[Replica] = [
+            Replica(j, self.env, cluster.replica, self.cost, scheduler_factory(), ranks, self.recorder, self._done)
+            for j in range(cluster.num_replicas)]
+        self.hosts: dict[int, tuple[int, ...]] = {}
+        self._remaining = len(self.requests)
+        self._all_done = self.env.event()
+        self._progress = progress
+        self._bar: tqdm | None = None
+        self.extra: dict = {}
+
+    # --- ClusterView ---------------------------------------------------------------------------------
+    @property
+    def now(self) -> float:
+        return self.env.now / NS
+
+    def sync(self) -> None:
+        now = self.env.now
+        for rep in self.replicas:
+            rep.sync(now)
+
+    # --- processes -----------------------------------------------------------------------------------
+    def _urgent_timeout(self, delay: int) -> simpy.Event:
+        ev = simpy.Event(self.env)
+        ev._ok, ev._value = True, None   # what simpy.Timeout does, at URGENT priority
+        self.env.schedule(ev, URGENT, delay)
+        return ev
+
+    def _arrivals(self):
+        env = self.env
+        for r in self.requests:
+            if r.arrival > env.now:
+                yield self._urgent_timeout(r.arrival - env.now)
+            self.sync()
+            self._dispatch(r)
+
+    def _dispatch(self, r: Request) -> None:
+        reason = self._infeasible(r)
+        if reason:
+            r.state, r.reject_reason = State.REJECTED, reason
+            self._done(r)
+            return
+        j = self.router.dispatch(r, self)
+        if not 0 <= j < len(self.replicas):
+            raise PolicyError(f"router returned replica {j}; valid 0..{len(self.replicas) - 1}")
+        hosts = self.hosts.get(r.adapter)
+        if hosts is not None and j not in hosts:
+            raise PolicyError(f"router sent request {r.id} (adapter {r.adapter}) to replica {j}, not a host {hosts}")
+        r.dispatch = self.env.now
+        self.replicas[j].enqueue(r)
+
+    def _infeasible(self, r: Request) -> str:
+        cfg = self.cluster_cfg.replica
+        if r.prompt_tokens > cfg.max_num_batched_tokens:
+            return f"prompt of {r.prompt_tokens} tokens exceeds max_num_batched_tokens {cfg.max_num_batched_tokens}"
+        blocks = blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size)
+        cap = min(rep.total_blocks for rep in self.replicas)
+        if blocks > cap:
+            return f"needs {blocks} KV blocks; a replica has {cap}"
+        return ""
+
+    def _migration(self):
+        assert self.migrator is not None
+        interval = to_ns(self.migrator.interval_s)
+        while True:
+            yield self._urgent_timeout(interval)
+            self.sync()
+            plan = self.migrator.plan(self)
+            self.apply_migration(plan)
+
+    def apply_migration(self, plan) -> None:
+        """Move requests between replicas; implemented with the migration policies (issue 4)."""
+        if plan.moves or plan.adapter_hosts is not None:
+            raise NotImplementedError("request migration is not supported by this engine yet")
+
+    def _done(self, r: Request) -> None:
+        self._remaining -= 1
+        if self._bar is not None:
+            self._bar.update(1)
+        if self._remaining == 0:
+            self._all_done.succeed()
+
+    # --- run -----------------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        placement = self.router.place(self)
+        self.hosts = {a: tuple(h) for a, h in placement.hosts.items()}
+        for j, adapters in placement.preload.items():
+            self.replicas[j].preload(adapters)
+        for rep in self.replicas:
+            self.env.process(rep.process())
+        self.env.process(self._arrivals())
+        if self.migrator is not None:
+            self.env.process(self._migration())
+        with tqdm(total=len(self.requests), disable=not self._progress, unit="req", mininterval=0.5,
+                  desc=f"simulating {len(self.replicas)} replica(s)", leave=False) as bar:
+            self._bar = bar
+            if self.requests:
+                self.env.run(until=self._all_done)
+            self._bar = None
+        self.sync()
+        stuck = [r for r in self.requests if not r.done]
+        if stuck:
+            raise SimulationError(f"{len(stuck)} request(s) never finished, e.g. request {stuck[0].id} on replica "
+                                  f"{stuck[0].replica} ({stuck[0].state.name}); the local policy stalled")
+        return SimResult(self.requests, self.recorder, self.env.now / NS, time.perf_counter() - wall0,
+                         len(self.replicas), self.extra)

@@ -1,0 +1,62 @@
+"""Charts from results folders. Plots read files; they never rerun a simulation."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _read(path: Path) -> dict[str, list[str]]:
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: [r[k] for r in rows] for k in (rows[0].keys() if rows else [])}
+
+
+def _floats(xs: Sequence[str]) -> np.ndarray:
+    return np.array([float(x) for x in xs if x != ""], dtype=float)
+
+
+def run_charts(folder: Path) -> list[Path]:
+    """latency.png (CDFs of latency, TTFT and s/token) and timeline.png (batch size and mode per replica)."""
+    folder = Path(folder)
+    out = []
+    req = _read(folder / "requests.csv")
+    if req:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        for ax, key, label in zip(axes, ("latency_s", "ttft_s", "s_per_token"),
+                                  ("end-to-end latency (s)", "time to first token (s)", "latency / output token (s)")):
+            v = np.sort(_floats(req[key]))
+            if v.size:
+                ax.plot(v, np.arange(1, v.size + 1) / v.size)
+            ax.set_xlabel(label)
+            ax.set_ylabel("CDF")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out.append(folder / "latency.png")
+        fig.savefig(out[-1], dpi=110)
+        plt.close(fig)
+    it = _read(folder / "iterations.csv")
+    if it:
+        rep = np.array([int(x) for x in it["replica"]])
+        start, bs = _floats(it["start_s"]), _floats(it["batch_size"])
+        merged = np.array([m == "merged" for m in it["mode"]])
+        reps = sorted(set(rep.tolist()))[:8]
+        fig, axes = plt.subplots(len(reps), 1, figsize=(12, 1.8 * len(reps) + 0.6), sharex=True, squeeze=False)
+        for ax, j in zip(axes[:, 0], reps):
+            m = rep == j
+            ax.scatter(start[m & ~merged], bs[m & ~merged], s=2, label="unmerged", color="tab:blue")
+            ax.scatter(start[m & merged], bs[m & merged], s=2, label="merged", color="tab:orange")
+            ax.set_ylabel(f"replica {j}\nbatch")
+        axes[0, 0].legend(loc="upper right", markerscale=4)
+        axes[-1, 0].set_xlabel("simulated time (s)")
+        fig.tight_layout()
+        out.append(folder / "timeline.png")
+        fig.savefig(out[-1], dpi=110)
+        plt.close(fig)
+    return out

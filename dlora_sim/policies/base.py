@@ -1,0 +1,131 @@
+"""The contracts between policies and executors (the simulator's engine or the GPU runtime).
+
+A local scheduler sees a `ReplicaView` and returns a `Decision` for the next iteration. A router
+places adapters and dispatches each arriving request. A migrator periodically moves requests (and
+adapters) between replicas. Views are read-only by contract: policies keep their own state.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Collection, Literal, Mapping, Protocol, Sequence
+
+from dlora_sim.request import Request
+
+if TYPE_CHECKING:
+    from dlora_sim.cost_model import CostModel
+    from dlora_sim.workload.spec import AdapterSpec
+
+
+class PolicyError(RuntimeError):
+    """A policy returned a decision the executor cannot apply (a bug in the policy)."""
+
+
+class ReplicaView(Protocol):
+    """What a local scheduler may read about its replica."""
+
+    id: int
+    queue: Sequence[Request]          # unfinished requests on this replica, FCFS (arrival, id)
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    watermark_blocks: int
+    host_free_blocks: int
+    adapter_slots: int
+    resident: Collection[int]         # adapters in GPU slots (insertion = load order)
+    merged: int | None                # adapter merged into the base weights, or None (clean)
+    full_copy: bool                   # adapters are whole merged model copies (vLLM-replicated)
+    cost: "CostModel"
+
+    @property
+    def now(self) -> float: ...
+    def adapter_rank(self, adapter: int) -> int: ...
+
+
+@dataclass(slots=True)
+class Decision:
+    """One iteration: who runs, in which mode, and what changes in memory first.
+
+    `merged` is the adapter merged into the weights for this iteration (then every request in the
+    batch must use it), or None for unmerged. `stable` promises that, until the replica's queue
+    membership changes or a batch request finishes, the policy would return this same decision
+    again; executors may then repeat it without asking (the simulator fast-forwards).
+    """
+
+    batch: list[Request]
+    merged: int | None = None
+    load: tuple[int, ...] = ()
+    evict: tuple[int, ...] = ()
+    swap_out: tuple[Request, ...] = ()
+    recompute: tuple[Request, ...] = ()
+    stable: bool = False
+    forced: bool = False
+    info: Mapping[str, float] | None = None   # extra columns for iterations.csv
+
+
+class LocalScheduler(ABC):
+    """Per-replica batching policy; one instance per replica."""
+
+    @abstractmethod
+    def schedule(self, view: ReplicaView) -> Decision: ...
+
+
+class ClusterView(Protocol):
+    """What routers and migrators may read about the cluster."""
+
+    replicas: Sequence[ReplicaView]
+    adapters: Sequence["AdapterSpec"]
+    cost: "CostModel"
+    hosts: Mapping[int, tuple[int, ...]]     # adapter -> replicas allowed to serve it (all, if absent)
+
+    @property
+    def now(self) -> float: ...
+
+
+@dataclass
+class Placement:
+    """Initial adapter placement: who may serve each adapter, and what each replica preloads."""
+
+    hosts: dict[int, tuple[int, ...]] = field(default_factory=dict)    # absent adapter = any replica
+    preload: dict[int, list[int]] = field(default_factory=dict)       # replica -> adapters loaded at t=0
+
+
+class Router(ABC):
+    """Global scheduler: placement at start, then one replica per arriving request."""
+
+    def place(self, cluster: ClusterView) -> Placement:
+        return Placement()
+
+    @abstractmethod
+    def dispatch(self, request: Request, cluster: ClusterView) -> int: ...
+
+    @staticmethod
+    def candidates(request: Request, cluster: ClusterView) -> Sequence[int]:
+        hosts = cluster.hosts.get(request.adapter)
+        return hosts if hosts is not None else range(len(cluster.replicas))
+
+
+@dataclass(frozen=True)
+class RequestMove:
+    request: Request
+    dst: int
+    mode: Literal["transfer", "recompute"] = "transfer"
+
+
+@dataclass
+class MigrationPlan:
+    moves: list[RequestMove] = field(default_factory=list)
+    adapter_hosts: dict[int, tuple[int, ...]] | None = None   # new hosts mapping, if placement changed
+    solve_s: float = 0.0                                       # scheduler time spent deciding
+    info: dict = field(default_factory=dict)
+
+
+class Migrator(ABC):
+    """Periodic global rebalancing (dLoRA's co-migration)."""
+
+    interval_s: float = 10.0
+
+    @abstractmethod
+    def plan(self, cluster: ClusterView) -> MigrationPlan: ...

@@ -1,0 +1,149 @@
+"""Shared mechanics of building a batch under the replica's limits, for every local policy.
+
+A policy chooses *whose* requests to consider and in which order; these helpers apply the limits
+every engine has: sequences and tokens per iteration, KV blocks with an admission watermark,
+preemption (swap-out to bounded host memory, else recompute) of the lowest-priority resident
+request when a selected decode needs a block, no swap-in in an iteration that swaps out, and GPU
+adapter slots.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from dlora_sim.policies.base import ReplicaView
+from dlora_sim.request import Request, State, blocks_for
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    batch: list[Request] = field(default_factory=list)
+    swap_out: list[Request] = field(default_factory=list)
+    recompute: list[Request] = field(default_factory=list)
+    adapters: set[int] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
+def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchPlan | None = None,
+               limit: int | None = None, adapter_limit: int | None = None) -> BatchPlan:
+    """Walk `candidates` in priority order and take each that fits; returns the (extended) plan.
+
+    `limit` caps how many this call adds; `adapter_limit` caps distinct adapters in the whole batch.
+    Resident requests outside the batch stay resident; one is preempted only when a selected,
+    higher-priority decode needs a block that is not free.
+    """
+    plan = plan if plan is not None else BatchPlan()
+    batch, taken = plan.batch, {id(r) for r in plan.batch}
+    preempted = {id(r) for r in plan.swap_out} | {id(r) for r in plan.recompute}
+    bs = view.block_size
+    seats = view.max_num_seqs - len(batch)
+    added = 0
+    tokens = view.max_num_batched_tokens - sum(_tokens(r) for r in batch)
+    free = view.free_blocks - sum(_new_blocks(r, bs) for r in batch) + sum(r.kv_blocks for r in plan.swap_out)
+    free += sum(r.kv_blocks for r in plan.recompute)
+    host_free = view.host_free_blocks - sum(r.kv_blocks for r in plan.swap_out)
+    admit_prefill = True
+    victims: list[Request] | None = None
+    for r in candidates:
+        if seats <= 0 or (limit is not None and added >= limit):
+            break
+        if id(r) in taken or id(r) in preempted:
+            continue
+        if adapter_limit is not None and r.adapter not in plan.adapters and len(plan.adapters) >= adapter_limit:
+            continue
+        state = r.state
+        if state == State.RESIDENT:
+            if tokens < 1:
+                continue
+            need = _new_blocks(r, bs)
+            if need > free:
+                if victims is None:
+                    victims = [v for v in view.queue if v.state == State.RESIDENT]
+                while need > free:
+                    v = _pop_victim(victims, r, taken, preempted)
+                    if v is None:
+                        break
+                    preempted.add(id(v))
+                    free += v.kv_blocks
+                    if v.kv_blocks <= host_free:
+                        host_free -= v.kv_blocks
+                        plan.swap_out.append(v)
+                    else:
+                        plan.recompute.append(v)
+                if need > free:
+                    continue
+            tokens -= 1
+        elif state == State.SWAPPED:
+            if plan.swap_out or tokens < 1:
+                continue
+            need = blocks_for(r.context_len, bs)
+            if need > free:
+                continue
+            tokens -= 1
+        elif state == State.QUEUED:
+            if not admit_prefill:
+                continue
+            n = r.context_len
+            need = blocks_for(n, bs)
+            if (n > tokens and batch) or free - need < view.watermark_blocks:
+                admit_prefill = False  # FCFS among prefills: nobody jumps the first that does not fit
+                continue
+            tokens -= n
+        else:
+            raise ValueError(f"request {r.id} in state {state.name} cannot be scheduled")
+        free -= need
+        batch.append(r)
+        taken.add(id(r))
+        plan.adapters.add(r.adapter)
+        seats -= 1
+        added += 1
+    return plan
+
+
+def _tokens(r: Request) -> int:
+    return r.context_len if r.state == State.QUEUED else 1
+
+
+def _new_blocks(r: Request, bs: int) -> int:
+    return blocks_for(r.context_len, bs) - (r.kv_blocks if r.state == State.RESIDENT else 0)
+
+
+def _pop_victim(victims: list[Request], for_req: Request, taken: set[int], preempted: set[int]) -> Request | None:
+    """The latest-arriving resident request, outside the batch, of lower priority than `for_req`."""
+    key = for_req.sort_key()
+    while victims:
+        v = victims[-1]
+        if v.sort_key() <= key:
+            return None
+        victims.pop()
+        if id(v) not in taken and id(v) not in preempted and v.kv_blocks > 0:
+            return v
+    return None
+
+
+def plan_adapter_slots(view: ReplicaView, needed: Iterable[int], *, lru: Sequence[int] | None = None
+                       ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Loads for `needed` adapters that are not resident, and the evictions that make room.
+
+    Victims are resident adapters this iteration does not need: by default the one with the fewest
+    outstanding requests on the replica (dLoRA); with `lru` (least recent first), the least recently used.
+    """
+    needed = list(dict.fromkeys(needed))
+    need_set = set(needed)
+    loads = tuple(a for a in needed if a not in view.resident)
+    overflow = len(view.resident) + len(loads) - view.adapter_slots
+    if overflow <= 0:
+        return loads, ()
+    spare = [a for a in view.resident if a not in need_set]
+    if lru is not None:
+        order = {a: i for i, a in enumerate(lru)}
+        spare.sort(key=lambda a: order.get(a, -1))
+    else:
+        outstanding = Counter(r.adapter for r in view.queue)
+        spare.sort(key=lambda a: (outstanding.get(a, 0), a))
+    if overflow > len(spare):
+        raise ValueError(f"replica {view.id}: {len(need_set)} adapters needed but only {view.adapter_slots} slots")
+    return loads, tuple(spare[:overflow])

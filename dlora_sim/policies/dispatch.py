@@ -1,0 +1,41 @@
+"""Dispatch baselines: round-robin, least-loaded, and a static adapter -> replica mapping."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dlora_sim.policies.base import ClusterView, Placement, Router
+from dlora_sim.request import Request
+
+
+@dataclass
+class RoundRobin(Router):
+    """Each request to the next replica that may serve its adapter."""
+
+    _next: int = field(default=0, repr=False)
+
+    def dispatch(self, request: Request, cluster: ClusterView) -> int:
+        cands = self.candidates(request, cluster)
+        choice = cands[self._next % len(cands)]
+        self._next += 1
+        return choice
+
+
+@dataclass
+class LeastLoaded(Router):
+    """Fewest outstanding requests on the replica (Vidur's and Llumnix's simple baseline); ties -> lowest id."""
+
+    def dispatch(self, request: Request, cluster: ClusterView) -> int:
+        reps = cluster.replicas
+        return min(self.candidates(request, cluster), key=lambda j: (len(reps[j].queue), j))
+
+
+@dataclass
+class StaticAdapter(Router):
+    """vLLM-replicated: adapter a lives on replica a mod R only; requests go where their model is."""
+
+    def place(self, cluster: ClusterView) -> Placement:
+        n = len(cluster.replicas)
+        return Placement(hosts={a.id: (a.id % n,) for a in cluster.adapters})
+
+    def dispatch(self, request: Request, cluster: ClusterView) -> int:
+        return self.candidates(request, cluster)[0]

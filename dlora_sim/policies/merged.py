@@ -1,0 +1,22 @@
+"""Merged-only: always merged on the adapter of the oldest queued request, running only its requests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dlora_sim.policies.base import Decision, LocalScheduler, ReplicaView
+from dlora_sim.policies.batching import fill_batch, plan_adapter_slots
+
+
+@dataclass
+class MergedOnly(LocalScheduler):
+    def schedule(self, view: ReplicaView) -> Decision:
+        if not view.queue:
+            return Decision([], merged=view.merged)
+        target = view.queue[0].adapter
+        plan = fill_batch(view, (r for r in view.queue if r.adapter == target))
+        load, evict = plan_adapter_slots(view, [target], lru=self._lru(view))
+        return Decision(plan.batch, merged=target, load=load, evict=evict, swap_out=tuple(plan.swap_out),
+                        recompute=tuple(plan.recompute), stable=True)
+
+    def _lru(self, view: ReplicaView) -> list[int] | None:
+        return None

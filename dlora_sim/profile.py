@@ -1,0 +1,198 @@
+"""Profiles: everything the simulator knows about one (hardware, model) pair, with provenance.
+
+A profile is a YAML file (`calibration/profiles/<hardware>-<model>.yaml`). Loading validates every
+key: a missing, unknown or non-positive value is an error that names the file and the key, so a
+typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from dlora_sim.paths import PROFILES_DIR
+
+
+class ProfileError(ValueError):
+    """A profile file is missing, malformed, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source: str  # "measured" | "analytic"
+    device: str
+    date: str
+    method: str
+    software: str = ""
+    anchors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    gpu_bytes: int
+    hbm_bytes_per_s: float
+    peak_flops: float
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    vocab: int
+    dtype_bytes: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    adapter_bytes_per_rank: int  # all seven projections, every layer
+
+
+@dataclass(frozen=True)
+class IterationCost:
+    """t = overhead + per_seq*seqs + max(weight_read, per_token*tokens) + per_context_token*ctx
+    + per_prefill_sq*sum(prompt^2); plus the LoRA terms in unmerged mode."""
+
+    overhead_s: float
+    per_seq_s: float
+    weight_read_s: float
+    per_token_s: float
+    per_context_token_s: float
+    per_prefill_sq_s: float
+
+
+@dataclass(frozen=True)
+class LoraCost:
+    """Unmerged LoRA compute: launches, bytes of each distinct adapter, and per-token work."""
+
+    overhead_s: float
+    per_adapter_rank_s: float
+    per_token_rank_s: float
+
+
+@dataclass(frozen=True)
+class SwitchCost:
+    merge_s: float      # clean -> merged on a
+    unmerge_s: float    # merged on a -> clean
+    switch_s: float     # merged on a -> merged on b
+
+
+@dataclass(frozen=True)
+class Transfers:
+    host_to_gpu_bytes_per_s: float   # adapter (or whole-model) loads
+    kv_swap_bytes_per_s: float       # KV swap between GPU and host
+    kv_transfer_bytes_per_s: float   # KV transfer between replicas (migration)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    gpu_utilization: float           # fraction of GPU memory the engine may use
+    activation_reserve_bytes: int    # workspace kept free of weights and KV
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    provenance: Provenance
+    hardware: Hardware
+    model: ModelShape
+    iteration: IterationCost
+    lora: LoraCost
+    switch: SwitchCost
+    transfers: Transfers
+    memory: MemoryBudget
+    path: str = ""
+
+    def adapter_bytes(self, rank: int) -> int:
+        return self.model.adapter_bytes_per_rank * rank
+
+
+_SECTIONS: dict[str, type] = {
+    "provenance": Provenance, "hardware": Hardware, "model": ModelShape, "iteration": IterationCost,
+    "lora": LoraCost, "switch": SwitchCost, "transfers": Transfers, "memory": MemoryBudget,
+}
+
+
+def _build(cls: type, raw: Any, where: str, src: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ProfileError(f"{src}: '{where}' must be a mapping, got {type(raw).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ProfileError(f"{src}: unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                           f"valid: {sorted(names)}")
+    kwargs = {}
+    for name, f in names.items():
+        if name not in raw:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ProfileError(f"{src}: missing key '{where}.{name}'")
+        value = raw[name]
+        kind = f.type
+        try:
+            if kind in ("int",):
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError
+                value = int(float(value))
+            elif kind in ("float",):
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+            elif kind == "str":
+                value = str(value)
+            elif kind.startswith("tuple"):
+                value = tuple(str(v) for v in (value or ()))
+        except (TypeError, ValueError):
+            raise ProfileError(f"{src}: '{where}.{name}' must be {kind}, got {value!r}") from None
+        if kind in ("int", "float") and value < 0:
+            raise ProfileError(f"{src}: '{where}.{name}' must be >= 0, got {value}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def profile_from_dict(raw: Mapping[str, Any], src: str = "<dict>") -> Profile:
+    if not isinstance(raw, Mapping):
+        raise ProfileError(f"{src}: a profile must be a mapping")
+    allowed = set(_SECTIONS) | {"name"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ProfileError(f"{src}: unknown top-level key(s) {unknown}; valid: {sorted(allowed)}")
+    for key in ["name", *_SECTIONS]:
+        if key not in raw:
+            raise ProfileError(f"{src}: missing key '{key}'")
+    parts = {k: _build(cls, raw[k], k, src) for k, cls in _SECTIONS.items()}
+    prof = Profile(name=str(raw["name"]), path=src, **parts)
+    if prof.provenance.source not in ("measured", "analytic"):
+        raise ProfileError(f"{src}: 'provenance.source' must be 'measured' or 'analytic', "
+                           f"got {prof.provenance.source!r}")
+    if not 0 < prof.memory.gpu_utilization <= 1:
+        raise ProfileError(f"{src}: 'memory.gpu_utilization' must be in (0, 1]")
+    for key in ("hbm_bytes_per_s", "peak_flops"):
+        if getattr(prof.hardware, key) <= 0:
+            raise ProfileError(f"{src}: 'hardware.{key}' must be > 0")
+    for key in ("host_to_gpu_bytes_per_s", "kv_swap_bytes_per_s", "kv_transfer_bytes_per_s"):
+        if getattr(prof.transfers, key) <= 0:
+            raise ProfileError(f"{src}: 'transfers.{key}' must be > 0")
+    if prof.model.kv_bytes_per_token <= 0 or prof.model.weight_bytes <= 0:
+        raise ProfileError(f"{src}: 'model.kv_bytes_per_token' and 'model.weight_bytes' must be > 0")
+    return prof
+
+
+def load_profile(path_or_name: str | Path) -> Profile:
+    """Load a profile by path, or by name from calibration/profiles/ (e.g. 'a100-80gb-llama-2-7b')."""
+    p = Path(path_or_name)
+    if not p.suffix:
+        p = PROFILES_DIR / f"{p.name}.yaml"
+    if not p.exists():
+        avail = sorted(x.stem for x in PROFILES_DIR.glob("*.yaml"))
+        raise ProfileError(f"profile not found: {p}; available in {PROFILES_DIR}: {avail}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{p}: not valid YAML: {e}") from None
+    return profile_from_dict(raw, src=str(p))

@@ -1,0 +1,369 @@
+"""One replica as a SimPy process: ask the local policy, apply its decision, advance time.
+
+The replica owns the state a policy reads (it *is* the `ReplicaView`): the FCFS queue, KV blocks,
+host swap, resident adapters and the merged adapter. It validates every decision against capacity
+(so a buggy policy fails loudly), charges loads, mode changes, swaps and compute from the cost
+model, and records one row per iteration.
+
+Fast-forward: when a policy marks its decision `stable` and the batch is all decodes with nothing to
+load, switch or swap, the replica runs up to k identical iterations as one timeout (until the first
+request finishes or KV blocks would run out). Any queue change wakes it; it then stops at the end of
+the iteration in flight. `sync(now)` materialises the iterations completed before `now`, so routers and
+migrators observe exactly the state they would if every iteration were simulated one by one.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from itertools import repeat
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import simpy
+
+from dlora_sim.cost_model import CostModel
+from dlora_sim.policies.base import Decision, LocalScheduler, PolicyError
+from dlora_sim.request import NS, Request, State, blocks_for
+
+if TYPE_CHECKING:
+    from dlora_sim.metrics import Recorder
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    watermark: float = 0.01          # fraction of KV blocks kept free when admitting prefills
+    host_swap_bytes: int = 16 * GIB  # per replica
+    gpu_adapter_slots: int = 8
+    weights: str = "lora"            # "lora" | "full_copy" (a whole merged model per adapter)
+    fast_forward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("lora", "full_copy"):
+            raise ValueError(f"cluster.replica.weights must be 'lora' or 'full_copy', got {self.weights!r}")
+        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_adapter_slots"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"cluster.replica.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"cluster.replica.watermark must be in [0, 1), got {self.watermark}")
+
+
+@dataclass(slots=True)
+class _Run:
+    """Iterations of one decision in flight: the first may carry overheads, later ones are repeats."""
+
+    batch: list[Request]
+    decision: Decision
+    start: int
+    durations: list[int]       # ns, per iteration
+    ends: list[int]            # absolute ns, per iteration
+    compute: list[float]       # s, per iteration (for the record)
+    overhead: tuple[float, float, float]   # switch, load, swap seconds (first iteration only)
+    prefill: list[bool]        # per batch request: prefill in the first iteration
+    applied: int = 0
+
+
+class Replica:
+    def __init__(self, rid: int, env: simpy.Environment, cfg: ReplicaConfig, cost: CostModel,
+                 scheduler: LocalScheduler, ranks: Sequence[int], recorder: "Recorder",
+                 on_done: Callable[[Request], None]):
+        self.id, self.env, self.cfg, self.cost, self.scheduler = rid, env, cfg, cost, scheduler
+        self._ranks = list(ranks)
+        self.recorder, self._on_done = recorder, on_done
+        self.full_copy = cfg.weights == "full_copy"
+        prof = cost.profile
+        if self.full_copy:
+            slot_bytes, extra_slots = prof.model.weight_bytes, cfg.gpu_adapter_slots - 1
+        else:
+            slot_bytes, extra_slots = prof.adapter_bytes(max(self._ranks, default=1)), cfg.gpu_adapter_slots
+        layout = cost.memory_layout(cfg.block_size, extra_slots, slot_bytes)
+        self.layout = layout
+        self.max_num_seqs, self.max_num_batched_tokens = cfg.max_num_seqs, cfg.max_num_batched_tokens
+        self.block_size, self.adapter_slots = cfg.block_size, cfg.gpu_adapter_slots
+        self.total_blocks = self.free_blocks = layout.total_kv_blocks
+        self.watermark_blocks = int(cfg.watermark * layout.total_kv_blocks)
+        self.host_total_blocks = self.host_free_blocks = cfg.host_swap_bytes // layout.block_bytes
+        self.queue: list[Request] = []
+        self.resident: dict[int, None] = {}
+        self.merged: int | None = None
+        self._wake: simpy.Event | None = None
+        self._run: _Run | None = None
+        self.busy_ns = 0
+
+    # --- the view policies read -----------------------------------------------------------------
+    @property
+    def now(self) -> float:
+        return self.env.now / NS
+
+    def adapter_rank(self, adapter: int) -> int:
+        return self._ranks[adapter]
+
+    @property
+    def in_flight(self) -> Sequence[Request]:
+        return self._run.batch if self._run is not None else ()
+
+    # --- queue changes from the cluster ------------------------------------------------------------
+    def enqueue(self, r: Request) -> None:
+        r.replica = self.id
+        bisect.insort(self.queue, r, key=Request.sort_key)
+        self.notify()
+
+    def remove(self, r: Request) -> None:
+        i = bisect.bisect_left(self.queue, r.sort_key(), key=Request.sort_key)
+        if i >= len(self.queue) or self.queue[i] is not r:
+            raise PolicyError(f"request {r.id} is not queued on replica {self.id}")
+        if self._run is not None and any(x is r for x in self._run.batch):
+            raise PolicyError(f"request {r.id} is running on replica {self.id} and cannot be removed")
+        del self.queue[i]
+        self.notify()
+
+    def notify(self) -> None:
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    def preload(self, adapters: Sequence[int]) -> None:
+        for a in adapters:
+            if len(self.resident) >= self.adapter_slots:
+                raise ValueError(f"replica {self.id}: cannot preload {list(adapters)} into {self.adapter_slots} slots")
+            self.resident[a] = None
+
+    # --- the process ---------------------------------------------------------------------------------
+    def process(self):
+        env = self.env
+        while True:
+            if self.queue:
+                decision = self.scheduler.schedule(self)
+                if decision.batch:
+                    run = self._begin(decision)
+                    yield from self._execute(run)
+                    continue
+                if decision.load or decision.evict or decision.swap_out or decision.recompute:
+                    raise PolicyError(f"replica {self.id}: a decision with an empty batch must not change memory")
+            self._wake = env.event()
+            yield self._wake
+            self._wake = None
+
+    def _execute(self, run: _Run):
+        env = self.env
+        end = run.ends[-1]
+        if len(run.ends) > 1:
+            self._wake = env.event()
+            timer = env.timeout(end - env.now)
+            yield timer | self._wake
+            self._wake = None
+            if env.now < end:   # woken: finish the iteration in flight, then let the policy decide again
+                j = bisect.bisect_left(run.ends, env.now)
+                del run.ends[j + 1:], run.durations[j + 1:], run.compute[j + 1:]
+                if run.ends[j] > env.now:
+                    yield env.timeout(run.ends[j] - env.now)
+        else:
+            yield env.timeout(end - env.now)
+        self._advance(run, len(run.ends))
+        self._run = None
+
+    def sync(self, now: int) -> None:
+        """Apply the iterations of the run in flight that ended strictly before `now`."""
+        run = self._run
+        if run is not None and run.applied < len(run.ends) and run.ends[run.applied] < now:
+            self._advance(run, bisect.bisect_left(run.ends, now))
+
+    # --- applying a decision ------------------------------------------------------------------------
+    def _begin(self, d: Decision) -> _Run:
+        self._validate(d)
+        cost, bs = self.cost, self.block_size
+        for r in d.recompute:
+            self.free_blocks += r.kv_blocks
+            r.kv_blocks, r.state = 0, State.QUEUED
+            r.preemptions += 1
+        swapped_out = 0
+        for r in d.swap_out:
+            self.free_blocks += r.kv_blocks
+            self.host_free_blocks -= r.kv_blocks
+            swapped_out += r.kv_blocks
+            r.state = State.SWAPPED
+            r.preemptions += 1
+        self.recorder.count("preemptions", len(d.recompute) + len(d.swap_out))
+        self.recorder.count("swap_outs", len(d.swap_out))
+        for a in d.evict:
+            del self.resident[a]
+        load_s = 0.0
+        for a in d.load:
+            self.resident[a] = None
+            nbytes = self.cost.profile.model.weight_bytes if self.full_copy else self.cost.profile.adapter_bytes(self._ranks[a])
+            load_s += cost.load_time(nbytes)
+        self.recorder.count("adapter_loads", len(d.load))
+        switch_s = cost.mode_change_time(self.merged, d.merged, self.full_copy)
+        if d.merged != self.merged:
+            if not self.full_copy:
+                self.recorder.count("switches", 1)
+            self.merged = d.merged
+        swapped_in = swapped_in_reqs = 0
+        prefill_tokens = prefill_sq = decode = ctx = rank_sum = token_rank = 0
+        prefill: list[bool] = []
+        adapters: set[int] = set()
+        now = self.env.now
+        for r in d.batch:
+            need = blocks_for(r.context_len, bs)
+            if r.state == State.SWAPPED:
+                swapped_in_reqs += 1
+                self.host_free_blocks += r.kv_blocks
+                swapped_in += need
+                self.free_blocks -= need
+                r.state = State.RESIDENT
+            else:
+                self.free_blocks -= need - r.kv_blocks
+            r.kv_blocks = need
+            rank = self._ranks[r.adapter]
+            if r.first_scheduled < 0:
+                r.first_scheduled = now
+            if r.state == State.QUEUED:
+                n = r.context_len
+                prefill_tokens += n
+                prefill_sq += n * n
+                token_rank += n * rank
+                prefill.append(True)
+            else:
+                decode += 1
+                ctx += r.context_len
+                token_rank += rank
+                prefill.append(False)
+            if r.adapter not in adapters:
+                adapters.add(r.adapter)
+                rank_sum += rank
+        if self.free_blocks < 0 or self.host_free_blocks < 0:
+            raise PolicyError(f"replica {self.id}: decision exceeds memory (free blocks {self.free_blocks}, "
+                              f"host blocks {self.host_free_blocks})")
+        self.recorder.count("swap_ins", swapped_in_reqs)
+        swap_s = cost.swap_time(swapped_in + swapped_out, self.layout.block_bytes)
+        unmerged = d.merged is None
+        n = len(d.batch)
+        compute = cost.iteration_time(prefill_tokens, prefill_sq, decode, ctx, n,
+                                      rank_sum if unmerged else 0, token_rank if unmerged else 0)
+        first = _ns(compute + switch_s + load_s + swap_s)
+        durations, computes = [first], [compute]
+        overheads = switch_s + load_s + swap_s
+        if (self.cfg.fast_forward and d.stable and decode == n and overheads == 0.0):
+            k = self._repeatable(d.batch)
+            for i in range(1, k):
+                c = cost.iteration_time(0, 0, n, ctx + i * n, n, rank_sum if unmerged else 0,
+                                        token_rank if unmerged else 0)
+                durations.append(_ns(c))
+                computes.append(c)
+        ends, t = [], now
+        for dur in durations:
+            t += dur
+            ends.append(t)
+        self._run = _Run(d.batch, d, now, durations, ends, computes, (switch_s, load_s, swap_s), prefill)
+        return self._run
+
+    def _repeatable(self, batch: list[Request]) -> int:
+        """How many identical decode iterations fit before a request finishes or blocks run out."""
+        k = min(r.remaining for r in batch)
+        bs, free = self.block_size, self.free_blocks
+
+        def extra(m: int) -> int:   # blocks the iterations 2..m need beyond what the first holds
+            return sum(blocks_for(r.context_len + m - 1, bs) - r.kv_blocks for r in batch)
+
+        if k <= 1 or extra(k) <= free:
+            return max(k, 1)
+        lo, hi = 1, k   # extra(lo) <= free < extra(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if extra(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _advance(self, run: _Run, upto: int) -> None:
+        """Complete iterations run.applied .. upto-1 of the run in flight."""
+        bs = self.block_size
+        d = run.decision
+        for i in range(run.applied, upto):
+            end, dur = run.ends[i], run.durations[i]
+            start = end - dur
+            prefill_tokens = prefills = 0
+            for r, pf in zip(run.batch, run.prefill if i == 0 else repeat(False)):
+                if pf:
+                    prefill_tokens += r.context_len
+                    prefills += 1
+                    r.state = State.RESIDENT
+                r.generated += 1
+                r.exec_ns += dur
+                if r.first_token < 0:
+                    r.first_token = end
+            overhead = run.overhead if i == 0 else (0.0, 0.0, 0.0)
+            self.busy_ns += dur
+            self.recorder.iteration(self.id, start, dur, run.compute[i], overhead, d, len(run.batch), prefill_tokens,
+                                    len(run.batch) - prefills, len({r.adapter for r in run.batch}))
+            last = i == len(run.ends) - 1
+            for r in run.batch:
+                if r.generated >= r.output_tokens:
+                    if not last:
+                        raise AssertionError("a request finished inside a fast-forwarded run")
+                    self._finish(r, end)
+                elif i + 1 < len(run.ends):   # the next repeat needs this request's KV to grow
+                    need = blocks_for(r.context_len, bs)
+                    self.free_blocks -= need - r.kv_blocks
+                    r.kv_blocks = need
+        run.applied = upto
+        if self.free_blocks < 0:
+            raise AssertionError(f"replica {self.id}: KV blocks overcommitted ({self.free_blocks})")
+
+    def _finish(self, r: Request, t: int) -> None:
+        self.free_blocks += r.kv_blocks
+        r.kv_blocks = 0
+        r.state = State.FINISHED
+        r.finish = t
+        i = bisect.bisect_left(self.queue, r.sort_key(), key=Request.sort_key)
+        del self.queue[i]
+        self._on_done(r)
+
+    def _validate(self, d: Decision) -> None:
+        cfg = self.cfg
+        if len(d.batch) > cfg.max_num_seqs:
+            raise PolicyError(f"replica {self.id}: batch of {len(d.batch)} exceeds max_num_seqs {cfg.max_num_seqs}")
+        ids = {id(r) for r in d.batch}
+        if len(ids) != len(d.batch):
+            raise PolicyError(f"replica {self.id}: a request appears twice in the batch")
+        tokens = 0
+        for r in d.batch:
+            if r.replica != self.id or r.done:
+                raise PolicyError(f"replica {self.id}: request {r.id} is not runnable here")
+            tokens += r.context_len if r.state == State.QUEUED else 1
+        if tokens > cfg.max_num_batched_tokens and len(d.batch) > 1:
+            raise PolicyError(f"replica {self.id}: {tokens} tokens exceed max_num_batched_tokens")
+        for r in (*d.swap_out, *d.recompute):
+            if r.state != State.RESIDENT or id(r) in ids or r.replica != self.id:
+                raise PolicyError(f"replica {self.id}: cannot preempt request {r.id} ({r.state.name})")
+        if d.swap_out and any(r.state == State.SWAPPED for r in d.batch):
+            raise PolicyError(f"replica {self.id}: swap-in and swap-out in the same iteration")
+        resident = set(self.resident)
+        for a in d.evict:
+            if a not in resident:
+                raise PolicyError(f"replica {self.id}: evicting adapter {a}, which is not resident")
+            resident.discard(a)
+        for a in d.load:
+            if a in resident:
+                raise PolicyError(f"replica {self.id}: loading adapter {a}, which is already resident")
+            resident.add(a)
+        if len(resident) > self.adapter_slots:
+            raise PolicyError(f"replica {self.id}: {len(resident)} resident adapters exceed {self.adapter_slots} slots")
+        if d.merged is not None:
+            if d.merged not in resident:
+                raise PolicyError(f"replica {self.id}: merging adapter {d.merged}, which is not resident")
+            if any(r.adapter != d.merged for r in d.batch):
+                raise PolicyError(f"replica {self.id}: merged on {d.merged} but the batch has other adapters")
+        else:
+            if self.full_copy:
+                raise PolicyError(f"replica {self.id}: full-copy replicas run merged only")
+            missing = {r.adapter for r in d.batch} - resident
+            if missing:
+                raise PolicyError(f"replica {self.id}: unmerged batch uses non-resident adapters {sorted(missing)}")
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * NS))
