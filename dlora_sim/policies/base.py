@@ -41,6 +41,8 @@ class ReplicaView(Protocol):
 
     @property
     def now(self) -> float: ...
+    @property
+    def in_flight(self) -> Sequence[Request]: ...   # the batch of the iteration running now (not movable)
     def adapter_rank(self, adapter: int) -> int: ...
 
 
