@@ -63,6 +63,15 @@ class Simulation:
         self._bar: tqdm | None = None
         self.extra: dict = {}
 
+    @property
+    def debug_checks(self) -> bool:
+        return self.replicas[0].debug
+
+    @debug_checks.setter
+    def debug_checks(self, on: bool) -> None:
+        for rep in self.replicas:
+            rep.debug = on
+
     # --- ClusterView ---------------------------------------------------------------------------------
     @property
     def now(self) -> float:
@@ -150,7 +159,11 @@ class Simulation:
                   desc=f"simulating {len(self.replicas)} replica(s)", leave=False) as bar:
             self._bar = bar
             if self.requests:
-                self.env.run(until=self._all_done)
+                try:
+                    self.env.run(until=self._all_done)
+                except RuntimeError as e:
+                    if "No scheduled events left" not in str(e):
+                        raise   # otherwise: stalled; reported below with the stuck requests
             self._bar = None
         self.sync()
         stuck = [r for r in self.requests if not r.done]

@@ -40,6 +40,7 @@ class ReplicaConfig:
     gpu_adapter_slots: int = 8
     weights: str = "lora"            # "lora" | "full_copy" (a whole merged model per adapter)
     fast_forward: bool = True
+    max_kv_blocks: int | None = None # cap on KV blocks (a smaller KV budget than the GPU allows)
 
     def __post_init__(self) -> None:
         if self.weights not in ("lora", "full_copy"):
@@ -83,8 +84,9 @@ class Replica:
         self.layout = layout
         self.max_num_seqs, self.max_num_batched_tokens = cfg.max_num_seqs, cfg.max_num_batched_tokens
         self.block_size, self.adapter_slots = cfg.block_size, cfg.gpu_adapter_slots
-        self.total_blocks = self.free_blocks = layout.total_kv_blocks
-        self.watermark_blocks = int(cfg.watermark * layout.total_kv_blocks)
+        blocks = layout.total_kv_blocks if cfg.max_kv_blocks is None else min(cfg.max_kv_blocks, layout.total_kv_blocks)
+        self.total_blocks = self.free_blocks = blocks
+        self.watermark_blocks = int(cfg.watermark * blocks)
         self.host_total_blocks = self.host_free_blocks = cfg.host_swap_bytes // layout.block_bytes
         self.queue: list[Request] = []
         self.resident: dict[int, None] = {}
@@ -92,6 +94,7 @@ class Replica:
         self._wake: simpy.Event | None = None
         self._run: _Run | None = None
         self.busy_ns = 0
+        self.debug = False   # O(queue) memory accounting checks after every step (tests)
 
     # --- the view policies read -----------------------------------------------------------------
     @property
@@ -257,6 +260,8 @@ class Replica:
             t += dur
             ends.append(t)
         self._run = _Run(d.batch, d, now, durations, ends, computes, (switch_s, load_s, swap_s), prefill)
+        if self.debug:
+            self.check_accounting()
         return self._run
 
     def _repeatable(self, batch: list[Request]) -> int:
@@ -312,6 +317,23 @@ class Replica:
         run.applied = upto
         if self.free_blocks < 0:
             raise AssertionError(f"replica {self.id}: KV blocks overcommitted ({self.free_blocks})")
+        if self.debug:
+            self.check_accounting()
+
+    def check_accounting(self) -> None:
+        """Every block is owned by exactly one request; nothing exceeds capacity."""
+        flight = {id(r) for r in self.in_flight}
+        gpu = sum(r.kv_blocks for r in self.queue if r.state == State.RESIDENT or id(r) in flight)
+        host = sum(r.kv_blocks for r in self.queue if r.state == State.SWAPPED)
+        if gpu != self.total_blocks - self.free_blocks or not 0 <= self.free_blocks <= self.total_blocks:
+            raise AssertionError(f"replica {self.id}: KV accounting {gpu} used vs {self.total_blocks - self.free_blocks}")
+        if host != self.host_total_blocks - self.host_free_blocks or self.host_free_blocks < 0:
+            raise AssertionError(f"replica {self.id}: host swap accounting {host} vs "
+                                 f"{self.host_total_blocks - self.host_free_blocks}")
+        if any(r.kv_blocks for r in self.queue if r.state == State.QUEUED and id(r) not in flight):
+            raise AssertionError(f"replica {self.id}: a queued request holds KV blocks")
+        if len(self.resident) > self.adapter_slots:
+            raise AssertionError(f"replica {self.id}: {len(self.resident)} adapters in {self.adapter_slots} slots")
 
     def _finish(self, r: Request, t: int) -> None:
         self.free_blocks += r.kv_blocks

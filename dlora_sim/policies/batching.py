@@ -47,6 +47,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
     host_free = view.host_free_blocks - sum(r.kv_blocks for r in plan.swap_out)
     admit_prefill = True
     victims: list[Request] | None = None
+    blocked: Request | None = None   # the first candidate that only memory kept out
     for r in candidates:
         if seats <= 0 or (limit is not None and added >= limit):
             break
@@ -74,6 +75,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
                     else:
                         plan.recompute.append(v)
                 if need > free:
+                    blocked = blocked or r
                     continue
             tokens -= 1
         elif state == State.SWAPPED:
@@ -81,6 +83,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
                 continue
             need = blocks_for(r.context_len, bs)
             if need > free:
+                blocked = blocked or r
                 continue
             tokens -= 1
         elif state == State.QUEUED:
@@ -90,6 +93,8 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
             need = blocks_for(n, bs)
             if (n > tokens and batch) or free - need < view.watermark_blocks:
                 admit_prefill = False  # FCFS among prefills: nobody jumps the first that does not fit
+                if n <= tokens or not batch:
+                    blocked = blocked or r
                 continue
             tokens -= n
         else:
@@ -100,7 +105,33 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
         plan.adapters.add(r.adapter)
         seats -= 1
         added += 1
+    if not batch and blocked is not None and seats > 0:
+        _make_room(view, plan, blocked, free, host_free)
     return plan
+
+
+def _make_room(view: ReplicaView, plan: BatchPlan, r: Request, free: int, host_free: int) -> None:
+    """Nothing can run, yet memory is held by resident requests the policy did not select (say, other
+    adapters' requests while merged): preempt them, latest first, so the chosen request runs. Victims
+    of a swap-in are recomputed, since one iteration never swaps both ways."""
+    need = blocks_for(r.context_len, view.block_size) - (r.kv_blocks if r.state == State.RESIDENT else 0)
+    victims = [v for v in view.queue if v.state == State.RESIDENT and v is not r and v.kv_blocks > 0]
+    swap_in = r.state == State.SWAPPED
+    chosen_swap, chosen_recompute = [], []
+    while need > free and victims:
+        v = victims.pop()
+        free += v.kv_blocks
+        if not swap_in and v.kv_blocks <= host_free:
+            host_free -= v.kv_blocks
+            chosen_swap.append(v)
+        else:
+            chosen_recompute.append(v)
+    if need > free:
+        return
+    plan.swap_out.extend(chosen_swap)
+    plan.recompute.extend(chosen_recompute)
+    plan.batch.append(r)
+    plan.adapters.add(r.adapter)
 
 
 def _tokens(r: Request) -> int:

@@ -14,6 +14,8 @@ class MergedOnly(LocalScheduler):
             return Decision([], merged=view.merged)
         target = view.queue[0].adapter
         plan = fill_batch(view, (r for r in view.queue if r.adapter == target))
+        if not plan.batch:
+            return Decision([], merged=view.merged)
         load, evict = plan_adapter_slots(view, [target], lru=self._lru(view))
         return Decision(plan.batch, merged=target, load=load, evict=evict, swap_out=tuple(plan.swap_out),
                         recompute=tuple(plan.recompute), stable=True)

@@ -16,6 +16,8 @@ class Peft(LocalScheduler):
             return Decision([])
         head = view.queue[0].adapter
         plan = fill_batch(view, takewhile(lambda r: r.adapter == head, view.queue))
+        if not plan.batch:
+            return Decision([])
         load, evict = plan_adapter_slots(view, [head])
         return Decision(plan.batch, merged=None, load=load, evict=evict, swap_out=tuple(plan.swap_out),
                         recompute=tuple(plan.recompute), stable=True)

@@ -11,6 +11,8 @@ from dlora_sim.policies.batching import fill_batch, plan_adapter_slots
 class UnmergedOnly(LocalScheduler):
     def schedule(self, view: ReplicaView) -> Decision:
         plan = fill_batch(view, view.queue, adapter_limit=view.adapter_slots)
+        if not plan.batch:
+            return Decision([])
         load, evict = plan_adapter_slots(view, (r.adapter for r in plan.batch))
         return Decision(plan.batch, merged=None, load=load, evict=evict, swap_out=tuple(plan.swap_out),
                         recompute=tuple(plan.recompute), stable=True)
