@@ -42,13 +42,16 @@ def spread_in_windows(counts: np.ndarray, starts: np.ndarray, length: float, gap
     sizes = c + 1
     if gaps.size != sizes.sum():
         raise ValueError(f"need {sizes.sum()} gaps, got {gaps.size}")
-    g = np.maximum(np.asarray(gaps, dtype=np.float64), 1e-300)
     ends = np.cumsum(sizes)
     begins = ends - sizes
+    group = np.repeat(np.arange(c.size), sizes)
+    # Heavy-tailed fits (Weibull shape << 1) overflow to inf and underflow to 0: clip, then divide
+    # by each window's largest gap so the running sum below stays finite and precise.
+    g = np.clip(np.nan_to_num(np.asarray(gaps, dtype=np.float64), nan=1.0, posinf=1e300), 1e-300, 1e300)
+    g = g / np.maximum.reduceat(g, begins)[group]
     cs = np.cumsum(g)
     before = np.concatenate([[0.0], cs])[begins]
     total = cs[ends - 1] - before
-    group = np.repeat(np.arange(c.size), sizes)
     pos = (cs - before[group]) / total[group]
     keep = np.ones(cs.size, dtype=bool)
     keep[ends - 1] = False

@@ -1,0 +1,32 @@
+"""Fixtures for trace tests: where the real traces are (skip when absent) and small generated files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shared_traces_dir() -> Path | None:
+    env = os.environ.get("DLORA_SHARED_TRACES")
+    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "traces"]:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    d = shared_traces_dir()
+    if d is None:
+        pytest.skip("real traces not available (../shared/traces or $DLORA_SHARED_TRACES)")
+    return d
+
+
+def need(shared: Path, rel: str) -> Path:
+    p = shared / rel
+    if not p.exists():
+        pytest.skip(f"{p} not available")
+    return p
