@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))  # trace_files.py helpers, whatever the import mode
 
 
 def shared_traces_dir() -> Path | None:
@@ -23,10 +25,3 @@ def shared() -> Path:
     if d is None:
         pytest.skip("real traces not available (../shared/traces or $DLORA_SHARED_TRACES)")
     return d
-
-
-def need(shared: Path, rel: str) -> Path:
-    p = shared / rel
-    if not p.exists():
-        pytest.skip(f"{p} not available")
-    return p

@@ -11,7 +11,7 @@ import pytest
 from dlora_sim.traces.azure_llm import load_azure_llm
 from dlora_sim.traces.mooncake import load_mooncake
 from dlora_sim.traces import servegen
-from tests.traces.conftest import need
+from trace_files import need
 
 AZURE = "azure-llm-inference-2023/AzureLLMInferenceTrace_{}.csv"
 MOONCAKE = "mooncake-fast25/{}_trace.jsonl"
