@@ -53,6 +53,7 @@ def scale_rate(w: Workload, factor: float, seed: int = 0) -> Workload:
         return w
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5CA1E]))
     a, ad, p, o = _arrays(w)
+    end = float(a.max()) if a.size else 0.0
     pick, new_t = [], []
     for adapter in np.unique(ad):
         idx = np.flatnonzero(ad == adapter)
@@ -63,7 +64,7 @@ def scale_rate(w: Workload, factor: float, seed: int = 0) -> Workload:
             continue
         extra = rng.integers(0, idx.size, size=target - idx.size)
         t = a[idx]
-        gaps = np.diff(t, append=t[-1] + (np.mean(np.diff(t)) if idx.size > 1 else 0.0))
+        gaps = np.diff(t, append=end)  # clones of an adapter's last request stay before the workload's end
         pick += [idx, idx[extra]]
         new_t += [t, t[extra] + rng.random(extra.size) * gaps[extra]]
     sel = np.concatenate(pick) if pick else np.zeros(0, dtype=np.int64)
