@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
@@ -67,8 +68,8 @@ def load_registry(path: Path | None = None) -> dict[str, TraceEntry]:
         doc = yaml.safe_load(fh) or {}
     entries: dict[str, TraceEntry] = {}
     for name, e in (doc.get("traces") or {}).items():
-        files = [TraceFile(path=f["path"], url=f["url"], sha256=f.get("sha256"), size=f.get("size"))
-                 for f in e.get("files", [])]
+        files = [TraceFile(path=f["path"], url=f["url"], sha256=_checksum(path, name, f.get("sha256")),
+                           size=f.get("size")) for f in e.get("files", [])]
         if e.get("manifest"):
             files += _read_manifest(path.parent / e["manifest"], e["url_base"])
         entries[name] = TraceEntry(
@@ -78,13 +79,24 @@ def load_registry(path: Path | None = None) -> dict[str, TraceEntry]:
     return entries
 
 
+def _checksum(path: Path, name: str, value) -> str | None:
+    """A sha256 as 64 lowercase hex digits (quote it in YAML), or None when unknown."""
+    if value is None:
+        return None
+    text = str(value).lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise ValueError(f"{path}: trace {name!r}: sha256 must be 64 hex digits (quoted), got {value!r}")
+    return text
+
+
 def _read_manifest(path: Path, url_base: str) -> list[TraceFile]:
     out = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             if line.strip() and not line.startswith("#"):
                 parts = line.split()
-                digest, rel = parts[0], parts[-1]
+                rel = parts[-1]
+                digest = _checksum(path, rel, parts[0])
                 size = int(parts[1]) if len(parts) == 3 else None
                 out.append(TraceFile(path=rel, url=url_base.rstrip("/") + "/" + rel, sha256=digest, size=size))
     return out
