@@ -24,9 +24,11 @@ def _fetch(args) -> int:
 
     for name in args.names:
         entry = registry.get_entry(name)
-        folder = registry.fetch(name, Path(args.dest) if args.dest else None, args.allow_unverified,
-                                progress=lambda files: tqdm(files, desc=name, unit="file"))
-        print(f"{name}: {len(entry.files)} file(s) verified in {folder}")
+        folder, unverified = registry.fetch(name, Path(args.dest) if args.dest else None, args.allow_unverified,
+                                            progress=lambda files: tqdm(files, desc=name, unit="file"))
+        print(f"{name}: {len(entry.files) - len(unverified)} file(s) verified in {folder}")
+        for path, digest in unverified.items():
+            print(f"  UNVERIFIED {path}: sha256 {digest} (add it to {registry.registry_path()})")
         if entry.note:
             print(f"  note: {entry.note}")
     return 0

@@ -203,16 +203,32 @@ def download(url: str, dest: Path, sha256: str | None, allow_unverified: bool = 
 
 
 def fetch(name: str, dest_root: Path | None = None, allow_unverified: bool = False,
-          progress=None) -> Path:
-    """Download every file of a registered trace into `dest_root/<folder>`; existing verified files are kept."""
+          progress=None) -> tuple[Path, dict[str, str]]:
+    """Download every file of a registered trace into `dest_root/<folder>`; verified files already there are kept.
+
+    Returns the folder and the sha256 of each file downloaded without a registered checksum.
+    Tar archives (.tar, .tar.gz, .tar.xz) are unpacked beside themselves once verified.
+    """
     entry = get_entry(name)
     root = Path(dest_root) if dest_root else (
         Path(os.environ["DLORA_TRACE_DIR"]) if os.environ.get("DLORA_TRACE_DIR") else user_cache_dir())
     folder = root / entry.folder
+    unverified: dict[str, str] = {}
     files = entry.files if progress is None else progress(entry.files)
     for f in files:
         dest = folder / f.path
         if dest.exists() and f.sha256 and sha256_of(dest) == f.sha256:
             continue
-        download(f.url, dest, f.sha256, allow_unverified)
-    return folder
+        digest = download(f.url, dest, f.sha256, allow_unverified)
+        if f.sha256 is None:
+            unverified[f.path] = digest
+        if re.search(r"\.tar(\.(gz|xz|bz2))?$", dest.name):
+            _untar(dest, folder)
+    return folder, unverified
+
+
+def _untar(archive: Path, folder: Path) -> None:
+    import tarfile
+
+    with tarfile.open(archive) as tf:
+        tf.extractall(folder, filter="data")  # "data" refuses absolute paths and links out of folder

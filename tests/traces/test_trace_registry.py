@@ -46,7 +46,8 @@ def tmp_registry(tmp_path, monkeypatch):
 
 def test_fetch_verifies_and_resolves(tmp_registry):
     tmp, _ = tmp_registry
-    folder = registry.fetch("tiny")
+    folder, unverified = registry.fetch("tiny")
+    assert unverified == {}
     assert (folder / "tiny.csv").read_bytes() == CONTENT
     assert registry.resolve("tiny") == tmp / "cache" / "tiny-folder" / "tiny.csv"
     assert registry.is_present("tiny")
@@ -74,7 +75,8 @@ def test_fetch_refuses_unverified_unless_allowed(tmp_registry, monkeypatch):
     monkeypatch.setenv("DLORA_TRACE_REGISTRY", str(write(None)))
     with pytest.raises(registry.ChecksumError, match="no sha256"):
         registry.fetch("tiny")
-    registry.fetch("tiny", allow_unverified=True)
+    _, unverified = registry.fetch("tiny", allow_unverified=True)
+    assert unverified == {"tiny.csv": hashlib.sha256(CONTENT).hexdigest()}
     assert (tmp / "cache" / "tiny-folder" / "tiny.csv").exists()
 
 
@@ -110,3 +112,20 @@ def test_cli_list_fetch_stats(tmp_registry, capsys):
     out = capsys.readouterr().out
     assert "1 requests" in out and (tmp / "out" / "tiny-rate.png").exists()
     assert cli_main(["stats", "unknown-trace"]) == 1
+
+
+def test_fetched_tar_archive_is_unpacked(tmp_path, monkeypatch):
+    import tarfile
+
+    inner = tmp_path / "invocations_per_function_md.anon.d01.csv"
+    inner.write_text("HashOwner,HashApp,HashFunction,Trigger\n")
+    archive = tmp_path / "maf.tar.xz"
+    with tarfile.open(archive, "w:xz") as tf:
+        tf.add(inner, arcname=inner.name)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    reg = tmp_path / "registry.yaml"
+    reg.write_text(f"traces:\n  maf:\n    format: maf2019\n    folder: maf\n    files:\n"
+                   f"      - path: maf.tar.xz\n        url: {archive.as_uri()}\n        sha256: '{digest}'\n")
+    monkeypatch.setenv("DLORA_TRACE_REGISTRY", str(reg))
+    folder, _ = registry.fetch("maf", dest_root=tmp_path / "cache")
+    assert (folder / inner.name).read_text() == inner.read_text()
