@@ -104,15 +104,20 @@ def client_stream(seed: int, client: str, purpose: int) -> np.random.Generator:
 
 
 def generate_arrivals(series: ClientSeries, seed: int, start_s: float, end_s: float,
-                      rate_scale: float = 1.0) -> np.ndarray:
-    """Arrival times of one client for windows starting in [start_s, end_s), cut to [start_s, end_s)."""
+                      rate_scale: float = 1.0, iat: str = "fitted") -> np.ndarray:
+    """Arrival times of one client for windows starting in [start_s, end_s), cut to [start_s, end_s).
+
+    iat: "fitted" uses each window's Gamma/Weibull fit; "cv" uses Gamma with the window's CV.
+    """
+    if iat not in ("fitted", "cv"):
+        raise ValueError(f"iat must be 'fitted' or 'cv', got {iat!r}")
     rng = client_stream(seed, series.client, 0)
     m = (series.start_s + WINDOW_S > start_s) & (series.start_s < end_s)
     counts = cumulative_round(series.rate[m] * WINDOW_S * rate_scale, rng)
     fam, shape, cv = series.family[m], series.shape[m], series.cv[m]
     active = counts > 0
     reps = counts[active] + 1
-    fam_e = np.repeat(fam[active], reps)
+    fam_e = np.repeat(fam[active] if iat == "fitted" else np.full(fam.shape, "", dtype=object)[active], reps)
     shape_e = np.repeat(shape[active], reps)
     cv_e = np.repeat(cv[active], reps)
     gaps = np.empty(int(reps.sum()))
@@ -129,14 +134,14 @@ def generate_arrivals(series: ClientSeries, seed: int, start_s: float, end_s: fl
 
 
 def generate(folder: str | Path, seed: int, start_s: float = 0.0, end_s: float = float("inf"),
-             rate_scale: float = 1.0, clients: list[str] | None = None) -> RawRequests:
+             rate_scale: float = 1.0, clients: list[str] | None = None, iat: str = "fitted") -> RawRequests:
     """All clients' arrivals in [start_s, end_s) (trace time), keyed by client id; no lengths yet."""
     series = read_folder(str(folder), end_s if np.isfinite(end_s) else float("inf"))
     if clients is not None:
         series = tuple(s for s in series if s.client in set(map(str, clients)))
     times, keys = [], []
     for s in series:
-        t = generate_arrivals(s, seed, start_s, end_s, rate_scale)
+        t = generate_arrivals(s, seed, start_s, end_s, rate_scale, iat)
         times.append(t)
         keys.append(np.full(t.size, s.client, dtype=object))
     arrival = np.concatenate(times) if times else np.zeros(0)

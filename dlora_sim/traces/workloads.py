@@ -145,6 +145,7 @@ class ServeGenWorkload(TraceWorkload):
     num_adapters: int | None = None
     clients: list[str] | None = None
     client_lengths: bool = True
+    iat: str = "fitted"  # "fitted" (per-window Gamma/Weibull) or "cv" (Gamma with the window's CV)
 
     @property
     def trace_name(self) -> str:  # type: ignore[override]
@@ -160,7 +161,7 @@ class ServeGenWorkload(TraceWorkload):
         folder = self.folder()
         end = self.start_s + 86400.0 if self.end_s is None else self.end_s
         clients = None if self.clients is None else [str(c) for c in self.clients]
-        raw = servegen.generate(folder, seed, self.start_s, end, self.rate_scale, clients)
+        raw = servegen.generate(folder, seed, self.start_s, end, self.rate_scale, clients, self.iat)
         rel = raw.arrival_s - self.start_s
         if self.client_lengths:
             prompt = np.empty(len(raw), dtype=np.int64)

@@ -61,3 +61,23 @@ def test_cumulative_round_tracks_expectation(expected, seed):
 def test_cumulative_round_is_exact_on_integers():
     e = np.array([3.0, 0.0, 7.0, 1.0])
     assert cumulative_round(e, np.random.default_rng(0)).tolist() == [3, 0, 7, 1]
+
+
+def test_spread_handles_overflowing_and_vanishing_gaps():
+    from dlora_sim.traces.arrivals import spread_in_windows
+
+    gaps = np.array([np.inf, 1.0, 0.0, 1e-320, 2.0, np.inf, np.inf, 3.0])  # windows of 3+1 and 3+1 gaps
+    t = spread_in_windows(np.array([3, 3]), np.array([0.0, 60.0]), 60.0, gaps)
+    assert np.all(np.isfinite(t)) and t.size == 6
+    assert np.all((t[:3] >= 0) & (t[:3] < 60)) and np.all((t[3:] >= 60) & (t[3:] < 120))
+
+
+def test_servegen_cv_mode_matches_window_cv(tmp_path):
+    import trace_files as tf
+    from dlora_sim.traces import servegen
+
+    p = tf.servegen_csv(tmp_path / "chunk-0-trace.csv", [(0, 20.0, 2.0, "Weibull", 0.9, 1.0)])
+    s = servegen.read_client(p, "0")
+    gaps = np.diff(servegen.generate_arrivals(s, seed=0, start_s=0, end_s=600, iat="cv"))
+    assert gaps.size == 11999
+    assert gaps.std() / gaps.mean() == pytest.approx(2.0, rel=0.15)
