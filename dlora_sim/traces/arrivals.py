@@ -55,7 +55,8 @@ def spread_in_windows(counts: np.ndarray, starts: np.ndarray, length: float, gap
     pos = (cs - before[group]) / total[group]
     keep = np.ones(cs.size, dtype=bool)
     keep[ends - 1] = False
-    return np.minimum(s[group[keep]] + pos[keep] * length, s[group[keep]] + np.nextafter(length, 0))
+    start = s[group[keep]]
+    return np.minimum(start + pos[keep] * length, np.nextafter(start + length, -np.inf))
 
 
 def gamma_gaps(n: int, cv: float, rng: np.random.Generator) -> np.ndarray:
