@@ -12,11 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # trace_files.py helpers, whatev
 
 
 def shared_traces_dir() -> Path | None:
+    """$DLORA_SHARED_TRACES when set (authoritative, so a bad value skips), else <repo>/../shared/traces."""
     env = os.environ.get("DLORA_SHARED_TRACES")
-    for cand in ([Path(env)] if env else []) + [REPO.parent / "shared" / "traces"]:
-        if cand.is_dir():
-            return cand
-    return None
+    cand = Path(env) if env else REPO.parent / "shared" / "traces"
+    return cand if cand.is_dir() else None
 
 
 @pytest.fixture(scope="session")
