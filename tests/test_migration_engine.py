@@ -158,8 +158,10 @@ def test_invalid_plans_are_rejected() -> None:
 
 
 def _rows(ff: bool, mode: str) -> list:
+    """A wall-clock time limit that binds would make runs differ; the node limit is the deterministic bound."""
     wl = SyntheticWorkload(num_adapters=4, num_requests=70, rate=30.0).build(3)
-    sim = make_sim(wl, 3, migrator=aggressive(mode), seqs=6, ff=ff)
+    mig = dataclasses.replace(aggressive(mode), time_limit_s=0.2, node_limit=200, max_requests=24)
+    sim = make_sim(wl, 3, migrator=mig, seqs=6, ff=ff)
     return list(request_rows(sim.run().requests))
 
 

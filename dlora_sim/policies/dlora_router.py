@@ -47,6 +47,7 @@ class DLoRARouter(Router):
 
     def replica_cost(self, j: int, request: Request, cluster: ClusterView) -> float:
         view = cluster.replicas[j]
+        self.work.bind(cluster.cost, view.max_num_seqs)
         return self.work.replica_s(view) + self.work.request_s(request)
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:

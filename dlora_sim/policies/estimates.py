@@ -57,6 +57,8 @@ class WorkModel:
 
     @property
     def token_s(self) -> float:
+        if self._bound is None:
+            raise RuntimeError("WorkModel.bind(cost, batch) must be called before estimating work")
         return self._bound[3]
 
     @property
