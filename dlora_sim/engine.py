@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from dlora_sim.cost_model import CostModel
 from dlora_sim.metrics import Recorder, SimResult
-from dlora_sim.policies.base import LocalScheduler, Migrator, PolicyError, Router
+from dlora_sim.migration_apply import MigrationStats, apply_plan
+from dlora_sim.policies.base import LocalScheduler, MigrationPlan, Migrator, PolicyError, Router
 from dlora_sim.profile import Profile
 from dlora_sim.replica import Replica, ReplicaConfig
 from dlora_sim.request import NS, Request, State, blocks_for, to_ns
@@ -62,6 +63,13 @@ class Simulation:
         self._progress = progress
         self._bar: tqdm | None = None
         self.extra: dict = {}
+        counts = [0] * len(workload.adapters)
+        for spec in workload.requests:
+            counts[spec.adapter] += 1
+        total = max(sum(counts), 1)
+        self.demand: tuple[float, ...] = tuple(c / total for c in counts)   # ClusterView: expected request mix
+        self.in_transit: dict[int, Request] = {}   # migrating requests, in no replica's queue
+        self._mig_stats = MigrationStats()
 
     @property
     def debug_checks(self) -> bool:
@@ -123,18 +131,32 @@ class Simulation:
         return ""
 
     def _migration(self):
+        """Every interval: observe, plan, wait while the scheduler 'computes' (plan.solve_s), apply.
+
+        Dispatch is a separate process, so arrivals keep being routed while the plan is computed;
+        moves are re-validated when they take effect because the cluster moved on meanwhile."""
         assert self.migrator is not None
         interval = to_ns(self.migrator.interval_s)
+        if interval <= 0:
+            raise ValueError(f"migration interval_s must be > 0, got {self.migrator.interval_s}")
         while True:
             yield self._urgent_timeout(interval)
             self.sync()
+            t0 = time.perf_counter()
             plan = self.migrator.plan(self)
+            wall = time.perf_counter() - t0
+            self._mig_stats.record(self.now, wall, plan)
+            if not plan.moves and plan.adapter_hosts is None:
+                continue
+            delay = to_ns(max(plan.solve_s, 0.0))
+            if delay:
+                yield self._urgent_timeout(delay)
+                self.sync()
             self.apply_migration(plan)
 
-    def apply_migration(self, plan) -> None:
-        """Move requests between replicas; implemented with the migration policies (issue 4)."""
-        if plan.moves or plan.adapter_hosts is not None:
-            raise NotImplementedError("request migration is not supported by this engine yet")
+    def apply_migration(self, plan: MigrationPlan) -> dict[str, int]:
+        """Apply a migration plan now; see `dlora_sim.migration_apply`. Returns counts of what happened."""
+        return apply_plan(self, plan)
 
     def _done(self, r: Request) -> None:
         self._remaining -= 1
@@ -166,6 +188,8 @@ class Simulation:
                         raise   # otherwise: stalled; reported below with the stuck requests
             self._bar = None
         self.sync()
+        if self.migrator is not None:
+            self.extra.update(self._mig_stats.summary(self.env.now / NS))
         stuck = [r for r in self.requests if not r.done]
         if stuck:
             raise SimulationError(f"{len(stuck)} request(s) never finished, e.g. request {stuck[0].id} on replica "

@@ -121,7 +121,28 @@ class Replica:
         if self._run is not None and any(x is r for x in self._run.batch):
             raise PolicyError(f"request {r.id} is running on replica {self.id} and cannot be removed")
         del self.queue[i]
+        # its KV (GPU or host copy) leaves with it: a migrated request holds no memory here
+        if r.state == State.RESIDENT:
+            self.free_blocks += r.kv_blocks
+        elif r.state == State.SWAPPED:
+            self.host_free_blocks += r.kv_blocks
+        r.kv_blocks = 0
         self.notify()
+
+    def receive(self, r: Request, with_kv: bool) -> State:
+        """Admit a migrated request. With its KV cache: on the GPU if blocks are free (above the
+        watermark), else into host swap if there is room, else it is recomputed (re-prefilled)."""
+        need = blocks_for(r.context_len, self.block_size)
+        if with_kv and self.free_blocks - need >= self.watermark_blocks:
+            self.free_blocks -= need
+            r.state, r.kv_blocks = State.RESIDENT, need
+        elif with_kv and need <= self.host_free_blocks:
+            self.host_free_blocks -= need
+            r.state, r.kv_blocks = State.SWAPPED, need
+        else:
+            r.state, r.kv_blocks = State.QUEUED, 0
+        self.enqueue(r)
+        return r.state
 
     def notify(self) -> None:
         if self._wake is not None and not self._wake.triggered:

@@ -81,6 +81,7 @@ class ClusterView(Protocol):
     adapters: Sequence["AdapterSpec"]
     cost: "CostModel"
     hosts: Mapping[int, tuple[int, ...]]     # adapter -> replicas allowed to serve it (all, if absent)
+    demand: Sequence[float]                  # expected share of requests per adapter (history / workload mix)
 
     @property
     def now(self) -> float: ...

@@ -1,0 +1,136 @@
+"""Mechanics of applying a migration plan (the engine's side; the decisions come from a Migrator).
+
+Invariant: every unfinished request is in exactly one place, one replica's queue or `in_transit`.
+A move takes the request out of its source queue (freeing its GPU or host KV blocks), and delivers
+it to the destination after the KV transfer time (tokens x kv_bytes_per_token / inter-replica bandwidth,
+from the cost model; transfers over one (src, dst) link in one plan go one after another). It arrives
+RESIDENT if the destination has free blocks then, else in host swap, else it is recomputed. In
+recompute mode (or when the request has no KV yet) it arrives at once, QUEUED, and the destination's
+prefill of prompt + generated tokens pays the cost. Adapter moves update the hosts mapping only: the
+destination's local scheduler loads an adapter when a request needs it (paying the profile's load time
+through its Decision), so GPU slots are never exceeded and no load is paid for an adapter nobody uses.
+Stale moves (the request finished, is in the batch in flight, or already moved) are skipped.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dlora_sim.policies.base import MigrationPlan, PolicyError
+from dlora_sim.request import UNSET, Request, State, to_ns
+
+if TYPE_CHECKING:
+    from dlora_sim.engine import Simulation
+
+MODES = ("transfer", "recompute")
+
+
+@dataclass
+class MigrationStats:
+    """Per-round record of the migrator: solver wall time, charged time, what was planned and applied."""
+
+    rounds: int = 0
+    wall_total_s: float = 0.0
+    charged_total_s: float = 0.0
+    wall_max_s: float = 0.0
+    log: list[dict] = field(default_factory=list)
+    applied: Counter = field(default_factory=Counter)
+
+    def record(self, now_s: float, wall_s: float, plan: MigrationPlan) -> None:
+        self.rounds += 1
+        self.wall_total_s += wall_s
+        self.wall_max_s = max(self.wall_max_s, wall_s)
+        self.charged_total_s += plan.solve_s
+        if plan.info.get("solved"):
+            self.log.append({"t_s": round(now_s, 6), "solve_wall_s": round(wall_s, 6),
+                             "charged_s": round(plan.solve_s, 6), "moves": len(plan.moves),
+                             **{k: v for k, v in plan.info.items() if k != "solved"}})
+
+    def summary(self, sim_s: float) -> dict:
+        solved = [e["solve_wall_s"] for e in self.log]
+        return {"migration_rounds": self.rounds, "migration_rounds_solved": len(self.log),
+                "solver_time_total_s": round(self.wall_total_s, 6),
+                "solver_time_charged_s": round(self.charged_total_s, 6),
+                "solver_time_frac": round(self.wall_total_s / sim_s, 6) if sim_s > 0 else 0.0,
+                "solver_time_max_s": round(self.wall_max_s, 6),
+                "solver_time_mean_per_solved_round_s": round(sum(solved) / len(solved), 6) if solved else 0.0,
+                "migration_applied": dict(sorted(self.applied.items())), "migration_log": self.log}
+
+
+def apply_plan(sim: "Simulation", plan: MigrationPlan) -> dict[str, int]:
+    """Validate and apply `plan` at the current instant. Policy bugs raise PolicyError."""
+    reps = sim.replicas
+    nrep = len(reps)
+    counts: Counter = Counter()
+    if plan.adapter_hosts is not None:
+        hosts = dict(sim.hosts)
+        for a, hs in plan.adapter_hosts.items():
+            if not 0 <= a < len(sim.adapters):
+                raise PolicyError(f"migration plan names unknown adapter {a}")
+            hs = tuple(sorted(set(hs)))
+            if not hs or any(not 0 <= j < nrep for j in hs):
+                raise PolicyError(f"migration plan gives adapter {a} hosts {hs}; valid replicas 0..{nrep - 1}")
+            counts["adapter_placements_added"] += len(set(hs) - set(hosts.get(a, range(nrep))))
+            hosts[a] = hs
+        per = Counter(j for hs in hosts.values() for j in hs)
+        for j, c in per.items():
+            if c > reps[j].adapter_slots:
+                raise PolicyError(f"migration plan hosts {c} adapters on replica {j}, which has "
+                                  f"{reps[j].adapter_slots} slots")
+        sim.hosts = hosts
+    seen: set[int] = set()
+    link_free: dict[tuple[int, int], int] = {}
+    now = sim.env.now
+    for mv in plan.moves:
+        r = mv.request
+        if id(r) in seen:
+            raise PolicyError(f"migration plan moves request {r.id} twice")
+        seen.add(id(r))
+        if mv.mode not in MODES:
+            raise PolicyError(f"migration mode {mv.mode!r}; valid: {MODES}")
+        if not 0 <= mv.dst < nrep:
+            raise PolicyError(f"migration plan sends request {r.id} to replica {mv.dst}; valid 0..{nrep - 1}")
+        hs = sim.hosts.get(r.adapter)
+        if hs is not None and mv.dst not in hs:
+            raise PolicyError(f"migration plan sends request {r.id} (adapter {r.adapter}) to replica {mv.dst}, "
+                              f"not a host {hs}")
+        if r.done or r.id in sim.in_transit or r.replica == mv.dst or r.replica == UNSET:
+            counts["skipped_stale"] += 1
+            continue
+        src = reps[r.replica]
+        if any(x is r for x in src.in_flight):
+            counts["skipped_in_flight"] += 1
+            continue
+        had_kv = r.state in (State.RESIDENT, State.SWAPPED)
+        with_kv = had_kv and mv.mode == "transfer"
+        tokens = r.context_len
+        src.remove(r)          # frees its KV blocks there and wakes the source's scheduler
+        if had_kv and not with_kv:
+            r.state = State.QUEUED   # recompute: re-prefill prompt + generated tokens at the destination
+            counts["recompute"] += 1
+        r.migrations += 1
+        sim.recorder.count("migrations", 1)
+        counts["moved"] += 1
+        if not with_kv:
+            reps[mv.dst].receive(r, with_kv=False)
+            continue
+        counts["transfer"] += 1
+        key = (src.id, mv.dst)
+        start = max(now, link_free.get(key, now))
+        end = start + to_ns(sim.cost.kv_transfer_time(tokens))
+        link_free[key] = end
+        r.replica = UNSET
+        sim.in_transit[r.id] = r
+        sim.env.process(_deliver(sim, r, mv.dst, end - now, counts_into=sim._mig_stats.applied))
+    sim._mig_stats.applied.update(counts)
+    return dict(counts)
+
+
+def _deliver(sim: "Simulation", r: Request, dst: int, delay_ns: int, counts_into: Counter):
+    if delay_ns > 0:
+        yield sim._urgent_timeout(delay_ns)
+    sim.sync()
+    del sim.in_transit[r.id]
+    state = sim.replicas[dst].receive(r, with_kv=True)
+    counts_into[f"arrived_{state.name.lower()}"] += 1

@@ -1,0 +1,56 @@
+"""dLoRA's global dispatch (§3): greedy adapter placement, then each request to the host of its adapter
+with the least outstanding work, in seconds (§6 defect 5: no integer division, no mixing of units)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from dlora_sim.policies.base import ClusterView, Placement, Router
+from dlora_sim.policies.estimates import WorkModel
+from dlora_sim.policies.placement import greedy_placement
+from dlora_sim.request import Request
+
+
+def placement_for(cluster: ClusterView, extra_placements: int | None) -> list[list[int]]:
+    reps = cluster.replicas
+    n = len(cluster.adapters)
+    demand = list(cluster.demand) if len(cluster.demand) == n else [1.0 / max(n, 1)] * n
+    target = None if extra_placements is None else n + extra_placements
+    return greedy_placement(demand, [r.total_blocks for r in reps], [r.adapter_slots for r in reps], target)
+
+
+@dataclass
+class DLoRARouter(Router):
+    """Cost = seconds of work queued on the replica (full single-adapter batches discounted by the
+    profile's merged/unmerged ratio) + this request's own expected time. Candidates: hosts only.
+    Reads `view.queue` of the (few) hosts of the adapter, so a dispatch costs O(their queues)."""
+
+    work: WorkModel = field(default_factory=WorkModel)
+    extra_placements: int | None = None   # placements beyond one per adapter; None = replicas - 1
+    harvest_every: int = 64               # refresh per-adapter length estimates every N dispatches
+    _n: int = field(default=0, repr=False)
+
+    def place(self, cluster: ClusterView) -> Placement:
+        hosts = placement_for(cluster, self.extra_placements)
+        preload: dict[int, list[int]] = {}
+        for a, hs in enumerate(hosts):
+            for j in hs:
+                preload.setdefault(j, []).append(a)
+        return Placement(hosts={a: tuple(hs) for a, hs in enumerate(hosts)}, preload=preload)
+
+    def _observe(self, request: Request, cluster: ClusterView) -> None:
+        self.work.bind(cluster.cost, cluster.replicas[0].max_num_seqs)
+        self.work.track((request,))
+        self._n += 1
+        if self._n % self.harvest_every == 0:
+            self.work.harvest()
+
+    def replica_cost(self, j: int, request: Request, cluster: ClusterView) -> float:
+        view = cluster.replicas[j]
+        self.work.bind(cluster.cost, view.max_num_seqs)
+        return self.work.replica_s(view) + self.work.request_s(request)
+
+    def dispatch(self, request: Request, cluster: ClusterView) -> int:
+        self._observe(request, cluster)
+        cands: Sequence[int] = self.candidates(request, cluster)
+        return min(cands, key=lambda j: (self.replica_cost(j, request, cluster), j))

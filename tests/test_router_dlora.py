@@ -1,0 +1,118 @@
+"""Greedy placement properties, cost dispatch in seconds, and the proactive baseline's substitution."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dlora_sim.cost_model import CostModel
+from dlora_sim.paths import PROFILES_DIR
+from dlora_sim.policies.dlora_router import DLoRARouter
+from dlora_sim.policies.placement import greedy_placement
+from dlora_sim.policies.proactive import ProactiveRouter
+from dlora_sim.profile import load_profile
+from dlora_sim.request import Request, State
+from dlora_sim.workload.spec import AdapterSpec
+
+COST = CostModel(load_profile(PROFILES_DIR / "a100-80gb-llama-2-7b.yaml"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(demand=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12), m=st.integers(1, 6),
+       slots=st.integers(1, 8), kv=st.integers(100, 5000))
+def test_placement_properties(demand, m, slots, kv) -> None:
+    n = len(demand)
+    if n > m * slots:
+        with pytest.raises(ValueError):
+            greedy_placement(demand, [kv] * m, [slots] * m)
+        return
+    hosts = greedy_placement(demand, [kv] * m, [slots] * m)
+    assert all(len(h) >= 1 and len(set(h)) == len(h) and all(0 <= j < m for j in h) for h in hosts)
+    per = [sum(j in h for h in hosts) for j in range(m)]
+    assert max(per) <= slots
+    total = sum(map(len, hosts))
+    positive = sum(d > 0 for d in demand)
+    if m * slots >= n + m - 1 and positive > 0 and (n + m - 1) <= n + positive * (m - 1):
+        assert total == n + m - 1
+    assert total <= n + m - 1
+
+
+def test_placement_replicates_the_hot_adapter_and_balances_counts() -> None:
+    demand = [0.5] + [0.5 / 15] * 15
+    hosts = greedy_placement(demand, [1000] * 4, [8] * 4)
+    assert len(hosts[0]) >= 2
+    assert sum(map(len, hosts)) == 16 + 4 - 1
+    per = [sum(j in h for h in hosts) for j in range(4)]
+    assert max(per) - min(per) <= 3
+
+
+def _view(j: int, queue: list[Request]):
+    return SimpleNamespace(id=j, queue=queue, max_num_seqs=8, total_blocks=1000, adapter_slots=4, block_size=16)
+
+
+def _cluster(queues: list[list[Request]], hosts: dict, n_adapters: int = 3):
+    return SimpleNamespace(replicas=[_view(j, q) for j, q in enumerate(queues)], cost=COST, hosts=hosts,
+                           adapters=[AdapterSpec(a, 16) for a in range(n_adapters)],
+                           demand=[1 / n_adapters] * n_adapters, now=0.0)
+
+
+def req(i: int, adapter: int, out: int = 200, generated: int = 0, state: State = State.QUEUED) -> Request:
+    r = Request(i, adapter, i, 100, out)
+    r.generated, r.state = generated, state
+    return r
+
+
+def test_dispatch_counts_seconds_of_work_not_requests() -> None:
+    """Replica 0 has more requests but nearly done; replica 1 has one long request: 0 is cheaper."""
+    router = DLoRARouter()
+    router.work.lengths = "oracle"
+    q0 = [req(i, 0, out=200, generated=195, state=State.RESIDENT) for i in range(3)]
+    q1 = [req(10, 0, out=500)]
+    cl = _cluster([q0, q1], {0: (0, 1)})
+    assert router.dispatch(req(20, 0), cl) == 0
+    c0, c1 = router.replica_cost(0, req(21, 0), cl), router.replica_cost(1, req(21, 0), cl)
+    assert 0 < c0 < c1   # light replicas do not tie at zero (§6 defect 5)
+
+
+def test_dispatch_only_to_hosts() -> None:
+    router = DLoRARouter()
+    cl = _cluster([[req(i, 1) for i in range(20)], []], {1: (0,)})
+    assert router.dispatch(req(99, 1), cl) == 0
+
+
+def test_merged_discount_follows_the_profile() -> None:
+    router = DLoRARouter()
+    router.work.bind(COST, 8)
+    ratio = COST.decode_time(8, 512, merged=True) / COST.decode_time(8, 512, merged=False, distinct_adapters=1)
+    assert router.work.merged_ratio == pytest.approx(ratio) and ratio < 1
+    full = [req(i, 0) for i in range(8)]
+    mixed = [req(i, i % 4) for i in range(8)]
+    assert router.work.queue_s(full, 8) == pytest.approx(router.work.queue_s(mixed, 8) * ratio)
+
+
+def test_proactive_substitutes_an_idle_replicated_adapter_paying_its_load() -> None:
+    router = ProactiveRouter()
+    router._hosts = [{0}, {0, 1}, {1}]       # adapter 1 replicated, idle on replica 1
+    router.work.lengths = "oracle"
+    busy = [req(i, 0, out=400) for i in range(16)]
+    cl = _cluster([busy, []], {})
+    assert router.dispatch(req(50, 0), cl) == 1
+    assert 1 in router._hosts[0] and 1 not in router._hosts[1] and router.substitutions == 1
+    # no idle replicated adapter left on replica 1 -> adapter 0's requests stay on its host (0)
+    router2 = ProactiveRouter()
+    router2._hosts = [{0}, {1}, {1}]
+    assert router2.dispatch(req(51, 0), _cluster([busy, []], {})) == 0
+
+
+def test_proactive_cost_includes_load_time() -> None:
+    router = ProactiveRouter()
+    router._hosts = [{0}, {0, 1}, {1}]
+    router.work.lengths = "oracle"
+    light = [req(0, 0, out=2)]
+    cl = _cluster([light, []], {})
+    load = COST.load_time(COST.profile.adapter_bytes(16))
+    c0 = router.replica_cost(0, req(5, 0), cl)
+    c1 = router.replica_cost(1, req(5, 0), cl)
+    expected = 1 if c1 + load < c0 else 0
+    assert router.dispatch(req(5, 0), cl) == expected
