@@ -94,9 +94,9 @@ def einsum_resident(y: Tensor, x: Tensor, stack: LoRAStack, slot_ids: Tensor) ->
 
     Cost grows with the number of resident slots, not with the adapters the batch uses.
     """
-    valid = slot_ids >= 0
-    onehot = torch.nn.functional.one_hot(slot_ids.clamp(min=0).long(), stack.num_slots)
-    weight = (onehot * valid[:, None] * stack.scales[None, :]).to(x.dtype)  # [T, slots]
+    # A comparison, not F.one_hot: one_hot validates its input with a device sync (no CUDA graphs).
+    slots = torch.arange(stack.num_slots, device=x.device, dtype=slot_ids.dtype)
+    weight = ((slot_ids[:, None] == slots[None, :]) * stack.scales[None, :]).to(x.dtype)  # [T, slots]
     for s, (off, n) in enumerate(zip(stack.slice_offsets, stack.slice_sizes)):
         v = torch.einsum("tk,ark->tar", x, stack.A[:, s]) * weight[:, :, None]
         y[:, off:off + n] += torch.einsum("tar,anr->tn", v, stack.B[:, off:off + n])

@@ -38,6 +38,7 @@ class LoRAStack:
     slice_sizes: tuple[int, ...]
     slice_offsets_t: Tensor = field(init=False)
     slice_sizes_t: Tensor = field(init=False)
+    slice_offsets: tuple[int, ...] = field(init=False)
     ranks_host: list[int] = field(init=False)
     scales_host: list[float] = field(init=False)
 
@@ -54,7 +55,8 @@ class LoRAStack:
         offs = [0]
         for n in self.slice_sizes[:-1]:
             offs.append(offs[-1] + n)
-        # Device copies made once here: per-call host->device copies would break CUDA-graph capture.
+        self.slice_offsets = tuple(offs)
+        # Device copies made once here: per-call host<->device copies would break CUDA-graph capture.
         self.slice_offsets_t = torch.tensor(offs, dtype=torch.int32, device=dev)
         self.slice_sizes_t = torch.tensor(self.slice_sizes, dtype=torch.int32, device=dev)
         self.ranks = self.ranks.to(device=dev, dtype=torch.int32)
@@ -92,10 +94,6 @@ class LoRAStack:
     @property
     def out_features(self) -> int:
         return self.B.shape[1]
-
-    @property
-    def slice_offsets(self) -> list[int]:
-        return [int(o) for o in self.slice_offsets_t.tolist()]
 
     def load(self, slot: int, a: list[Tensor], b: list[Tensor], scale: float) -> None:
         """Copy one adapter into `slot`: a[s] is [r, K], b[s] is [N_s, r]; padding zero-filled."""

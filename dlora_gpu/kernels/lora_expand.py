@@ -41,8 +41,7 @@ def _add_into_y(y_ptrs, delta, mask, BF16_BITS: tl.constexpr):
 @triton.jit
 def _expand_decode_kernel(
     v_ptr, b_ptr, y_ptr, slot_ptr, rank_ptr, scale_ptr, slice_off_ptr, slice_size_ptr,
-    stride_vt, stride_bs, stride_bn, stride_yt,
-    R: tl.constexpr, N_BLOCKS: tl.constexpr,
+    stride_vt, stride_bs, stride_bn, stride_yt, R, N_BLOCKS,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -72,8 +71,7 @@ def _expand_decode_kernel(
 def _expand_segment_kernel(
     v_ptr, b_ptr, y_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, rank_ptr, scale_ptr,
     slice_off_ptr, slice_size_ptr,
-    stride_vt, stride_bs, stride_bn, stride_yt,
-    R: tl.constexpr, N_BLOCKS: tl.constexpr,
+    stride_vt, stride_bs, stride_bn, stride_yt, R, N_BLOCKS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
@@ -139,8 +137,8 @@ def expand_decode(y: torch.Tensor, v: torch.Tensor, stack: LoRAStack, slot_ids: 
         v, stack.B, y_arg, slot_ids, stack.ranks, stack.scales,
         stack.slice_offsets_t, stack.slice_sizes_t,
         v.stride(0), stack.B.stride(0), stack.B.stride(1), y.stride(0),
-        R=stack.max_rank, N_BLOCKS=n_blocks, BLOCK_N=block_n,
-        BLOCK_R=next_pow2(stack.max_rank), BF16_BITS=bf16_bits_mode(y),
+        stack.max_rank, n_blocks, BLOCK_N=block_n,
+        BLOCK_R=max(16, next_pow2(stack.max_rank)), BF16_BITS=bf16_bits_mode(y),
     )
 
 
@@ -159,7 +157,7 @@ def expand_segments(y: torch.Tensor, v: torch.Tensor, stack: LoRAStack, segs: Se
         v, stack.B, y_arg, segs.starts, segs.lengths, segs.slots, stack.ranks, stack.scales,
         stack.slice_offsets_t, stack.slice_sizes_t,
         v.stride(0), stack.B.stride(0), stack.B.stride(1), y.stride(0),
-        R=stack.max_rank, N_BLOCKS=n_blocks, BLOCK_M=block_m, BLOCK_N=block_n,
+        stack.max_rank, n_blocks, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_R=max(16, next_pow2(stack.max_rank)), DOT_FP32=dot_in_fp32(y.dtype),
         BF16_BITS=bf16_bits_mode(y),
     )

@@ -8,7 +8,9 @@ Why two kernels:
   [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_R] tile GEMM with `tl.dot`, reading each adapter once per
   M-tile.
 
-Both grid over (tokens or segment x M-tile, row blocks of the S*R output rows, split-K). With split-K
+Both grid over (tokens or segment x M-tile, row blocks of the S*R output rows, split-K). Rank, row
+counts and split-K are runtime arguments, not constexprs, so one compiled kernel per dtype/tile
+serves every rank and batch (compiles cost seconds each on a fresh GPU machine). With split-K
 > 1 partial sums meet by fp32 `atomic_add` into a zeroed buffer (Triton has no bf16 atomics, and fp32
 is what expand wants anyway). Rows whose in-slice index is >= ranks[slot] are masked: that is how
 heterogeneous ranks share one padded stack. Slot -1 (no adapter) and empty segments exit at once, so
@@ -30,9 +32,8 @@ from dlora_gpu.lora_stack import LoRAStack, Segments
 @triton.jit
 def _shrink_decode_kernel(
     x_ptr, a_ptr, v_ptr, slot_ptr, rank_ptr,
-    K, stride_xt, stride_as, stride_ar, stride_vt,
-    R: tl.constexpr, NR: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    K, stride_xt, stride_as, stride_ar, stride_vt, R, NR, SPLIT_K,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0)
     rb = tl.program_id(1)
@@ -63,10 +64,8 @@ def _shrink_decode_kernel(
 @triton.jit
 def _shrink_segment_kernel(
     x_ptr, a_ptr, v_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, rank_ptr,
-    K, stride_xt, stride_as, stride_ar, stride_vt,
-    R: tl.constexpr, NR: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    K, stride_xt, stride_as, stride_ar, stride_vt, R, NR, ROW_BLOCKS, SPLIT_K,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     seg = tl.program_id(0)
     mb = tl.program_id(1)
@@ -126,10 +125,10 @@ def shrink_decode(x: torch.Tensor, stack: LoRAStack, slot_ids: torch.Tensor, *,
     _check(x, stack)
     T, K = x.shape
     R, NR = stack.max_rank, stack.num_slices * stack.max_rank
-    block_r = min(next_pow2(NR), 32)
+    block_r = min(next_pow2(NR), 16)
     row_blocks = triton.cdiv(NR, block_r)
     block_k = min(block_k, next_pow2(K))
-    if split_k is None:  # enough programs to cover ~4 waves of a big GPU at small batch
+    if split_k is None:  # ~512+ programs (a few waves on a big GPU) even at batch 1
         split_k = max(1, min(triton.cdiv(K, block_k), 512 // max(1, T * row_blocks)))
     v = _alloc_v(x, NR, split_k)
     if T == 0:
@@ -137,7 +136,7 @@ def shrink_decode(x: torch.Tensor, stack: LoRAStack, slot_ids: torch.Tensor, *,
     _shrink_decode_kernel[(T, row_blocks, split_k)](
         x, stack.A, v, slot_ids, stack.ranks,
         K, x.stride(0), stack.A.stride(0), stack.A.stride(2), v.stride(0),
-        R=R, NR=NR, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
+        R, NR, split_k, BLOCK_R=block_r, BLOCK_K=block_k,
     )
     return v
 
@@ -160,7 +159,7 @@ def shrink_segments(x: torch.Tensor, stack: LoRAStack, segs: Segments, *,
     _shrink_segment_kernel[grid](
         x, stack.A, v, segs.starts, segs.lengths, segs.slots, stack.ranks,
         K, x.stride(0), stack.A.stride(0), stack.A.stride(2), v.stride(0),
-        R=R, NR=NR, ROW_BLOCKS=row_blocks, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-        SPLIT_K=split_k, DOT_FP32=dot_in_fp32(x.dtype),
+        R, NR, row_blocks, split_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, DOT_FP32=dot_in_fp32(x.dtype),
     )
     return v
