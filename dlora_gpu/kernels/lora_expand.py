@@ -92,10 +92,10 @@ def _expand_segment_kernel(
     scale = tl.load(scale_ptr + slot)
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < length
-    tok = (start + m).to(tl.int64)
+    first = start.to(tl.int64)  # 64-bit scalar bases, 32-bit tile offsets: fewer registers
     r = tl.arange(0, BLOCK_R)
     r_ok = r < rank
-    vv = tl.load(v_ptr + tok[:, None] * stride_vt + s * R + r[None, :],
+    vv = tl.load(v_ptr + first * stride_vt + m[:, None] * stride_vt + s * R + r[None, :],
                  mask=m_ok[:, None] & r_ok[None, :], other=0.0)
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_size
@@ -105,7 +105,7 @@ def _expand_segment_kernel(
         delta = tl.dot(vv, bt.to(tl.float32), input_precision="ieee")
     else:
         delta = tl.dot(vv.to(bt.dtype), bt)
-    _add_into_y(y_ptr + tok[:, None] * stride_yt + off + n[None, :], delta * scale,
+    _add_into_y(y_ptr + first * stride_yt + m[:, None] * stride_yt + off + n[None, :], delta * scale,
                 m_ok[:, None] & n_ok[None, :], BF16_BITS)
 
 

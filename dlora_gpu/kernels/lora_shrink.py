@@ -79,7 +79,7 @@ def _shrink_segment_kernel(
     rank = tl.load(rank_ptr + slot)
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < length
-    tok = (start + m).to(tl.int64)
+    first = start.to(tl.int64)  # 64-bit scalar bases, 32-bit tile offsets: fewer registers
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = (rows < NR) & ((rows % R) < rank)
     a_cols = a_ptr + slot.to(tl.int64) * stride_as + rows[None, :] * stride_ar
@@ -89,14 +89,14 @@ def _shrink_segment_kernel(
     for k0 in range(0, k_span, BLOCK_K):
         k = k_lo + k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        xt = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :],
+        xt = tl.load(x_ptr + first * stride_xt + m[:, None] * stride_xt + k[None, :],
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         at = tl.load(a_cols + k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
         if DOT_FP32:
             acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(xt, at)
-    out = v_ptr + tok[:, None] * stride_vt + rows[None, :]
+    out = v_ptr + first * stride_vt + m[:, None] * stride_vt + rows[None, :]
     mask = m_ok[:, None] & (rows < NR)[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc, mask=mask)
