@@ -16,7 +16,9 @@ is what expand wants anyway). Rows whose in-slice index is >= ranks[slot] are ma
 heterogeneous ranks share one padded stack. Slot -1 (no adapter) and empty segments exit at once, so
 grids can be sized from host-known bounds and stay CUDA-graph friendly.
 
-Output v is [T, S*R] fp32; slot -1 rows are left untouched (expand skips them).
+Output v is [T, S*R] fp32: columns at or past a slot's rank are zero, slot -1 rows are left
+unwritten (expand skips them). With split-K the fp32 atomics make v's last bits depend on arrival
+order (run to run); merge, which must be bit-reproducible, uses no atomics.
 """
 
 from __future__ import annotations

@@ -95,3 +95,18 @@ def test_load_zero_fills_padding_and_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         lora_apply(torch.zeros(1, 4), torch.zeros(1, 8), stack, backend="torch")
 
+
+
+def test_backend_choice_and_clear_error_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlora_gpu.lora_ops import resolve_backend
+
+    x = torch.zeros(1, 8)
+    assert resolve_backend("auto", x) == "torch"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", x.cuda()) == "triton"
+        return
+    stack = LoRAStack.empty(1, 8, (4,), 4, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA tensor, or TRITON_INTERPRET=1"):
+        lora_apply(torch.zeros(1, 4), x, stack, slot_ids=torch.zeros(1, dtype=torch.int32),
+                   backend="triton")
