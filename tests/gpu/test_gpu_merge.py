@@ -73,10 +73,14 @@ def switch_cycle(n_switches: int) -> list[int]:
     return seq
 
 
+# Under the Triton interpreter a launch costs ~15-20 ms of Python, so there the Triton kernel does
+# 250 switches (its job is to show the kernel is deterministic); the torch path and the real GPU do
+# the full 1000.
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_1000_switches_equal_fresh_merge(backend: str, device: str) -> None:
     dtype = torch.bfloat16
-    seq = switch_cycle(1000)
+    interpreted = backend == "triton" and not torch.cuda.is_available()
+    seq = switch_cycle(250 if interpreted else 1000)
     ads = adapters(8, 45, 67, 16, dtype, device)
     w0 = base(45, 67, dtype, device)
     live = w0.clone()
