@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -124,7 +124,7 @@ def randn(*shape: int, dtype: torch.dtype, device: str, std: float = 1.0) -> tor
 
 def make_stacks(layer: Layer, n: int, rank: int, dtype: torch.dtype, device: str) -> list[LoRAStack]:
     stacks = []
-    for name, k, sizes in layer.groups:
+    for _, k, sizes in layer.groups:
         a = randn(n, len(sizes), rank, k, dtype=dtype, device=device, std=k ** -0.5)
         b = randn(n, sum(sizes), rank, dtype=dtype, device=device, std=rank ** -0.5)
         stacks.append(LoRAStack(a, b, torch.full((n,), rank, dtype=torch.int32),
@@ -213,7 +213,6 @@ def bench_config(layer: Layer, timer: Timer, batch: int, rank: int, dist: str, d
             row.update(bytes=total_b, gbps=total_b / lora_t / 1e3,
                        frac_copy_bw=total_b / lora_t / 1e3 / copy_bw)
         emit(row)
-    del stacks, sets
     return out
 
 
@@ -269,6 +268,18 @@ def bench_merge(layer: Layer, timer: Timer, rank: int, dtype: torch.dtype, devic
     return out
 
 
+def measure_copy_bw(timer: Timer, device: str, emit: Callable[[dict], None]) -> float:
+    """GB/s of a large device-to-device copy, counting bytes read and written."""
+    src = torch.empty(2**30 if device == "cuda" else 2**26, dtype=torch.int8,
+                      device=device).random_(-100, 100)
+    dst = torch.empty_like(src)
+    t_copy, _ = timer([lambda: dst.copy_(src)], graphs=False)
+    copy_bw = 2 * src.numel() / t_copy / 1e3
+    emit(dict(section="copy", method="d2d_copy", backend="torch", time_us=t_copy,
+              bytes=2 * src.numel(), gbps=copy_bw, frac_copy_bw=1.0, timing="eager"))
+    return copy_bw
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/kernels_h200.csv")
@@ -314,14 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = Timer(args.device, reps, warmup=2 if args.device == "cuda" else 1,
                   graphs=not args.no_graphs)
-    src = torch.empty(2**30 if args.device == "cuda" else 2**26, dtype=torch.int8,
-                      device=args.device).random_(-100, 100)
-    dst = torch.empty_like(src)
-    t_copy, _ = timer([lambda: dst.copy_(src)], graphs=False)
-    copy_bw = 2 * src.numel() / t_copy / 1e3  # GB/s, read + write
-    emit(dict(section="copy", method="d2d_copy", backend="torch", time_us=t_copy,
-              bytes=2 * src.numel(), gbps=copy_bw, frac_copy_bw=1.0, timing="eager"))
-    del src, dst
+    copy_bw = measure_copy_bw(timer, args.device, emit)
     print(f"copy bandwidth (read+write): {copy_bw:.0f} GB/s")
 
     groups = SHAPES[args.shapes]
