@@ -1,0 +1,9 @@
+"""Real GPU runtime for multi-LoRA serving: Triton kernels, a pure-torch fallback, drift-free merging.
+
+Nothing here imports triton at package import time, so the torch path (and the simulator) works on
+machines without triton; `dlora_gpu.kernels` is imported lazily by the triton backend.
+"""
+
+from dlora_gpu.lora_stack import LoRAStack, Segments
+
+__all__ = ["LoRAStack", "Segments"]
