@@ -37,13 +37,16 @@ class DLoRAScheduler(LocalScheduler):
     falls in iterations in which the adapter's requests run beyond the reference (forced, FCFS fill of a
     forced batch, or merged on it). Hence:
     - an adapter never served beyond its FCFS share (c >= 0) is forced within ceil(c_right) = 48 iterations;
-    - after a forcing episode (it ends once c <= c_left, and one iteration moves at most
-      P = ceil(B * t_unmerged / t_merged) units: B requests displaced or slowed down) it is forced
-      again within W = ceil(c_right - c_left) + P iterations.
+    - after a forcing episode (it ends once c <= c_left, and one iteration moves at most P units: P = B
+      requests displaced; P = ceil(B * t_unmerged / t_merged) with charge_slowdown) it is forced again
+      within W = ceil(c_right - c_left) + P iterations;
+    - a lone cold request (the only one of its adapter) pays at most 1 per iteration it runs and gains 1
+      per iteration it is displaced, so its queueing delay while in F is at most (its output tokens + W)
+      iterations.
     `starvation_bound(view)` returns W and W x the slowest full-batch iteration of the replica's profile
     plus one mode change: A100-80GB / Llama-2-7B analytic profile, B = 32, 512-token contexts:
-    P = 54, W = 86 iterations, ~2.5 s (first wait: 48 iterations, ~1.4 s). Measured stalls are far
-    shorter (tests/test_dlora_sim.py); a wider c_right - c_left means fewer unmerge/merge pairs.
+    W = 64 iterations, ~2.0 s (first wait: 48 iterations, ~1.5 s). A wider c_right - c_left means
+    fewer unmerge/merge pairs, a narrower one shorter stalls.
 
     Fast-forward: decisions are `stable` only if nothing was forced, no credit moved and the decided
     mode did not change; phase statistics for AIMD are charged lazily per executed iteration (see
@@ -62,6 +65,8 @@ class DLoRAScheduler(LocalScheduler):
     theta_min: float = 0.05            # theta_left never below this
     theta_max: float = 4.0             # theta_right never above this
     min_gap: float = 0.01              # theta_left + min_gap <= theta_right
+    charge_slowdown: bool = False      # forced adapters also pay for slowing a merged batch down (credits.py);
+    #                                    off: it made episodes so short that cold requests crawled
     ref_context: int = 512             # tokens per sequence for cost-model estimates (initial theta_left, AIMD)
 
     ledger: CreditLedger = field(init=False, repr=False)
@@ -112,7 +117,8 @@ class DLoRAScheduler(LocalScheduler):
         b = view.max_num_seqs
         t_m = self._decode_s(view, b)
         t_u = self._decode_s(view, b, min(b, view.adapter_slots) * rank, b * rank)
-        iters = math.ceil(self.c_right - self.c_left) + math.ceil(b * t_u / t_m)
+        pay = math.ceil(b * t_u / t_m) if self.charge_slowdown else b
+        iters = math.ceil(self.c_right - self.c_left) + pay
         return iters, iters * max(t_m, t_u) + view.cost.mode_change_time(None, 0)
 
     def _init_tuner(self, view: ReplicaView) -> ThresholdTuner:
@@ -169,7 +175,7 @@ class DLoRAScheduler(LocalScheduler):
         slowdown = 0.0
         if forced:
             reference, chosen, run_mode = plan.batch, fplan, None
-            if mode is not None:   # forcing replaced a merged batch by a slower unmerged one
+            if mode is not None and self.charge_slowdown:   # forcing replaced a merged batch by a slower unmerged one
                 slowdown = max(self._batch_s(view, fplan, False) / self._batch_s(view, plan, True) - 1, 0.0)
         else:
             reference, chosen, run_mode = fcfs.batch, plan, mode
