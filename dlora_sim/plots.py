@@ -59,4 +59,42 @@ def run_charts(folder: Path) -> list[Path]:
         out.append(folder / "timeline.png")
         fig.savefig(out[-1], dpi=110)
         plt.close(fig)
+        if "theta_left" in it and "theta_right" in it:
+            out.append(mode_threshold_chart(folder, it=it))
     return out
+
+
+def mode_threshold_chart(folder: Path, replica: int = 0, it: dict[str, list[str]] | None = None) -> Path:
+    """modes.png: one replica's mode (unmerged / merged on adapter k / forced by credits) and the
+    dlora thresholds theta_left, theta_right over time, from iterations.csv."""
+    folder = Path(folder)
+    it = it if it is not None else _read(folder / "iterations.csv")
+    m = np.array([int(x) == replica for x in it["replica"]])
+    if "theta_left" not in it or not m.any():
+        raise ValueError(f"{folder / 'iterations.csv'}: no dlora thresholds for replica {replica}")
+    start = _floats(it["start_s"])[m]
+    merged = np.array([x == "merged" for x in it["mode"]])[m]
+    adapter = np.array([float(a) if a != "" else np.nan for a in it["merged_adapter"]])[m]
+    forced = np.array([x == "1" for x in it["forced"]])[m]
+    left = np.array([float(x) if x != "" else np.nan for x in it["theta_left"]])[m]
+    right = np.array([float(x) if x != "" else np.nan for x in it["theta_right"]])[m]
+    fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(12, 4.8), sharex=True, height_ratios=[1, 1.2])
+    ax0.scatter(start[merged], adapter[merged], s=3, color="tab:orange", label="merged on adapter")
+    ax0.scatter(start[~merged & ~forced], np.full((~merged & ~forced).sum(), -1), s=3, color="tab:blue",
+                label="unmerged")
+    ax0.scatter(start[forced], np.full(forced.sum(), -2), s=3, color="tab:red", label="unmerged, forced by credits")
+    ax0.set_ylabel("mode\n(-1 unmerged,\n-2 forced)")
+    ax0.legend(loc="upper right", markerscale=4, fontsize=8)
+    ax1.step(start, left, where="post", label="theta_left (stay merged)")
+    ax1.step(start, right, where="post", label="theta_right (merge)")
+    ax1.set_ylabel("threshold (x |F|)")
+    ax1.set_xlabel("simulated time (s)")
+    ax1.legend(loc="upper right", fontsize=8)
+    for ax in (ax0, ax1):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"replica {replica}: dlora mode and thresholds", fontsize=10)
+    fig.tight_layout()
+    path = folder / "modes.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
