@@ -12,7 +12,7 @@ from dlora_sim.config import build_simulation
 from dlora_sim.metrics import REQUEST_COLUMNS, _csv_text, iteration_rows, request_rows
 from dlora_sim.paths import CONF_DIR
 
-SYSTEMS = ["slora", "merged", "peft", "vllm"]
+SYSTEMS = ["slora", "merged", "peft", "vllm", "dlora"]
 
 
 def compose_cfg(*overrides: str):

@@ -36,9 +36,9 @@ class DLoRAMigrator(Migrator):
     scope: str = "extremes"            # extremes | imbalanced
     k: int = 4                         # replicas in scope when scope = imbalanced
     mode: str = "transfer"             # transfer | recompute
-    time_limit_s: float = 0.2
+    time_limit_s: float = 1.0         # wall-clock safety net; node_limit normally binds first
     mip_rel_gap: float = 0.01
-    node_limit: int | None = 2000      # deterministic bound on the search (None = time limit only)
+    node_limit: int | None = 300       # deterministic bound on the search (None = time limit only)
     max_requests: int = 192            # variables per instance; the latest arrivals are the movable ones
     use_milp: bool = True              # False = the greedy alone
     move_weight: float = 0.01          # objective weight of migration cost (tie-break towards staying)
