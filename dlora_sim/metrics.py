@@ -88,7 +88,9 @@ def iteration_rows(rec: Recorder) -> tuple[list[str], Iterable[list]]:
     cols = ITERATION_COLUMNS + keys
 
     def rows():
-        for (rep, start, dur, compute, (sw, ld, sp), merged, batch, ptok, decode, distinct, forced, info) in rec.rows:
+        # by (start, replica): fast-forwarded iterations are recorded late, all at once
+        for (rep, start, dur, compute, (sw, ld, sp), merged, batch, ptok, decode, distinct, forced, info) in sorted(
+                rec.rows, key=lambda row: (row[1], row[0])):
             yield [rep, _t(start), _fmt(dur / NS), _fmt(compute), _fmt(sw), _fmt(ld), _fmt(sp),
                    "unmerged" if merged is None else "merged", "" if merged is None else merged, batch, ptok,
                    decode, distinct, int(bool(forced)),

@@ -48,6 +48,8 @@ class ReplicaConfig:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_adapter_slots"):
             if getattr(self, key) < 1:
                 raise ValueError(f"cluster.replica.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_kv_blocks is not None and self.max_kv_blocks < 1:
+            raise ValueError(f"cluster.replica.max_kv_blocks must be >= 1 or null, got {self.max_kv_blocks}")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"cluster.replica.watermark must be in [0, 1), got {self.watermark}")
 

@@ -2,7 +2,8 @@
 
 One module for every skew model so synthetic generators and trace mappings agree:
 - uniform and Zipf(s) give per-adapter probabilities;
-- S-LoRA's power law draws an adapter index as floor(N * u**alpha) (alpha > 1 skews towards 0).
+- S-LoRA's power law draws an adapter index as floor(N * x), x ~ numpy's power(alpha) with CDF x**alpha
+  (alpha < 1 skews towards adapter 0; alpha = 1 is uniform).
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ def zipf_weights(n: int, s: float) -> np.ndarray:
 
 
 def powerlaw_weights(n: int, alpha: float) -> np.ndarray:
-    """Exact probabilities of S-LoRA's index = floor(N * u**alpha), u ~ U[0,1)."""
+    """Exact probabilities of S-LoRA's index = floor(N * power(alpha)), P(x <= t) = t**alpha."""
     _check_n(n)
     if alpha <= 0:
         raise ValueError(f"power-law alpha must be > 0, got {alpha}")
-    edges = (np.arange(n + 1, dtype=np.float64) / n) ** (1.0 / alpha)
+    edges = (np.arange(n + 1, dtype=np.float64) / n) ** alpha
     return np.diff(edges)
 
 

@@ -1,0 +1,3 @@
+from dlora_sim.cli import main
+
+main()
