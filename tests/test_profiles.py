@@ -1,0 +1,43 @@
+"""Profiles: the analytic generator reproduces the committed files and the published anchor."""
+from __future__ import annotations
+
+import pytest
+
+from calibration.analytic import HARDWARE, MODELS, main as generate
+from dlora_sim.cost_model import CostModel
+from dlora_sim.paths import PROFILES_DIR
+from dlora_sim.profile import load_profile
+
+
+def test_committed_analytic_profiles_are_regenerated_exactly(tmp_path):
+    generate(["--out", str(tmp_path), "--date", "2026-11-28"])
+    for hw in HARDWARE:
+        for model in MODELS:
+            name = f"{hw}-{model}.yaml"
+            assert (tmp_path / name).read_text() == (PROFILES_DIR / name).read_text(), name
+
+
+def test_a100_llama7b_reproduces_the_dlora_anchor():
+    cost = CostModel(load_profile("a100-80gb-llama-2-7b"))
+    assert cost.decode_time(16, 512) == pytest.approx(0.015, abs=1e-6)
+    assert cost.decode_time(16, 512, merged=False, distinct_adapters=8) == pytest.approx(0.027, abs=1e-6)
+    assert cost.mode_change_time(None, 3) == pytest.approx(0.020, abs=1e-6)
+    assert cost.mode_change_time(3, 4) == pytest.approx(0.040, abs=1e-6)
+
+
+def test_costs_follow_hardware_and_model():
+    a7, h7 = CostModel(load_profile("a100-80gb-llama-2-7b")), CostModel(load_profile("h200-llama-2-7b"))
+    a13 = CostModel(load_profile("a100-80gb-llama-2-13b"))
+    assert h7.decode_time(64, 512) < a7.decode_time(64, 512) < a13.decode_time(64, 512)
+    assert h7.mode_change_time(None, 0) < a7.mode_change_time(None, 0) < a13.mode_change_time(None, 0)
+    # unmerged overhead grows with the number of distinct adapters, merged has none
+    assert a7.decode_time(32, 512, False, 1) < a7.decode_time(32, 512, False, 32)
+    # the profile's adapter size is the seven projections' A and B: 2.5 MB per layer at rank 16 (7B)
+    assert load_profile("a100-80gb-llama-2-7b").adapter_bytes(16) / 32 == pytest.approx(2.5e6, rel=1e-3)
+
+
+def test_tensor_parallel_divides_bandwidth_terms_only():
+    p = load_profile("a100-80gb-llama-2-13b")
+    one, two = CostModel(p, 1), CostModel(p, 2)
+    assert two.decode_time(32, 512) < one.decode_time(32, 512)
+    assert two.decode_time(32, 512) > p.iteration.overhead_s
