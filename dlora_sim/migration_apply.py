@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dlora_sim.policies.placement import hosting_capacity
 from dlora_sim.policies.base import MigrationPlan, PolicyError
 from dlora_sim.request import UNSET, Request, State, to_ns
 
@@ -75,9 +76,9 @@ def apply_plan(sim: "Simulation", plan: MigrationPlan) -> dict[str, int]:
             hosts[a] = hs
         per = Counter(j for hs in hosts.values() for j in hs)
         for j, c in per.items():
-            if c > reps[j].adapter_slots:
-                raise PolicyError(f"migration plan hosts {c} adapters on replica {j}, which has "
-                                  f"{reps[j].adapter_slots} slots")
+            cap = hosting_capacity(reps[j].adapter_slots, len(sim.adapters), nrep)
+            if c > cap:
+                raise PolicyError(f"migration plan hosts {c} adapters on replica {j}, which may host {cap}")
         sim.hosts = hosts
     seen: set[int] = set()
     link_free: dict[tuple[int, int], int] = {}

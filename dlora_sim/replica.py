@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from itertools import repeat
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import simpy
@@ -307,37 +306,56 @@ class Replica:
         return lo
 
     def _advance(self, run: _Run, upto: int) -> None:
-        """Complete iterations run.applied .. upto-1 of the run in flight."""
-        bs = self.block_size
-        d = run.decision
-        for i in range(run.applied, upto):
-            end, dur = run.ends[i], run.durations[i]
-            start = end - dur
+        """Complete iterations run.applied .. upto-1 of the run in flight.
+
+        The first iteration may prefill; the rest are identical decodes, applied in bulk (every request
+        gains one token per iteration, and nobody can finish before the run's last iteration)."""
+        i = run.applied
+        if upto <= i:
+            return
+        batch, rec, n = run.batch, self.recorder, len(run.batch)
+        distinct = len({r.adapter for r in batch})
+        if i == 0:
+            end, dur = run.ends[0], run.durations[0]
             prefill_tokens = prefills = 0
-            for r, pf in zip(run.batch, run.prefill if i == 0 else repeat(False)):
+            for r, pf in zip(batch, run.prefill):
                 if pf:
-                    prefill_tokens += r.context_len
+                    prefill_tokens += r.prompt_tokens + r.generated
                     prefills += 1
                     r.state = State.RESIDENT
                 r.generated += 1
                 r.exec_ns += dur
                 if r.first_token < 0:
                     r.first_token = end
-            overhead = run.overhead if i == 0 else (0.0, 0.0, 0.0)
             self.busy_ns += dur
-            self.recorder.iteration(self.id, start, dur, run.compute[i], overhead, d, len(run.batch), prefill_tokens,
-                                    len(run.batch) - prefills, len({r.adapter for r in run.batch}))
-            last = i == len(run.ends) - 1
-            for r in run.batch:
-                if r.generated >= r.output_tokens:
-                    if not last:
-                        raise AssertionError("a request finished inside a fast-forwarded run")
-                    self._finish(r, end)
-                elif i + 1 < len(run.ends):   # the next repeat needs this request's KV to grow
-                    need = blocks_for(r.context_len, bs)
-                    self.free_blocks -= need - r.kv_blocks
-                    r.kv_blocks = need
+            rec.iteration(self.id, end - dur, dur, run.compute[0], run.overhead, run.decision, n, prefill_tokens,
+                          n - prefills, distinct)
+            i = 1
+        if upto > i:
+            durs = run.durations[i:upto]
+            total = sum(durs)
+            m = upto - i
+            for r in batch:
+                r.generated += m
+                r.exec_ns += total
+            self.busy_ns += total
+            for k in range(i, upto):
+                rec.iteration(self.id, run.ends[k] - run.durations[k], run.durations[k], run.compute[k],
+                              _NO_OVERHEAD, run.decision, n, 0, n, distinct)
         run.applied = upto
+        if upto == len(run.ends):
+            end = run.ends[-1]
+            for r in batch:
+                if r.generated >= r.output_tokens:
+                    self._finish(r, end)
+        else:   # the iteration now in flight needs every request's KV to have grown
+            bs = self.block_size
+            for r in batch:
+                if r.generated >= r.output_tokens:
+                    raise AssertionError("a request finished inside a fast-forwarded run")
+                need = -(-(r.prompt_tokens + r.generated) // bs)
+                self.free_blocks -= need - r.kv_blocks
+                r.kv_blocks = need
         if self.free_blocks < 0:
             raise AssertionError(f"replica {self.id}: KV blocks overcommitted ({self.free_blocks})")
         if self.debug:
@@ -408,6 +426,9 @@ class Replica:
             missing = {r.adapter for r in d.batch} - resident
             if missing:
                 raise PolicyError(f"replica {self.id}: unmerged batch uses non-resident adapters {sorted(missing)}")
+
+
+_NO_OVERHEAD = (0.0, 0.0, 0.0)
 
 
 def _ns(seconds: float) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from dlora_sim.policies.base import ClusterView, MigrationPlan, Migrator, RequestMove
 from dlora_sim.policies.estimates import WorkModel
+from dlora_sim.policies.placement import hosting_capacity
 from dlora_sim.policies.migration_ilp import MigrationInstance, replica_loads, solve, stay
 from dlora_sim.request import State, blocks_for
 
@@ -176,7 +177,8 @@ class DLoRAMigrator(Migrator):
             exec_s=exec_s, adapter=np.array([kidx[r.adapter] for r in movable], dtype=np.int64), src=src,
             move_s=move, kv=kv, base_s=base_s, base_kv=base_kv,
             kv_capacity=np.array([reps[j].total_blocks for j in scope], dtype=float),
-            slots=np.array([reps[j].adapter_slots for j in scope]), current=current, pinned=pinned,
+            slots=np.array([hosting_capacity(reps[j].adapter_slots, len(cluster.adapters), len(reps)) for j in scope]),
+            current=current, pinned=pinned,
             must_host=must, load_s=load_s,
             swap_s_per_block=2 * cost.swap_time(1, block_bytes),   # out to host and back in
             move_weight=self.move_weight, move_penalty_s=self.move_penalty_s)

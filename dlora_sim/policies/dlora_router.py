@@ -7,7 +7,7 @@ from typing import Sequence
 
 from dlora_sim.policies.base import ClusterView, Placement, Router
 from dlora_sim.policies.estimates import WorkModel
-from dlora_sim.policies.placement import greedy_placement
+from dlora_sim.policies.placement import greedy_placement, hosting_capacity
 from dlora_sim.request import Request
 
 
@@ -16,7 +16,8 @@ def placement_for(cluster: ClusterView, extra_placements: int | None) -> list[li
     n = len(cluster.adapters)
     demand = list(cluster.demand) if len(cluster.demand) == n else [1.0 / max(n, 1)] * n
     target = None if extra_placements is None else n + extra_placements
-    return greedy_placement(demand, [r.total_blocks for r in reps], [r.adapter_slots for r in reps], target)
+    slots = [hosting_capacity(r.adapter_slots, n, len(reps)) for r in reps]
+    return greedy_placement(demand, [r.total_blocks for r in reps], slots, target)
 
 
 @dataclass
@@ -32,10 +33,12 @@ class DLoRARouter(Router):
 
     def place(self, cluster: ClusterView) -> Placement:
         hosts = placement_for(cluster, self.extra_placements)
+        demand = list(cluster.demand) if len(cluster.demand) == len(hosts) else [0.0] * len(hosts)
         preload: dict[int, list[int]] = {}
-        for a, hs in enumerate(hosts):
-            for j in hs:
-                preload.setdefault(j, []).append(a)
+        for a in sorted(range(len(hosts)), key=lambda a: (-demand[a], a)):   # most demanded first
+            for j in hosts[a]:
+                if len(preload.setdefault(j, [])) < cluster.replicas[j].adapter_slots:
+                    preload[j].append(a)
         return Placement(hosts={a: tuple(hs) for a, hs in enumerate(hosts)}, preload=preload)
 
     def _observe(self, request: Request, cluster: ClusterView) -> None:

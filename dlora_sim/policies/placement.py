@@ -32,6 +32,12 @@ def _loads(hosts: list[list[int]], demand: Sequence[float], m: int) -> list[floa
     return load
 
 
+def hosting_capacity(adapter_slots: int, num_adapters: int, num_replicas: int) -> int:
+    """Adapters a replica may host: its GPU slots, or more when the slots of all replicas cannot hold
+    every adapter once (then hosted adapters beyond the slots swap in from host memory on demand)."""
+    return max(adapter_slots, math.ceil(num_adapters / max(num_replicas, 1)))
+
+
 def greedy_placement(demand: Sequence[float], kv_blocks: Sequence[int], slots: Sequence[int],
                      target: int | None = None) -> list[list[int]]:
     """Hosts (sorted replica ids) of each adapter. `target` placements (default replicas + adapters - 1)."""
