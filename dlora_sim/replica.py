@@ -65,6 +65,7 @@ class _Run:
     compute: list[float]       # s, per iteration (for the record)
     overhead: tuple[float, float, float]   # switch, load, swap seconds (first iteration only)
     prefill: list[bool]        # per batch request: prefill in the first iteration
+    distinct: int              # distinct adapters in the batch
     applied: int = 0
 
 
@@ -228,36 +229,41 @@ class Replica:
         swapped_in = swapped_in_reqs = 0
         prefill_tokens = prefill_sq = decode = ctx = rank_sum = token_rank = 0
         prefill: list[bool] = []
-        adapters: set[int] = set()
+        seen: set[int] = set()
         now = self.env.now
-        for r in d.batch:
-            need = blocks_for(r.context_len, bs)
-            if r.state == State.SWAPPED:
+        ranks = self._ranks
+        free = self.free_blocks
+        for r in d.batch:   # hot loop: plain attribute arithmetic
+            n = r.prompt_tokens + r.generated
+            need = -(-n // bs)
+            state = r.state
+            if state == _SWAPPED:
                 swapped_in_reqs += 1
                 self.host_free_blocks += r.kv_blocks
                 swapped_in += need
-                self.free_blocks -= need
-                r.state = State.RESIDENT
+                free -= need
+                r.state = state = _RESIDENT
             else:
-                self.free_blocks -= need - r.kv_blocks
+                free -= need - r.kv_blocks
             r.kv_blocks = need
-            rank = self._ranks[r.adapter]
+            a = r.adapter
+            rank = ranks[a]
             if r.first_scheduled < 0:
                 r.first_scheduled = now
-            if r.state == State.QUEUED:
-                n = r.context_len
+            if state == _QUEUED:
                 prefill_tokens += n
                 prefill_sq += n * n
                 token_rank += n * rank
                 prefill.append(True)
             else:
                 decode += 1
-                ctx += r.context_len
+                ctx += n
                 token_rank += rank
                 prefill.append(False)
-            if r.adapter not in adapters:
-                adapters.add(r.adapter)
+            if a not in seen:
+                seen.add(a)
                 rank_sum += rank
+        self.free_blocks = free
         if self.free_blocks < 0 or self.host_free_blocks < 0:
             raise PolicyError(f"replica {self.id}: decision exceeds memory (free blocks {self.free_blocks}, "
                               f"host blocks {self.host_free_blocks})")
@@ -281,18 +287,18 @@ class Replica:
         for dur in durations:
             t += dur
             ends.append(t)
-        self._run = _Run(d.batch, d, now, durations, ends, computes, (switch_s, load_s, swap_s), prefill)
+        self._run = _Run(d.batch, d, now, durations, ends, computes, (switch_s, load_s, swap_s), prefill, len(seen))
         if self.debug:
             self.check_accounting()
         return self._run
 
     def _repeatable(self, batch: list[Request]) -> int:
         """How many identical decode iterations fit before a request finishes or blocks run out."""
-        k = min(r.remaining for r in batch)
+        k = min(r.output_tokens - r.generated for r in batch)
         bs, free = self.block_size, self.free_blocks
 
         def extra(m: int) -> int:   # blocks the iterations 2..m need beyond what the first holds
-            return sum(blocks_for(r.context_len + m - 1, bs) - r.kv_blocks for r in batch)
+            return sum(-(-(r.prompt_tokens + r.generated + m - 1) // bs) - r.kv_blocks for r in batch)
 
         if k <= 1 or extra(k) <= free:
             return max(k, 1)
@@ -314,7 +320,7 @@ class Replica:
         if upto <= i:
             return
         batch, rec, n = run.batch, self.recorder, len(run.batch)
-        distinct = len({r.adapter for r in batch})
+        distinct = run.distinct
         if i == 0:
             end, dur = run.ends[0], run.durations[0]
             prefill_tokens = prefills = 0
@@ -331,31 +337,35 @@ class Replica:
             rec.iteration(self.id, end - dur, dur, run.compute[0], run.overhead, run.decision, n, prefill_tokens,
                           n - prefills, distinct)
             i = 1
+        last = upto == len(run.ends)
         if upto > i:
-            durs = run.durations[i:upto]
-            total = sum(durs)
+            total = sum(run.durations[i:upto])
             m = upto - i
             for r in batch:
                 r.generated += m
                 r.exec_ns += total
             self.busy_ns += total
-            for k in range(i, upto):
-                rec.iteration(self.id, run.ends[k] - run.durations[k], run.durations[k], run.compute[k],
-                              _NO_OVERHEAD, run.decision, n, 0, n, distinct)
+            if rec.keep_iterations:
+                for k in range(i, upto):
+                    rec.iteration(self.id, run.ends[k] - run.durations[k], run.durations[k], run.compute[k],
+                                  _NO_OVERHEAD, run.decision, n, 0, n, distinct)
+            else:
+                rec.num_iterations += m
         run.applied = upto
-        if upto == len(run.ends):
+        if last:
             end = run.ends[-1]
             for r in batch:
                 if r.generated >= r.output_tokens:
                     self._finish(r, end)
         else:   # the iteration now in flight needs every request's KV to have grown
-            bs = self.block_size
+            bs, free = self.block_size, self.free_blocks
             for r in batch:
                 if r.generated >= r.output_tokens:
                     raise AssertionError("a request finished inside a fast-forwarded run")
                 need = -(-(r.prompt_tokens + r.generated) // bs)
-                self.free_blocks -= need - r.kv_blocks
+                free -= need - r.kv_blocks
                 r.kv_blocks = need
+            self.free_blocks = free
         if self.free_blocks < 0:
             raise AssertionError(f"replica {self.id}: KV blocks overcommitted ({self.free_blocks})")
         if self.debug:
@@ -392,11 +402,12 @@ class Replica:
         ids = {id(r) for r in d.batch}
         if len(ids) != len(d.batch):
             raise PolicyError(f"replica {self.id}: a request appears twice in the batch")
-        tokens = 0
+        tokens, rid = 0, self.id
         for r in d.batch:
-            if r.replica != self.id or r.done:
+            state = r.state
+            if r.replica != rid or state >= _FINISHED:
                 raise PolicyError(f"replica {self.id}: request {r.id} is not runnable here")
-            tokens += r.context_len if r.state == State.QUEUED else 1
+            tokens += r.prompt_tokens + r.generated if state == _QUEUED else 1
         if tokens > cfg.max_num_batched_tokens and len(d.batch) > 1:
             raise PolicyError(f"replica {self.id}: {tokens} tokens exceed max_num_batched_tokens")
         for r in (*d.swap_out, *d.recompute):
@@ -429,6 +440,7 @@ class Replica:
 
 
 _NO_OVERHEAD = (0.0, 0.0, 0.0)
+_QUEUED, _RESIDENT, _SWAPPED, _FINISHED = State.QUEUED, State.RESIDENT, State.SWAPPED, State.FINISHED
 
 
 def _ns(seconds: float) -> int:

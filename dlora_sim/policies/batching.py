@@ -46,23 +46,27 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
     free += sum(r.kv_blocks for r in plan.recompute)
     host_free = view.host_free_blocks - sum(r.kv_blocks for r in plan.swap_out)
     admit_prefill = True
+    watermark = view.watermark_blocks
     victims: list[Request] | None = None
     blocked: Request | None = None   # the first candidate that only memory kept out
-    for r in candidates:
+    for r in candidates:   # hot loop: plain attribute arithmetic
         if seats <= 0 or (limit is not None and added >= limit):
             break
-        if id(r) in taken or id(r) in preempted:
+        rid = id(r)
+        if rid in taken or rid in preempted:
             continue
-        if adapter_limit is not None and r.adapter not in plan.adapters and len(plan.adapters) >= adapter_limit:
+        a = r.adapter
+        if adapter_limit is not None and a not in plan.adapters and len(plan.adapters) >= adapter_limit:
             continue
         state = r.state
-        if state == State.RESIDENT:
+        n = r.prompt_tokens + r.generated
+        if state == _RESIDENT:
             if tokens < 1:
                 continue
-            need = _new_blocks(r, bs)
+            need = -(-n // bs) - r.kv_blocks
             if need > free:
                 if victims is None:
-                    victims = [v for v in view.queue if v.state == State.RESIDENT]
+                    victims = [v for v in view.queue if v.state == _RESIDENT]
                 while need > free:
                     v = _pop_victim(victims, r, taken, preempted)
                     if v is None:
@@ -78,20 +82,19 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
                     blocked = blocked or r
                     continue
             tokens -= 1
-        elif state == State.SWAPPED:
+        elif state == _SWAPPED:
             if plan.swap_out or tokens < 1:
                 continue
-            need = blocks_for(r.context_len, bs)
+            need = -(-n // bs)
             if need > free:
                 blocked = blocked or r
                 continue
             tokens -= 1
-        elif state == State.QUEUED:
+        elif state == _QUEUED:
             if not admit_prefill:
                 continue
-            n = r.context_len
-            need = blocks_for(n, bs)
-            if (n > tokens and batch) or free - need < view.watermark_blocks:
+            need = -(-n // bs)
+            if (n > tokens and batch) or free - need < watermark:
                 admit_prefill = False  # FCFS among prefills: nobody jumps the first that does not fit
                 if n <= tokens or not batch:
                     blocked = blocked or r
@@ -101,8 +104,8 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
             raise ValueError(f"request {r.id} in state {state.name} cannot be scheduled")
         free -= need
         batch.append(r)
-        taken.add(id(r))
-        plan.adapters.add(r.adapter)
+        taken.add(rid)
+        plan.adapters.add(a)
         seats -= 1
         added += 1
     if not batch and blocked is not None and seats > 0:
@@ -132,6 +135,9 @@ def _make_room(view: ReplicaView, plan: BatchPlan, r: Request, free: int, host_f
     plan.recompute.extend(chosen_recompute)
     plan.batch.append(r)
     plan.adapters.add(r.adapter)
+
+
+_QUEUED, _RESIDENT, _SWAPPED = State.QUEUED, State.RESIDENT, State.SWAPPED
 
 
 def _tokens(r: Request) -> int:
