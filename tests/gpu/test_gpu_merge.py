@@ -57,9 +57,13 @@ def test_fused_merge_rounds_to_nearest(dtype: torch.dtype, rank: int, device: st
     bound = merge_bound(w, a, b, s, exact, dtype)
     for out in (out_t, out_c):
         assert ((out.double().cpu() - exact).abs() <= bound).all()
-    # Same math, different fp32 summation order: rare 1-ulp disagreements at most.
+    # Same math, different fp32 summation order: both stay within the bound of each other; rounding to a
+    # 16-bit output hides the order, so there disagreements must be rare. An fp32 output keeps the order's
+    # last bits (on an H200, 48% of elements differed by ~1 ulp at rank 16), so only the bound applies.
     diff = (out_t.double().cpu() - out_c.double().cpu()).abs()
-    assert (diff <= 2 * bound).all() and (diff == 0).float().mean() > 0.95
+    assert (diff <= 2 * bound).all()
+    if dtype != torch.float32:
+        assert (diff == 0).float().mean() > 0.95
 
 
 def switch_cycle(n_switches: int) -> list[int]:
