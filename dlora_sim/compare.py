@@ -58,7 +58,11 @@ def comparison_chart(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.8))
     for ax, (key, title) in zip(axes, metrics):
         vals = [s.get(key) or 0.0 for s in rows]
-        ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))])
+        bars = ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))])
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7)
+        positive = [v for v in vals if v > 0]
+        if key != "slo_attainment" and positive and max(positive) > 20 * min(positive):
+            ax.set_yscale("log")   # one slow system must not flatten the others
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
