@@ -24,6 +24,7 @@ import triton.language as tl
 
 from dlora_gpu.kernels._common import (bf16_bits_mode, bf16_bits_to_f32, check_device, dot_in_fp32,
                                        f32_to_bf16_bits_rne, next_pow2)
+from dlora_gpu.kernels import tuning
 from dlora_gpu.lora_stack import LoRAStack, Segments
 
 
@@ -41,8 +42,9 @@ def _add_into_y(y_ptrs, delta, mask, BF16_BITS: tl.constexpr):
 @triton.jit
 def _expand_decode_kernel(
     v_ptr, b_ptr, y_ptr, slot_ptr, rank_ptr, scale_ptr, slice_off_ptr, slice_size_ptr,
-    stride_vt, stride_bs, stride_bn, stride_yt, R, N_BLOCKS,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BF16_BITS: tl.constexpr,
+    stride_vt, stride_vk, V_SPLITS, stride_bs, stride_bn, stride_yt, R, N_BLOCKS,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS_P2: tl.constexpr, ALIGN: tl.constexpr,
+    BF16_BITS: tl.constexpr,
 ):
     t = tl.program_id(0)
     nb = tl.program_id(1) % N_BLOCKS
@@ -51,19 +53,29 @@ def _expand_decode_kernel(
     if slot < 0:
         return
     n_size = tl.load(slice_size_ptr + s)
+    off = tl.load(slice_off_ptr + s)
+    if ALIGN > 1:  # every slice size/offset is a multiple of ALIGN: y loads/stores can be vectors
+        n_size = tl.multiple_of(n_size, ALIGN)
+        off = tl.multiple_of(off, ALIGN)
     if nb * BLOCK_N >= n_size:
         return
-    off = tl.load(slice_off_ptr + s)
     rank = tl.load(rank_ptr + slot)
     scale = tl.load(scale_ptr + slot)
     r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
-    vv = tl.load(v_ptr + t.to(tl.int64) * stride_vt + s * R + r, mask=r_ok, other=0.0)
+    r_in = r < R  # R (the stack's padded rank) is a launch constant: keeps B loads vectorised
+    # v columns >= rank are zero (shrink writes them), so v needs only the R mask; split-K partial
+    # slabs (V_SPLITS > 1) are summed here, one 2-D load.
+    sp = tl.arange(0, SPLITS_P2)
+    vs = tl.load(v_ptr + sp[:, None].to(tl.int64) * stride_vk + t.to(tl.int64) * stride_vt
+                 + s * R + r[None, :], mask=(sp < V_SPLITS)[:, None] & r_in[None, :], other=0.0)
+    vv = tl.sum(vs, axis=0)
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_size
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + (off + n)[:, None] * stride_bn + r[None, :],
-                mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-    delta = tl.sum(b.to(tl.float32) * vv[None, :], axis=1) * scale
+                mask=n_ok[:, None] & r_in[None, :], other=0.0)
+    # Padding columns (rank <= r < R) are loaded but never used: they may hold anything (NaN too).
+    b = tl.where((r < rank)[None, :], b.to(tl.float32), 0.0)
+    delta = tl.sum(b * vv[None, :], axis=1) * scale
     _add_into_y(y_ptr + t.to(tl.int64) * stride_yt + off + n, delta, n_ok, BF16_BITS)
 
 
@@ -124,21 +136,41 @@ def _check(y: torch.Tensor, v: torch.Tensor, stack: LoRAStack) -> torch.Tensor:
     return y.view(torch.int16) if bf16_bits_mode(y) else y
 
 
+def slice_align(sizes: tuple[int, ...], cap: int = 16) -> int:
+    """Largest power of two <= cap dividing every slice size (hence every offset): a vector width."""
+    a = cap
+    while a > 1 and any(n % a for n in sizes):
+        a //= 2
+    return a
+
+
 def expand_decode(y: torch.Tensor, v: torch.Tensor, stack: LoRAStack, slot_ids: torch.Tensor, *,
-                  block_n: int = 128) -> None:
-    """y[t, slice s] += scale * v[t, s*R:(s+1)*R] @ B[slot, slice s]^T for every token with slot >= 0."""
-    y_arg = _check(y, v, stack)
+                  block_n: int | None = None, num_warps: int | None = None) -> None:
+    """y[t, slice s] += scale * v[t, s*R:(s+1)*R] @ B[slot, slice s]^T for every token with slot >= 0.
+
+    v is [T, S*R] fp32, or split-K partials [splits, T, S*R] from ``shrink_decode(partials=True)``.
+    Arguments left None come from `dlora_gpu.kernels.tuning.EXPAND_DECODE`.
+    """
+    if v.dim() not in (2, 3) or not v.is_contiguous():
+        raise ValueError(f"v must be contiguous [T, S*R] or [splits, T, S*R], got {tuple(v.shape)}")
+    splits = v.shape[0] if v.dim() == 3 else 1
+    y_arg = _check(y, v[0] if v.dim() == 3 else v, stack)
     T = y.shape[0]
     if T == 0:
         return
+    cfg = tuning.pick(tuning.EXPAND_DECODE, T, stack.max_rank)
+    block_n = cfg["block_n"] if block_n is None else block_n
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
     block_n = min(block_n, next_pow2(max(stack.slice_sizes)))
     n_blocks = triton.cdiv(max(stack.slice_sizes), block_n)
     _expand_decode_kernel[(T, n_blocks * stack.num_slices)](
         v, stack.B, y_arg, slot_ids, stack.ranks, stack.scales,
         stack.slice_offsets_t, stack.slice_sizes_t,
-        v.stride(0), stack.B.stride(0), stack.B.stride(1), y.stride(0),
+        v.stride(-2), v.stride(0) if v.dim() == 3 else 0, splits,
+        stack.B.stride(0), stack.B.stride(1), y.stride(0),
         stack.max_rank, n_blocks, BLOCK_N=block_n,
-        BLOCK_R=max(16, next_pow2(stack.max_rank)), BF16_BITS=bf16_bits_mode(y),
+        BLOCK_R=max(16, next_pow2(stack.max_rank)), SPLITS_P2=next_pow2(splits),
+        ALIGN=slice_align(stack.slice_sizes), BF16_BITS=bf16_bits_mode(y), num_warps=num_warps,
     )
 
 

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlora_gpu.kernels import tuning
 from dlora_gpu.kernels._common import check_device, dot_in_fp32, next_pow2
 from dlora_gpu.lora_stack import LoRAStack, Segments
 
@@ -34,8 +35,9 @@ from dlora_gpu.lora_stack import LoRAStack, Segments
 @triton.jit
 def _shrink_decode_kernel(
     x_ptr, a_ptr, v_ptr, slot_ptr, rank_ptr,
-    K, stride_xt, stride_as, stride_ar, stride_vt, R, NR, SPLIT_K,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    K, stride_xt, stride_as, stride_ar, stride_vt, stride_vk, R, NR, SPLIT_K,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, LATE_SUM: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     t = tl.program_id(0)
     rb = tl.program_id(1)
@@ -49,18 +51,29 @@ def _shrink_decode_kernel(
     a_rows = a_ptr + slot.to(tl.int64) * stride_as + rows[:, None] * stride_ar
     k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = ks * k_span
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, k_span, BLOCK_K):
-        k = k_lo + k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        xv = tl.load(x_ptr + t.to(tl.int64) * stride_xt + k, mask=k_ok, other=0.0).to(tl.float32)
-        a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(a.to(tl.float32) * xv[None, :], axis=1)
-    out = v_ptr + t.to(tl.int64) * stride_vt + rows
-    if SPLIT_K == 1:
-        tl.store(out, acc, mask=rows < NR)
+    if LATE_SUM:  # elementwise fp32 accumulation, one reduction at the end: no barrier in the loop
+        acc2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k_span, BLOCK_K):
+            k = k_lo + k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xv = tl.load(x_ptr + t.to(tl.int64) * stride_xt + k, mask=k_ok, other=0.0)
+            a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            acc2 += a.to(tl.float32) * xv.to(tl.float32)[None, :]
+        acc = tl.sum(acc2, axis=1)
     else:
-        tl.atomic_add(out, acc, mask=rows < NR)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, k_span, BLOCK_K):
+            k = k_lo + k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xv = tl.load(x_ptr + t.to(tl.int64) * stride_xt + k, mask=k_ok, other=0.0)
+            a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+    # Partials mode (ATOMIC=False): split ks owns slab ks (stride_vk apart); expand sums the slabs.
+    out = v_ptr + ks.to(tl.int64) * stride_vk + t.to(tl.int64) * stride_vt + rows
+    if ATOMIC and SPLIT_K > 1:
+        tl.atomic_add(out, acc, mask=rows < NR, sem="relaxed")
+    else:
+        tl.store(out, acc, mask=rows < NR)
 
 
 @triton.jit
@@ -121,24 +134,50 @@ def _alloc_v(x: torch.Tensor, nr: int, split_k: int) -> torch.Tensor:
     return alloc(x.shape[0], nr, dtype=torch.float32, device=x.device)
 
 
+def decode_split_k(tokens: int, row_blocks: int, k: int, block_k: int, target_programs: int) -> int:
+    """Split-K so that tokens x row blocks x splits reaches about `target_programs` (>= 1 K-tile each)."""
+    return max(1, min(triton.cdiv(k, block_k), target_programs // max(1, tokens * row_blocks)))
+
+
 def shrink_decode(x: torch.Tensor, stack: LoRAStack, slot_ids: torch.Tensor, *,
-                  split_k: int | None = None, block_k: int = 256) -> torch.Tensor:
-    """v[t] = x[t] @ A[slot_ids[t]]^T for all slices -> [T, S*R] fp32 (rows of slot -1 undefined)."""
+                  split_k: int | None = None, block_k: int | None = None,
+                  block_r: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None, target_programs: int | None = None,
+                  late_sum: bool | None = None, partials: bool | None = None) -> torch.Tensor:
+    """v[t] = x[t] @ A[slot_ids[t]]^T for all slices -> [T, S*R] fp32 (rows of slot -1 undefined).
+
+    With ``partials`` the split-K partial sums come back unreduced as [split_k, T, S*R] (their sum is
+    v; `expand_decode` accepts that form): no zeroed buffer, no atomics, bit-reproducible. Arguments
+    left None come from `dlora_gpu.kernels.tuning.SHRINK_DECODE` for this batch and rank.
+    """
     _check(x, stack)
     T, K = x.shape
     R, NR = stack.max_rank, stack.num_slices * stack.max_rank
-    block_r = min(next_pow2(NR), 16)
+    cfg = tuning.pick(tuning.SHRINK_DECODE, T, R)
+    block_k = cfg["block_k"] if block_k is None else block_k
+    block_r = cfg["block_r"] if block_r is None else block_r
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
+    num_stages = cfg["num_stages"] if num_stages is None else num_stages
+    late_sum = cfg["late_sum"] if late_sum is None else late_sum
+    partials = cfg["partials"] if partials is None else partials
+    block_r = min(next_pow2(NR), block_r)
     row_blocks = triton.cdiv(NR, block_r)
     block_k = min(block_k, next_pow2(K))
-    if split_k is None:  # ~512+ programs (a few waves on a big GPU) even at batch 1
-        split_k = max(1, min(triton.cdiv(K, block_k), 512 // max(1, T * row_blocks)))
-    v = _alloc_v(x, NR, split_k)
+    if split_k is None:
+        split_k = decode_split_k(T, row_blocks, K, block_k,
+                                 cfg["target_programs"] if target_programs is None
+                                 else target_programs)
+    if partials:
+        v = torch.empty(split_k, T, NR, dtype=torch.float32, device=x.device)
+    else:
+        v = _alloc_v(x, NR, split_k)
     if T == 0:
         return v
     _shrink_decode_kernel[(T, row_blocks, split_k)](
         x, stack.A, v, slot_ids, stack.ranks,
-        K, x.stride(0), stack.A.stride(0), stack.A.stride(2), v.stride(0),
-        R, NR, split_k, BLOCK_R=block_r, BLOCK_K=block_k,
+        K, x.stride(0), stack.A.stride(0), stack.A.stride(2), NR, T * NR if partials else 0,
+        R, NR, split_k, BLOCK_R=block_r, BLOCK_K=block_k, LATE_SUM=bool(late_sum),
+        ATOMIC=not partials, num_warps=num_warps, num_stages=num_stages,
     )
     return v
 

@@ -36,8 +36,9 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
     higher-priority decode needs a block that is not free.
     """
     plan = plan if plan is not None else BatchPlan()
-    batch, taken = plan.batch, {id(r) for r in plan.batch}
-    preempted = {id(r) for r in plan.swap_out} | {id(r) for r in plan.recompute}
+    # Requests hash by identity (eq=False), so sets of them are sets of objects, not of values
+    batch, taken = plan.batch, set(plan.batch)
+    preempted = set(plan.swap_out) | set(plan.recompute)
     bs = view.block_size
     seats = view.max_num_seqs - len(batch)
     added = 0
@@ -52,8 +53,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
     for r in candidates:   # hot loop: plain attribute arithmetic
         if seats <= 0 or (limit is not None and added >= limit):
             break
-        rid = id(r)
-        if rid in taken or rid in preempted:
+        if r in taken or r in preempted:
             continue
         a = r.adapter
         if adapter_limit is not None and a not in plan.adapters and len(plan.adapters) >= adapter_limit:
@@ -71,7 +71,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
                     v = _pop_victim(victims, r, taken, preempted)
                     if v is None:
                         break
-                    preempted.add(id(v))
+                    preempted.add(v)
                     free += v.kv_blocks
                     if v.kv_blocks <= host_free:
                         host_free -= v.kv_blocks
@@ -104,7 +104,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
             raise ValueError(f"request {r.id} in state {state.name} cannot be scheduled")
         free -= need
         batch.append(r)
-        taken.add(rid)
+        taken.add(r)
         plan.adapters.add(a)
         seats -= 1
         added += 1
@@ -148,7 +148,7 @@ def _new_blocks(r: Request, bs: int) -> int:
     return blocks_for(r.context_len, bs) - (r.kv_blocks if r.state == State.RESIDENT else 0)
 
 
-def _pop_victim(victims: list[Request], for_req: Request, taken: set[int], preempted: set[int]) -> Request | None:
+def _pop_victim(victims: list[Request], for_req: Request, taken: set[Request], preempted: set[Request]) -> Request | None:
     """The latest-arriving resident request, outside the batch, of lower priority than `for_req`."""
     key = for_req.sort_key()
     while victims:
@@ -156,7 +156,7 @@ def _pop_victim(victims: list[Request], for_req: Request, taken: set[int], preem
         if v.sort_key() <= key:
             return None
         victims.pop()
-        if id(v) not in taken and id(v) not in preempted and v.kv_blocks > 0:
+        if v not in taken and v not in preempted and v.kv_blocks > 0:
             return v
     return None
 

@@ -25,6 +25,7 @@ from dlora_sim.policies.base import Decision, LocalScheduler, PolicyError, Repli
 from dlora_sim.policies.batching import BatchPlan, fill_batch, plan_adapter_slots
 from dlora_sim.policies.credits import CreditLedger
 from dlora_sim.policies.thresholds import IterationStats, ThresholdTuner, _ns
+from dlora_sim.request import Request
 
 
 @dataclass
@@ -143,9 +144,13 @@ class DLoRAScheduler(LocalScheduler):
         tuner.settle()
         slots, b = view.adapter_slots, view.max_num_seqs
 
-        counts: dict[int, int] = {}
+        by_adapter: dict[int, list[Request]] = {}   # R_a, each in FCFS order
         for r in queue:
-            counts[r.adapter] = counts.get(r.adapter, 0) + 1
+            if r.adapter in by_adapter:
+                by_adapter[r.adapter].append(r)
+            else:
+                by_adapter[r.adapter] = [r]
+        counts = {a: len(rs) for a, rs in by_adapter.items()}
         m = max(counts, key=counts.__getitem__)   # most queued; ties -> the adapter of the oldest request
         fcfs = fill_batch(view, queue, adapter_limit=slots)
         nf = len(fcfs.batch)
@@ -154,9 +159,9 @@ class DLoRAScheduler(LocalScheduler):
         # 2. the mode decision (also the reference a forced batch is charged against)
         a = self.anchor
         if a is not None and counts.get(a, 0) >= tuner.theta_left * nf:
-            mode, plan = a, self._merged_plan(view, a)
+            mode, plan = a, fill_batch(view, by_adapter[a])
         elif counts[m] >= tuner.theta_right * nf:
-            mode, plan = m, self._merged_plan(view, m)
+            mode, plan = m, fill_batch(view, by_adapter[m])
         else:
             mode, plan = None, fcfs
         if mode is not None and not plan.batch:   # the merged adapter's requests do not fit: run FCFS
@@ -168,7 +173,7 @@ class DLoRAScheduler(LocalScheduler):
         if forced:
             fplan = BatchPlan()
             for f in forced:
-                fill_batch(view, (r for r in queue if r.adapter == f), plan=fplan, adapter_limit=slots)
+                fill_batch(view, by_adapter[f], plan=fplan, adapter_limit=slots)
             fill_batch(view, queue, plan=fplan, adapter_limit=slots)   # 3. forced + FCFS fill
             if not fplan.batch:   # nothing forced fits: not a forced iteration
                 forced = []
@@ -204,6 +209,3 @@ class DLoRAScheduler(LocalScheduler):
         return Decision(chosen.batch, merged=run_mode, load=load, evict=evict, swap_out=tuple(chosen.swap_out),
                         recompute=tuple(chosen.recompute), stable=stable, forced=bool(forced), info=info)
 
-    @staticmethod
-    def _merged_plan(view: ReplicaView, adapter: int) -> BatchPlan:
-        return fill_batch(view, (r for r in view.queue if r.adapter == adapter))
