@@ -33,11 +33,11 @@ def variants(dt: str) -> list[tuple[str, object, dict[str, str], dict[str, objec
     ints = lambda *names: {n: I32 for n in names}  # noqa: E731
     cx = lambda **kw: ({k: "constexpr" for k in kw}, kw)  # noqa: E731
     out = []
-    sig, c = cx(BLOCK_R=16, BLOCK_K=256)
+    sig, c = cx(BLOCK_R=16, BLOCK_K=256, LATE_SUM=True, ATOMIC=False)
     out.append(("shrink_decode", _shrink_decode_kernel,
                 {"x_ptr": p, "a_ptr": p, "v_ptr": "*fp32", "slot_ptr": "*i32", "rank_ptr": "*i32",
-                 **ints("K", "stride_xt", "stride_as", "stride_ar", "stride_vt", "R", "NR",
-                        "SPLIT_K"), **sig}, c, 4))
+                 **ints("K", "stride_xt", "stride_as", "stride_ar", "stride_vt", "stride_vk", "R",
+                        "NR", "SPLIT_K"), **sig}, c, 4))
     sig, c = cx(BLOCK_M=32, BLOCK_R=64, BLOCK_K=64, DOT_FP32=f32)
     out.append(("shrink_segments", _shrink_segment_kernel,
                 {"x_ptr": p, "a_ptr": p, "v_ptr": "*fp32", "seg_start_ptr": "*i32",
@@ -48,9 +48,11 @@ def variants(dt: str) -> list[tuple[str, object, dict[str, str], dict[str, objec
     tail = ints("stride_vt", "stride_bs", "stride_bn", "stride_yt", "R", "N_BLOCKS")
     meta = {"rank_ptr": "*i32", "scale_ptr": "*fp32", "slice_off_ptr": "*i32",
             "slice_size_ptr": "*i32"}
-    sig, c = cx(BLOCK_N=128, BLOCK_R=64, BF16_BITS=False)
+    sig, c = cx(BLOCK_N=128, BLOCK_R=64, SPLITS_P2=4, ALIGN=16, BF16_BITS=False)
+    dec_tail = ints("stride_vt", "stride_vk", "V_SPLITS", "stride_bs", "stride_bn", "stride_yt", "R",
+                    "N_BLOCKS")
     out.append(("expand_decode", _expand_decode_kernel,
-                {**common, "slot_ptr": "*i32", **meta, **tail, **sig}, c, 4))
+                {**common, "slot_ptr": "*i32", **meta, **dec_tail, **sig}, c, 4))
     sig, c = cx(BLOCK_M=32, BLOCK_N=64, BLOCK_R=64, DOT_FP32=f32, BF16_BITS=False)
     out.append(("expand_segments", _expand_segment_kernel,
                 {**common, "seg_start_ptr": "*i32", "seg_len_ptr": "*i32", "seg_slot_ptr": "*i32",

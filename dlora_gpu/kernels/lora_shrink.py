@@ -56,9 +56,12 @@ def _shrink_decode_kernel(
         for k0 in range(0, k_span, BLOCK_K):
             k = k_lo + k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
-            xv = tl.load(x_ptr + t.to(tl.int64) * stride_xt + k, mask=k_ok, other=0.0)
+            # x read as a full tile in A's layout (repeats hit L1): no layout shuffle via shared
+            # memory, hence no barrier, inside the loop.
+            xt = tl.load(x_ptr + t.to(tl.int64) * stride_xt + k[None, :] + 0 * rows[:, None],
+                         mask=k_ok[None, :] & (rows >= 0)[:, None], other=0.0)
             a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            acc2 += a.to(tl.float32) * xv.to(tl.float32)[None, :]
+            acc2 += a.to(tl.float32) * xt.to(tl.float32)
         acc = tl.sum(acc2, axis=1)
     else:
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)

@@ -177,6 +177,8 @@ class DLoRAScheduler(LocalScheduler):
             fill_batch(view, queue, plan=fplan, adapter_limit=slots)   # 3. forced + FCFS fill
             if not fplan.batch:   # nothing forced fits: not a forced iteration
                 forced = []
+            elif mode is None and set(fplan.batch) == set(plan.batch) and not (fplan.swap_out or fplan.recompute):
+                forced = []       # the unforced decision already runs every forced request: nothing to force
         slowdown = 0.0
         if forced:
             reference, chosen, run_mode = plan.batch, fplan, None
