@@ -13,6 +13,10 @@ class UnmergedOnly(LocalScheduler):
         plan = fill_batch(view, view.queue, adapter_limit=view.adapter_slots)
         if not plan.batch:
             return Decision([])
-        load, evict = plan_adapter_slots(view, (r.adapter for r in plan.batch))
+        resident = view.resident
+        if all(a in resident for a in plan.adapters):   # the common case: nothing to load
+            load, evict = (), ()
+        else:
+            load, evict = plan_adapter_slots(view, (r.adapter for r in plan.batch))
         return Decision(plan.batch, merged=None, load=load, evict=evict, swap_out=tuple(plan.swap_out),
                         recompute=tuple(plan.recompute), stable=True)
