@@ -122,12 +122,12 @@ class Simulation:
 
     def _infeasible(self, r: Request) -> str:
         cfg = self.cluster_cfg.replica
+        # reasons are categories (summary.json counts them); the request's own numbers are in requests.csv
         if r.prompt_tokens > cfg.max_num_batched_tokens:
-            return f"prompt of {r.prompt_tokens} tokens exceeds max_num_batched_tokens {cfg.max_num_batched_tokens}"
-        blocks = blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size)
+            return f"prompt longer than max_num_batched_tokens ({cfg.max_num_batched_tokens})"
         cap = min(rep.total_blocks for rep in self.replicas)
-        if blocks > cap:
-            return f"needs {blocks} KV blocks; a replica has {cap}"
+        if blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size) > cap:
+            return f"prompt + output need more KV blocks than a replica has ({cap})"
         return ""
 
     def _migration(self):
