@@ -53,7 +53,9 @@ def lora_apply(y: Tensor, x: Tensor, stack: LoRAStack, *, slot_ids: Tensor | Non
         from dlora_gpu.kernels.lora_expand import expand_decode, expand_segments
         from dlora_gpu.kernels.lora_shrink import shrink_decode, shrink_segments
         if slot_ids is not None:
-            expand_decode(y, shrink_decode(x, stack, slot_ids), stack, slot_ids)
+            from dlora_gpu.kernels import tuning
+            partials = tuning.pick(tuning.SHRINK_DECODE, x.shape[0], stack.max_rank)["partials"]
+            expand_decode(y, shrink_decode(x, stack, slot_ids, partials=partials), stack, slot_ids)
         else:
             assert segments is not None
             expand_segments(y, shrink_segments(x, stack, segments), stack, segments)

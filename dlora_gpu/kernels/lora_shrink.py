@@ -11,8 +11,10 @@ Why two kernels:
 Both grid over (tokens or segment x M-tile, row blocks of the S*R output rows, split-K). Rank, row
 counts and split-K are runtime arguments, not constexprs, so one compiled kernel per dtype/tile
 serves every rank and batch (compiles cost seconds each on a fresh GPU machine). With split-K
-> 1 partial sums meet by fp32 `atomic_add` into a zeroed buffer (Triton has no bf16 atomics, and fp32
-is what expand wants anyway). Rows whose in-slice index is >= ranks[slot] are masked: that is how
+> 1 partial sums either meet by fp32 `atomic_add` into a zeroed buffer (Triton has no bf16 atomics,
+and fp32 is what expand wants anyway), or, in decode "partials" mode (what `lora_apply` uses, by the
+tuning table in `tuning.py`), are stored to one slab per split and summed by expand: no memset launch,
+no atomics, reproducible bits. Rows whose in-slice index is >= ranks[slot] are masked: that is how
 heterogeneous ranks share one padded stack. Slot -1 (no adapter) and empty segments exit at once, so
 grids can be sized from host-known bounds and stay CUDA-graph friendly.
 
@@ -150,8 +152,9 @@ def shrink_decode(x: torch.Tensor, stack: LoRAStack, slot_ids: torch.Tensor, *,
     """v[t] = x[t] @ A[slot_ids[t]]^T for all slices -> [T, S*R] fp32 (rows of slot -1 undefined).
 
     With ``partials`` the split-K partial sums come back unreduced as [split_k, T, S*R] (their sum is
-    v; `expand_decode` accepts that form): no zeroed buffer, no atomics, bit-reproducible. Arguments
-    left None come from `dlora_gpu.kernels.tuning.SHRINK_DECODE` for this batch and rank.
+    v; `expand_decode` accepts that form): no zeroed buffer, no atomics, bit-reproducible; default
+    off, `lora_apply` turns it on as the tuning table says. Other arguments left None come from
+    `dlora_gpu.kernels.tuning.SHRINK_DECODE` for this batch and rank.
     """
     _check(x, stack)
     T, K = x.shape
@@ -162,7 +165,7 @@ def shrink_decode(x: torch.Tensor, stack: LoRAStack, slot_ids: torch.Tensor, *,
     num_warps = cfg["num_warps"] if num_warps is None else num_warps
     num_stages = cfg["num_stages"] if num_stages is None else num_stages
     late_sum = cfg["late_sum"] if late_sum is None else late_sum
-    partials = cfg["partials"] if partials is None else partials
+    partials = bool(partials)  # the table's choice is applied by lora_apply: v stays 2-D here
     block_r = min(next_pow2(NR), block_r)
     row_blocks = triton.cdiv(NR, block_r)
     block_k = min(block_k, next_pow2(K))
