@@ -66,6 +66,8 @@ class _Run:
     overhead: tuple[float, float, float]   # switch, load, swap seconds (first iteration only)
     prefill: list[bool]        # per batch request: prefill in the first iteration
     distinct: int              # distinct adapters in the batch
+    planned: int = 1           # iterations this decision runs (durations are generated lazily, in chunks)
+    repeat: tuple[int, int, int, int] = (0, 0, 0, 0)   # decode seqs, first context, rank sums of a repeat
     applied: int = 0
 
 
@@ -174,20 +176,24 @@ class Replica:
 
     def _execute(self, run: _Run):
         env = self.env
-        end = run.ends[-1]
-        if len(run.ends) > 1:
-            self._wake = env.event()
-            timer = env.timeout(end - env.now)
-            yield timer | self._wake
+        while run.planned > 1:
+            end = run.ends[-1]
+            wake = self._wake = env.event()
+            yield env.timeout(end - env.now) | wake
             self._wake = None
-            if env.now < end:   # woken: finish the iteration in flight, then let the policy decide again
+            if wake.triggered:   # the queue changed: finish the iteration in flight, then decide again
                 j = bisect.bisect_left(run.ends, env.now)
+                run.planned = j + 1
                 del run.ends[j + 1:], run.durations[j + 1:], run.compute[j + 1:]
                 if run.ends[j] > env.now:
                     yield env.timeout(run.ends[j] - env.now)
+                break
+            if len(run.ends) >= run.planned:
+                break
+            self._extend(run, 2 * len(run.ends))
         else:
-            yield env.timeout(end - env.now)
-        self._advance(run, len(run.ends))
+            yield env.timeout(run.ends[0] - env.now)
+        self._advance(run, run.planned)
         self._run = None
 
     def sync(self, now: int) -> None:
@@ -276,21 +282,29 @@ class Replica:
         first = _ns(compute + switch_s + load_s + swap_s)
         durations, computes = [first], [compute]
         overheads = switch_s + load_s + swap_s
-        if (self.cfg.fast_forward and d.stable and decode == n and overheads == 0.0):
-            k = self._repeatable(d.batch)
-            for i in range(1, k):
-                c = cost.iteration_time(0, 0, n, ctx + i * n, n, rank_sum if unmerged else 0,
-                                        token_rank if unmerged else 0)
-                durations.append(_ns(c))
-                computes.append(c)
-        ends, t = [], now
-        for dur in durations:
-            t += dur
-            ends.append(t)
-        self._run = _Run(d.batch, d, now, durations, ends, computes, (switch_s, load_s, swap_s), prefill, len(seen))
+        run = self._run = _Run(d.batch, d, now, durations, [now + first], computes, (switch_s, load_s, swap_s),
+                               prefill, len(seen))
+        if self.cfg.fast_forward and d.stable and decode == n and overheads == 0.0:
+            run.planned = self._repeatable(d.batch)
+            run.repeat = (n, ctx, rank_sum if unmerged else 0, token_rank if unmerged else 0)
+            self._extend(run, _FIRST_CHUNK)
         if self.debug:
             self.check_accounting()
         return self._run
+
+    def _extend(self, run: _Run, upto: int) -> None:
+        """Generate the durations of repeats up to iteration `upto` (capped at the plan): a run that a
+        queue change cuts short never pays for the iterations it did not reach."""
+        n, ctx, rank_sum, token_rank = run.repeat
+        it, durations, ends, computes = self.cost.iteration_time, run.durations, run.ends, run.compute
+        t = ends[-1]
+        for i in range(len(durations), min(upto, run.planned)):
+            c = it(0, 0, n, ctx + i * n, n, rank_sum, token_rank)
+            dur = _ns(c)
+            t += dur
+            durations.append(dur)
+            ends.append(t)
+            computes.append(c)
 
     def _repeatable(self, batch: list[Request]) -> int:
         """How many identical decode iterations fit before a request finishes or blocks run out."""
@@ -337,7 +351,7 @@ class Replica:
             rec.iteration(self.id, end - dur, dur, run.compute[0], run.overhead, run.decision, n, prefill_tokens,
                           n - prefills, distinct)
             i = 1
-        last = upto == len(run.ends)
+        last = upto == run.planned
         if upto > i:
             total = sum(run.durations[i:upto])
             m = upto - i
@@ -396,50 +410,58 @@ class Replica:
         self._on_done(r)
 
     def _validate(self, d: Decision) -> None:
-        cfg = self.cfg
-        if len(d.batch) > cfg.max_num_seqs:
-            raise PolicyError(f"replica {self.id}: batch of {len(d.batch)} exceeds max_num_seqs {cfg.max_num_seqs}")
-        ids = {id(r) for r in d.batch}
-        if len(ids) != len(d.batch):
+        """Reject a decision that breaks a capacity or consistency rule (one pass over the batch)."""
+        cfg, batch = self.cfg, d.batch
+        if len(batch) > cfg.max_num_seqs:
+            raise PolicyError(f"replica {self.id}: batch of {len(batch)} exceeds max_num_seqs {cfg.max_num_seqs}")
+        members = set(batch)   # requests hash by identity
+        if len(members) != len(batch):
             raise PolicyError(f"replica {self.id}: a request appears twice in the batch")
-        tokens, rid = 0, self.id
-        for r in d.batch:
+        tokens, rid, swap_in = 0, self.id, False
+        adapters: set[int] = set()
+        for r in batch:
             state = r.state
             if r.replica != rid or state >= _FINISHED:
                 raise PolicyError(f"replica {self.id}: request {r.id} is not runnable here")
             tokens += r.prompt_tokens + r.generated if state == _QUEUED else 1
-        if tokens > cfg.max_num_batched_tokens and len(d.batch) > 1:
+            swap_in = swap_in or state == _SWAPPED
+            adapters.add(r.adapter)
+        if tokens > cfg.max_num_batched_tokens and len(batch) > 1:
             raise PolicyError(f"replica {self.id}: {tokens} tokens exceed max_num_batched_tokens")
         for r in (*d.swap_out, *d.recompute):
-            if r.state != State.RESIDENT or id(r) in ids or r.replica != self.id:
+            if r.state != State.RESIDENT or r in members or r.replica != self.id:
                 raise PolicyError(f"replica {self.id}: cannot preempt request {r.id} ({r.state.name})")
-        if d.swap_out and any(r.state == State.SWAPPED for r in d.batch):
+        if d.swap_out and swap_in:
             raise PolicyError(f"replica {self.id}: swap-in and swap-out in the same iteration")
-        resident = set(self.resident)
-        for a in d.evict:
-            if a not in resident:
-                raise PolicyError(f"replica {self.id}: evicting adapter {a}, which is not resident")
-            resident.discard(a)
-        for a in d.load:
-            if a in resident:
-                raise PolicyError(f"replica {self.id}: loading adapter {a}, which is already resident")
-            resident.add(a)
-        if len(resident) > self.adapter_slots:
-            raise PolicyError(f"replica {self.id}: {len(resident)} resident adapters exceed {self.adapter_slots} slots")
+        resident = self.resident
+        if d.evict or d.load:
+            resident = dict(resident)
+            for a in d.evict:
+                if a not in resident:
+                    raise PolicyError(f"replica {self.id}: evicting adapter {a}, which is not resident")
+                del resident[a]
+            for a in d.load:
+                if a in resident:
+                    raise PolicyError(f"replica {self.id}: loading adapter {a}, which is already resident")
+                resident[a] = None
+            if len(resident) > self.adapter_slots:
+                raise PolicyError(f"replica {self.id}: {len(resident)} resident adapters exceed "
+                                  f"{self.adapter_slots} slots")
         if d.merged is not None:
             if d.merged not in resident:
                 raise PolicyError(f"replica {self.id}: merging adapter {d.merged}, which is not resident")
-            if any(r.adapter != d.merged for r in d.batch):
+            if adapters - {d.merged}:
                 raise PolicyError(f"replica {self.id}: merged on {d.merged} but the batch has other adapters")
         else:
             if self.full_copy:
                 raise PolicyError(f"replica {self.id}: full-copy replicas run merged only")
-            missing = {r.adapter for r in d.batch} - resident
+            missing = [a for a in adapters if a not in resident]
             if missing:
                 raise PolicyError(f"replica {self.id}: unmerged batch uses non-resident adapters {sorted(missing)}")
 
 
 _NO_OVERHEAD = (0.0, 0.0, 0.0)
+_FIRST_CHUNK = 8   # repeats generated up front; each further chunk doubles the run so far
 _QUEUED, _RESIDENT, _SWAPPED, _FINISHED = State.QUEUED, State.RESIDENT, State.SWAPPED, State.FINISHED
 
 
