@@ -6,9 +6,9 @@ host swap, resident adapters and the merged adapter. It validates every decision
 model, and records one row per iteration.
 
 Fast-forward: when a policy marks its decision `stable` and the batch is all decodes with nothing to
-load, switch or swap, the replica runs up to k identical iterations as one timeout (until the first
-request finishes or KV blocks would run out). Any queue change wakes it; it then stops at the end of
-the iteration in flight. `sync(now)` materialises the iterations completed before `now`, so routers and
+load, switch or swap, the replica runs up to k identical iterations (until the first request finishes or
+KV blocks would run out) as a few timeouts, one per chunk of doubling size. Any queue change wakes it;
+it then stops at the end of the iteration in flight. `sync(now)` materialises the iterations completed before `now`, so routers and
 migrators observe exactly the state they would if every iteration were simulated one by one.
 """
 from __future__ import annotations
