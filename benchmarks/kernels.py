@@ -268,6 +268,20 @@ def bench_merge(layer: Layer, timer: Timer, rank: int, dtype: torch.dtype, devic
     return out
 
 
+def csv_sink(path: Path, fields: list[str]):
+    """Open a CSV for rows that arrive one by one (flushed as they come, so a killed run keeps them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = path.open("w", newline="")
+    writer = csv.DictWriter(fh, fieldnames=fields)
+    writer.writeheader()
+
+    def write_row(row: dict) -> None:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        fh.flush()
+
+    return fh, write_row
+
+
 def measure_copy_bw(timer: Timer, device: str, emit: Callable[[dict], None]) -> float:
     """GB/s of a large device-to-device copy, counting bytes read and written."""
     src = torch.empty(2**30 if device == "cuda" else 2**26, dtype=torch.int8,
@@ -312,16 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         env += f", triton {triton.__version__}, {torch.cuda.get_device_name()}"
     print(f"# {env}; dtype {dtype}; shapes {args.shapes}; reps {reps}; backend {backend}")
 
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = out_path.open("w", newline="")
-    writer = csv.DictWriter(fh, fieldnames=FIELDS)
-    writer.writeheader()
+    fh, write_row = csv_sink(Path(args.out), FIELDS)
 
     def emit(row: dict) -> None:
-        row = {"dtype": str(dtype).replace("torch.", ""), **row}
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        fh.flush()
+        write_row({"dtype": str(dtype).replace("torch.", ""), **row})
 
     timer = Timer(args.device, reps, warmup=2 if args.device == "cuda" else 1,
                   graphs=not args.no_graphs)
@@ -387,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if timer.graph_error:
         print(f"note: some timings are eager because graph capture failed: {timer.graph_error}")
     fh.close()
-    print(f"\nwrote {out_path} in {time.time() - t_start:.0f} s")
+    print(f"\nwrote {args.out} in {time.time() - t_start:.0f} s")
     return 0
 
 

@@ -20,7 +20,6 @@ constexpr combination compiles a kernel (~1 s): the grids are sized for ~4 minut
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import (SHAPES, Layer, Timer, make_stacks, measure_copy_bw,  # noqa: E402
+from benchmarks.kernels import (SHAPES, Layer, Timer, csv_sink, make_stacks, measure_copy_bw,  # noqa: E402
                                 randn, slot_ids_for)
 from dlora_gpu.kernels import tuning  # noqa: E402
 from dlora_gpu.kernels.lora_expand import expand_decode  # noqa: E402
@@ -93,15 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)"
     print(f"# torch {torch.__version__}, triton {triton.__version__}, {name}; {dtype}; "
           f"reps {args.reps}")
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = out_path.open("w", newline="")
-    writer = csv.DictWriter(fh, fieldnames=FIELDS)
-    writer.writeheader()
-
-    def emit(row: dict) -> None:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        fh.flush()
+    fh, emit = csv_sink(Path(args.out), FIELDS)
 
     timer = Timer(dev, args.reps, warmup=2, graphs=True)
     copy_bw = measure_copy_bw(timer, dev, lambda row: None)
@@ -226,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         del stacks, sets, ys, v_ref, y_ref
         torch.cuda.empty_cache()
     fh.close()
-    print(f"\nwrote {out_path} in {time.time() - t0:.0f} s")
+    print(f"\nwrote {args.out} in {time.time() - t0:.0f} s")
     return 0
 
 

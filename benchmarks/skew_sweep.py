@@ -71,7 +71,7 @@ def write(rows: list[dict], verdict: str, sweep: Path, table: dict) -> None:
     wl, cl = any_run["config"]["workload"], any_run["config"]["cluster"]
     head = ("| zipf s | unmerged-only mean | merged-only mean | dlora mean | unmerged-only P90 | merged-only P90 "
             "| dlora P90 | dlora / best | dlora switches |")
-    lines = [f"# skew_sweep: s/token vs adapter popularity (one replica)", "",
+    lines = ["# skew_sweep: s/token vs adapter popularity (one replica)", "",
              f"{wl['num_adapters']} adapters, Zipf(s) popularity, {wl['num_requests']} requests at {wl['rate']} req/s, "
              f"max_num_seqs {cl['replica']['max_num_seqs']}, profile {any_run['config']['profile']['hardware']} / "
              f"{any_run['config']['model']['name']}, seed {any_run['config']['seed']}. Source: `{sweep}`.", "",

@@ -1,10 +1,7 @@
 """Shared helpers: compose the real Hydra config (conf/) and run small simulations."""
 from __future__ import annotations
 
-import io
-from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from dlora_util import iterations_csv, requests_csv, run
 from dlora_sim.workload.spec import RequestSpec, Workload

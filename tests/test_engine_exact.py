@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sim_helpers import SMALL, SYSTEMS, compose_cfg, iterations_csv, requests_csv, run_cfg
+from dlora_sim.config import build_simulation
 from dlora_sim.request import NS
 from dlora_sim.workload.spec import RequestSpec, Workload
 
@@ -44,21 +45,16 @@ def test_fast_forward_is_exact(system):
 
 
 def test_fast_forward_skips_policy_calls():
-    sim_on, on = run_cfg("system=slora", *SMALL, "cluster.replica.fast_forward=true")
+    """Fast-forward asks the policy less often than it iterates (and, above, changes nothing)."""
     calls = {"n": 0}
-    sched = sim_on.replicas[0].scheduler
-    assert on.recorder.num_iterations > 0
-    # same run, counting decisions: fast-forward must ask the policy less often than it iterates
-    from dlora_sim.config import build_simulation
     sim = build_simulation(compose_cfg("system=slora", *SMALL))
     for rep in sim.replicas:
-        orig = rep.scheduler.schedule
-        def counted(view, _orig=orig):
+        def counted(view, _orig=rep.scheduler.schedule):
             calls["n"] += 1
             return _orig(view)
         rep.scheduler.schedule = counted
     res = sim.run()
-    assert calls["n"] < res.recorder.num_iterations
+    assert calls["n"] < res.recorder.num_iterations / 2
 
 
 def _cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:

@@ -5,9 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sim_helpers import SYSTEMS, compose_cfg, iterations_csv, requests_csv, run_cfg
-from dlora_sim.config import build_simulation
-from dlora_sim.request import NS, State
+from sim_helpers import SYSTEMS, run_cfg
+from dlora_sim.request import State
 from dlora_sim.workload.spec import RequestSpec, Workload
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from dlora_sim.traces import TraceFormatError
 from dlora_sim.traces.mapping import AdapterMapping, map_stride, rank_keys
