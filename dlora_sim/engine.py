@@ -102,7 +102,8 @@ class Simulation:
         for r in self.requests:
             if r.arrival > env.now:
                 yield self._urgent_timeout(r.arrival - env.now)
-            self.sync()
+            if self.router.reads_progress:
+                self.sync()
             self._dispatch(r)
 
     def _dispatch(self, r: Request) -> None:

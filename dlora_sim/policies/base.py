@@ -96,7 +96,12 @@ class Placement:
 
 
 class Router(ABC):
-    """Global scheduler: placement at start, then one replica per arriving request."""
+    """Global scheduler: placement at start, then one replica per arriving request.
+
+    `reads_progress` = False declares that dispatch reads only queue membership (not tokens generated
+    or KV blocks held), so an executor may skip materialising fast-forwarded iterations before it."""
+
+    reads_progress: bool = True
 
     def place(self, cluster: ClusterView) -> Placement:
         return Placement()

@@ -11,6 +11,8 @@ from dlora_sim.request import Request
 class RoundRobin(Router):
     """Each request to the next replica that may serve its adapter."""
 
+    reads_progress = False
+
     _next: int = field(default=0, repr=False)
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
@@ -24,6 +26,8 @@ class RoundRobin(Router):
 class LeastLoaded(Router):
     """Fewest outstanding requests on the replica (Vidur's and Llumnix's simple baseline); ties -> lowest id."""
 
+    reads_progress = False
+
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
         reps = cluster.replicas
         return min(self.candidates(request, cluster), key=lambda j: (len(reps[j].queue), j))
@@ -32,6 +36,8 @@ class LeastLoaded(Router):
 @dataclass
 class StaticAdapter(Router):
     """vLLM-replicated: adapter a lives on replica a mod R only; requests go where their model is."""
+
+    reads_progress = False
 
     def place(self, cluster: ClusterView) -> Placement:
         n = len(cluster.replicas)
