@@ -174,7 +174,7 @@ class Simulation:
         for j, adapters in placement.preload.items():
             self.replicas[j].preload(adapters)
         for rep in self.replicas:
-            self.env.process(rep.process())
+            rep.start()
         self.env.process(self._arrivals())
         if self.migrator is not None:
             self.env.process(self._migration())

@@ -7,8 +7,8 @@ model, and records one row per iteration.
 
 Fast-forward: when a policy marks its decision `stable` and the batch is all decodes with nothing to
 load, switch or swap, the replica runs up to k identical iterations (until the first request finishes or
-KV blocks would run out) as a few timeouts, one per chunk of doubling size. Any queue change wakes it;
-it then stops at the end of the iteration in flight. `sync(now)` materialises the iterations completed before `now`, so routers and
+KV blocks would run out) as a few timeouts, one per chunk of doubling size. Any queue change interrupts
+it; it then stops at the end of the iteration in flight. `sync(now)` materialises the iterations completed before `now`, so routers and
 migrators observe exactly the state they would if every iteration were simulated one by one.
 """
 from __future__ import annotations
@@ -95,7 +95,10 @@ class Replica:
         self.queue: list[Request] = []
         self.resident: dict[int, None] = {}
         self.merged: int | None = None
-        self._wake: simpy.Event | None = None
+        self._wake: simpy.Event | None = None     # set while idle
+        self._repeating = False                     # waiting out repeats of a stable decision
+        self._interrupted = False
+        self._proc: simpy.Process | None = None
         self._run: _Run | None = None
         self.busy_ns = 0
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
@@ -151,6 +154,9 @@ class Replica:
     def notify(self) -> None:
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
+        elif self._repeating and not self._interrupted:   # cut a fast-forwarded run short
+            self._interrupted = True
+            self._proc.interrupt()
 
     def preload(self, adapters: Sequence[int]) -> None:
         for a in adapters:
@@ -159,6 +165,10 @@ class Replica:
             self.resident[a] = None
 
     # --- the process ---------------------------------------------------------------------------------
+    def start(self) -> simpy.Process:
+        self._proc = self.env.process(self.process())
+        return self._proc
+
     def process(self):
         env = self.env
         while True:
@@ -177,11 +187,14 @@ class Replica:
     def _execute(self, run: _Run):
         env = self.env
         while run.planned > 1:
-            end = run.ends[-1]
-            wake = self._wake = env.event()
-            yield env.timeout(end - env.now) | wake
-            self._wake = None
-            if wake.triggered:   # the queue changed: finish the iteration in flight, then decide again
+            self._repeating = True
+            try:
+                yield env.timeout(run.ends[-1] - env.now)
+                woken = False
+            except simpy.Interrupt:
+                woken = True
+            self._repeating = self._interrupted = False
+            if woken:   # the queue changed: finish the iteration in flight, then decide again
                 j = bisect.bisect_left(run.ends, env.now)
                 run.planned = j + 1
                 del run.ends[j + 1:], run.durations[j + 1:], run.compute[j + 1:]

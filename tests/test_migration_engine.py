@@ -127,7 +127,7 @@ def test_recompute_pays_prefill_of_prompt_and_generated() -> None:
     rep1 = sim.replicas[1]
     sim.apply_migration(MigrationPlan([RequestMove(r, 1, "recompute")]))
     assert rep1.queue == [r] and r.state == State.QUEUED and r.kv_blocks == 0 and not sim.in_transit
-    sim.env.process(rep1.process())
+    rep1.start()
     sim.env.run(until=int(0.5 * NS))
     row = sim.recorder.rows[0]
     assert row[0] == 1 and row[7] == 340          # replica 1 prefilled prompt (300) + generated (40)
