@@ -18,8 +18,6 @@ class MemoryLayout:
     total_kv_blocks: int
     block_size: int
     block_bytes: int
-    adapter_slot_bytes: int
-    weight_bytes: int
 
 
 class CostModel:
@@ -58,11 +56,6 @@ class CostModel:
         lora = 0 if merged else distinct_adapters * rank
         return self.iteration_time(0, 0, batch, batch * context, batch, lora, batch * rank if not merged else 0)
 
-    def prefill_time(self, prompt_tokens: int, merged: bool = True, rank: int = 16) -> float:
-        lora = 0 if merged else rank
-        return self.iteration_time(prompt_tokens, prompt_tokens * prompt_tokens, 0, 0, 1, lora,
-                                   prompt_tokens * rank if not merged else 0)
-
     # --- mode changes, loads, swaps, transfers ---------------------------------------------------
     def mode_change_time(self, old: int | None, new: int | None, full_copy: bool = False) -> float:
         """Merged on `old` (None = clean) -> merged on `new`. Whole-model copies switch for free."""
@@ -96,4 +89,4 @@ class CostModel:
             raise ValueError(
                 f"no room for a KV cache on {p.hardware.name} x{self.gpus}: {usable / 1e9:.1f} GB usable, "
                 f"weights {weights / 1e9:.1f} GB, {adapter_slots} adapter slots of {slot_bytes / 1e9:.2f} GB")
-        return MemoryLayout(blocks, block_size, block_bytes, slot_bytes, weights)
+        return MemoryLayout(blocks, block_size, block_bytes)

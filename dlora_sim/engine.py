@@ -70,6 +70,7 @@ class Simulation:
         self.demand: tuple[float, ...] = tuple(c / total for c in counts)   # ClusterView: expected request mix
         self.in_transit: dict[int, Request] = {}   # migrating requests, in no replica's queue
         self._mig_stats = MigrationStats()
+        self._kv_cap = min(rep.total_blocks for rep in self.replicas)   # the smallest replica's KV blocks
 
     @property
     def debug_checks(self) -> bool:
@@ -126,9 +127,8 @@ class Simulation:
         # reasons are categories (summary.json counts them); the request's own numbers are in requests.csv
         if r.prompt_tokens > cfg.max_num_batched_tokens:
             return f"prompt longer than max_num_batched_tokens ({cfg.max_num_batched_tokens})"
-        cap = min(rep.total_blocks for rep in self.replicas)
-        if blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size) > cap:
-            return f"prompt + output need more KV blocks than a replica has ({cap})"
+        if blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size) > self._kv_cap:
+            return f"prompt + output need more KV blocks than a replica has ({self._kv_cap})"
         return ""
 
     def _migration(self):

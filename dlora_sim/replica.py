@@ -21,7 +21,7 @@ import simpy
 
 from dlora_sim.cost_model import CostModel
 from dlora_sim.policies.base import Decision, LocalScheduler, PolicyError
-from dlora_sim.request import NS, Request, State, blocks_for
+from dlora_sim.request import NS, Request, State, blocks_for, to_ns
 
 if TYPE_CHECKING:
     from dlora_sim.metrics import Recorder
@@ -59,7 +59,6 @@ class _Run:
 
     batch: list[Request]
     decision: Decision
-    start: int
     durations: list[int]       # ns, per iteration
     ends: list[int]            # absolute ns, per iteration
     compute: list[float]       # s, per iteration (for the record)
@@ -79,12 +78,9 @@ class Replica:
         self._ranks = list(ranks)
         self.recorder, self._on_done = recorder, on_done
         self.full_copy = cfg.weights == "full_copy"
-        prof = cost.profile
-        if self.full_copy:
-            slot_bytes, extra_slots = prof.model.weight_bytes, cfg.gpu_adapter_slots - 1
-        else:
-            slot_bytes, extra_slots = prof.adapter_bytes(max(self._ranks, default=1)), cfg.gpu_adapter_slots
-        layout = cost.memory_layout(cfg.block_size, extra_slots, slot_bytes)
+        # a full copy's first slot is the base weights themselves; LoRA slots sit beside them
+        extra_slots = cfg.gpu_adapter_slots - 1 if self.full_copy else cfg.gpu_adapter_slots
+        layout = cost.memory_layout(cfg.block_size, extra_slots, self._slot_bytes(max(self._ranks, default=1)))
         self.layout = layout
         self.max_num_seqs, self.max_num_batched_tokens = cfg.max_num_seqs, cfg.max_num_batched_tokens
         self.block_size, self.adapter_slots = cfg.block_size, cfg.gpu_adapter_slots
@@ -100,8 +96,12 @@ class Replica:
         self._interrupted = False
         self._proc: simpy.Process | None = None
         self._run: _Run | None = None
-        self.busy_ns = 0
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
+
+    def _slot_bytes(self, rank: int) -> int:
+        """Bytes an adapter occupies on the GPU (and loads over PCIe): its A and B, or a whole model copy."""
+        prof = self.cost.profile
+        return prof.model.weight_bytes if self.full_copy else prof.adapter_bytes(rank)
 
     # --- the view policies read -----------------------------------------------------------------
     @property
@@ -237,8 +237,7 @@ class Replica:
         load_s = 0.0
         for a in d.load:
             self.resident[a] = None
-            nbytes = self.cost.profile.model.weight_bytes if self.full_copy else self.cost.profile.adapter_bytes(self._ranks[a])
-            load_s += cost.load_time(nbytes)
+            load_s += cost.load_time(self._slot_bytes(self._ranks[a]))
         self.recorder.count("adapter_loads", len(d.load))
         switch_s = cost.mode_change_time(self.merged, d.merged, self.full_copy)
         if d.merged != self.merged:
@@ -292,10 +291,10 @@ class Replica:
         n = len(d.batch)
         compute = cost.iteration_time(prefill_tokens, prefill_sq, decode, ctx, n,
                                       rank_sum if unmerged else 0, token_rank if unmerged else 0)
-        first = _ns(compute + switch_s + load_s + swap_s)
-        durations, computes = [first], [compute]
         overheads = switch_s + load_s + swap_s
-        run = self._run = _Run(d.batch, d, now, durations, [now + first], computes, (switch_s, load_s, swap_s),
+        first = to_ns(compute + switch_s + load_s + swap_s)   # this order: results are bit-stable
+        durations, computes = [first], [compute]
+        run = self._run = _Run(d.batch, d, durations, [now + first], computes, (switch_s, load_s, swap_s),
                                prefill, len(seen))
         if self.cfg.fast_forward and d.stable and decode == n and overheads == 0.0:
             run.planned = self._repeatable(d.batch)
@@ -313,7 +312,7 @@ class Replica:
         t = ends[-1]
         for i in range(len(durations), min(upto, run.planned)):
             c = it(0, 0, n, ctx + i * n, n, rank_sum, token_rank)
-            dur = _ns(c)
+            dur = to_ns(c)
             t += dur
             durations.append(dur)
             ends.append(t)
@@ -360,7 +359,6 @@ class Replica:
                 r.exec_ns += dur
                 if r.first_token < 0:
                     r.first_token = end
-            self.busy_ns += dur
             rec.iteration(self.id, end - dur, dur, run.compute[0], run.overhead, run.decision, n, prefill_tokens,
                           n - prefills, distinct)
             i = 1
@@ -371,7 +369,6 @@ class Replica:
             for r in batch:
                 r.generated += m
                 r.exec_ns += total
-            self.busy_ns += total
             if rec.keep_iterations:
                 for k in range(i, upto):
                     rec.iteration(self.id, run.ends[k] - run.durations[k], run.durations[k], run.compute[k],
@@ -477,6 +474,3 @@ _NO_OVERHEAD = (0.0, 0.0, 0.0)
 _FIRST_CHUNK = 8   # repeats generated up front; each further chunk doubles the run so far
 _QUEUED, _RESIDENT, _SWAPPED, _FINISHED = State.QUEUED, State.RESIDENT, State.SWAPPED, State.FINISHED
 
-
-def _ns(seconds: float) -> int:
-    return int(round(seconds * NS))

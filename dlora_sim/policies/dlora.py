@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from dlora_sim.policies.base import Decision, LocalScheduler, PolicyError, ReplicaView
 from dlora_sim.policies.batching import BatchPlan, fill_batch, plan_adapter_slots
 from dlora_sim.policies.credits import CreditLedger
-from dlora_sim.policies.thresholds import IterationStats, ThresholdTuner, _ns
-from dlora_sim.request import Request
+from dlora_sim.policies.thresholds import IterationStats, ThresholdTuner
+from dlora_sim.request import Request, to_ns
 
 
 @dataclass
@@ -196,8 +196,8 @@ class DLoRAScheduler(LocalScheduler):
         # phase statistics of this iteration, charged when we know how often it ran
         nm = min(counts[m], b)
         tuner.pending(chosen.batch, IterationStats(
-            nm, _ns(self._decode_s(view, nm)) if nm else 0,
-            nf, _ns(self._batch_s(view, fcfs, False)) if nf else 0))
+            nm, to_ns(self._decode_s(view, nm)) if nm else 0,
+            nf, to_ns(self._batch_s(view, fcfs, False)) if nf else 0))
 
         # 5. adapter slots
         if run_mode is None:

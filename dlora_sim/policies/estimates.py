@@ -111,9 +111,6 @@ class WorkModel:
             t += self.prefill_s(r.context_len)
         return t
 
-    def new_request_s(self, r: Request) -> float:
-        return self.request_s(r)
-
     def queue_s(self, requests: Sequence[Request], batch: int) -> float:
         """Seconds of outstanding work: full single-adapter batches run merged (discounted)."""
         if not requests:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlora_sim.cost_model import CostModel
-from dlora_sim.request import NS, Request
+from dlora_sim.request import NS, Request, to_ns
 
 
 @dataclass(slots=True)
@@ -91,7 +91,7 @@ class ThresholdTuner:
         if ph.first_m is None:
             ph.first_m = m
         elif m != ph.last_m:
-            ph.switch_ns += _ns(cost.mode_change_time(ph.last_m, m))
+            ph.switch_ns += to_ns(cost.mode_change_time(ph.last_m, m))
         ph.last_m = m
 
     def pending(self, batch: list[Request], stats: IterationStats) -> None:
@@ -102,8 +102,8 @@ class ThresholdTuner:
     def mode_changed(self, new_mode: int | None, cost: CostModel) -> None:
         ph = self.phase
         if self.enabled and ph.iterations > 0:
-            merged_entry = _ns(cost.mode_change_time(ph.before, ph.first_m)) if ph.first_m is not None else 0
-            unmerged_entry = _ns(cost.mode_change_time(ph.before, None))
+            merged_entry = to_ns(cost.mode_change_time(ph.before, ph.first_m)) if ph.first_m is not None else 0
+            unmerged_entry = to_ns(cost.mode_change_time(ph.before, None))
             x_m = _rate(ph.merged_served, ph.merged_ns + ph.switch_ns + merged_entry)
             x_u = _rate(ph.unmerged_served, ph.unmerged_ns + unmerged_entry)
             self.adjust(ph.mode is not None, x_m, x_u)
@@ -127,6 +127,3 @@ class ThresholdTuner:
 def _rate(served: int, ns: int) -> float:
     return served * NS / ns if ns > 0 else 0.0
 
-
-def _ns(seconds: float) -> int:
-    return int(round(seconds * NS))
