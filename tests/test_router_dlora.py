@@ -116,3 +116,13 @@ def test_proactive_cost_includes_load_time() -> None:
     c1 = router.replica_cost(1, req(5, 0), cl)
     expected = 1 if c1 + load < c0 else 0
     assert router.dispatch(req(5, 0), cl) == expected
+
+
+def test_more_adapters_than_gpu_slots_preload_within_slots() -> None:
+    """64 adapters on 4 replicas of 8 slots: both routers host them all and preload only what fits."""
+    from sim_helpers import run_cfg
+    for router in ("dlora", "proactive"):
+        sim, res = run_cfg("system=slora", f"router={router}", "workload.num_adapters=64",
+                           "workload.num_requests=200")
+        assert all(r.finish >= 0 for r in res.requests)
+        assert all(len(rep.resident) <= rep.adapter_slots for rep in sim.replicas)

@@ -20,6 +20,19 @@ def placement_for(cluster: ClusterView, extra_placements: int | None) -> list[li
     return greedy_placement(demand, [r.total_blocks for r in reps], slots, target)
 
 
+def preload_for(cluster: ClusterView, hosts: list[list[int]]) -> dict[int, list[int]]:
+    """What each replica loads at t=0: its hosted adapters, most demanded first, up to its GPU slots
+    (hosted adapters beyond the slots are loaded on demand)."""
+    n = len(hosts)
+    demand = list(cluster.demand) if len(cluster.demand) == n else [0.0] * n
+    preload: dict[int, list[int]] = {}
+    for a in sorted(range(n), key=lambda a: (-demand[a], a)):
+        for j in hosts[a]:
+            if len(preload.setdefault(j, [])) < cluster.replicas[j].adapter_slots:
+                preload[j].append(a)
+    return preload
+
+
 @dataclass
 class DLoRARouter(Router):
     """Cost = seconds of work queued on the replica (full single-adapter batches discounted by the
@@ -33,13 +46,7 @@ class DLoRARouter(Router):
 
     def place(self, cluster: ClusterView) -> Placement:
         hosts = placement_for(cluster, self.extra_placements)
-        demand = list(cluster.demand) if len(cluster.demand) == len(hosts) else [0.0] * len(hosts)
-        preload: dict[int, list[int]] = {}
-        for a in sorted(range(len(hosts)), key=lambda a: (-demand[a], a)):   # most demanded first
-            for j in hosts[a]:
-                if len(preload.setdefault(j, [])) < cluster.replicas[j].adapter_slots:
-                    preload[j].append(a)
-        return Placement(hosts={a: tuple(hs) for a, hs in enumerate(hosts)}, preload=preload)
+        return Placement(hosts={a: tuple(hs) for a, hs in enumerate(hosts)}, preload=preload_for(cluster, hosts))
 
     def _observe(self, request: Request, cluster: ClusterView) -> None:
         self.work.bind(cluster.cost, cluster.replicas[0].max_num_seqs)

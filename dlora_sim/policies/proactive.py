@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlora_sim.policies.base import ClusterView, Placement
-from dlora_sim.policies.dlora_router import DLoRARouter, placement_for
+from dlora_sim.policies.dlora_router import DLoRARouter, placement_for, preload_for
 from dlora_sim.request import Request
 
 
@@ -22,11 +22,7 @@ class ProactiveRouter(DLoRARouter):
     def place(self, cluster: ClusterView) -> Placement:
         hosts = placement_for(cluster, self.extra_placements)
         self._hosts = [set(hs) for hs in hosts]
-        preload: dict[int, list[int]] = {}
-        for a, hs in enumerate(hosts):
-            for j in hs:
-                preload.setdefault(j, []).append(a)
-        return Placement(hosts={}, preload=preload)
+        return Placement(hosts={}, preload=preload_for(cluster, hosts))
 
     def _victim(self, j: int, cluster: ClusterView) -> int | None:
         """An adapter hosted on j, hosted elsewhere too, with no request queued on j (lowest id)."""
@@ -41,8 +37,7 @@ class ProactiveRouter(DLoRARouter):
         self._observe(request, cluster)
         a = request.adapter
         hosts = self._hosts[a]
-        best = min(hosts, key=lambda j: (self.replica_cost(j, request, cluster), j))
-        best_cost = self.replica_cost(best, request, cluster)
+        best_cost, best = min((self.replica_cost(j, request, cluster), j) for j in hosts)
         rank = cluster.adapters[a].rank
         load_s = cluster.cost.load_time(cluster.cost.profile.adapter_bytes(rank))
         swap = None
