@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
+
+from dlora_sim.compare import load_summaries
 
 ARMS = ("rr", "proactive", "dlora")
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +31,8 @@ def _override(s: dict, key: str) -> str | None:
 
 def load(sweep: Path) -> list[dict]:
     rows = []
-    for f in sorted(sweep.glob("*/summary.json")):
-        s = json.loads(f.read_text())
+    for s in load_summaries(sweep):
+        f = Path(s["folder"]) / "summary.json"
         s["arm"] = _override(s, "global")
         s["rate"] = float(s["config"]["workload"]["rate"])
         ls = _override(s, "length_scale")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
+
+from dlora_sim.compare import load_summaries
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = {"slora": "unmerged-only", "merged": "merged-only", "dlora": "dlora"}
@@ -23,8 +24,8 @@ TOLERANCE = 1.05
 def load(sweep: Path) -> dict[float, dict[str, dict]]:
     """skew -> system -> summary."""
     table: dict[float, dict[str, dict]] = {}
-    for f in sorted(Path(sweep).glob("*/summary.json")):
-        s = json.loads(f.read_text())
+    for s in load_summaries(Path(sweep)):
+        f = s["folder"]
         system = s.get("system")
         if system not in SYSTEMS:
             continue
