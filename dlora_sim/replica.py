@@ -232,6 +232,7 @@ class Replica:
             r.preemptions += 1
         self.recorder.count("preemptions", len(d.recompute) + len(d.swap_out))
         self.recorder.count("swap_outs", len(d.swap_out))
+        self.recorder.count("recomputes", len(d.recompute))
         for a in d.evict:
             del self.resident[a]
         load_s = 0.0

@@ -39,7 +39,6 @@ def test_switch_to_merged_on_most_queued_adapter_and_pay_displaced():
     assert not d.stable                             # credit moved
     assert s.ledger.value(0) == 1 and s.ledger.value(2) == 1 and s.ledger.value(1) == -2
     assert s.ledger.total() == 0
-    assert s.anchor == 1
 
 
 def test_stay_merged_above_theta_left_but_not_merge_from_unmerged():
@@ -47,8 +46,8 @@ def test_stay_merged_above_theta_left_but_not_merge_from_unmerged():
     s = sched()
     rep = make_replica(s)
     add(rep, queue)
-    s.anchor = 1                                    # the previous decision merged on adapter 1
-    s.tuner = s._init_tuner(rep)
+    rep.preload([1])
+    rep.merged = 1                                  # the replica is merged on adapter 1
     d = s.schedule(rep)
     assert d.merged == 1 and adapters(d) == [1] * 5
     fresh = sched()
@@ -62,10 +61,10 @@ def test_leave_merged_below_theta_left():
     s = sched()
     rep = make_replica(s)
     add(rep, [0, 1, 2, 3, 0, 2, 3, 1])              # |R_1| = 2 < 0.5 * 8
-    s.anchor = 1
-    s.tuner = s._init_tuner(rep)
+    rep.preload([1])
+    rep.merged = 1
     d = s.schedule(rep)
-    assert d.merged is None and len(d.batch) == 8 and s.anchor is None
+    assert d.merged is None and len(d.batch) == 8
 
 
 def _rich(s: DLoRAScheduler, adapter: int, payer: int, credit: float) -> None:
@@ -74,15 +73,16 @@ def _rich(s: DLoRAScheduler, adapter: int, payer: int, credit: float) -> None:
     s.ledger.credit[payer] = -units
 
 
-def test_forced_batch_alone_runs_unmerged():
+def test_forced_adapter_that_fills_the_batch_runs_merged_on_it():
     s = sched()
     rep = make_replica(s)
     add(rep, [1] * 10 + [0] * 9)                    # the decision would merge on 1
     _rich(s, 0, 1, s.c_right)
     d = s.schedule(rep)
-    assert d.forced and d.merged is None
-    assert adapters(d) == [0] * 8                   # the forced adapter fills the whole batch
-    assert s.ledger.value(0) < s.c_right and s.ledger.total() == 0   # forcing spends its credit
+    assert d.forced and d.merged == 0 and s.episode
+    assert adapters(d) == [0] * 8                   # its requests alone fill a batch as large as F
+    # it spent 1 and paid adapter 1's displacement: forcing always costs the forced adapter credit
+    assert s.ledger.value(0) == s.c_right - 2 and s.ledger.total() == 0
 
 
 def test_forced_then_fcfs_fill():
@@ -96,11 +96,50 @@ def test_forced_then_fcfs_fill():
     assert not d.stable
 
 
+def test_forced_adapter_spends_even_when_its_batch_displaces_nobody():
+    """The latch: a forced batch equal to F moves no displacement credit; spending still ends it."""
+    s = sched()
+    rep = make_replica(s)
+    add(rep, [0, 1, 1, 1, 2])                       # F is the whole queue; nobody dominates
+    _rich(s, 0, 1, s.c_right)
+    seen = []
+    for _ in range(100):
+        d = s.schedule(rep)
+        assert d.merged is None and len(d.batch) == 5
+        assert not d.forced                         # the guard did not change the batch: not "forced"
+        seen.append(s.ledger.value(0))
+        assert s.ledger.total() == 0
+        if 0 not in s.ledger.forced:
+            break
+    spent = int(s.c_right - s.c_left)
+    # exactly 1 per iteration it ran, down to c_left; released at the next decision, which is not forced
+    assert seen == [s.c_right - k for k in range(1, spent + 1)] + [s.c_left]
+    assert 0 not in s.ledger.forced and not s.episode
+
+
+def test_guard_waits_a_dwell_after_a_mode_change():
+    s = sched()
+    rep = make_replica(s)
+    add(rep, [1] * 10 + [0] * 2)
+    assert s.schedule(rep).merged == 1              # a merge: the guard waits merge_s / switch_budget
+    dwell = s.dwell_s(rep, None, 1)
+    assert dwell == rep.cost.profile.switch.merge_s / s.switch_budget
+    _rich(s, 0, 1, s.c_right)
+    rep.merged = 1
+    assert not s.schedule(rep).forced               # credit at c_right, but the merge is not amortised
+    rep.env.run(until=round(dwell * 1e9))
+    d = s.schedule(rep)
+    assert d.forced and d.merged is None
+
+
 def test_hysteresis_and_guard_off():
     s = sched()
     rep = make_replica(s)
     add(rep, [1] * 10 + [0] * 2)
     _rich(s, 0, 1, (s.c_left + s.c_right) / 2)     # between c_left and c_right, never forced yet
+    assert not s.schedule(rep).forced
+    rep.merged = 1
+    rep.env.run(until=10 * 10**9)                   # long after that merge
     assert not s.schedule(rep).forced
     s.ledger.forced.add(0)                          # ... but inside an episode it stays forced
     assert s.schedule(rep).forced
@@ -122,16 +161,19 @@ def test_merged_adapter_is_loaded_with_eviction():
     assert d.evict == (3,)                          # fewest outstanding requests
 
 
-def test_ledger_is_zero_sum_on_random_transfers():
+def test_ledger_is_zero_sum_on_random_settlements():
     rng = random.Random(7)
-    led = CreditLedger(c_right=48, c_left=16)
+    led = CreditLedger(c_right=4, c_left=1)
     for it in range(3000):
         reqs = [Request(i, rng.randrange(6), i, 10, 10) for i in range(rng.randrange(1, 20))]
-        ref = rng.sample(reqs, rng.randrange(len(reqs) + 1))
+        fcfs = rng.sample(reqs, rng.randrange(len(reqs) + 1))
         chosen = rng.sample(reqs, rng.randrange(len(reqs) + 1))
-        led.transfer(ref, chosen, slowdown=rng.choice([0.0, rng.random() * 2]))
+        led.settle(fcfs, chosen, float(it))
+        led.release()
+        led.enter()
         assert led.total() == 0
-    assert led.max_credit() > 0
+        assert all(c >= 0 for a, c in led.credit.items() if a in led.forced)
+    assert led.max_credit() > 0 and led.max_wait_s
 
 
 def test_bad_constants_name_the_key():
@@ -141,3 +183,5 @@ def test_bad_constants_name_the_key():
         DLoRAScheduler(aimd_factor=1.0)
     with pytest.raises(ValueError, match="theta_left"):
         DLoRAScheduler(theta_left=1.5)
+    with pytest.raises(ValueError, match="switch_budget"):
+        DLoRAScheduler(switch_budget=0)

@@ -3,8 +3,9 @@
 A policy chooses *whose* requests to consider and in which order; these helpers apply the limits
 every engine has: sequences and tokens per iteration, KV blocks with an admission watermark,
 preemption (swap-out to bounded host memory, else recompute) of the lowest-priority resident
-request when a selected decode needs a block, no swap-in in an iteration that swaps out, and GPU
-adapter slots.
+request when a selected decode needs a block, never a swap-in and a swap-out in one iteration (a
+victim is recomputed once the plan swaps someone in; a swapped request waits once it swaps someone
+out), and GPU adapter slots.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
     free = view.free_blocks - sum(_new_blocks(r, bs) for r in batch) + sum(r.kv_blocks for r in plan.swap_out)
     free += sum(r.kv_blocks for r in plan.recompute)
     host_free = view.host_free_blocks - sum(r.kv_blocks for r in plan.swap_out)
+    # one iteration never swaps both ways: once the plan swaps a request in, victims are recomputed
+    swapping_in = any(r.state == _SWAPPED for r in batch)
     admit_prefill = True
     watermark = view.watermark_blocks
     victims: list[Request] | None = None
@@ -73,7 +76,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
                         break
                     preempted.add(v)
                     free += v.kv_blocks
-                    if v.kv_blocks <= host_free:
+                    if not swapping_in and v.kv_blocks <= host_free:
                         host_free -= v.kv_blocks
                         plan.swap_out.append(v)
                     else:
@@ -90,6 +93,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
                 blocked = blocked or r
                 continue
             tokens -= 1
+            swapping_in = True
         elif state == _QUEUED:
             if not admit_prefill:
                 continue

@@ -1,43 +1,47 @@
 """dLoRA's starvation guard: a zero-sum credit ledger with hysteresis.
 
-Credit is measured in *displaced request-iterations*: each iteration, every request that the
-reference batch would have run but the chosen batch does not earns its adapter 1, and the adapters
-whose requests ran in their place pay the same amount between them. When the chosen batch is also
-slower than the reference (a forced, unmerged batch instead of a merged one), the requests of the
-reference that did run were slowed down: each earns `slowdown` = t_chosen/t_reference - 1 (the
-iterations it lost in that time), paid by the same payers. So forcing costs what it takes from the
-others, and a forcing episode is short when it interrupts a much faster merged mode.
+Credit is measured in *displaced adapter-iterations*. Each iteration the reference is F, the batch that
+unmerged FCFS would run. An adapter with a request in F none of whose requests ran is displaced: it
+earns 1, and the adapters that ran in its place (those with requests outside F, else all that ran)
+pay that amount between them. Counting adapters rather than requests keeps the guard's wait
+independent of load: an adapter displaced from credit c is forced after c_right - c iterations whether
+one or a hundred of its requests wait, and an overloaded queue does not make credits race.
 
-Credit is stored as integers in 1/RESOLUTION units, which keeps the ledger exactly zero-sum (no
-rounding drift). The guard's wait does not depend on the batch size B: an adapter with a displaced
-request gains at least 1 per iteration, so it reaches `c_right` within `c_right - credit`
-iterations whatever B is (the artifact's 0.0625-per-displacement scale needed ~160k displacements;
-dlora-algorithm.md section 6.4).
+Spending ends every episode: an adapter in the forced set pays 1 for each iteration in which its
+requests run (never below 0), to the adapters in debt, in proportion to their debt. So a forced
+adapter's credit falls even when its forced batch displaces nobody (the latch of a pure
+displacement rule), and the adapters it displaced earlier get back what they paid.
+
+Credit is stored as integers in 1/RESOLUTION units, so every transfer is exactly zero-sum (no
+rounding drift). The ledger also measures what the guard bounds: per adapter, the longest run of
+consecutive displaced iterations, in seconds from the first displaced decision to the one that
+served it (`max_wait_s`).
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 from dlora_sim.request import Request
 
-
-RESOLUTION = 1000   # integer credit units per displaced request-iteration
+RESOLUTION = 1000   # integer credit units per displaced adapter-iteration
 
 
 @dataclass
 class CreditLedger:
-    """Per-adapter credit; `transfer` only moves credit between adapters, so the sum never changes."""
+    """Per-adapter credit; transfers only move credit between adapters, so the sum never changes."""
 
     c_right: float
     c_left: float
     credit: dict[int, int] = field(default_factory=dict)
-    forced: set[int] = field(default_factory=set)   # adapters inside their hysteresis band
+    forced: set[int] = field(default_factory=set)          # adapters inside a forcing episode
+    waiting_since: dict[int, float] = field(default_factory=dict)   # start of the current displaced run
+    max_wait_s: dict[int, float] = field(default_factory=dict)      # longest displaced run that ended served
 
     def __post_init__(self) -> None:
-        if not self.c_left < self.c_right:
-            raise ValueError(f"credits need c_left < c_right, got {self.c_left} and {self.c_right}")
+        if not 0 <= self.c_left < self.c_right:
+            raise ValueError(f"credits need 0 <= c_left < c_right, got {self.c_left} and {self.c_right}")
         self._right = round(self.c_right * RESOLUTION)
         self._left = round(self.c_left * RESOLUTION)
 
@@ -51,53 +55,72 @@ class CreditLedger:
     def max_credit(self) -> float:
         return max(self.credit.values(), default=0) / RESOLUTION
 
-    def transfer(self, reference: Sequence[Request], chosen: Sequence[Request], slowdown: float = 0.0) -> int:
-        """Settle one iteration: `reference` is what the replica owed (FCFS, or the mode decision when
-        the guard forced the batch), `chosen` what ran, `slowdown` = t_chosen/t_reference - 1 when the
-        chosen batch is slower. Returns the integer units moved."""
+    # --- one iteration's settlement ---------------------------------------------------------------------
+    def settle(self, fcfs: Sequence[Request], chosen: Sequence[Request], now: float) -> int:
+        """Displacement and spending for one iteration: `fcfs` is F, `chosen` what runs. Returns the
+        integer units moved (0: nobody was displaced and no forced adapter ran)."""
         if not chosen:
             return 0
-        chosen_ids = {id(r) for r in chosen}
-        gains: Counter = Counter()
-        slowed: Counter = Counter()
-        for r in reference:
-            if id(r) in chosen_ids:
-                slowed[r.adapter] += 1
-            else:
-                gains[r.adapter] += RESOLUTION
-        if slowdown > 0 and slowed:
-            per = round(slowdown * RESOLUTION)
-            for a, n in slowed.items():
-                gains[a] += n * per
-        units = sum(gains.values())
-        if units == 0:
-            return 0
-        ref_ids = {id(r) for r in reference}
-        payers = Counter(r.adapter for r in chosen if id(r) not in ref_ids)
-        if not payers:   # the chosen batch is within the reference (only smaller or slower): it pays
-            payers = Counter(r.adapter for r in chosen)
+        ran = {r.adapter for r in chosen}
+        displaced = sorted({r.adapter for r in fcfs} - ran)
+        self._track_waits(displaced, ran, now)
+        moved = 0
+        if displaced:
+            in_f = {id(r) for r in fcfs}
+            payers = Counter(r.adapter for r in chosen if id(r) not in in_f) or Counter(r.adapter for r in chosen)
+            moved += self._move({a: RESOLUTION for a in displaced}, payers)
         credit = self.credit
+        spend = {a: min(RESOLUTION, credit.get(a, 0)) for a in sorted(self.forced & ran)}
+        spend = {a: n for a, n in spend.items() if n > 0}
+        if spend:
+            debt = {a: -c for a, c in credit.items() if c < 0}   # non-empty: the spenders hold credit > 0
+            for a, n in spend.items():
+                credit[a] -= n
+            total = sum(spend.values())
+            for a, n in _apportion(total, debt).items():
+                credit[a] = credit.get(a, 0) + n
+            moved += total
+        return moved
+
+    def _move(self, gains: Mapping[int, int], payers: Mapping[int, int]) -> int:
+        credit = self.credit
+        units = sum(gains.values())
         for a, n in gains.items():
             credit[a] = credit.get(a, 0) + n
         for a, n in _apportion(units, payers).items():
             credit[a] = credit.get(a, 0) - n
         return units
 
-    def forced_order(self, queued: Iterable[int]) -> list[int]:
-        """Adapters the guard forces this iteration, highest credit first (ties: lower id).
+    def _track_waits(self, displaced: Iterable[int], ran: Collection[int], now: float) -> None:
+        since = self.waiting_since
+        for a in ran:
+            t0 = since.pop(a, None)
+            if t0 is not None and now - t0 > self.max_wait_s.get(a, 0.0):
+                self.max_wait_s[a] = now - t0
+        for a in displaced:
+            since.setdefault(a, now)
 
-        An adapter enters the forced set when its credit reaches c_right and leaves when it falls to
-        c_left or below (hysteresis), so one forcing episode lasts long enough to amortise the
-        unmerge/merge it costs. Only adapters with queued requests are returned."""
+    # --- the forced set -----------------------------------------------------------------------------------
+    def enter(self) -> None:
+        """Adapters whose credit reached c_right join the forced set."""
+        right = self._right
+        self.forced.update(a for a, c in self.credit.items() if c >= right)
+
+    def join(self, queued: Collection[int]) -> None:
+        """An episode starts: every queued adapter above c_left joins it, so adapters that would be
+        forced soon are served in the same episode rather than each paying a mode change of its own."""
+        left = self._left
+        self.forced.update(a for a in queued if self.credit.get(a, 0) > left)
+
+    def release(self) -> None:
+        """Adapters that spent down to c_left leave the forced set (hysteresis)."""
+        left = self._left
+        self.forced = {a for a in self.forced if self.credit.get(a, 0) > left}
+
+    def forced_order(self, queued: Collection[int]) -> list[int]:
+        """Queued adapters of the forced set, highest credit first (ties: lower id)."""
         credit = self.credit
-        for a in list(self.forced):
-            if credit.get(a, 0) <= self._left:
-                self.forced.discard(a)
-        for a, c in credit.items():
-            if c >= self._right:
-                self.forced.add(a)
-        q = set(queued)
-        return sorted((a for a in self.forced if a in q), key=lambda a: (-credit.get(a, 0), a))
+        return sorted((a for a in self.forced if a in queued), key=lambda a: (-credit.get(a, 0), a))
 
 
 def _apportion(total: int, weights: Mapping[int, int]) -> dict[int, int]:

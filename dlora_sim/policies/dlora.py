@@ -2,22 +2,25 @@
 
 Each iteration, on the FCFS-sorted queue Q with FCFS batch F (what unmerged FCFS would run under the
 replica's limits):
-1. starvation guard: adapters whose credit reached c_right (and stay above c_left) are forced: their
-   requests go first, the rest of the batch is filled FCFS, and the iteration runs unmerged;
-2. otherwise the mode decision, with m = the adapter with most queued requests and a* = the adapter
-   the previous decision merged:
-   stay merged on a* if |R_a*| >= theta_left*|F|; else merge on m if |R_m| >= theta_right*|F|;
-   else run F unmerged;
-3. zero-sum credit transfer from the adapters that ran in place of others to the displaced ones
-   (reference batch: F; in a forced iteration, the batch the mode decision would have run, so that
-   forcing spends the credit that bought it);
+1. the mode decision, with m = the adapter with most queued requests and a* = the adapter the replica
+   is merged on: stay merged on a* if |R_a*| >= theta_left*|F|; else merge on m if
+   |R_m| >= theta_right*|F|; else run F unmerged;
+2. the starvation guard: adapters whose credit reached c_right are forced. Once a forcing episode
+   starts, their requests go first (highest credit first) and the rest of the batch is filled FCFS;
+   the batch runs merged if it holds one adapter only, else unmerged. An episode never starts, and
+   its adapters never leave, sooner than `dwell` after the replica's last mode change, where dwell =
+   that change's cost / `switch_budget`: every mode change the guard causes is amortised over at
+   least 1/switch_budget times its cost, so the guard cannot make the replica thrash;
+3. zero-sum credit settlement (credits.py): displaced adapters earn, those that ran in their place
+   pay, forced adapters that run spend;
 4. adapter slots: unmerged batches keep at most `adapter_slots` distinct adapters and load missing
    ones (evicting the resident adapter with fewest outstanding requests); a merged adapter is loaded
    first if it is not resident;
-5. AIMD tuning of theta_left/theta_right at every decided mode change (see thresholds.py).
+5. AIMD tuning of theta_left/theta_right at every mode change the replica makes (thresholds.py).
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -32,31 +35,27 @@ from dlora_sim.request import Request, to_ns
 class DLoRAScheduler(LocalScheduler):
     """dLoRA's local scheduler; one instance per replica (its credits and thresholds are per replica).
 
-    Starvation bound. Credit counts displaced request-iterations: an adapter with a request in the
-    reference batch that does not run gains >= 1 per iteration, so after d iterations of continuous
-    displacement it is forced once d >= c_right - c, c its credit when displacement began. Credit only
-    falls in iterations in which the adapter's requests run beyond the reference (forced, FCFS fill of a
-    forced batch, or merged on it). Hence:
-    - an adapter never served beyond its FCFS share (c >= 0) is forced within ceil(c_right) = 48 iterations;
-    - after a forcing episode (it ends once c <= c_left, and one iteration moves at most P units: P = B
-      requests displaced; P = ceil(B * t_unmerged / t_merged) with charge_slowdown) it is forced again
-      within W = ceil(c_right - c_left) + P iterations;
-    - a lone cold request (the only one of its adapter) pays at most 1 per iteration it runs and gains 1
-      per iteration it is displaced, so its queueing delay while in F is at most (its output tokens + W)
-      iterations.
-    `starvation_bound(view)` returns W and W x the slowest full-batch iteration of the replica's profile
-    plus one mode change: A100-80GB / Llama-2-7B analytic profile, B = 32, 512-token contexts:
-    W = 64 iterations, ~2.0 s (first wait: 48 iterations, ~1.5 s). A wider c_right - c_left means
-    fewer unmerge/merge pairs, a narrower one shorter stalls.
+    Starvation bound. Credit counts displaced adapter-iterations, and a forced adapter spends at most
+    down to 0, so an adapter that was never served ahead of FCFS holds credit >= 0. Displaced
+    continuously, it is forced within ceil(c_right) iterations; the episode starts within
+    dwell_max = (costliest mode change) / switch_budget of the replica's last mode change, and its
+    requests run in the episode's first iteration unless other forced adapters fill the batch
+    (then it waits their turns; each lasts at least one dwell). `starvation_bound(view)` returns
+    (c_right iterations, that wait in seconds) for the replica's profile: W = c_right x the slowest
+    full-batch decode iteration + dwell_max + one mode change. A100-80GB / Llama-2-7B analytic profile,
+    B = 32, defaults: 48 iterations, 5.1 s (4.0 s of it the dwell). An adapter served ahead of FCFS
+    (credit c < 0, a hot adapter the mode decision merged on) waits c_right - c iterations: exactly the
+    service it got ahead of the others.
 
-    Fast-forward: decisions are `stable` only if nothing was forced, no credit moved and the decided
+    Fast-forward: decisions are `stable` only if nothing was forced or pending, no credit moved and the
     mode did not change; phase statistics for AIMD are charged lazily per executed iteration (see
     thresholds.py), so fast-forward on and off give identical runs.
     """
 
     guard: bool = True                 # the starvation guard (False: credits still move but never force)
-    c_right: float = 48.0              # credit (displaced request-iterations) at which an adapter is forced
+    c_right: float = 48.0              # credit (displaced adapter-iterations) at which an adapter is forced
     c_left: float = 16.0               # ... and stays forced while above this (hysteresis)
+    switch_budget: float = 0.02        # the guard changes mode no sooner than (last change's cost) / this
     theta_right: float = 1.0           # initial: merge on m when |R_m| >= theta_right * |F|
     theta_left: float | None = None    # initial: stay merged while |R_a*| >= theta_left * |F|;
     #                                    None = merged/unmerged iteration-time ratio from the cost model
@@ -66,16 +65,18 @@ class DLoRAScheduler(LocalScheduler):
     theta_min: float = 0.05            # theta_left never below this
     theta_max: float = 4.0             # theta_right never above this
     min_gap: float = 0.01              # theta_left + min_gap <= theta_right
-    charge_slowdown: bool = False      # forced adapters also pay for slowing a merged batch down (credits.py);
-    #                                    off: it made episodes so short that cold requests crawled
     ref_context: int = 512             # tokens per sequence for cost-model estimates (initial theta_left, AIMD)
 
     ledger: CreditLedger = field(init=False, repr=False)
     tuner: ThresholdTuner | None = field(default=None, init=False, repr=False)
-    anchor: int | None = field(default=None, init=False)   # the mode the last (unforced) decision chose
+    episode: bool = field(default=False, init=False)           # a forcing episode is running
+    _changed_at: float = field(default=-math.inf, init=False, repr=False)   # time of the last mode change
+    _dwell: float = field(default=0.0, init=False, repr=False)              # ... and its cost / budget
+    _pending_since: float | None = field(default=None, init=False, repr=False)  # forced adapters waiting
+    _episode_mode: int | None = field(default=None, init=False, repr=False)     # the episode's merged adapter
 
     def __post_init__(self) -> None:
-        for key in ("c_right", "aimd_step", "theta_min", "theta_max", "ref_context"):
+        for key in ("c_right", "aimd_step", "theta_min", "theta_max", "ref_context", "switch_budget"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"scheduler.{key} must be > 0, got {getattr(self, key)}")
         if not 0 <= self.c_left < self.c_right:
@@ -97,10 +98,8 @@ class DLoRAScheduler(LocalScheduler):
         c = self.ref_context
         return view.cost.iteration_time(0, 0, n, n * c, n, rank_sum, token_rank)
 
-    def _batch_s(self, view: ReplicaView, plan: BatchPlan, merged: bool) -> float:
-        """Decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""
-        if merged:
-            return self._decode_s(view, len(plan.batch))
+    def _batch_s(self, view: ReplicaView, plan: BatchPlan) -> float:
+        """Unmerged decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""
         rank = view.adapter_rank
         return self._decode_s(view, len(plan.batch), sum(rank(x) for x in plan.adapters),
                               sum(rank(r.adapter) for r in plan.batch))
@@ -111,16 +110,19 @@ class DLoRAScheduler(LocalScheduler):
         distinct = min(b, view.adapter_slots)
         return self._decode_s(view, b) / self._decode_s(view, b, distinct * rank, b * rank)
 
+    def dwell_s(self, view: ReplicaView, old: int | None, new: int | None) -> float:
+        """How long the guard waits after a mode change old -> new: its cost / switch_budget."""
+        return view.cost.mode_change_time(old, new) / self.switch_budget
+
     def starvation_bound(self, view: ReplicaView, rank: int = 16) -> tuple[int, float]:
-        """(iterations, seconds) an adapter waits at most, displaced, before it is forced again after a
-        forcing episode (see the class docstring); seconds at the slower of a full merged or unmerged
-        decode iteration of this replica's profile, plus one mode change."""
+        """(iterations, seconds): how long an adapter with credit >= 0 stays displaced at most before its
+        requests run, when the forced adapters' requests fit one batch (see the class docstring)."""
         b = view.max_num_seqs
         t_m = self._decode_s(view, b)
         t_u = self._decode_s(view, b, min(b, view.adapter_slots) * rank, b * rank)
-        pay = math.ceil(b * t_u / t_m) if self.charge_slowdown else b
-        iters = math.ceil(self.c_right - self.c_left) + pay
-        return iters, iters * max(t_m, t_u) + view.cost.mode_change_time(None, 0)
+        iters = math.ceil(self.c_right)
+        costliest = view.cost.mode_change_time(0, 1)   # a switch costs at least a merge or an unmerge
+        return iters, iters * max(t_m, t_u) + costliest / self.switch_budget + costliest
 
     def _init_tuner(self, view: ReplicaView) -> ThresholdTuner:
         if view.full_copy:
@@ -142,7 +144,7 @@ class DLoRAScheduler(LocalScheduler):
         if tuner is None:
             tuner = self.tuner = self._init_tuner(view)
         tuner.settle()
-        slots, b = view.adapter_slots, view.max_num_seqs
+        slots, b, now = view.adapter_slots, view.max_num_seqs, view.now
 
         by_adapter: dict[int, list[Request]] = {}   # R_a, each in FCFS order
         for r in queue:
@@ -156,8 +158,8 @@ class DLoRAScheduler(LocalScheduler):
         nf = len(fcfs.batch)
         tuner.observe_m(m, view.cost)
 
-        # 2. the mode decision (also the reference a forced batch is charged against)
-        a = self.anchor
+        # 1. the mode decision
+        a = view.merged
         if a is not None and counts.get(a, 0) >= tuner.theta_left * nf:
             mode, plan = a, fill_batch(view, by_adapter[a])
         elif counts[m] >= tuner.theta_right * nf:
@@ -167,47 +169,84 @@ class DLoRAScheduler(LocalScheduler):
         if mode is not None and not plan.batch:   # the merged adapter's requests do not fit: run FCFS
             mode, plan = None, fcfs
 
-        # 1. the starvation guard
-        # (the adapter the decision merges on is served by it already; forcing it would only unmerge)
-        forced = [f for f in self.ledger.forced_order(counts) if f != mode] if self.guard else []
-        if forced:
-            fplan = BatchPlan()
-            for f in forced:
-                fill_batch(view, by_adapter[f], plan=fplan, adapter_limit=slots)
-            fill_batch(view, queue, plan=fplan, adapter_limit=slots)   # 3. forced + FCFS fill
-            if not fplan.batch:   # nothing forced fits: not a forced iteration
-                forced = []
-            elif mode is None and set(fplan.batch) == set(plan.batch) and not (fplan.swap_out or fplan.recompute):
-                forced = []       # the unforced decision already runs every forced request: nothing to force
-        slowdown = 0.0
-        if forced:
-            reference, chosen, run_mode = plan.batch, fplan, None
-            if mode is not None and self.charge_slowdown:   # forcing replaced a merged batch by a slower unmerged one
-                slowdown = max(self._batch_s(view, fplan, False) / self._batch_s(view, plan, True) - 1, 0.0)
-        else:
-            reference, chosen, run_mode = fcfs.batch, plan, mode
-            if mode != a:
-                tuner.mode_changed(mode, view.cost)
-                self.anchor = mode
+        # 2. the starvation guard
+        chosen, run_mode, forced = plan, mode, False
+        pending = False
+        if self.guard:
+            episode = self._guard(view, by_adapter, nf, now)
+            if episode is not None:
+                fplan, fmode = episode
+                if fmode != mode or set(fplan.batch) != set(plan.batch):   # the guard changed the iteration
+                    chosen, run_mode, forced = fplan, fmode, True
+            pending = self.episode or self._pending_since is not None
 
-        # 4. zero-sum credit transfer
-        moved = self.ledger.transfer(reference, chosen.batch, slowdown)
+        # 3. zero-sum credit settlement
+        moved = self.ledger.settle(fcfs.batch, chosen.batch, now)
 
-        # phase statistics of this iteration, charged when we know how often it ran
+        # 5. AIMD: phase statistics of this iteration, charged when we know how often it ran
+        if run_mode != view.merged:
+            self._changed_at, self._dwell = now, self.dwell_s(view, view.merged, run_mode)
+            tuner.mode_changed(run_mode, view.cost)
         nm = min(counts[m], b)
         tuner.pending(chosen.batch, IterationStats(
             nm, to_ns(self._decode_s(view, nm)) if nm else 0,
-            nf, to_ns(self._batch_s(view, fcfs, False)) if nf else 0))
+            nf, to_ns(self._batch_s(view, fcfs)) if nf else 0))
 
-        # 5. adapter slots
+        # 4. adapter slots
         if run_mode is None:
             load, evict = plan_adapter_slots(view, (r.adapter for r in chosen.batch))
         else:
             load, evict = plan_adapter_slots(view, [run_mode])
-        stable = (not forced and moved == 0 and run_mode == view.merged and not chosen.swap_out
+        stable = (not forced and not pending and moved == 0 and run_mode == view.merged and not chosen.swap_out
                   and not chosen.recompute)
         info = {"theta_left": round(tuner.theta_left, 6), "theta_right": round(tuner.theta_right, 6),
                 "max_credit": self.ledger.max_credit()}
         return Decision(chosen.batch, merged=run_mode, load=load, evict=evict, swap_out=tuple(chosen.swap_out),
-                        recompute=tuple(chosen.recompute), stable=stable, forced=bool(forced), info=info)
+                        recompute=tuple(chosen.recompute), stable=stable, forced=forced, info=info)
 
+    def _guard(self, view: ReplicaView, by_adapter: dict[int, list[Request]], nf: int,
+               now: float) -> tuple[BatchPlan, int | None] | None:
+        """This iteration's forced batch and mode, or None when no forcing episode runs.
+
+        An episode runs merged on its top adapter when that adapter's requests alone fill a batch as
+        large as F (the efficient way to serve a backlog), else unmerged: the forced adapters' requests
+        in FCFS order, then FCFS fill. Its mode is chosen again only once the last mode change is
+        amortised, or when the merged adapter has nothing left to run."""
+        ledger, queued = self.ledger, by_adapter.keys()
+        settled = now - self._changed_at >= self._dwell   # the last mode change is amortised
+        if settled or not self.episode:
+            ledger.release()
+        ledger.enter()
+        order = ledger.forced_order(queued)
+        if not order:
+            self.episode, self._pending_since = False, None
+            return None
+        if not self.episode:
+            if self._pending_since is None:
+                self._pending_since = now
+            dwell_max = view.cost.mode_change_time(0, 1) / self.switch_budget
+            if not (settled or now - self._pending_since >= dwell_max):
+                return None
+            self.episode, self._pending_since, settled = True, None, True
+            ledger.join(queued)
+            order = ledger.forced_order(queued)
+        mode = self._episode_mode
+        plan = None
+        if mode is not None and not settled and mode in order:   # keep the episode's merged adapter
+            plan = fill_batch(view, by_adapter[mode])
+        if not plan or not plan.batch:
+            mode = None
+            if settled or self._episode_mode not in order:        # choose: the first forced adapter
+                for f in order:                                  # whose requests alone fill a batch
+                    if len(by_adapter[f]) >= nf:
+                        p = fill_batch(view, by_adapter[f])
+                        if len(p.batch) >= nf:
+                            mode, plan = f, p
+                            break
+        if mode is None:
+            slots = view.adapter_slots
+            plan = fill_batch(view, heapq.merge(*(by_adapter[f] for f in order), key=Request.sort_key),
+                              adapter_limit=slots)
+            fill_batch(view, view.queue, plan=plan, adapter_limit=slots)   # forced first, then FCFS
+        self._episode_mode = mode
+        return (plan, mode) if plan.batch else None

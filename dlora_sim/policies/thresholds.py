@@ -1,9 +1,9 @@
 """dLoRA's self-tuning merge thresholds (AIMD on counterfactual throughputs).
 
-A *phase* is a run of iterations under one decided mode (merged on some adapter, or unmerged; forced
-iterations belong to the phase they interrupt). When the decided mode changes, the phase that ended
-is replayed against two counterfactual policies, each starting from the mode the replica was in
-before the phase:
+A *phase* is a run of iterations in one mode the replica actually ran (merged on some adapter, or
+unmerged), whether the mode decision or the starvation guard chose it. At every merged <-> unmerged or
+adapter-to-adapter transition, the phase that ended is replayed against two counterfactual policies,
+each starting from the mode the replica was in before the phase:
 - merged-only: every iteration merged on the most-loaded adapter m, serving min(|R_m|, B) requests,
   paying a switch whenever m changes;
 - unmerged-only: every iteration running the FCFS batch F unmerged.
@@ -40,8 +40,8 @@ class IterationStats:
 
 @dataclass
 class Phase:
-    mode: int | None                # decided mode of the phase (merged adapter, or None)
-    before: int | None              # decided mode before it (where the counterfactuals start)
+    mode: int | None                # the mode the phase ran in (merged adapter, or None)
+    before: int | None              # the mode before it (where the counterfactuals start)
     iterations: int = 0
     merged_served: int = 0
     merged_ns: int = 0
@@ -98,7 +98,7 @@ class ThresholdTuner:
         if batch:
             self._pending = (batch[0], batch[0].generated, stats)
 
-    # --- at a decided mode change --------------------------------------------------------------------
+    # --- at a mode change --------------------------------------------------------------------
     def mode_changed(self, new_mode: int | None, cost: CostModel) -> None:
         ph = self.phase
         if self.enabled and ph.iterations > 0:

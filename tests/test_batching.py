@@ -1,0 +1,50 @@
+"""The shared batching rules on constructed replica states."""
+from __future__ import annotations
+
+import simpy
+
+from dlora_util import PROFILE
+from dlora_sim.cost_model import CostModel
+from dlora_sim.metrics import Recorder
+from dlora_sim.policies.batching import fill_batch
+from dlora_sim.policies.unmerged import UnmergedOnly
+from dlora_sim.replica import Replica, ReplicaConfig
+from dlora_sim.request import Request, State
+
+
+def _replica(blocks: int) -> Replica:
+    cfg = ReplicaConfig(max_num_seqs=8, max_kv_blocks=blocks, watermark=0.0)
+    return Replica(0, simpy.Environment(), cfg, CostModel(PROFILE), UnmergedOnly(), [16], Recorder(), lambda r: None)
+
+
+def _resident(rep: Replica, i: int, context: int) -> Request:
+    """A decoding request whose KV holds context - 1 tokens; its next iteration writes token `context`."""
+    r = Request(i, 0, i, context - 1, 100, generated=1, state=State.RESIDENT)
+    r.kv_blocks = -(-(r.context_len - 1) // rep.block_size)
+    rep.free_blocks -= r.kv_blocks
+    rep.enqueue(r)
+    return r
+
+
+def test_a_plan_that_swaps_in_recomputes_its_victims():
+    """The oldest request is swapped out and runs again (a swap-in); a decode then needs a block that
+    only a later request holds. That victim must be recomputed: one iteration never swaps both ways."""
+    rep = _replica(blocks=10)
+    swapped = Request(0, 0, 0, 31, 100, generated=1, state=State.SWAPPED, kv_blocks=2)
+    rep.host_free_blocks -= 2
+    rep.enqueue(swapped)
+    grower = _resident(rep, 1, 65)      # 4 full blocks: its next token needs a fifth
+    victim = _resident(rep, 2, 65)      # 4 blocks, the latest arrival
+    assert rep.free_blocks == 2         # exactly the swap-in's blocks
+    plan = fill_batch(rep, [swapped, grower])
+    assert plan.batch == [swapped, grower]
+    assert plan.swap_out == [] and plan.recompute == [victim]
+
+
+def test_without_a_swap_in_the_victim_is_swapped_out():
+    rep = _replica(blocks=8)
+    grower = _resident(rep, 1, 65)
+    victim = _resident(rep, 2, 65)
+    assert rep.free_blocks == 0
+    plan = fill_batch(rep, [grower])
+    assert plan.batch == [grower] and plan.swap_out == [victim] and plan.recompute == []
