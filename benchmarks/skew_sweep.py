@@ -1,118 +1,173 @@
 """Mean and P90 s/token vs popularity skew for unmerged-only, merged-only and dlora (one replica).
 
-Reads the summary.json files of a `dlora-sim --multirun experiment=skew_sweep` folder (never reruns),
-writes benchmarks/results/skew_sweep.{csv,md,png} and checks issue 3's acceptance criterion:
-on every skew, dlora's mean s/token <= 1.05 x the better baseline, and strictly below both on at
-least half of the skews. Exit status 1 if the criterion fails.
+Reads the summary.json files of a `dlora-sim --multirun experiment=skew_sweep` folder (never reruns)
+and checks the scheduler's acceptance criteria:
+- at a load where the queue exceeds the batch (skew_load b16, b32): on every skew, dlora's mean and
+  P90 s/token <= 1.02 x the better single mode, and switching < 3% of busy time;
+- at overload (b16_overload, b32_overload): dlora's completed throughput >= the better single mode's.
+Prints the report; `--record` also writes benchmarks/results/skew_sweep.{csv,md,png} and a modes
+chart of one dlora run per batch cap. Exit status 1 if a criterion fails.
 
-    python benchmarks/skew_sweep.py outputs/skew_sweep/<date_time>
+    dlora-sim --multirun experiment=skew_sweep
+    python benchmarks/skew_sweep.py outputs/skew_sweep/<date_time> --record
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from dlora_sim.compare import load_summaries
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = {"slora": "unmerged-only", "merged": "merged-only", "dlora": "dlora"}
-TOLERANCE = 1.05
+LOADS = {"b16": "queue > batch", "b32": "queue > batch", "b16_overload": "overload", "b32_overload": "overload"}
+TOLERANCE = 1.02
+MAX_SWITCHING = 0.03
+MODES_CHART = {"b16": 1.5, "b32": 2.0}   # the dlora runs whose mode charts are recorded
 
 
-def load(sweep: Path) -> dict[float, dict[str, dict]]:
-    """skew -> system -> summary."""
-    table: dict[float, dict[str, dict]] = {}
+def load(sweep: Path) -> dict[tuple[str, float], dict[str, dict]]:
+    """(skew_load, skew) -> system -> summary."""
+    table: dict[tuple[str, float], dict[str, dict]] = {}
     for s in load_summaries(Path(sweep)):
-        f = s["folder"]
         system = s.get("system")
-        if system not in SYSTEMS:
+        load_name = next((o.split("=", 1)[1] for o in s.get("overrides", []) if o.startswith("+skew_load=")), None)
+        if system not in SYSTEMS or load_name not in LOADS:
             continue
-        skew = float(s["config"]["workload"]["popularity_param"])
-        if skew in table and system in table[skew]:
-            raise SystemExit(f"{f}: two runs of {system} at skew {skew} in {sweep}")
-        table.setdefault(skew, {})[system] = s
+        key = (load_name, float(s["config"]["workload"]["popularity_param"]))
+        if system in table.setdefault(key, {}):
+            raise SystemExit(f"{s['folder']}: two runs of {system} at {key} in {sweep}")
+        table[key][system] = s
     if not table:
-        raise SystemExit(f"no summary.json of {sorted(SYSTEMS)} under {sweep}")
-    for skew, runs in table.items():
+        raise SystemExit(f"no summary.json of {sorted(SYSTEMS)} with +skew_load=... under {sweep}")
+    for key, runs in table.items():
         missing = set(SYSTEMS) - set(runs)
         if missing:
-            raise SystemExit(f"{sweep}: skew {skew} lacks runs of {sorted(missing)}")
-    return dict(sorted(table.items()))
+            raise SystemExit(f"{sweep}: {key} lacks runs of {sorted(missing)}")
+    return dict(sorted(table.items(), key=lambda kv: (list(LOADS).index(kv[0][0]), kv[0][1])))
 
 
-def check(table: dict[float, dict[str, dict]]) -> tuple[list[dict], bool, str]:
-    rows, strictly = [], 0
-    ok = True
-    for skew, runs in table.items():
+def check(table: dict[tuple[str, float], dict[str, dict]]) -> tuple[list[dict], list[str]]:
+    rows, failures = [], []
+    for (load_name, skew), runs in table.items():
         m = {k: runs[k]["mean_s_per_token"] for k in SYSTEMS}
         p90 = {k: runs[k]["p90_s_per_token"] for k in SYSTEMS}
-        best = min(m["slora"], m["merged"])
-        ratio = m["dlora"] / best
-        below = m["dlora"] < m["slora"] and m["dlora"] < m["merged"]
-        strictly += below
-        ok &= ratio <= TOLERANCE
-        rows.append({"zipf_s": skew, **{f"mean_{k}": m[k] for k in SYSTEMS}, **{f"p90_{k}": p90[k] for k in SYSTEMS},
-                     "dlora_vs_best": round(ratio, 4), "dlora_strictly_best": int(below),
-                     "dlora_switches": runs["dlora"]["num_switches"]})
-    half = strictly * 2 >= len(rows)
-    verdict = (f"dlora <= {TOLERANCE}x best baseline on every skew: {'yes' if ok else 'NO'}; "
-               f"strictly best on {strictly}/{len(rows)} skews (need >= half): {'yes' if half else 'NO'}")
-    return rows, ok and half, verdict
+        tput = {k: runs[k]["throughput_rps"] for k in SYSTEMS}
+        d = runs["dlora"]
+        row = {"load": load_name, "max_num_seqs": d["config"]["cluster"]["replica"]["max_num_seqs"],
+               "rate": d["config"]["workload"]["rate"], "zipf_s": skew,
+               **{f"mean_{k}": m[k] for k in SYSTEMS}, **{f"p90_{k}": p90[k] for k in SYSTEMS},
+               **{f"tput_{k}": tput[k] for k in SYSTEMS},
+               "mean_vs_best": round(m["dlora"] / min(m["slora"], m["merged"]), 4),
+               "p90_vs_best": round(p90["dlora"] / min(p90["slora"], p90["merged"]), 4),
+               "tput_vs_best": round(tput["dlora"] / max(tput["slora"], tput["merged"]), 4),
+               "dlora_switching_share": d["switching_share"], "dlora_switches": d["num_switches"]}
+        rows.append(row)
+        where = f"{load_name} s={skew:g}"
+        if LOADS[load_name] == "overload":
+            if row["tput_vs_best"] < 1.0:
+                failures.append(f"{where}: dlora throughput {tput['dlora']} < best single mode's")
+        else:
+            if row["mean_vs_best"] > TOLERANCE or row["p90_vs_best"] > TOLERANCE:
+                failures.append(f"{where}: dlora mean/P90 {row['mean_vs_best']}/{row['p90_vs_best']} x best")
+        if row["dlora_switching_share"] >= MAX_SWITCHING:
+            failures.append(f"{where}: dlora switching {row['dlora_switching_share']:.1%} of busy time")
+    return rows, failures
 
 
-def write(rows: list[dict], verdict: str, sweep: Path, table: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "skew_sweep.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+def report(rows: list[dict], failures: list[str], sweep: Path, table: dict) -> str:
     any_run = next(iter(table.values()))["dlora"]
-    wl, cl = any_run["config"]["workload"], any_run["config"]["cluster"]
-    head = ("| zipf s | unmerged-only mean | merged-only mean | dlora mean | unmerged-only P90 | merged-only P90 "
-            "| dlora P90 | dlora / best | dlora switches |")
+    wl = any_run["config"]["workload"]
     lines = ["# skew_sweep: s/token vs adapter popularity (one replica)", "",
-             f"{wl['num_adapters']} adapters, Zipf(s) popularity, {wl['num_requests']} requests at {wl['rate']} req/s, "
-             f"max_num_seqs {cl['replica']['max_num_seqs']}, profile {any_run['config']['profile']['hardware']} / "
-             f"{any_run['config']['model']['name']}, seed {any_run['config']['seed']}. Source: `{sweep}`.", "",
-             head, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(f"| {r['zipf_s']:g} | {r['mean_slora']:.4f} | {r['mean_merged']:.4f} | {r['mean_dlora']:.4f} | "
-                     f"{r['p90_slora']:.4f} | {r['p90_merged']:.4f} | {r['p90_dlora']:.4f} | "
-                     f"{r['dlora_vs_best']:.3f} | {r['dlora_switches']} |")
-    lines += ["", verdict, ""]
-    (RESULTS / "skew_sweep.md").write_text("\n".join(lines))
+             f"{wl['num_adapters']} adapters, Zipf(s) popularity, {wl['num_requests']} requests, lengths uniform "
+             f"[8, 512), profile {any_run['config']['profile']['hardware']} / {any_run['config']['model']['name']} "
+             f"(simulated), seed {any_run['config']['seed']}. Source: `{sweep}`.", "",
+             "Commands: `dlora-sim --multirun experiment=skew_sweep` then "
+             "`python benchmarks/skew_sweep.py <sweep folder> --record`.", ""]
+    for load_name, kind in LOADS.items():
+        sel = [r for r in rows if r["load"] == load_name]
+        if not sel:
+            continue
+        lines += [f"## {load_name}: max_num_seqs {sel[0]['max_num_seqs']}, {sel[0]['rate']:g} req/s ({kind})", "",
+                  "| zipf s | mean unmerged / merged / dlora | P90 unmerged / merged / dlora | dlora mean, P90 / best "
+                  "| req/s unmerged / merged / dlora | dlora tput / best | dlora switching |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sel:
+            lines.append(
+                f"| {r['zipf_s']:g} | {r['mean_slora']:.4f} / {r['mean_merged']:.4f} / {r['mean_dlora']:.4f} | "
+                f"{r['p90_slora']:.4f} / {r['p90_merged']:.4f} / {r['p90_dlora']:.4f} | "
+                f"{r['mean_vs_best']:.3f}, {r['p90_vs_best']:.3f} | "
+                f"{r['tput_slora']:.2f} / {r['tput_merged']:.2f} / {r['tput_dlora']:.2f} | {r['tput_vs_best']:.3f} | "
+                f"{r['dlora_switching_share']:.2%} ({r['dlora_switches']}) |")
+        lines.append("")
+    lines.append("Criteria: at `queue > batch` loads, dlora mean and P90 <= 1.02 x the better single mode; at "
+                 "overload, dlora throughput >= the better single mode's; switching < 3% of busy time everywhere.")
+    lines.append("Verdict: " + ("all met." if not failures else "NOT met: " + "; ".join(failures)))
+    return "\n".join(lines) + "\n"
 
+
+def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    xs = [r["zipf_s"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, stat, title in zip(axes, ("mean", "p90"), ("mean s / output token", "P90 s / output token")):
+    fig, axes = plt.subplots(1, len(LOADS), figsize=(4.2 * len(LOADS), 3.8))
+    for ax, (load_name, kind) in zip(axes, LOADS.items()):
+        sel = [r for r in rows if r["load"] == load_name]
+        if not sel:
+            ax.set_visible(False)
+            continue
+        xs = [r["zipf_s"] for r in sel]
         for i, (k, label) in enumerate(SYSTEMS.items()):
-            ax.plot(xs, [r[f"{stat}_{k}"] for r in rows], marker="o", label=label, color=f"C{i}")
+            ax.plot(xs, [r[f"mean_{k}"] for r in sel], marker="o", color=f"C{i}", label=f"{label} mean")
+            ax.plot(xs, [r[f"p90_{k}"] for r in sel], marker=".", ls="--", color=f"C{i}", alpha=0.6,
+                    label=f"{label} P90")
+        ax.set_title(f"B={sel[0]['max_num_seqs']}, {sel[0]['rate']:g} req/s ({kind})", fontsize=10)
         ax.set_xlabel("popularity skew (Zipf s; 0 = uniform)")
-        ax.set_title(title, fontsize=10)
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend()
-    fig.suptitle(f"one replica, {wl['num_adapters']} adapters, {wl['rate']} req/s", fontsize=10)
+    axes[0].set_ylabel("s / output token (log)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "skew_sweep.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write(rows: list[dict], text: str, table: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "skew_sweep.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "skew_sweep.md").write_text(text)
+    wl = next(iter(table.values()))["dlora"]["config"]["workload"]
+    chart(rows, out / "skew_sweep.png",
+          f"one replica, {wl['num_adapters']} adapters (Zipf s), {wl['num_requests']} requests, A100-80GB / Llama-2-7B")
+    from dlora_sim.plots import mode_threshold_chart
+    for load_name, skew in MODES_CHART.items():
+        run = table.get((load_name, skew), {}).get("dlora")
+        if run is not None and (Path(run["folder"]) / "iterations.csv").exists():
+            png = mode_threshold_chart(Path(run["folder"]))
+            shutil.copyfile(png, out / f"skew_sweep_{load_name}_s{skew:g}_modes.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep", type=Path, help="folder of a skew_sweep multirun (holds */summary.json)")
+    ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
     args = ap.parse_args(argv)
     table = load(args.sweep)
-    rows, ok, verdict = check(table)
-    write(rows, verdict, args.sweep, table)
-    print((RESULTS / "skew_sweep.md").read_text())
-    print(f"wrote {RESULTS / 'skew_sweep.csv'}, .md, .png")
-    return 0 if ok else 1
+    rows, failures = check(table)
+    text = report(rows, failures, args.sweep, table)
+    print(text)
+    out = RESULTS if args.record else Path(tempfile.mkdtemp(prefix="skew_sweep_"))
+    write(rows, text, table, out)
+    print(f"wrote {out}/skew_sweep.{{csv,md,png}}" + ("" if args.record else " (pass --record to keep them)"))
+    return 0 if not failures else 1
 
 
 if __name__ == "__main__":

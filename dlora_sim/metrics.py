@@ -35,6 +35,8 @@ class Recorder:
     rows: list[tuple] = field(default_factory=list)
     counters: Counter = field(default_factory=Counter)
     num_iterations: int = 0
+    busy_ns: int = 0           # sum of iteration durations over all replicas
+    switch_s: float = 0.0      # ... of which merge / unmerge / switch time
     info_keys: set[str] = field(default_factory=set)
 
     def count(self, key: str, n: int = 1) -> None:
@@ -44,6 +46,8 @@ class Recorder:
     def iteration(self, replica: int, start: int, dur: int, compute: float, overhead: tuple[float, float, float],
                   d: Decision, batch: int, prefill_tokens: int, decode_seqs: int, distinct: int) -> None:
         self.num_iterations += 1
+        self.busy_ns += dur
+        self.switch_s += overhead[0]
         if not self.keep_iterations:
             return
         if d.info:
@@ -132,6 +136,8 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
         "num_switches": c["switches"], "num_adapter_loads": c["adapter_loads"], "num_preemptions": c["preemptions"],
         "num_swap_outs": c["swap_outs"], "num_swap_ins": c["swap_ins"], "num_migrations": c["migrations"],
         "num_iterations": res.recorder.num_iterations, "num_replicas": res.num_replicas,
+        "busy_s": round(res.recorder.busy_ns / NS, 6), "switch_s": round(res.recorder.switch_s, 6),
+        "switching_share": round(res.recorder.switch_s * NS / res.recorder.busy_ns, 6) if res.recorder.busy_ns else 0.0,
         "sim_time_s": round(res.sim_end_s, 6), "sim_wall_s": round(res.wall_s, 3),
         **res.extra,
     }

@@ -299,6 +299,8 @@ class Replica:
                                prefill, len(seen))
         if self.cfg.fast_forward and d.stable and decode == n and overheads == 0.0:
             run.planned = self._repeatable(d.batch)
+            if d.max_repeats is not None:
+                run.planned = max(min(run.planned, d.max_repeats), 1)
             run.repeat = (n, ctx, rank_sum if unmerged else 0, token_rank if unmerged else 0)
             self._extend(run, _FIRST_CHUNK)
         if self.debug:
@@ -376,6 +378,7 @@ class Replica:
                                   _NO_OVERHEAD, run.decision, n, 0, n, distinct)
             else:
                 rec.num_iterations += m
+                rec.busy_ns += total
         run.applied = upto
         if last:
             end = run.ends[-1]

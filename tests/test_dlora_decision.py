@@ -81,8 +81,9 @@ def test_forced_adapter_that_fills_the_batch_runs_merged_on_it():
     d = s.schedule(rep)
     assert d.forced and d.merged == 0 and s.episode
     assert adapters(d) == [0] * 8                   # its requests alone fill a batch as large as F
-    # it spent 1 and paid adapter 1's displacement: forcing always costs the forced adapter credit
-    assert s.ledger.value(0) == s.c_right - 2 and s.ledger.total() == 0
+    # it spent 1 per request it ran (8) and paid for adapter 1's 8 displaced requests
+    assert s.ledger.value(0) == s.c_right - 16 and s.ledger.value(1) == -s.c_right + 16
+    assert s.ledger.total() == 0
 
 
 def test_forced_then_fcfs_fill():
@@ -112,7 +113,7 @@ def test_forced_adapter_spends_even_when_its_batch_displaces_nobody():
         if 0 not in s.ledger.forced:
             break
     spent = int(s.c_right - s.c_left)
-    # exactly 1 per iteration it ran, down to c_left; released at the next decision, which is not forced
+    # 1 per iteration its one request ran, down to c_left; released at the next decision (not forced)
     assert seen == [s.c_right - k for k in range(1, spent + 1)] + [s.c_left]
     assert 0 not in s.ledger.forced and not s.episode
 

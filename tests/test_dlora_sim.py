@@ -17,6 +17,8 @@ def test_fast_forward_on_and_off_give_identical_runs():
     assert iterations_csv(on) == iterations_csv(off)
     s_on, s_off = sim_on.replicas[0].scheduler, sim_off.replicas[0].scheduler
     assert s_on.tuner.evaluations == s_off.tuner.evaluations and s_on.tuner.evaluations
+    # in-phase window evaluations land on the same iterations: stable runs stop at a window's end
+    assert s_on.tuner.window_evaluations == s_off.tuner.window_evaluations > 0
     assert on.recorder.counters["switches"] > 2     # the run did switch modes and force batches
     assert any(row[10] for row in on.recorder.rows)
     assert s_on.ledger.total() == 0                 # zero-sum over a whole run

@@ -53,7 +53,8 @@ class Decision:
     `merged` is the adapter merged into the weights for this iteration (then every request in the
     batch must use it), or None for unmerged. `stable` promises that, until the replica's queue
     membership changes or a batch request finishes, the policy would return this same decision
-    again; executors may then repeat it without asking (the simulator fast-forwards).
+    again; executors may then repeat it without asking (the simulator fast-forwards), at most
+    `max_repeats` times in all when that is set (a policy that learns every N iterations).
     """
 
     batch: list[Request]
@@ -63,6 +64,7 @@ class Decision:
     swap_out: tuple[Request, ...] = ()
     recompute: tuple[Request, ...] = ()
     stable: bool = False
+    max_repeats: int | None = None
     forced: bool = False
     info: Mapping[str, float] | None = None   # extra columns for iterations.csv
 

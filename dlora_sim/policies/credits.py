@@ -1,16 +1,17 @@
 """dLoRA's starvation guard: a zero-sum credit ledger with hysteresis.
 
-Credit is measured in *displaced adapter-iterations*. Each iteration the reference is F, the batch that
-unmerged FCFS would run. An adapter with a request in F none of whose requests ran is displaced: it
-earns 1, and the adapters that ran in its place (those with requests outside F, else all that ran)
-pay that amount between them. Counting adapters rather than requests keeps the guard's wait
-independent of load: an adapter displaced from credit c is forced after c_right - c iterations whether
-one or a hundred of its requests wait, and an overloaded queue does not make credits race.
+Credit is measured in *displaced request-iterations*. Each iteration the reference is F, the batch
+that unmerged FCFS would run. An adapter with requests in F none of whose requests ran is displaced:
+it earns 1 per such request, and the adapters that ran in its place (those with requests outside F,
+else all that ran) pay that amount between them. So an adapter with a request displaced is forced
+after at most c_right - c iterations, and adapters with more old requests waiting are forced sooner
+(service follows demand, as FCFS would give it). Credits do race under overload; the scheduler's
+switching budget (dlora.py), not the credit scale, keeps that from turning into thrash.
 
-Spending ends every episode: an adapter in the forced set pays 1 for each iteration in which its
-requests run (never below 0), to the adapters in debt, in proportion to their debt. So a forced
-adapter's credit falls even when its forced batch displaces nobody (the latch of a pure
-displacement rule), and the adapters it displaced earlier get back what they paid.
+Spending ends every episode: an adapter in the forced set pays 1 per request of it that runs (never
+below 0), to the adapters in debt, in proportion to their debt. So a forced adapter's credit falls
+even when its forced batch displaces nobody (the latch of a pure displacement rule), and the
+adapters it displaced earlier get back what they paid.
 
 Credit is stored as integers in 1/RESOLUTION units, so every transfer is exactly zero-sum (no
 rounding drift). The ledger also measures what the guard bounds: per adapter, the longest run of
@@ -25,7 +26,7 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 from dlora_sim.request import Request
 
-RESOLUTION = 1000   # integer credit units per displaced adapter-iteration
+RESOLUTION = 1000   # integer credit units per displaced request-iteration
 
 
 @dataclass
@@ -61,16 +62,17 @@ class CreditLedger:
         integer units moved (0: nobody was displaced and no forced adapter ran)."""
         if not chosen:
             return 0
-        ran = {r.adapter for r in chosen}
-        displaced = sorted({r.adapter for r in fcfs} - ran)
+        ran = Counter(r.adapter for r in chosen)
+        displaced = sorted({r.adapter for r in fcfs} - ran.keys())
         self._track_waits(displaced, ran, now)
         moved = 0
         if displaced:
             in_f = {id(r) for r in fcfs}
-            payers = Counter(r.adapter for r in chosen if id(r) not in in_f) or Counter(r.adapter for r in chosen)
-            moved += self._move({a: RESOLUTION for a in displaced}, payers)
+            gains = Counter(r.adapter for r in fcfs if r.adapter not in ran)
+            payers = Counter(r.adapter for r in chosen if id(r) not in in_f) or ran
+            moved += self._move({a: n * RESOLUTION for a, n in gains.items()}, payers)
         credit = self.credit
-        spend = {a: min(RESOLUTION, credit.get(a, 0)) for a in sorted(self.forced & ran)}
+        spend = {a: min(ran[a] * RESOLUTION, credit.get(a, 0)) for a in sorted(self.forced & ran.keys())}
         spend = {a: n for a, n in spend.items() if n > 0}
         if spend:
             debt = {a: -c for a, c in credit.items() if c < 0}   # non-empty: the spenders hold credit > 0

@@ -16,7 +16,8 @@ replica's limits):
 4. adapter slots: unmerged batches keep at most `adapter_slots` distinct adapters and load missing
    ones (evicting the resident adapter with fewest outstanding requests); a merged adapter is loaded
    first if it is not resident;
-5. AIMD tuning of theta_left/theta_right at every mode change the replica makes (thresholds.py).
+5. AIMD tuning of theta_left/theta_right at every mode change the replica makes, and every
+   `aimd_window` iterations inside a long phase (thresholds.py).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from dlora_sim.request import Request, to_ns
 class DLoRAScheduler(LocalScheduler):
     """dLoRA's local scheduler; one instance per replica (its credits and thresholds are per replica).
 
-    Starvation bound. Credit counts displaced adapter-iterations, and a forced adapter spends at most
+    Starvation bound. Credit counts displaced request-iterations, and a forced adapter spends at most
     down to 0, so an adapter that was never served ahead of FCFS holds credit >= 0. Displaced
     continuously, it is forced within ceil(c_right) iterations; the episode starts within
     dwell_max = (costliest mode change) / switch_budget of the replica's last mode change, and its
@@ -53,7 +54,7 @@ class DLoRAScheduler(LocalScheduler):
     """
 
     guard: bool = True                 # the starvation guard (False: credits still move but never force)
-    c_right: float = 48.0              # credit (displaced adapter-iterations) at which an adapter is forced
+    c_right: float = 48.0              # credit (displaced request-iterations) at which an adapter is forced
     c_left: float = 16.0               # ... and stays forced while above this (hysteresis)
     switch_budget: float = 0.02        # the guard changes mode no sooner than (last change's cost) / this
     theta_right: float = 1.0           # initial: merge on m when |R_m| >= theta_right * |F|
@@ -62,6 +63,7 @@ class DLoRAScheduler(LocalScheduler):
     tune: bool = True                  # AIMD threshold tuning
     aimd_step: float = 0.05            # additive step
     aimd_factor: float = 1.1           # multiplicative back-off
+    aimd_window: int = 256             # also evaluate every N iterations inside a phase (0: transitions only)
     theta_min: float = 0.05            # theta_left never below this
     theta_max: float = 4.0             # theta_right never above this
     min_gap: float = 0.01              # theta_left + min_gap <= theta_right
@@ -76,6 +78,8 @@ class DLoRAScheduler(LocalScheduler):
     _episode_mode: int | None = field(default=None, init=False, repr=False)     # the episode's merged adapter
 
     def __post_init__(self) -> None:
+        if self.aimd_window < 0:
+            raise ValueError(f"scheduler.aimd_window must be >= 0, got {self.aimd_window}")
         for key in ("c_right", "aimd_step", "theta_min", "theta_max", "ref_context", "switch_budget"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"scheduler.{key} must be > 0, got {getattr(self, key)}")
@@ -133,7 +137,7 @@ class DLoRAScheduler(LocalScheduler):
             left = min(self.iteration_ratio(view, view.adapter_rank(view.queue[0].adapter)),
                        self.theta_right - self.min_gap)
         return ThresholdTuner(left, self.theta_right, self.aimd_step, self.aimd_factor, self.theta_min,
-                              self.theta_max, self.min_gap, enabled=self.tune)
+                              self.theta_max, self.min_gap, enabled=self.tune, window=self.aimd_window)
 
     # --- the decision ---------------------------------------------------------------------------------
     def schedule(self, view: ReplicaView) -> Decision:
@@ -173,7 +177,7 @@ class DLoRAScheduler(LocalScheduler):
         chosen, run_mode, forced = plan, mode, False
         pending = False
         if self.guard:
-            episode = self._guard(view, by_adapter, nf, now)
+            episode = self._guard(view, by_adapter, fcfs, now)
             if episode is not None:
                 fplan, fmode = episode
                 if fmode != mode or set(fplan.batch) != set(plan.batch):   # the guard changed the iteration
@@ -202,9 +206,10 @@ class DLoRAScheduler(LocalScheduler):
         info = {"theta_left": round(tuner.theta_left, 6), "theta_right": round(tuner.theta_right, 6),
                 "max_credit": self.ledger.max_credit()}
         return Decision(chosen.batch, merged=run_mode, load=load, evict=evict, swap_out=tuple(chosen.swap_out),
-                        recompute=tuple(chosen.recompute), stable=stable, forced=forced, info=info)
+                        recompute=tuple(chosen.recompute), stable=stable, max_repeats=tuner.until_window(),
+                        forced=forced, info=info)
 
-    def _guard(self, view: ReplicaView, by_adapter: dict[int, list[Request]], nf: int,
+    def _guard(self, view: ReplicaView, by_adapter: dict[int, list[Request]], fcfs_plan: BatchPlan,
                now: float) -> tuple[BatchPlan, int | None] | None:
         """This iteration's forced batch and mode, or None when no forcing episode runs.
 
@@ -212,7 +217,7 @@ class DLoRAScheduler(LocalScheduler):
         large as F (the efficient way to serve a backlog), else unmerged: the forced adapters' requests
         in FCFS order, then FCFS fill. Its mode is chosen again only once the last mode change is
         amortised, or when the merged adapter has nothing left to run."""
-        ledger, queued = self.ledger, by_adapter.keys()
+        ledger, queued, nf = self.ledger, by_adapter.keys(), len(fcfs_plan.batch)
         settled = now - self._changed_at >= self._dwell   # the last mode change is amortised
         if settled or not self.episode:
             ledger.release()
@@ -237,12 +242,12 @@ class DLoRAScheduler(LocalScheduler):
         if not plan or not plan.batch:
             mode = None
             if settled or self._episode_mode not in order:        # choose: the first forced adapter
-                for f in order:                                  # whose requests alone fill a batch
-                    if len(by_adapter[f]) >= nf:
-                        p = fill_batch(view, by_adapter[f])
-                        if len(p.batch) >= nf:
-                            mode, plan = f, p
-                            break
+                rate_f = nf / self._batch_s(view, fcfs_plan)     # requests/s of the unmerged batch F
+                for f in order:                                  # whose merged batch serves faster
+                    p = fill_batch(view, by_adapter[f])
+                    if p.batch and len(p.batch) / self._decode_s(view, len(p.batch)) > rate_f:
+                        mode, plan = f, p
+                        break
         if mode is None:
             slots = view.adapter_slots
             plan = fill_batch(view, heapq.merge(*(by_adapter[f] for f in order), key=Request.sort_key),
