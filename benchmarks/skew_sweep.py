@@ -30,35 +30,41 @@ MAX_SWITCHING = 0.03
 MODES_CHART = {"b16": 1.5, "b32": 2.0}   # the dlora runs whose mode charts are recorded
 
 
-def load(sweep: Path) -> dict[tuple[str, float], dict[str, dict]]:
-    """(skew_load, skew) -> system -> summary."""
-    table: dict[tuple[str, float], dict[str, dict]] = {}
+Table = dict[tuple[str, float], dict[str, dict]]
+
+
+def load(sweep: Path) -> dict[int, Table]:
+    """seed -> (skew_load, skew) -> system -> summary."""
+    seeds: dict[int, Table] = {}
     for s in load_summaries(Path(sweep)):
         system = s.get("system")
         load_name = next((o.split("=", 1)[1] for o in s.get("overrides", []) if o.startswith("+skew_load=")), None)
         if system not in SYSTEMS or load_name not in LOADS:
             continue
+        table = seeds.setdefault(int(s["config"]["seed"]), {})
         key = (load_name, float(s["config"]["workload"]["popularity_param"]))
         if system in table.setdefault(key, {}):
             raise SystemExit(f"{s['folder']}: two runs of {system} at {key} in {sweep}")
         table[key][system] = s
-    if not table:
+    if not seeds:
         raise SystemExit(f"no summary.json of {sorted(SYSTEMS)} with +skew_load=... under {sweep}")
-    for key, runs in table.items():
-        missing = set(SYSTEMS) - set(runs)
-        if missing:
-            raise SystemExit(f"{sweep}: {key} lacks runs of {sorted(missing)}")
-    return dict(sorted(table.items(), key=lambda kv: (list(LOADS).index(kv[0][0]), kv[0][1])))
+    for seed, table in seeds.items():
+        for key, runs in table.items():
+            missing = set(SYSTEMS) - set(runs)
+            if missing:
+                raise SystemExit(f"{sweep}: seed {seed} {key} lacks runs of {sorted(missing)}")
+    return {seed: dict(sorted(t.items(), key=lambda kv: (list(LOADS).index(kv[0][0]), kv[0][1])))
+            for seed, t in sorted(seeds.items())}
 
 
-def check(table: dict[tuple[str, float], dict[str, dict]]) -> tuple[list[dict], list[str]]:
+def check(table: Table) -> tuple[list[dict], list[str]]:
     rows, failures = [], []
     for (load_name, skew), runs in table.items():
         m = {k: runs[k]["mean_s_per_token"] for k in SYSTEMS}
         p90 = {k: runs[k]["p90_s_per_token"] for k in SYSTEMS}
         tput = {k: runs[k]["throughput_rps"] for k in SYSTEMS}
         d = runs["dlora"]
-        row = {"load": load_name, "max_num_seqs": d["config"]["cluster"]["replica"]["max_num_seqs"],
+        row = {"seed": d["config"]["seed"], "load": load_name, "max_num_seqs": d["config"]["cluster"]["replica"]["max_num_seqs"],
                "rate": d["config"]["workload"]["rate"], "zipf_s": skew,
                **{f"mean_{k}": m[k] for k in SYSTEMS}, **{f"p90_{k}": p90[k] for k in SYSTEMS},
                **{f"tput_{k}": tput[k] for k in SYSTEMS},
@@ -79,13 +85,15 @@ def check(table: dict[tuple[str, float], dict[str, dict]]) -> tuple[list[dict], 
     return rows, failures
 
 
-def report(rows: list[dict], failures: list[str], sweep: Path, table: dict) -> str:
+def report(checked: dict[int, tuple[list[dict], list[str]]], sweep: Path, table: Table) -> str:
+    seed = next(iter(checked))
+    rows, _ = checked[seed]
     any_run = next(iter(table.values()))["dlora"]
     wl = any_run["config"]["workload"]
     lines = ["# skew_sweep: s/token vs adapter popularity (one replica)", "",
              f"{wl['num_adapters']} adapters, Zipf(s) popularity, {wl['num_requests']} requests, lengths uniform "
              f"[8, 512), profile {any_run['config']['profile']['hardware']} / {any_run['config']['model']['name']} "
-             f"(simulated), seed {any_run['config']['seed']}. Source: `{sweep}`.", "",
+             f"(simulated). Tables: seed {seed}; the verdicts of every seed follow them. Source: `{sweep}`.", "",
              "Commands: `dlora-sim --multirun experiment=skew_sweep` then "
              "`python benchmarks/skew_sweep.py <sweep folder> --record`.", ""]
     for load_name, kind in LOADS.items():
@@ -104,9 +112,16 @@ def report(rows: list[dict], failures: list[str], sweep: Path, table: dict) -> s
                 f"{r['tput_slora']:.2f} / {r['tput_merged']:.2f} / {r['tput_dlora']:.2f} | {r['tput_vs_best']:.3f} | "
                 f"{r['dlora_switching_share']:.2%} ({r['dlora_switches']}) |")
         lines.append("")
-    lines.append("Criteria: at `queue > batch` loads, dlora mean and P90 <= 1.02 x the better single mode; at "
-                 "overload, dlora throughput >= the better single mode's; switching < 3% of busy time everywhere.")
-    lines.append("Verdict: " + ("all met." if not failures else "NOT met: " + "; ".join(failures)))
+    lines += ["Criteria: at `queue > batch` loads, dlora mean and P90 <= 1.02 x the better single mode; at "
+              "overload, dlora throughput >= the better single mode's; switching < 3% of busy time everywhere.", "",
+              "| seed | worst dlora mean / best (queue > batch) | worst P90 / best | lowest throughput / best "
+              "(overload) | most switching | verdict |", "|---|---|---|---|---|---|"]
+    for sd, (rs, fails) in checked.items():
+        q = [r for r in rs if LOADS[r["load"]] != "overload"]
+        o = [r for r in rs if LOADS[r["load"]] == "overload"]
+        lines.append(f"| {sd} | {max(r['mean_vs_best'] for r in q):.3f} | {max(r['p90_vs_best'] for r in q):.3f} | "
+                     f"{min(r['tput_vs_best'] for r in o):.3f} | {max(r['dlora_switching_share'] for r in rs):.2%} | "
+                     f"{'met' if not fails else 'NOT met: ' + '; '.join(fails)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,12 +152,13 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write(rows: list[dict], text: str, table: dict, out: Path) -> None:
+def write(all_rows: list[dict], rows: list[dict], text: str, table: Table, out: Path) -> None:
+    """CSV of every seed's rows; chart and modes charts of the first seed."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "skew_sweep.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=list(all_rows[0]), lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(all_rows)
     (out / "skew_sweep.md").write_text(text)
     wl = next(iter(table.values()))["dlora"]["config"]["workload"]
     chart(rows, out / "skew_sweep.png",
@@ -160,14 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep", type=Path, help="folder of a skew_sweep multirun (holds */summary.json)")
     ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
     args = ap.parse_args(argv)
-    table = load(args.sweep)
-    rows, failures = check(table)
-    text = report(rows, failures, args.sweep, table)
+    seeds = load(args.sweep)
+    checked = {seed: check(table) for seed, table in seeds.items()}
+    first = next(iter(seeds))
+    text = report(checked, args.sweep, seeds[first])
     print(text)
     out = RESULTS if args.record else Path(tempfile.mkdtemp(prefix="skew_sweep_"))
-    write(rows, text, table, out)
+    write([r for rs, _ in checked.values() for r in rs], checked[first][0], text, seeds[first], out)
     print(f"wrote {out}/skew_sweep.{{csv,md,png}}" + ("" if args.record else " (pass --record to keep them)"))
-    return 0 if not failures else 1
+    return 0 if not any(f for _, f in checked.values()) else 1
 
 
 if __name__ == "__main__":

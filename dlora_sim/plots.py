@@ -80,10 +80,9 @@ def mode_threshold_chart(folder: Path, replica: int = 0, it: dict[str, list[str]
     right = np.array([float(x) if x != "" else np.nan for x in it["theta_right"]])[m]
     fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(12, 4.8), sharex=True, height_ratios=[1, 1.2])
     ax0.scatter(start[merged], adapter[merged], s=3, color="tab:orange", label="merged on adapter")
-    ax0.scatter(start[~merged & ~forced], np.full((~merged & ~forced).sum(), -1), s=3, color="tab:blue",
-                label="unmerged")
-    ax0.scatter(start[forced], np.full(forced.sum(), -2), s=3, color="tab:red", label="unmerged, forced by credits")
-    ax0.set_ylabel("mode\n(-1 unmerged,\n-2 forced)")
+    ax0.scatter(start[~merged], np.full((~merged).sum(), -1), s=3, color="tab:blue", label="unmerged")
+    ax0.scatter(start[forced], np.full(forced.sum(), -2), s=3, color="tab:red", label="forced by credits (either mode)")
+    ax0.set_ylabel("merged adapter\n(-1 unmerged,\n-2 forced)")
     ax0.legend(loc="upper right", markerscale=4, fontsize=8)
     ax1.step(start, left, where="post", label="theta_left (stay merged)")
     ax1.step(start, right, where="post", label="theta_right (merge)")
