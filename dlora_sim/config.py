@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from dlora_sim.engine import ClusterConfig, Simulation
 from dlora_sim.paths import PROFILES_DIR
 from dlora_sim.profile import Profile, ProfileError, load_profile
-from dlora_sim.replica import ReplicaConfig
+from dlora_sim.replica_state import ReplicaConfig
 from dlora_sim.workload.spec import Workload
 
 

@@ -19,8 +19,9 @@ from dlora_sim.metrics import Recorder, SimResult
 from dlora_sim.migration_apply import MigrationStats, apply_plan
 from dlora_sim.policies.base import LocalScheduler, MigrationPlan, Migrator, PolicyError, Router
 from dlora_sim.profile import Profile
-from dlora_sim.replica import Replica, ReplicaConfig
-from dlora_sim.request import NS, Request, State, blocks_for, to_ns
+from dlora_sim.replica import Replica
+from dlora_sim.replica_state import ReplicaConfig, reject_reason
+from dlora_sim.request import NS, Request, State, to_ns
 from dlora_sim.workload.spec import Workload
 
 
@@ -108,7 +109,7 @@ class Simulation:
             self._dispatch(r)
 
     def _dispatch(self, r: Request) -> None:
-        reason = self._infeasible(r)
+        reason = reject_reason(r, self.cluster_cfg.replica, self._kv_cap)
         if reason:
             r.state, r.reject_reason = State.REJECTED, reason
             self._done(r)
@@ -121,15 +122,6 @@ class Simulation:
             raise PolicyError(f"router sent request {r.id} (adapter {r.adapter}) to replica {j}, not a host {hosts}")
         r.dispatch = self.env.now
         self.replicas[j].enqueue(r)
-
-    def _infeasible(self, r: Request) -> str:
-        cfg = self.cluster_cfg.replica
-        # reasons are categories (summary.json counts them); the request's own numbers are in requests.csv
-        if r.prompt_tokens > cfg.max_num_batched_tokens:
-            return f"prompt longer than max_num_batched_tokens ({cfg.max_num_batched_tokens})"
-        if blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size) > self._kv_cap:
-            return f"prompt + output need more KV blocks than a replica has ({self._kv_cap})"
-        return ""
 
     def _migration(self):
         """Every interval: observe, plan, wait while the scheduler 'computes' (plan.solve_s), apply.

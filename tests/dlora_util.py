@@ -9,7 +9,8 @@ from dlora_sim.metrics import Recorder
 from dlora_sim.paths import PROFILES_DIR
 from dlora_sim.policies.dlora import DLoRAScheduler
 from dlora_sim.profile import load_profile
-from dlora_sim.replica import Replica, ReplicaConfig
+from dlora_sim.replica import Replica
+from dlora_sim.replica_state import ReplicaConfig
 from dlora_sim.request import NS, Request, State
 from sim_helpers import compose_cfg, iterations_csv, requests_csv
 

@@ -8,7 +8,8 @@ from dlora_sim.cost_model import CostModel
 from dlora_sim.metrics import Recorder
 from dlora_sim.policies.batching import fill_batch
 from dlora_sim.policies.unmerged import UnmergedOnly
-from dlora_sim.replica import Replica, ReplicaConfig
+from dlora_sim.replica import Replica
+from dlora_sim.replica_state import ReplicaConfig
 from dlora_sim.request import Request, State
 
 

@@ -15,7 +15,7 @@ from dlora_sim.policies.dlora_migration import DLoRAMigrator
 from dlora_sim.policies.dlora_router import DLoRARouter
 from dlora_sim.policies.unmerged import UnmergedOnly
 from dlora_sim.profile import load_profile
-from dlora_sim.replica import ReplicaConfig
+from dlora_sim.replica_state import ReplicaConfig
 from dlora_sim.request import NS, State, blocks_for
 from dlora_sim.workload.spec import RequestSpec, Workload
 from dlora_sim.workload.synthetic import SyntheticWorkload

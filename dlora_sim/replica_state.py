@@ -1,0 +1,417 @@
+"""One replica's state and the rules that apply a decision, for every executor (no SimPy, no kernels).
+
+The state *is* the `ReplicaView` a local policy reads: the FCFS queue, KV blocks, host swap, resident
+adapters and the merged adapter, and a clock. `begin(decision)` validates a decision against capacity
+(so a buggy policy fails loudly) and applies it to memory in the order every executor follows:
+recompute, swap-out, evict, load, mode change, swap-in, then the batch's KV growth. It returns a
+`Step` with the iteration's features; the simulator prices them with the cost model and advances
+simulated time, the GPU runtime runs kernels for them. `complete*` / `end_run` then apply what an
+iteration produced (a token per request, KV growth, finishing). Both executors size KV from the same
+memory layout, so they have the same blocks, and reject the same requests (`reject_reason`).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from dlora_sim.cost_model import CostModel
+from dlora_sim.policies.base import Decision, PolicyError
+from dlora_sim.request import NS, Request, State, blocks_for, to_ns
+
+if TYPE_CHECKING:
+    from dlora_sim.metrics import Recorder
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    watermark: float = 0.01          # fraction of KV blocks kept free when admitting prefills
+    host_swap_bytes: int = 16 * GIB  # per replica
+    gpu_adapter_slots: int = 8
+    weights: str = "lora"            # "lora" | "full_copy" (a whole merged model per adapter)
+    fast_forward: bool = True
+    max_kv_blocks: int | None = None # cap on KV blocks (a smaller KV budget than the GPU allows)
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("lora", "full_copy"):
+            raise ValueError(f"cluster.replica.weights must be 'lora' or 'full_copy', got {self.weights!r}")
+        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_adapter_slots"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"cluster.replica.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_kv_blocks is not None and self.max_kv_blocks < 1:
+            raise ValueError(f"cluster.replica.max_kv_blocks must be >= 1 or null, got {self.max_kv_blocks}")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"cluster.replica.watermark must be in [0, 1), got {self.watermark}")
+
+
+def reject_reason(r: Request, cfg: ReplicaConfig, kv_blocks: int) -> str:
+    """Why no replica can ever serve `r` ('' if one can); reasons are categories (summary.json counts
+    them), the request's own numbers are in requests.csv."""
+    if r.prompt_tokens > cfg.max_num_batched_tokens:
+        return f"prompt longer than max_num_batched_tokens ({cfg.max_num_batched_tokens})"
+    if blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size) > kv_blocks:
+        return f"prompt + output need more KV blocks than a replica has ({kv_blocks})"
+    return ""
+
+
+@dataclass(slots=True)
+class Step:
+    """One iteration as `begin` applied it: what runs and the features executors price or run."""
+
+    batch: list[Request]
+    decision: Decision
+    prefill: list[bool]              # per batch request: prefilled this iteration (else one decode token)
+    swap_in: list[Request]           # batch requests whose KV came back from host memory
+    mode_from: int | None            # merged adapter before the iteration (None = clean weights)
+    prefill_tokens: int = 0
+    prefill_sq: int = 0              # sum of squared prefill lengths (attention)
+    decode_seqs: int = 0
+    decode_context: int = 0          # sum of decode sequences' context lengths
+    rank_sum: int = 0                # ranks of the distinct adapters in the batch
+    token_rank: int = 0              # sum over the batch's tokens of their adapter's rank
+    distinct: int = 0                # distinct adapters in the batch
+    swapped_in_blocks: int = 0
+    swapped_out_blocks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """Seconds the cost model charges for a step (the simulator's time, the runtime's virtual clock)."""
+
+    compute: float
+    switch: float
+    load: float
+    swap: float
+
+    @property
+    def overhead(self) -> tuple[float, float, float]:
+        return (self.switch, self.load, self.swap)
+
+    def total_ns(self) -> int:
+        return to_ns(self.compute + self.switch + self.load + self.swap)   # this order: bit-stable
+
+
+class ReplicaState:
+    def __init__(self, rid: int, cfg: ReplicaConfig, cost: CostModel, ranks: Sequence[int], recorder: "Recorder",
+                 on_done: Callable[[Request], None], clock: Callable[[], int]):
+        self.id, self.cfg, self.cost = rid, cfg, cost
+        self._ranks = list(ranks)
+        self.recorder, self._on_done, self._clock = recorder, on_done, clock
+        self.full_copy = cfg.weights == "full_copy"
+        # a full copy's first slot is the base weights themselves; LoRA slots sit beside them
+        extra_slots = cfg.gpu_adapter_slots - 1 if self.full_copy else cfg.gpu_adapter_slots
+        layout = cost.memory_layout(cfg.block_size, extra_slots, self.slot_bytes(max(self._ranks, default=1)))
+        self.layout = layout
+        self.max_num_seqs, self.max_num_batched_tokens = cfg.max_num_seqs, cfg.max_num_batched_tokens
+        self.block_size, self.adapter_slots = cfg.block_size, cfg.gpu_adapter_slots
+        blocks = layout.total_kv_blocks if cfg.max_kv_blocks is None else min(cfg.max_kv_blocks, layout.total_kv_blocks)
+        self.total_blocks = self.free_blocks = blocks
+        self.watermark_blocks = int(cfg.watermark * blocks)
+        self.host_total_blocks = self.host_free_blocks = cfg.host_swap_bytes // layout.block_bytes
+        self.queue: list[Request] = []
+        self.resident: dict[int, None] = {}
+        self.merged: int | None = None
+        self.running: list[Request] = []
+        self.debug = False   # O(queue) memory accounting checks after every step (tests)
+
+    def slot_bytes(self, rank: int) -> int:
+        """Bytes an adapter occupies on the GPU (and loads over PCIe): its A and B, or a whole model copy."""
+        prof = self.cost.profile
+        return prof.model.weight_bytes if self.full_copy else prof.adapter_bytes(rank)
+
+    # --- the view policies read -----------------------------------------------------------------
+    @property
+    def now(self) -> float:
+        return self._clock() / NS
+
+    def adapter_rank(self, adapter: int) -> int:
+        return self._ranks[adapter]
+
+    @property
+    def in_flight(self) -> Sequence[Request]:
+        return self.running
+
+    # --- queue changes from the cluster ------------------------------------------------------------
+    def queue_changed(self) -> None:
+        """Hook: executors that wait for work (the simulator's process) wake up here."""
+
+    def enqueue(self, r: Request) -> None:
+        r.replica = self.id
+        bisect.insort(self.queue, r, key=Request.sort_key)
+        self.queue_changed()
+
+    def remove(self, r: Request) -> None:
+        i = bisect.bisect_left(self.queue, r.sort_key(), key=Request.sort_key)
+        if i >= len(self.queue) or self.queue[i] is not r:
+            raise PolicyError(f"request {r.id} is not queued on replica {self.id}")
+        if any(x is r for x in self.running):
+            raise PolicyError(f"request {r.id} is running on replica {self.id} and cannot be removed")
+        del self.queue[i]
+        # its KV (GPU or host copy) leaves with it: a migrated request holds no memory here
+        if r.state == State.RESIDENT:
+            self.free_blocks += r.kv_blocks
+        elif r.state == State.SWAPPED:
+            self.host_free_blocks += r.kv_blocks
+        r.kv_blocks = 0
+        self.queue_changed()
+
+    def receive(self, r: Request, with_kv: bool) -> State:
+        """Admit a migrated request. With its KV cache: on the GPU if blocks are free (above the
+        watermark), else into host swap if there is room, else it is recomputed (re-prefilled)."""
+        need = blocks_for(r.context_len, self.block_size)
+        if with_kv and self.free_blocks - need >= self.watermark_blocks:
+            self.free_blocks -= need
+            r.state, r.kv_blocks = State.RESIDENT, need
+        elif with_kv and need <= self.host_free_blocks:
+            self.host_free_blocks -= need
+            r.state, r.kv_blocks = State.SWAPPED, need
+        else:
+            r.state, r.kv_blocks = State.QUEUED, 0
+        self.enqueue(r)
+        return r.state
+
+    def preload(self, adapters: Sequence[int]) -> None:
+        for a in adapters:
+            if len(self.resident) >= self.adapter_slots:
+                raise ValueError(f"replica {self.id}: cannot preload {list(adapters)} into {self.adapter_slots} slots")
+            self.resident[a] = None
+
+    # --- applying a decision ------------------------------------------------------------------------
+    def begin(self, d: Decision) -> Step:
+        """Validate `d` and apply it to memory; the batch is then in flight until `end_run`."""
+        self._validate(d)
+        rec, bs = self.recorder, self.block_size
+        step = Step(d.batch, d, [], [], self.merged)
+        for r in d.recompute:
+            self.free_blocks += r.kv_blocks
+            r.kv_blocks, r.state = 0, State.QUEUED
+            r.preemptions += 1
+        for r in d.swap_out:
+            self.free_blocks += r.kv_blocks
+            self.host_free_blocks -= r.kv_blocks
+            step.swapped_out_blocks += r.kv_blocks
+            r.state = State.SWAPPED
+            r.preemptions += 1
+        rec.count("preemptions", len(d.recompute) + len(d.swap_out))
+        rec.count("swap_outs", len(d.swap_out))
+        rec.count("recomputes", len(d.recompute))
+        for a in d.evict:
+            del self.resident[a]
+        for a in d.load:
+            self.resident[a] = None
+        rec.count("adapter_loads", len(d.load))
+        if d.merged != self.merged:
+            if not self.full_copy:
+                rec.count("switches", 1)
+            self.merged = d.merged
+        prefill_tokens = prefill_sq = decode = ctx = rank_sum = token_rank = 0
+        prefill, swap_in = step.prefill, step.swap_in
+        seen: set[int] = set()
+        now = self._clock()
+        ranks = self._ranks
+        free = self.free_blocks
+        for r in d.batch:   # hot loop: plain attribute arithmetic
+            n = r.prompt_tokens + r.generated
+            need = -(-n // bs)
+            state = r.state
+            if state == _SWAPPED:
+                swap_in.append(r)
+                self.host_free_blocks += r.kv_blocks
+                step.swapped_in_blocks += need
+                free -= need
+                r.state = state = _RESIDENT
+            else:
+                free -= need - r.kv_blocks
+            r.kv_blocks = need
+            a = r.adapter
+            rank = ranks[a]
+            if r.first_scheduled < 0:
+                r.first_scheduled = now
+            if state == _QUEUED:
+                prefill_tokens += n
+                prefill_sq += n * n
+                token_rank += n * rank
+                prefill.append(True)
+            else:
+                decode += 1
+                ctx += n
+                token_rank += rank
+                prefill.append(False)
+            if a not in seen:
+                seen.add(a)
+                rank_sum += rank
+        self.free_blocks = free
+        if self.free_blocks < 0 or self.host_free_blocks < 0:
+            raise PolicyError(f"replica {self.id}: decision exceeds memory (free blocks {self.free_blocks}, "
+                              f"host blocks {self.host_free_blocks})")
+        rec.count("swap_ins", len(swap_in))
+        step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context = prefill_tokens, prefill_sq, decode, ctx
+        step.rank_sum, step.token_rank, step.distinct = rank_sum, token_rank, len(seen)
+        self.running = d.batch
+        if self.debug:
+            self.check_accounting()
+        return step
+
+    def prices(self, step: Step) -> Prices:
+        """What the cost model charges for `step`: compute, mode change, adapter loads, KV swaps."""
+        cost, d = self.cost, step.decision
+        unmerged = d.merged is None
+        compute = cost.iteration_time(step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context,
+                                      len(step.batch), step.rank_sum if unmerged else 0,
+                                      step.token_rank if unmerged else 0)
+        load = 0.0
+        for a in d.load:
+            load += cost.load_time(self.slot_bytes(self._ranks[a]))
+        return Prices(compute, cost.mode_change_time(step.mode_from, d.merged, self.full_copy), load,
+                      cost.swap_time(step.swapped_in_blocks + step.swapped_out_blocks, self.layout.block_bytes))
+
+    def complete(self, step: Step, end: int, dur: int) -> tuple[int, int]:
+        """The step's (first) iteration ended at `end` ns after `dur` ns: every request gains a token.
+        Returns (prefill tokens, prefilled requests) for the record."""
+        prefill_tokens = prefills = 0
+        for r, pf in zip(step.batch, step.prefill):
+            if pf:
+                prefill_tokens += r.prompt_tokens + r.generated
+                prefills += 1
+                r.state = State.RESIDENT
+            r.generated += 1
+            r.exec_ns += dur
+            if r.first_token < 0:
+                r.first_token = end
+        return prefill_tokens, prefills
+
+    @staticmethod
+    def complete_repeats(batch: Sequence[Request], m: int, total: int) -> None:
+        """m more identical decode iterations of `total` ns together (nobody finishes inside them)."""
+        for r in batch:
+            r.generated += m
+            r.exec_ns += total
+
+    def grow_in_flight(self, batch: Sequence[Request]) -> None:
+        """The next identical iteration of `batch` is in flight: every request's KV grows to hold it."""
+        bs, free = self.block_size, self.free_blocks
+        for r in batch:
+            if r.generated >= r.output_tokens:
+                raise AssertionError("a request finished inside a fast-forwarded run")
+            need = -(-(r.prompt_tokens + r.generated) // bs)
+            free -= need - r.kv_blocks
+            r.kv_blocks = need
+        self.free_blocks = free
+        self._check_free()
+
+    def end_run(self, batch: Sequence[Request], end: int) -> list[Request]:
+        """The batch's last iteration ended at `end` ns: requests with all their tokens finish.
+        Returns the requests that finished."""
+        done = [r for r in batch if r.generated >= r.output_tokens]
+        for r in done:
+            self._finish(r, end)
+        self.running = []
+        self._check_free()
+        return done
+
+    def _check_free(self) -> None:
+        if self.free_blocks < 0:
+            raise AssertionError(f"replica {self.id}: KV blocks overcommitted ({self.free_blocks})")
+        if self.debug:
+            self.check_accounting()
+
+    def repeatable(self, batch: list[Request]) -> int:
+        """How many identical decode iterations fit before a request finishes or blocks run out."""
+        k = min(r.output_tokens - r.generated for r in batch)
+        bs, free = self.block_size, self.free_blocks
+
+        def extra(m: int) -> int:   # blocks the iterations 2..m need beyond what the first holds
+            return sum(-(-(r.prompt_tokens + r.generated + m - 1) // bs) - r.kv_blocks for r in batch)
+
+        if k <= 1 or extra(k) <= free:
+            return max(k, 1)
+        lo, hi = 1, k   # extra(lo) <= free < extra(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if extra(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def check_accounting(self) -> None:
+        """Every block is owned by exactly one request; nothing exceeds capacity."""
+        flight = {id(r) for r in self.running}
+        gpu = sum(r.kv_blocks for r in self.queue if r.state == State.RESIDENT or id(r) in flight)
+        host = sum(r.kv_blocks for r in self.queue if r.state == State.SWAPPED)
+        if gpu != self.total_blocks - self.free_blocks or not 0 <= self.free_blocks <= self.total_blocks:
+            raise AssertionError(f"replica {self.id}: KV accounting {gpu} used vs {self.total_blocks - self.free_blocks}")
+        if host != self.host_total_blocks - self.host_free_blocks or self.host_free_blocks < 0:
+            raise AssertionError(f"replica {self.id}: host swap accounting {host} vs "
+                                 f"{self.host_total_blocks - self.host_free_blocks}")
+        if any(r.kv_blocks for r in self.queue if r.state == State.QUEUED and id(r) not in flight):
+            raise AssertionError(f"replica {self.id}: a queued request holds KV blocks")
+        if len(self.resident) > self.adapter_slots:
+            raise AssertionError(f"replica {self.id}: {len(self.resident)} adapters in {self.adapter_slots} slots")
+
+    def _finish(self, r: Request, t: int) -> None:
+        self.free_blocks += r.kv_blocks
+        r.kv_blocks = 0
+        r.state = State.FINISHED
+        r.finish = t
+        i = bisect.bisect_left(self.queue, r.sort_key(), key=Request.sort_key)
+        del self.queue[i]
+        self._on_done(r)
+
+    def _validate(self, d: Decision) -> None:
+        """Reject a decision that breaks a capacity or consistency rule (one pass over the batch)."""
+        cfg, batch = self.cfg, d.batch
+        if len(batch) > cfg.max_num_seqs:
+            raise PolicyError(f"replica {self.id}: batch of {len(batch)} exceeds max_num_seqs {cfg.max_num_seqs}")
+        members = set(batch)   # requests hash by identity
+        if len(members) != len(batch):
+            raise PolicyError(f"replica {self.id}: a request appears twice in the batch")
+        tokens, rid, swap_in = 0, self.id, False
+        adapters: set[int] = set()
+        for r in batch:
+            state = r.state
+            if r.replica != rid or state >= _FINISHED:
+                raise PolicyError(f"replica {self.id}: request {r.id} is not runnable here")
+            tokens += r.prompt_tokens + r.generated if state == _QUEUED else 1
+            swap_in = swap_in or state == _SWAPPED
+            adapters.add(r.adapter)
+        if tokens > cfg.max_num_batched_tokens and len(batch) > 1:
+            raise PolicyError(f"replica {self.id}: {tokens} tokens exceed max_num_batched_tokens")
+        for r in (*d.swap_out, *d.recompute):
+            if r.state != State.RESIDENT or r in members or r.replica != self.id:
+                raise PolicyError(f"replica {self.id}: cannot preempt request {r.id} ({r.state.name})")
+        if d.swap_out and swap_in:
+            raise PolicyError(f"replica {self.id}: swap-in and swap-out in the same iteration")
+        resident = self.resident
+        if d.evict or d.load:
+            resident = dict(resident)
+            for a in d.evict:
+                if a not in resident:
+                    raise PolicyError(f"replica {self.id}: evicting adapter {a}, which is not resident")
+                del resident[a]
+            for a in d.load:
+                if a in resident:
+                    raise PolicyError(f"replica {self.id}: loading adapter {a}, which is already resident")
+                resident[a] = None
+            if len(resident) > self.adapter_slots:
+                raise PolicyError(f"replica {self.id}: {len(resident)} resident adapters exceed "
+                                  f"{self.adapter_slots} slots")
+        if d.merged is not None:
+            if d.merged not in resident:
+                raise PolicyError(f"replica {self.id}: merging adapter {d.merged}, which is not resident")
+            if adapters - {d.merged}:
+                raise PolicyError(f"replica {self.id}: merged on {d.merged} but the batch has other adapters")
+        else:
+            if self.full_copy:
+                raise PolicyError(f"replica {self.id}: full-copy replicas run merged only")
+            missing = [a for a in adapters if a not in resident]
+            if missing:
+                raise PolicyError(f"replica {self.id}: unmerged batch uses non-resident adapters {sorted(missing)}")
+
+
+_QUEUED, _RESIDENT, _SWAPPED, _FINISHED = State.QUEUED, State.RESIDENT, State.SWAPPED, State.FINISHED
