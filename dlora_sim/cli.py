@@ -4,24 +4,31 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dlora_sim.config import build_simulation
-from dlora_sim.metrics import RESULT_FILES, summarize, write_results
+from dlora_sim.metrics import RESULT_FILES, SimResult, summarize, write_results
 from dlora_sim.paths import CONF_DIR
 
 log = logging.getLogger("dlora_sim")
 
 
 def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
-    sim = build_simulation(cfg)
+    return finish_job(cfg, out, system, overrides, build_simulation(cfg).run)
+
+
+def finish_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], run: Callable[[], SimResult],
+               about: dict | None = None) -> dict:
+    """Run, then write the results folder (summary.json last) and its charts; a failed run leaves no
+    file that looks complete. `about` adds executor facts (the runtime's device, clock, versions)."""
     try:
-        res = sim.run()
-        summary = {"system": system, "overrides": overrides, **summarize(res, float(cfg.slo_s_per_token)),
-                   "config": OmegaConf.to_container(cfg, resolve=True)}
+        res = run()
+        summary = {"system": system, "overrides": overrides, **(about or {}),
+                   **summarize(res, float(cfg.slo_s_per_token)), "config": OmegaConf.to_container(cfg, resolve=True)}
         write_results(out, res, summary)
     except BaseException:
         for name in RESULT_FILES:   # never leave a folder that looks complete

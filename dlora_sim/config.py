@@ -1,15 +1,18 @@
-"""From a Hydra/OmegaConf config to a ready Simulation: the only place config keys are interpreted."""
+"""From a Hydra/OmegaConf config to the parts of a run (profile, cluster, workload, policies): the only
+place config keys are interpreted, for the simulator and the runtime alike."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dlora_sim.engine import ClusterConfig, Simulation
 from dlora_sim.paths import PROFILES_DIR
+from dlora_sim.policies.base import LocalScheduler, Migrator, Router
 from dlora_sim.profile import Profile, ProfileError, load_profile
 from dlora_sim.replica_state import ReplicaConfig
 from dlora_sim.workload.spec import Workload
@@ -64,7 +67,19 @@ def _policy(node: DictConfig, where: str):
     return instantiate(node, _convert_="all")
 
 
-def build_simulation(cfg: DictConfig, workload: Workload | None = None) -> Simulation:
+@dataclass(frozen=True)
+class Parts:
+    """Everything a run is built from, shared by the simulator (`dlora-sim`) and the runtime (`dlora-serve`)."""
+
+    profile: Profile
+    cluster: ClusterConfig
+    workload: Workload
+    scheduler_factory: Callable[[], LocalScheduler]   # one fresh local policy per replica
+    router: Router
+    migrator: Migrator | None
+
+
+def build_parts(cfg: DictConfig, workload: Workload | None = None) -> Parts:
     profile = build_profile(cfg)
     cluster = build_cluster(cfg)
     workload = workload if workload is not None else build_workload(cfg)
@@ -73,6 +88,10 @@ def build_simulation(cfg: DictConfig, workload: Workload | None = None) -> Simul
     router = _policy(cfg.router, "router")
     mig = cfg.get("migration")
     migrator = _policy(mig, "migration") if mig is not None and "_target_" in mig else None
-    return Simulation(workload, profile, cluster, lambda: instantiate(scheduler_cfg, _convert_="all"), router,
-                      migrator, progress=bool(cfg.get("progress", False)),
-                      keep_iterations=bool(cfg.get("keep_iterations", True)))
+    return Parts(profile, cluster, workload, lambda: instantiate(scheduler_cfg, _convert_="all"), router, migrator)
+
+
+def build_simulation(cfg: DictConfig, workload: Workload | None = None) -> Simulation:
+    p = build_parts(cfg, workload)
+    return Simulation(p.workload, p.profile, p.cluster, p.scheduler_factory, p.router, p.migrator,
+                      progress=bool(cfg.get("progress", False)), keep_iterations=bool(cfg.get("keep_iterations", True)))

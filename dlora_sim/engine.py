@@ -40,6 +40,15 @@ class ClusterConfig:
             raise ValueError("cluster.num_replicas and cluster.gpus_per_replica must be >= 1")
 
 
+def workload_demand(workload: Workload) -> tuple[float, ...]:
+    """Each adapter's share of the workload's requests (what placement plans for)."""
+    counts = [0] * len(workload.adapters)
+    for spec in workload.requests:
+        counts[spec.adapter] += 1
+    total = max(sum(counts), 1)
+    return tuple(c / total for c in counts)
+
+
 class Simulation:
     """Replays a workload on a cluster; `run()` returns every request's timestamps and the iteration log."""
 
@@ -64,11 +73,7 @@ class Simulation:
         self._progress = progress
         self._bar: tqdm | None = None
         self.extra: dict = {}
-        counts = [0] * len(workload.adapters)
-        for spec in workload.requests:
-            counts[spec.adapter] += 1
-        total = max(sum(counts), 1)
-        self.demand: tuple[float, ...] = tuple(c / total for c in counts)   # ClusterView: expected request mix
+        self.demand: tuple[float, ...] = workload_demand(workload)   # ClusterView: expected request mix
         self.in_transit: dict[int, Request] = {}   # migrating requests, in no replica's queue
         self._mig_stats = MigrationStats()
         self._kv_cap = min(rep.total_blocks for rep in self.replicas)   # the smallest replica's KV blocks

@@ -44,16 +44,19 @@ class Recorder:
             self.counters[key] += n
 
     def iteration(self, replica: int, start: int, dur: int, compute: float, overhead: tuple[float, float, float],
-                  d: Decision, batch: int, prefill_tokens: int, decode_seqs: int, distinct: int) -> None:
+                  d: Decision, batch: int, prefill_tokens: int, decode_seqs: int, distinct: int,
+                  extra: Mapping[str, float] | None = None) -> None:
+        """One iteration; `extra` adds executor columns (the runtime's wall-clock phases) to d.info's."""
         self.num_iterations += 1
         self.busy_ns += dur
         self.switch_s += overhead[0]
         if not self.keep_iterations:
             return
-        if d.info:
-            self.info_keys.update(d.info)
+        info = d.info if not extra else {**(d.info or {}), **extra}
+        if info:
+            self.info_keys.update(info)
         self.rows.append((replica, start, dur, compute, overhead, d.merged, batch, prefill_tokens, decode_seqs,
-                          distinct, d.forced, d.info))
+                          distinct, d.forced, info))
 
 
 @dataclass

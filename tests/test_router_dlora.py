@@ -126,3 +126,10 @@ def test_more_adapters_than_gpu_slots_preload_within_slots() -> None:
                            "workload.num_requests=200")
         assert all(r.finish >= 0 for r in res.requests)
         assert all(len(rep.resident) <= rep.adapter_slots for rep in sim.replicas)
+
+
+def test_placement_accepts_vanishing_demand() -> None:
+    """Demands so small that d / hosts underflows (hypothesis found 5e-324) are valid input."""
+    assert greedy_placement([5e-324], [100, 100], [2, 2]) == [[0, 1]]
+    hosts = greedy_placement([5e-324, 5e-324, 0.0], [100, 100, 50], [2, 2, 2])
+    assert sorted(j for h in hosts for j in h) == [0, 1, 1, 2, 2]

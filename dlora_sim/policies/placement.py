@@ -16,12 +16,12 @@ from typing import Sequence
 def _ratio(k: int, hosts: list[list[int]], demand: Sequence[float], kv: Sequence[float],
            load: Sequence[float]) -> float:
     """KV memory adapter k gets per unit of its demand."""
-    d = demand[k]
-    if d <= 0:
+    if demand[k] <= 0:
         return math.inf
+    # each host j gives it kv_j * (its share d/h of j's load) / load_j; per unit of d that is kv_j / (h load_j),
+    # which stays finite for demands so small that d/h underflows (load_j > 0: it includes this adapter)
     h = len(hosts[k])
-    share = d / h
-    return sum(kv[j] * share / load[j] for j in hosts[k]) / d
+    return sum(kv[j] / (h * load[j]) if load[j] > 0 else math.inf for j in hosts[k])
 
 
 def _loads(hosts: list[list[int]], demand: Sequence[float], m: int) -> list[float]:

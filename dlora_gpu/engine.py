@@ -1,0 +1,228 @@
+"""The serving loop: arrivals, dispatch and one replica's iterations over the shared replica state.
+
+The loop asks the same policy objects as the simulator (a local scheduler reading a `ReplicaState`, a
+router placing adapters and dispatching), applies each decision through `ReplicaState.begin` and has
+an executor run it on real kernels. Two clocks:
+- `real`: wall time. Requests arrive when the wall clock passes their trace time, are admitted
+  between iterations, and every timestamp is what a user would measure.
+- `virtual`: the clock advances by the cost model's price of each step while the real kernels run,
+  and waits jump to the next arrival. Arrivals at or before an instant are queued before the policy
+  decides at it, as the simulator's URGENT arrivals are, so requests.csv is byte-identical to
+  `dlora-sim` with the same config: the runtime applies decisions exactly as the simulator does, and
+  any error left on the real clock is the cost model's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from tqdm import tqdm
+
+from dlora_sim.config import Parts
+from dlora_sim.cost_model import CostModel
+from dlora_sim.engine import SimulationError, workload_demand
+from dlora_sim.metrics import Recorder, SimResult
+from dlora_sim.policies.base import PolicyError
+from dlora_sim.replica_state import ReplicaState, Step, reject_reason
+from dlora_sim.request import NS, Request, State, to_ns
+
+
+@dataclass(frozen=True)
+class PhaseTimes:
+    """Measured seconds of one iteration's phases, in the order the executor runs them."""
+
+    recompute: float = 0.0
+    swap_out: float = 0.0
+    evict: float = 0.0
+    load: float = 0.0
+    mode: float = 0.0
+    swap_in: float = 0.0
+    forward: float = 0.0
+
+    @property
+    def swap(self) -> float:
+        return self.swap_out + self.swap_in
+
+    @property
+    def total(self) -> float:
+        return self.recompute + self.swap_out + self.evict + self.load + self.mode + self.swap_in + self.forward
+
+
+class Executor(Protocol):
+    """Runs a step on a device: memory operations, then the forward pass; measures each phase."""
+
+    def preload(self, adapters: Sequence[int]) -> None: ...
+    def run(self, step: Step) -> PhaseTimes: ...
+    def release(self, requests: Sequence[Request]) -> None: ...
+
+
+class Clock:
+    """Nanoseconds since the start of serving: wall time (`real`) or cost-model time (`virtual`)."""
+
+    def __init__(self, kind: str):
+        if kind not in ("real", "virtual"):
+            raise ValueError(f"runtime.clock must be 'real' or 'virtual', got {kind!r}")
+        self.kind = kind
+        self.virtual = kind == "virtual"
+        self._t = 0
+        self._t0 = time.perf_counter_ns()
+
+    def now(self) -> int:
+        return self._t if self.virtual else time.perf_counter_ns() - self._t0
+
+    def advance(self, ns: int) -> None:
+        """A step priced at `ns` ran (virtual time moves; wall time moved by itself)."""
+        if self.virtual:
+            self._t += ns
+
+    def wait_until(self, t: int) -> None:
+        if self.virtual:
+            self._t = max(self._t, t)
+        else:
+            delay = (t - self.now()) / NS
+            if delay > 0:
+                time.sleep(delay)
+
+
+@dataclass
+class ServingStats:
+    policy_s: float = 0.0     # wall time spent in the local scheduler and the router
+    executor_s: float = 0.0   # wall time spent running steps
+    iterations: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Serves a workload on one replica; the same `Parts` as a simulation (one replica, no migration)."""
+
+    def __init__(self, parts: Parts, make_executor: Callable[[ReplicaState], Executor], clock: Clock, *,
+                 progress: bool = False, keep_iterations: bool = True):
+        self._refuse(parts)
+        self.workload, self.profile, self.cluster_cfg = parts.workload, parts.profile, parts.cluster
+        self.cost = CostModel(parts.profile, parts.cluster.gpus_per_replica)
+        self.adapters = parts.workload.adapters
+        self.router, self.clock = parts.router, clock
+        self.recorder = Recorder(keep_iterations=keep_iterations)
+        self.requests = [Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
+                         for i, s in enumerate(parts.workload.requests)]
+        self.scheduler = parts.scheduler_factory()
+        self.replica = ReplicaState(0, parts.cluster.replica, self.cost, [a.rank for a in self.adapters],
+                                    self.recorder, self._done, clock.now)
+        self.replicas = [self.replica]          # ClusterView
+        self.hosts: dict[int, tuple[int, ...]] = {}
+        self.demand = workload_demand(parts.workload)
+        self.executor = make_executor(self.replica)
+        self.stats = ServingStats()
+        self._remaining = len(self.requests)
+        self._progress = progress
+        self._bar: tqdm | None = None
+
+    @staticmethod
+    def _refuse(parts: Parts) -> None:
+        """What one runtime process cannot serve yet, named by its config key."""
+        if parts.cluster.num_replicas != 1:
+            raise ValueError(f"cluster.num_replicas={parts.cluster.num_replicas}: dlora-serve runs one replica per "
+                             "process (see the README for several replicas as Ray actors); use cluster.num_replicas=1")
+        if parts.migrator is not None:
+            raise ValueError("migration: co-migration needs several replicas; dlora-serve runs one (use migration=none)")
+        if parts.cluster.replica.weights != "lora":
+            raise ValueError("cluster.replica.weights=full_copy: the runtime keeps one base model with LoRA slots "
+                             "(vLLM-replicated whole-model copies are simulator-only)")
+
+    # --- ClusterView -----------------------------------------------------------------------------------
+    @property
+    def now(self) -> float:
+        return self.clock.now() / NS
+
+    def _done(self, r: Request) -> None:
+        self._remaining -= 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _dispatch(self, r: Request) -> None:
+        reason = reject_reason(r, self.cluster_cfg.replica, self.replica.total_blocks)
+        if reason:
+            r.state, r.reject_reason = State.REJECTED, reason
+            self._done(r)
+            return
+        j = self.router.dispatch(r, self)
+        if j != 0:
+            raise PolicyError(f"router returned replica {j}; the runtime serves replica 0 only")
+        # virtual: dispatched at its arrival, as in the simulator; real: when the loop admitted it
+        r.dispatch = r.arrival if self.clock.virtual else max(self.clock.now(), r.arrival)
+        self.replica.enqueue(r)
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        placement = self.router.place(self)
+        self.hosts = {a: tuple(h) for a, h in placement.hosts.items()}
+        preload = placement.preload.get(0, [])
+        self.replica.preload(preload)
+        self.executor.preload(preload)
+        clock, state, reqs = self.clock, self.replica, self.requests
+        n, i = len(reqs), 0
+        with tqdm(total=n, disable=not self._progress, unit="req", mininterval=0.5, leave=False,
+                  desc=f"serving ({clock.kind} clock)") as bar:
+            self._bar = bar
+            while self._remaining:
+                now = clock.now()
+                while i < n and reqs[i].arrival <= now:
+                    t0 = time.perf_counter()
+                    self._dispatch(reqs[i])
+                    self.stats.policy_s += time.perf_counter() - t0
+                    i += 1
+                if not state.queue:
+                    if i >= n:
+                        break
+                    clock.wait_until(reqs[i].arrival)
+                    continue
+                t0 = time.perf_counter()
+                d = self.scheduler.schedule(state)
+                policy_s = time.perf_counter() - t0
+                self.stats.policy_s += policy_s
+                if not d.batch:
+                    if d.load or d.evict or d.swap_out or d.recompute:
+                        raise PolicyError("replica 0: a decision with an empty batch must not change memory")
+                    if i >= n:
+                        break   # stalled: reported below
+                    clock.wait_until(reqs[i].arrival)
+                    continue
+                self._iterate(d, policy_s)
+            self._bar = None
+        stuck = [r for r in reqs if not r.done]
+        if stuck:
+            raise SimulationError(f"{len(stuck)} request(s) never finished, e.g. request {stuck[0].id} "
+                                  f"({stuck[0].state.name}); the local policy stalled")
+        return SimResult(reqs, self.recorder, clock.now() / NS, time.perf_counter() - wall0, 1, self._summary_extra())
+
+    def _iterate(self, d, policy_s: float) -> None:
+        clock, state = self.clock, self.replica
+        start = clock.now()
+        step = state.begin(d)
+        t0 = time.perf_counter()
+        times = self.executor.run(step)
+        wall = time.perf_counter() - t0
+        self.stats.executor_s += wall
+        self.stats.iterations += 1
+        if clock.virtual:
+            price = state.prices(step)
+            dur = price.total_ns()
+            clock.advance(dur)
+            compute, overhead = price.compute, price.overhead
+        else:
+            dur = max(clock.now() - start, 1)
+            compute, overhead = times.forward, (times.mode, times.load, times.swap)
+        end = start + dur
+        prefill_tokens, prefills = state.complete(step, end, dur)
+        self.executor.release(state.end_run(step.batch, end))
+        n = len(step.batch)
+        self.recorder.iteration(0, start, dur, compute, overhead, d, n, prefill_tokens, n - prefills, step.distinct,
+                                extra={"wall_s": round(wall, 9), "policy_s": round(policy_s, 9),
+                                       "wall_forward_s": round(times.forward, 9), "wall_switch_s": round(times.mode, 9),
+                                       "wall_load_s": round(times.load, 9), "wall_swap_s": round(times.swap, 9)})
+
+    def _summary_extra(self) -> dict:
+        s = self.stats
+        return {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra}
