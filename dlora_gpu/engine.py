@@ -100,7 +100,7 @@ class Engine:
                  progress: bool = False, keep_iterations: bool = True):
         self._refuse(parts)
         self.workload, self.profile, self.cluster_cfg = parts.workload, parts.profile, parts.cluster
-        self.cost = CostModel(parts.profile, parts.cluster.gpus_per_replica)
+        self.cost = CostModel(parts.profile, parts.cluster.gpus_per_replica, parts.cluster.replica.merge)
         self.adapters = parts.workload.adapters
         self.router, self.clock = parts.router, clock
         self.recorder = Recorder(keep_iterations=keep_iterations)
@@ -108,7 +108,7 @@ class Engine:
                          for i, s in enumerate(parts.workload.requests)]
         self.scheduler = parts.scheduler_factory()
         self.replica = ReplicaState(0, parts.cluster.replica, self.cost, [a.rank for a in self.adapters],
-                                    self.recorder, self._done, clock.now)
+                                    self.recorder, self._done, clock.now, merges=self.scheduler.merges)
         self.replicas = [self.replica]          # ClusterView
         self.hosts: dict[int, tuple[int, ...]] = {}
         self.demand = workload_demand(parts.workload)

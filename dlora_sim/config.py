@@ -50,7 +50,7 @@ def build_profile(cfg: DictConfig) -> Profile:
     prof = load_profile(Path(path))
     if prof.model.name != cfg.model.name:
         raise ProfileError(f"{path}: profile is for model {prof.model.name!r} but model.name is {cfg.model.name!r}")
-    return prof
+    return prof.with_lora_path(p.get("lora") or prof.lora_path)
 
 
 def build_workload(cfg: DictConfig) -> Workload:

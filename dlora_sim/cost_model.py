@@ -20,12 +20,24 @@ class MemoryLayout:
     block_bytes: int
 
 
+# How merged weights are kept (cluster.replica.merge):
+#   inplace       W += s*B*A to merge, W -= s*B*A to unmerge (PEFT, the dLoRA artifact): no extra memory,
+#                 a switch is an unmerge and a merge, and the weights drift by rounding;
+#   pristine_gpu  drift-free from a pristine copy of the touched weights on the GPU (dlora_gpu's merger):
+#                 one pass per merge or switch, a copy per unmerge, the copy's bytes taken from the KV cache;
+#   pristine_host the pristine copy in host memory: no GPU memory, every change streams it over PCIe.
+MERGE_STRATEGIES = ("inplace", "pristine_gpu", "pristine_host")
+
+
 class CostModel:
-    def __init__(self, profile: Profile, gpus_per_replica: int = 1):
+    def __init__(self, profile: Profile, gpus_per_replica: int = 1, merge: str = "inplace"):
         if gpus_per_replica < 1:
             raise ValueError("gpus_per_replica must be >= 1")
+        if merge not in MERGE_STRATEGIES:
+            raise ValueError(f"cluster.replica.merge must be one of {list(MERGE_STRATEGIES)}, got {merge!r}")
         self.profile = profile
         self.gpus = gpus_per_replica
+        self.merge = merge
         it, lo = profile.iteration, profile.lora
         # Tensor parallelism divides the bandwidth/FLOP-bound terms; software overheads stay.
         g = float(gpus_per_replica)
@@ -38,35 +50,55 @@ class CostModel:
         self._lora_overhead = lo.overhead_s
         self._lora_adapter = lo.per_adapter_rank_s / g
         self._lora_token = lo.per_token_rank_s / g
+        self.lora_path = profile.lora_path
+        self._einsum = profile.lora_path == "einsum"
 
     def iteration_time(self, prefill_tokens: int, prefill_sq: int, decode_seqs: int, decode_context: int,
-                       num_seqs: int, lora_rank_sum: int = 0, lora_token_rank: int = 0) -> float:
+                       num_seqs: int, lora_rank_sum: int = 0, lora_token_rank: int = 0,
+                       resident_rank_sum: int = 0) -> float:
         """Seconds for one iteration. `lora_rank_sum` = sum of ranks of distinct adapters in an unmerged
-        batch (0 in merged mode); `lora_token_rank` = sum over the batch's tokens of their adapter's rank."""
+        batch (0 in merged mode); `lora_token_rank` = sum over the batch's tokens of their adapter's rank;
+        `resident_rank_sum` = sum of ranks of the adapters in GPU slots, which the einsum path prices
+        instead (every token against every resident adapter; 0 = not known, the batch's adapters)."""
         tokens = prefill_tokens + decode_seqs
         t = (self._overhead + self._per_seq * num_seqs + max(self._weight, self._per_tok * tokens)
              + self._per_ctx * decode_context + self._per_sq * prefill_sq)
         if lora_rank_sum:
-            t += self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
+            if self._einsum:
+                resident = max(resident_rank_sum, lora_rank_sum)
+                t += self._lora_overhead + self._lora_adapter * resident + self._lora_token * tokens * resident
+            else:
+                t += self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
         return t
 
     def decode_time(self, batch: int, context: int, merged: bool = True, distinct_adapters: int = 1,
-                    rank: int = 16) -> float:
+                    rank: int = 16, resident_adapters: int = 0) -> float:
         """Convenience: a pure-decode iteration of `batch` sequences with `context` tokens each."""
         lora = 0 if merged else distinct_adapters * rank
-        return self.iteration_time(0, 0, batch, batch * context, batch, lora, batch * rank if not merged else 0)
+        return self.iteration_time(0, 0, batch, batch * context, batch, lora, batch * rank if not merged else 0,
+                                   resident_adapters * rank)
 
     # --- mode changes, loads, swaps, transfers ---------------------------------------------------
     def mode_change_time(self, old: int | None, new: int | None, full_copy: bool = False) -> float:
-        """Merged on `old` (None = clean) -> merged on `new`. Whole-model copies switch for free."""
+        """Merged on `old` (None = clean) -> merged on `new`, by the merge strategy. Whole-model copies
+        switch for free."""
         if old == new or full_copy:
             return 0.0
         sw = self.profile.switch
+        if self.merge == "pristine_host":   # stream the pristine copy over PCIe, whatever the change
+            return self.profile.model.merge_bytes / (self.profile.transfers.host_to_gpu_bytes_per_s * self.gpus)
+        if self.merge == "inplace":
+            passes = 1 if old is None or new is None else 2
+            return passes * sw.merge_s / self.gpus
         if old is None:
             return sw.merge_s / self.gpus
         if new is None:
             return sw.unmerge_s / self.gpus
         return sw.switch_s / self.gpus
+
+    def merge_copy_bytes(self) -> int:
+        """GPU bytes the merge strategy keeps besides the weights (per GPU of the replica, summed)."""
+        return self.profile.model.merge_bytes if self.merge == "pristine_gpu" else 0
 
     def load_time(self, nbytes: int) -> float:
         return nbytes / (self.profile.transfers.host_to_gpu_bytes_per_s * self.gpus)
@@ -78,15 +110,22 @@ class CostModel:
         return tokens * self.profile.model.kv_bytes_per_token / self.profile.transfers.kv_transfer_bytes_per_s
 
     # --- memory ------------------------------------------------------------------------------------
-    def memory_layout(self, block_size: int, adapter_slots: int, slot_bytes: int) -> MemoryLayout:
+    def usable_bytes(self) -> float:
         p = self.profile
-        usable = p.hardware.gpu_bytes * p.memory.gpu_utilization * self.gpus
+        return p.hardware.gpu_bytes * p.memory.gpu_utilization * self.gpus
+
+    def memory_layout(self, block_size: int, adapter_slots: int, slot_bytes: int, reserved: int = 0) -> MemoryLayout:
+        """KV blocks left after the weights, the activation reserve, the adapter slots and `reserved`
+        bytes (a merge strategy's pristine copy)."""
+        p = self.profile
+        usable = self.usable_bytes()
         weights = p.model.weight_bytes
-        free = usable - weights - p.memory.activation_reserve_bytes * self.gpus - adapter_slots * slot_bytes
+        free = usable - weights - p.memory.activation_reserve_bytes * self.gpus - adapter_slots * slot_bytes - reserved
         block_bytes = block_size * p.model.kv_bytes_per_token
         blocks = math.floor(free / block_bytes)
         if blocks < 1:
             raise ValueError(
                 f"no room for a KV cache on {p.hardware.name} x{self.gpus}: {usable / 1e9:.1f} GB usable, "
-                f"weights {weights / 1e9:.1f} GB, {adapter_slots} adapter slots of {slot_bytes / 1e9:.2f} GB")
+                f"weights {weights / 1e9:.1f} GB, {adapter_slots} adapter slots of {slot_bytes / 1e9:.2f} GB"
+                + (f", a {reserved / 1e9:.1f} GB pristine copy for merging" if reserved else ""))
         return MemoryLayout(blocks, block_size, block_bytes)

@@ -57,7 +57,7 @@ class Simulation:
                  migrator: Migrator | None = None, *, progress: bool = False, keep_iterations: bool = True):
         self.workload, self.profile, self.cluster_cfg = workload, profile, cluster
         self.env = simpy.Environment()
-        self.cost = CostModel(profile, cluster.gpus_per_replica)
+        self.cost = CostModel(profile, cluster.gpus_per_replica, cluster.replica.merge)
         self.adapters = workload.adapters
         self.recorder = Recorder(keep_iterations=keep_iterations)
         self.router, self.migrator = router, migrator

@@ -51,6 +51,7 @@ class ModelShape:
     weight_bytes: int
     kv_bytes_per_token: int
     adapter_bytes_per_rank: int  # all seven projections, every layer
+    merge_bytes: int             # weights a merge touches (the seven projections): a pristine copy's size
 
 
 @dataclass(frozen=True)
@@ -68,18 +69,30 @@ class IterationCost:
 
 @dataclass(frozen=True)
 class LoraCost:
-    """Unmerged LoRA compute: launches, bytes of each distinct adapter, and per-token work."""
+    """Unmerged LoRA compute of one implementation path: launches, adapter bytes read, per-token work.
+
+    Paths (`LORA_PATHS`): `kernel` = batched multi-adapter kernels (Punica/S-LoRA/vLLM style): the
+    adapter terms count the batch's distinct adapters and tokens; `einsum` = the dLoRA artifact's
+    dense one-hot einsum: every token against every *resident* adapter, so both terms count the
+    resident adapters whatever the batch uses."""
 
     overhead_s: float
     per_adapter_rank_s: float
     per_token_rank_s: float
+    source: str = ""     # where these numbers come from (measured / derived / analytic, and how)
+
+
+LORA_PATHS = ("kernel", "einsum")
 
 
 @dataclass(frozen=True)
 class SwitchCost:
-    merge_s: float      # clean -> merged on a
-    unmerge_s: float    # merged on a -> clean
-    switch_s: float     # merged on a -> merged on b
+    """Drift-free passes over the merged weights (from a pristine copy); in-place merging derives its
+    costs from merge_s (cost_model.MERGE_STRATEGIES)."""
+
+    merge_s: float      # clean -> merged on a: one pass W = W0 + s*B*A (an in-place pass costs the same)
+    unmerge_s: float    # merged on a -> clean: copy W = W0
+    switch_s: float     # merged on a -> merged on b: one fused pass from W0
 
 
 @dataclass(frozen=True)
@@ -102,11 +115,22 @@ class Profile:
     hardware: Hardware
     model: ModelShape
     iteration: IterationCost
-    lora: LoraCost
+    lora_paths: Mapping[str, LoraCost]   # unmerged LoRA cost per implementation path the profile prices
     switch: SwitchCost
     transfers: Transfers
     memory: MemoryBudget
     path: str = ""
+    lora_path: str = "kernel"            # the path this run is priced with (config key profile.lora)
+
+    @property
+    def lora(self) -> LoraCost:
+        return self.lora_paths[self.lora_path]
+
+    def with_lora_path(self, name: str) -> "Profile":
+        if name not in self.lora_paths:
+            raise ProfileError(f"{self.path or self.name}: no 'lora.{name}' cost in this profile; it prices "
+                               f"{sorted(self.lora_paths)} (choose with profile.lora=...)")
+        return dataclasses.replace(self, lora_path=name)
 
     def adapter_bytes(self, rank: int) -> int:
         return self.model.adapter_bytes_per_rank * rank
@@ -114,7 +138,7 @@ class Profile:
 
 _SECTIONS: dict[str, type] = {
     "provenance": Provenance, "hardware": Hardware, "model": ModelShape, "iteration": IterationCost,
-    "lora": LoraCost, "switch": SwitchCost, "transfers": Transfers, "memory": MemoryBudget,
+    "switch": SwitchCost, "transfers": Transfers, "memory": MemoryBudget,
 }
 
 
@@ -158,15 +182,23 @@ def _build(cls: type, raw: Any, where: str, src: str) -> Any:
 def profile_from_dict(raw: Mapping[str, Any], src: str = "<dict>") -> Profile:
     if not isinstance(raw, Mapping):
         raise ProfileError(f"{src}: a profile must be a mapping")
-    allowed = set(_SECTIONS) | {"name"}
+    allowed = set(_SECTIONS) | {"name", "lora"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ProfileError(f"{src}: unknown top-level key(s) {unknown}; valid: {sorted(allowed)}")
-    for key in ["name", *_SECTIONS]:
+    for key in ["name", "lora", *_SECTIONS]:
         if key not in raw:
             raise ProfileError(f"{src}: missing key '{key}'")
     parts = {k: _build(cls, raw[k], k, src) for k, cls in _SECTIONS.items()}
-    prof = Profile(name=str(raw["name"]), path=src, **parts)
+    lora = raw["lora"]
+    if not isinstance(lora, Mapping) or not lora:
+        raise ProfileError(f"{src}: 'lora' must map one or more of {list(LORA_PATHS)} to their costs")
+    bad = sorted(set(lora) - set(LORA_PATHS))
+    if bad:
+        raise ProfileError(f"{src}: unknown LoRA path(s) {', '.join(f'lora.{k}' for k in bad)}; valid: {list(LORA_PATHS)}")
+    paths = {k: _build(LoraCost, v, f"lora.{k}", src) for k, v in lora.items()}
+    prof = Profile(name=str(raw["name"]), path=src, lora_paths=paths,
+                   lora_path="kernel" if "kernel" in paths else next(iter(paths)), **parts)
     if prof.provenance.source not in ("measured", "analytic"):
         raise ProfileError(f"{src}: 'provenance.source' must be 'measured' or 'analytic', "
                            f"got {prof.provenance.source!r}")

@@ -37,7 +37,7 @@ class _Run:
     compute: list[float]       # s, per iteration (for the record)
     overhead: tuple[float, float, float]   # switch, load, swap seconds (first iteration only)
     planned: int = 1           # iterations this decision runs (durations are generated lazily, in chunks)
-    repeat: tuple[int, int, int, int] = (0, 0, 0, 0)   # decode seqs, first context, rank sums of a repeat
+    repeat: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)   # decode seqs, first context, rank sums of a repeat
     applied: int = 0
 
 
@@ -45,7 +45,7 @@ class Replica(ReplicaState):
     def __init__(self, rid: int, env: simpy.Environment, cfg: ReplicaConfig, cost: CostModel,
                  scheduler: LocalScheduler, ranks: Sequence[int], recorder: "Recorder",
                  on_done: Callable[[Request], None]):
-        super().__init__(rid, cfg, cost, ranks, recorder, on_done, lambda: env.now)
+        super().__init__(rid, cfg, cost, ranks, recorder, on_done, lambda: env.now, merges=scheduler.merges)
         self.env, self.scheduler = env, scheduler
         self._wake: simpy.Event | None = None     # set while idle
         self._repeating = False                     # waiting out repeats of a stable decision
@@ -126,18 +126,18 @@ class Replica(ReplicaState):
                 run.planned = max(min(run.planned, d.max_repeats), 1)
             unmerged = d.merged is None
             run.repeat = (n, step.decode_context, step.rank_sum if unmerged else 0,
-                          step.token_rank if unmerged else 0)
+                          step.token_rank if unmerged else 0, step.resident_rank_sum)
             self._extend(run, _FIRST_CHUNK)
         return run
 
     def _extend(self, run: _Run, upto: int) -> None:
         """Generate the durations of repeats up to iteration `upto` (capped at the plan): a run that a
         queue change cuts short never pays for the iterations it did not reach."""
-        n, ctx, rank_sum, token_rank = run.repeat
+        n, ctx, rank_sum, token_rank, resident = run.repeat
         it, durations, ends, computes = self.cost.iteration_time, run.durations, run.ends, run.compute
         t = ends[-1]
         for i in range(len(durations), min(upto, run.planned)):
-            c = it(0, 0, n, ctx + i * n, n, rank_sum, token_rank)
+            c = it(0, 0, n, ctx + i * n, n, rank_sum, token_rank, resident)
             dur = to_ns(c)
             t += dur
             durations.append(dur)

@@ -15,7 +15,7 @@ import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from dlora_sim.cost_model import CostModel
+from dlora_sim.cost_model import MERGE_STRATEGIES, CostModel
 from dlora_sim.policies.base import Decision, PolicyError
 from dlora_sim.request import NS, Request, State, blocks_for, to_ns
 
@@ -32,15 +32,29 @@ class ReplicaConfig:
     block_size: int = 16
     watermark: float = 0.01          # fraction of KV blocks kept free when admitting prefills
     host_swap_bytes: int = 16 * GIB  # per replica
-    gpu_adapter_slots: int = 8
+    gpu_adapter_slots: int | str = "auto"   # adapters resident on the GPU at once, or "auto": by memory
+    adapter_memory_fraction: float = 0.05   # with "auto": the share of usable GPU memory for adapter slots
     weights: str = "lora"            # "lora" | "full_copy" (a whole merged model per adapter)
+    merge: str = "inplace"           # how merged weights are kept: inplace | pristine_gpu | pristine_host
     fast_forward: bool = True
     max_kv_blocks: int | None = None # cap on KV blocks (a smaller KV budget than the GPU allows)
 
     def __post_init__(self) -> None:
         if self.weights not in ("lora", "full_copy"):
             raise ValueError(f"cluster.replica.weights must be 'lora' or 'full_copy', got {self.weights!r}")
-        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size", "gpu_adapter_slots"):
+        if self.merge not in MERGE_STRATEGIES:
+            raise ValueError(f"cluster.replica.merge must be one of {list(MERGE_STRATEGIES)}, got {self.merge!r}")
+        if self.gpu_adapter_slots == "auto":
+            if self.weights == "full_copy":
+                raise ValueError("cluster.replica.gpu_adapter_slots must be a number of model copies with "
+                                 "weights=full_copy, not 'auto'")
+        elif isinstance(self.gpu_adapter_slots, str) or isinstance(self.gpu_adapter_slots, bool) \
+                or self.gpu_adapter_slots < 1:
+            raise ValueError(f"cluster.replica.gpu_adapter_slots must be >= 1 or 'auto', got {self.gpu_adapter_slots!r}")
+        if not 0 < self.adapter_memory_fraction < 1:
+            raise ValueError(f"cluster.replica.adapter_memory_fraction must be in (0, 1), "
+                             f"got {self.adapter_memory_fraction}")
+        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"cluster.replica.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_kv_blocks is not None and self.max_kv_blocks < 1:
@@ -75,6 +89,7 @@ class Step:
     rank_sum: int = 0                # ranks of the distinct adapters in the batch
     token_rank: int = 0              # sum over the batch's tokens of their adapter's rank
     distinct: int = 0                # distinct adapters in the batch
+    resident_rank_sum: int = 0       # ranks of the adapters in GPU slots (the einsum path prices them all)
     swapped_in_blocks: int = 0
     swapped_out_blocks: int = 0
 
@@ -96,19 +111,33 @@ class Prices:
         return to_ns(self.compute + self.switch + self.load + self.swap)   # this order: bit-stable
 
 
+def adapter_slots(cfg: ReplicaConfig, cost: CostModel, ranks: Sequence[int], slot_bytes: int) -> int:
+    """GPU adapter slots: the configured number, or with "auto" as many as `adapter_memory_fraction` of
+    the usable memory holds (vLLM's max_loras, LoRAX's adapter memory fraction), at most one per adapter."""
+    if cfg.gpu_adapter_slots != "auto":
+        return int(cfg.gpu_adapter_slots)
+    fit = int(cfg.adapter_memory_fraction * cost.usable_bytes() // slot_bytes)
+    return max(1, min(len(ranks), fit))
+
+
 class ReplicaState:
     def __init__(self, rid: int, cfg: ReplicaConfig, cost: CostModel, ranks: Sequence[int], recorder: "Recorder",
-                 on_done: Callable[[Request], None], clock: Callable[[], int]):
+                 on_done: Callable[[Request], None], clock: Callable[[], int], *, merges: bool = False):
+        """`merges`: the local policy may merge adapters into the weights, so a pristine_gpu merge
+        strategy keeps its copy of the touched weights here (taken from the KV cache)."""
         self.id, self.cfg, self.cost = rid, cfg, cost
         self._ranks = list(ranks)
         self.recorder, self._on_done, self._clock = recorder, on_done, clock
         self.full_copy = cfg.weights == "full_copy"
+        slot_bytes = self.slot_bytes(max(self._ranks, default=1))
+        slots = adapter_slots(cfg, cost, self._ranks, slot_bytes)
         # a full copy's first slot is the base weights themselves; LoRA slots sit beside them
-        extra_slots = cfg.gpu_adapter_slots - 1 if self.full_copy else cfg.gpu_adapter_slots
-        layout = cost.memory_layout(cfg.block_size, extra_slots, self.slot_bytes(max(self._ranks, default=1)))
+        extra_slots = slots - 1 if self.full_copy else slots
+        self.merge_copy_bytes = cost.merge_copy_bytes() if merges and not self.full_copy else 0
+        layout = cost.memory_layout(cfg.block_size, extra_slots, slot_bytes, self.merge_copy_bytes)
         self.layout = layout
         self.max_num_seqs, self.max_num_batched_tokens = cfg.max_num_seqs, cfg.max_num_batched_tokens
-        self.block_size, self.adapter_slots = cfg.block_size, cfg.gpu_adapter_slots
+        self.block_size, self.adapter_slots = cfg.block_size, slots
         blocks = layout.total_kv_blocks if cfg.max_kv_blocks is None else min(cfg.max_kv_blocks, layout.total_kv_blocks)
         self.total_blocks = self.free_blocks = blocks
         self.watermark_blocks = int(cfg.watermark * blocks)
@@ -252,6 +281,7 @@ class ReplicaState:
         rec.count("swap_ins", len(swap_in))
         step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context = prefill_tokens, prefill_sq, decode, ctx
         step.rank_sum, step.token_rank, step.distinct = rank_sum, token_rank, len(seen)
+        step.resident_rank_sum = sum(ranks[a] for a in self.resident)
         self.running = d.batch
         if self.debug:
             self.check_accounting()
@@ -263,7 +293,7 @@ class ReplicaState:
         unmerged = d.merged is None
         compute = cost.iteration_time(step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context,
                                       len(step.batch), step.rank_sum if unmerged else 0,
-                                      step.token_rank if unmerged else 0)
+                                      step.token_rank if unmerged else 0, step.resident_rank_sum)
         load = 0.0
         for a in d.load:
             load += cost.load_time(self.slot_bytes(self._ranks[a]))

@@ -107,11 +107,16 @@ def test_profile_missing_and_unknown_keys(tmp_path):
     with pytest.raises(ProfileError, match=r"p.yaml: missing key 'iteration.per_token_s'"):
         load_profile(f)
     raw["iteration"]["per_token_s"] = 1e-5
-    raw["lora"]["typo_s"] = 1.0
+    raw["lora"]["kernel"]["typo_s"] = 1.0
     f = _write(tmp_path / "p.yaml", yaml.safe_dump(raw))
-    with pytest.raises(ProfileError, match=r"unknown key\(s\) lora.typo_s"):
+    with pytest.raises(ProfileError, match=r"unknown key\(s\) lora.kernel.typo_s"):
         load_profile(f)
-    raw["lora"].pop("typo_s")
+    raw["lora"]["kernel"].pop("typo_s")
+    raw["lora"]["dense"] = raw["lora"]["einsum"]
+    f = _write(tmp_path / "p.yaml", yaml.safe_dump(raw))
+    with pytest.raises(ProfileError, match=r"unknown LoRA path\(s\) lora.dense"):
+        load_profile(f)
+    raw["lora"].pop("dense")
     raw["switch"]["merge_s"] = "fast"
     f = _write(tmp_path / "p.yaml", yaml.safe_dump(raw))
     with pytest.raises(ProfileError, match=r"'switch.merge_s' must be float"):

@@ -6,8 +6,11 @@ import numpy as np
 from dlora_util import iterations_csv, requests_csv, run
 from dlora_sim.workload.spec import RequestSpec, Workload
 
+# The dLoRA artifact's unmerged cost (einsum over resident adapters) makes merging worth ~12 ms an
+# iteration: the regime in which the scheduler's mode changes, forcing and tuning are exercised.
+EINSUM = "profile.lora=einsum"
 SKEWED = ["system=dlora", "cluster=single", "workload.num_adapters=8", "workload.num_requests=250",
-          "workload.rate=4.5", "workload.popularity_param=2.0", "charts=false"]
+          "workload.rate=4.5", "workload.popularity_param=2.0", "charts=false", EINSUM]
 
 
 def test_fast_forward_on_and_off_give_identical_runs():
@@ -40,7 +43,7 @@ def test_starvation_guard_meets_its_documented_bound_at_5_req_s():
     waits = {}
     for guard in (True, False):
         sim, res = run("system=dlora", "cluster=single", f"scheduler.guard={str(guard).lower()}", "charts=false",
-                       workload=_hot_cold())
+                       EINSUM, workload=_hot_cold())
         assert all(r.finish > 0 for r in res.requests)
         rep = sim.replicas[0]
         waits[guard] = rep.scheduler.ledger.max_wait_s[1]
@@ -54,7 +57,8 @@ def test_guard_episodes_end_and_do_not_thrash_under_overload():
     """Uniform traffic over 8 adapters at twice the replica's capacity: the guard runs episodes (merged
     on a backlogged adapter, or unmerged), each released, and switching stays a small share of busy time."""
     sim, res = run("system=dlora", "cluster=single", "workload.num_adapters=8", "workload.popularity_param=0",
-                   "workload.num_requests=300", "workload.rate=8", "cluster.replica.max_num_seqs=16", "charts=false")
+                   "workload.num_requests=300", "workload.rate=8", "cluster.replica.max_num_seqs=16", "charts=false",
+                   EINSUM)
     rows = res.recorder.rows
     busy = sum(r[2] for r in rows)
     switching = sum(r[4][0] for r in rows) * 1e9
@@ -67,7 +71,8 @@ def test_guard_episodes_end_and_do_not_thrash_under_overload():
 
 def test_thresholds_are_tuned_at_every_mode_change_and_tuning_changes_outcomes():
     args = ["system=dlora", "cluster=single", "workload.num_adapters=8", "workload.popularity_param=1",
-            "workload.num_requests=300", "workload.rate=2.5", "cluster.replica.max_num_seqs=16", "charts=false"]
+            "workload.num_requests=300", "workload.rate=2.5", "cluster.replica.max_num_seqs=16", "charts=false",
+            EINSUM]
     sim, on = run(*args)
     _, off = run(*args, "scheduler.tune=false")
     tuner = sim.replicas[0].scheduler.tuner

@@ -6,21 +6,21 @@ import pytest
 from calibration.analytic import HARDWARE, MODELS, main as generate
 from dlora_sim.cost_model import CostModel
 from dlora_sim.paths import PROFILES_DIR
-from dlora_sim.profile import load_profile
+from dlora_sim.profile import ProfileError, load_profile
 
 
 def test_committed_analytic_profiles_are_regenerated_exactly(tmp_path):
-    generate(["--out", str(tmp_path), "--date", "2026-11-28"])
+    generate(["--out", str(tmp_path), "--date", "2026-12-01"])
     for hw in HARDWARE:
         for model in MODELS:
             name = f"{hw}-{model}.yaml"
             assert (tmp_path / name).read_text() == (PROFILES_DIR / name).read_text(), name
 
 
-def test_a100_llama7b_reproduces_the_dlora_anchor():
-    cost = CostModel(load_profile("a100-80gb-llama-2-7b"))
+def test_a100_llama7b_reproduces_the_dlora_anchor_on_the_einsum_path():
+    cost = CostModel(load_profile("a100-80gb-llama-2-7b").with_lora_path("einsum"))
     assert cost.decode_time(16, 512) == pytest.approx(0.015, abs=1e-6)
-    assert cost.decode_time(16, 512, merged=False, distinct_adapters=8) == pytest.approx(0.027, abs=1e-6)
+    assert cost.decode_time(16, 512, merged=False, distinct_adapters=8, resident_adapters=8) == pytest.approx(0.027, abs=1e-6)
     assert cost.mode_change_time(None, 3) == pytest.approx(0.020, abs=1e-6)
     assert cost.mode_change_time(3, 4) == pytest.approx(0.040, abs=1e-6)
 
@@ -41,3 +41,29 @@ def test_tensor_parallel_divides_bandwidth_terms_only():
     one, two = CostModel(p, 1), CostModel(p, 2)
     assert two.decode_time(32, 512) < one.decode_time(32, 512)
     assert two.decode_time(32, 512) > p.iteration.overhead_s
+
+
+def test_einsum_cost_grows_with_residents_kernel_cost_with_the_batch():
+    prof = load_profile("h200-llama-2-7b")
+    einsum, kernel = CostModel(prof.with_lora_path("einsum")), CostModel(prof.with_lora_path("kernel"))
+    # einsum: one adapter in the batch, 1 vs 32 resident -> cost grows; the batch's own mix does not matter
+    assert einsum.decode_time(32, 512, False, 1, resident_adapters=32) > einsum.decode_time(32, 512, False, 1,
+                                                                                           resident_adapters=1)
+    assert einsum.decode_time(32, 512, False, 1, resident_adapters=8) == einsum.decode_time(32, 512, False, 8,
+                                                                                            resident_adapters=8)
+    # kernel: residents do not matter; distinct adapters and tokens in the batch do
+    assert kernel.decode_time(32, 512, False, 1, resident_adapters=32) == kernel.decode_time(32, 512, False, 1,
+                                                                                             resident_adapters=1)
+    assert kernel.decode_time(32, 512, False, 32) > kernel.decode_time(32, 512, False, 1)
+    assert kernel.decode_time(64, 512, False, 1) - kernel.decode_time(64, 512) > \
+        kernel.decode_time(8, 512, False, 1) - kernel.decode_time(8, 512)
+    # the measured kernels: batch 64, 64 distinct rank-16 adapters, 32 layers ~ 2.5 ms (kernels_h200.csv: 78.5 us/layer)
+    lora = kernel.decode_time(64, 512, False, 64) - kernel.decode_time(64, 512)
+    assert lora == pytest.approx(32 * 78.464e-6, rel=0.15)
+    assert "measured" in prof.lora_paths["kernel"].source and "derived" in \
+        load_profile("a100-80gb-llama-2-7b").lora_paths["kernel"].source
+
+
+def test_a_missing_lora_path_is_named():
+    with pytest.raises(ProfileError, match="lora.einsum"):
+        load_profile("cpu-tiny").with_lora_path("einsum")

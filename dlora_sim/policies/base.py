@@ -70,7 +70,10 @@ class Decision:
 
 
 class LocalScheduler(ABC):
-    """Per-replica batching policy; one instance per replica."""
+    """Per-replica batching policy; one instance per replica. `merges` declares that it may merge an
+    adapter into the base weights (then a pristine_gpu merge strategy reserves its copy)."""
+
+    merges: bool = False
 
     @abstractmethod
     def schedule(self, view: ReplicaView) -> Decision: ...

@@ -53,6 +53,7 @@ class DLoRAScheduler(LocalScheduler):
     thresholds.py), so fast-forward on and off give identical runs.
     """
 
+    merges = True
     guard: bool = True                 # the starvation guard (False: credits still move but never force)
     c_right: float = 48.0              # credit (displaced request-iterations) at which an adapter is forced
     c_left: float = 16.0               # ... and stays forced while above this (hysteresis)
@@ -99,8 +100,9 @@ class DLoRAScheduler(LocalScheduler):
 
     # --- cost-model estimates ---------------------------------------------------------------------------
     def _decode_s(self, view: ReplicaView, n: int, rank_sum: int = 0, token_rank: int = 0) -> float:
-        c = self.ref_context
-        return view.cost.iteration_time(0, 0, n, n * c, n, rank_sum, token_rank)
+        c, rank = self.ref_context, view.adapter_rank
+        resident = sum(rank(a) for a in view.resident) if rank_sum else 0
+        return view.cost.iteration_time(0, 0, n, n * c, n, rank_sum, token_rank, resident)
 
     def _batch_s(self, view: ReplicaView, plan: BatchPlan) -> float:
         """Unmerged decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""

@@ -9,6 +9,8 @@ from dlora_sim.policies.batching import fill_batch, plan_adapter_slots
 
 @dataclass
 class MergedOnly(LocalScheduler):
+    merges = True
+
     def schedule(self, view: ReplicaView) -> Decision:
         if not view.queue:
             return Decision([], merged=view.merged)
