@@ -1,0 +1,66 @@
+"""`dlora-serve`: serve a workload on one replica with the runtime, under the simulator's policies.
+
+The same config groups as `dlora-sim` (system, scheduler, router, cluster, model, profile, workload)
+plus `runtime` (cpu_tiny | h200_7b); the same results folder, with the executor, device, clock and
+library versions in summary.json.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dlora_sim.cli import finish_job
+from dlora_sim.config import ConfigError, build_parts
+from dlora_sim.paths import CONF_DIR
+
+log = logging.getLogger("dlora_gpu")
+
+
+def build_engine(cfg: DictConfig, workload=None):
+    """The serving engine for a composed `serve` config (one place, for the CLI and the tests)."""
+    from dlora_gpu.engine import Clock, Engine
+    from dlora_gpu.executor import ModelExecutor, runtime_config
+
+    rcfg = runtime_config(cfg.get("runtime"))
+    parts = build_parts(cfg, workload)
+    try:
+        clock = Clock(rcfg.clock)
+        return Engine(parts, lambda state: ModelExecutor(rcfg, state, parts), clock,
+                      progress=bool(cfg.get("progress", False)), keep_iterations=bool(cfg.get("keep_iterations", True)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def about(engine) -> dict:
+    """What ran: executor, device, clock, versions."""
+    import torch
+    import triton
+
+    ex = engine.executor
+    return {"executor": "dlora_gpu", "device": ex.device_name, "clock": engine.clock.kind,
+            "runtime": ex.describe(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+                         "cuda": torch.version.cuda}}
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
+def _main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    system = hc.runtime.choices.get("system", "custom")
+    engine = build_engine(cfg)
+    s = finish_job(cfg, out, system, list(hc.overrides.task), engine.run, about(engine))
+    log.info("%s on %s (%s clock): %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, wall %.1f s -> %s",
+             system, s["device"], s["clock"], s["completed"], s["num_requests"], s["throughput_rps"],
+             s["mean_latency_s"], s["p99_latency_s"], s["sim_wall_s"], out)
+    return s["mean_s_per_token"] or 0.0
+
+
+def main() -> None:
+    sys.exit(_main())
