@@ -43,13 +43,14 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     """Gather each sequence's blocks into a padded [S, max_blocks*block_size] context, mask, softmax."""
     s, h, d = q.shape
     h_kv = k_cache.shape[2]
-    tables = block_tables.long().clamp(min=0)  # padding reads block 0, masked out below
-    k = k_cache[tables].reshape(s, -1, h_kv, d).float()  # [S, N, H_kv, D]
-    v = v_cache[tables].reshape(s, -1, h_kv, d).float()
+    tables = block_tables.long().clamp(min=0)  # padding reads block 0; masked below
+    past = torch.arange(tables.shape[1] * k_cache.shape[1], device=q.device)[None, :] >= \
+        context_lens.to(q.device).long()[:, None]  # [S, N]: positions past each context
+    # Zero K/V past the context, not just the scores: stale slots may hold inf/NaN, and 0 * NaN = NaN.
+    k = k_cache[tables].reshape(s, -1, h_kv, d).float().masked_fill(past[..., None, None], 0.0)
+    v = v_cache[tables].reshape(s, -1, h_kv, d).float().masked_fill(past[..., None, None], 0.0)
     qg = q.float().reshape(s, h_kv, h // h_kv, d)  # q heads grouped by the kv head they read
     scores = torch.einsum("skgd,snkd->skgn", qg, k) / math.sqrt(d)
-    pos = torch.arange(k.shape[1], device=q.device)
-    scores = scores.masked_fill(pos >= context_lens.to(q.device).long()[:, None, None, None],
-                                float("-inf"))
+    scores = scores.masked_fill(past[:, None, None, :], float("-inf"))
     out = torch.einsum("skgn,snkd->skgd", torch.softmax(scores, dim=-1), v)
     return out.reshape(s, h, d).to(q.dtype)
