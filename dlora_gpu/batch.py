@@ -74,6 +74,8 @@ class FlatBatch:
         device = kv.device if device is None else device
         bs = kv.block_size
         ids = [p[0] for p in prefills] + [d[0] for d in decodes]
+        if not ids:
+            raise ValueError("an empty batch: nothing to run")
         if len(set(ids)) != len(ids):
             raise ValueError(f"a sequence appears twice in one batch: {ids}")
 

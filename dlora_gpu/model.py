@@ -148,6 +148,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def _weight(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    """Uninitialised and frozen: inference only, and merging writes into it in place."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
 class LlamaLayer(nn.Module):
     """One decoder layer's weights as plain attributes (fused qkv and gate_up)."""
 
@@ -156,7 +161,7 @@ class LlamaLayer(nn.Module):
         h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
 
         def weight(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+            return _weight(shape, dtype, device)
 
         self.input_layernorm = weight(h)
         self.qkv_proj = weight((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h)
@@ -175,7 +180,7 @@ class Llama(nn.Module):
         self.cfg = cfg
 
         def weight(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+            return _weight(shape, dtype, device)
 
         self.embed_tokens = weight(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
