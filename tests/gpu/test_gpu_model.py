@@ -176,3 +176,18 @@ def test_checkpoint_errors_name_file_and_key(hf_checkpoint, tmp_path) -> None:
             load_checkpoint(d, dtype=torch.float32)
     with pytest.raises(CheckpointError, match="config.json: file not found"):
         load_checkpoint(tmp_path)
+
+
+def test_tied_embeddings_checkpoint_gets_an_untied_copy(tmp_path) -> None:
+    import transformers
+
+    from runtime_helpers import HF_TINY
+
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_TINY, tie_word_embeddings=True))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load_checkpoint(tmp_path, dtype=torch.float32)
+    assert torch.equal(ours.lm_head, ours.embed_tokens)
+    kv = PagedKVCache(4, 4, ours.cfg, torch.float32)
+    prompt = PROMPTS["p"]
+    assert rel(step(ours, kv, prefills=[("x", prompt, -1)]), hf_last_logits(hf.eval(), [prompt])) < 1e-4
