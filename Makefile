@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,gpu]'
+	$(BIN)/pip install -q -e '.[dev,gpu,ref]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

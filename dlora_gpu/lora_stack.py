@@ -95,24 +95,43 @@ class LoRAStack:
     def out_features(self) -> int:
         return self.B.shape[1]
 
-    def load(self, slot: int, a: list[Tensor], b: list[Tensor], scale: float) -> None:
-        """Copy one adapter into `slot`: a[s] is [r, K], b[s] is [N_s, r]; padding zero-filled."""
+    def load(self, slot: int, a: list[Tensor | None], b: list[Tensor | None], scale: float) -> None:
+        """Copy one adapter into `slot`: a[s] is [r, K], b[s] is [N_s, r]; padding zero-filled.
+
+        A slice given as None (a projection the adapter does not target) stays zero: a no-op.
+        """
         if len(a) != self.num_slices or len(b) != self.num_slices:
             raise ValueError(f"expected {self.num_slices} slices, got {len(a)} A and {len(b)} B")
-        r = a[0].shape[0]
+        if any((a_s is None) != (b_s is None) for a_s, b_s in zip(a, b)):
+            raise ValueError("a slice must give both A and B, or neither")
+        given = [a_s for a_s in a if a_s is not None]
+        if not given:
+            raise ValueError("no slice given; use clear() to empty a slot")
+        r = given[0].shape[0]
         if not 0 < r <= self.max_rank:
             raise ValueError(f"rank {r} outside 1..{self.max_rank}")
         self.A[slot].zero_()
         self.B[slot].zero_()
         for s, (a_s, b_s, off, n) in enumerate(zip(a, b, self.slice_offsets, self.slice_sizes)):
+            if a_s is None or b_s is None:
+                continue
             if a_s.shape != (r, self.in_features) or b_s.shape != (n, r):
                 raise ValueError(f"slice {s}: A {tuple(a_s.shape)} / B {tuple(b_s.shape)} do not fit "
                                  f"rank {r}, in {self.in_features}, out {n}")
             self.A[slot, s, :r].copy_(a_s)
             self.B[slot, off:off + n, :r].copy_(b_s)
-        self.ranks[slot] = r
+        self._set(slot, r, scale)
+
+    def clear(self, slot: int) -> None:
+        """Empty `slot` (rank 0: kernels skip it); zero-filled for the dense baselines."""
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self._set(slot, 0, 0.0)
+
+    def _set(self, slot: int, rank: int, scale: float) -> None:
+        self.ranks[slot] = rank
         self.scales[slot] = scale
-        self.ranks_host[slot] = r
+        self.ranks_host[slot] = rank
         self.scales_host[slot] = float(scale)
 
     def slot_weights(self, slot: int) -> list[tuple[Tensor, Tensor]]:

@@ -23,3 +23,11 @@ else:
     @pytest.fixture
     def device() -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @pytest.fixture(scope="session")
+    def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+        """A tiny random HF Llama (GQA) saved as safetensors; see runtime_helpers.HF_TINY."""
+        pytest.importorskip("transformers")
+        from runtime_helpers import save_hf_checkpoint
+
+        return save_hf_checkpoint(tmp_path_factory.mktemp("hf-tiny"))
