@@ -19,6 +19,7 @@ from typing import Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
+from dlora_gpu.executor import PhaseTimes
 from dlora_sim.config import Parts
 from dlora_sim.cost_model import CostModel
 from dlora_sim.engine import SimulationError, workload_demand
@@ -26,27 +27,6 @@ from dlora_sim.metrics import Recorder, SimResult
 from dlora_sim.policies.base import PolicyError
 from dlora_sim.replica_state import ReplicaState, Step, reject_reason
 from dlora_sim.request import NS, Request, State, to_ns
-
-
-@dataclass(frozen=True)
-class PhaseTimes:
-    """Measured seconds of one iteration's phases, in the order the executor runs them."""
-
-    recompute: float = 0.0
-    swap_out: float = 0.0
-    evict: float = 0.0
-    load: float = 0.0
-    mode: float = 0.0
-    swap_in: float = 0.0
-    forward: float = 0.0
-
-    @property
-    def swap(self) -> float:
-        return self.swap_out + self.swap_in
-
-    @property
-    def total(self) -> float:
-        return self.recompute + self.swap_out + self.evict + self.load + self.mode + self.swap_in + self.forward
 
 
 class Executor(Protocol):
@@ -94,7 +74,8 @@ class ServingStats:
 
 
 class Engine:
-    """Serves a workload on one replica; the same `Parts` as a simulation (one replica, no migration)."""
+    """Serves a workload on one replica; the same `Parts` as a simulation. A migration policy has
+    nothing to move with one replica and is not run (summary.json says so)."""
 
     def __init__(self, parts: Parts, make_executor: Callable[[ReplicaState], Executor], clock: Clock, *,
                  progress: bool = False, keep_iterations: bool = True):
@@ -102,7 +83,7 @@ class Engine:
         self.workload, self.profile, self.cluster_cfg = parts.workload, parts.profile, parts.cluster
         self.cost = CostModel(parts.profile, parts.cluster.gpus_per_replica, parts.cluster.replica.merge)
         self.adapters = parts.workload.adapters
-        self.router, self.clock = parts.router, clock
+        self.router, self.migrator, self.clock = parts.router, parts.migrator, clock
         self.recorder = Recorder(keep_iterations=keep_iterations)
         self.requests = [Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
                          for i, s in enumerate(parts.workload.requests)]
@@ -124,8 +105,6 @@ class Engine:
         if parts.cluster.num_replicas != 1:
             raise ValueError(f"cluster.num_replicas={parts.cluster.num_replicas}: dlora-serve runs one replica per "
                              "process (see the README for several replicas as Ray actors); use cluster.num_replicas=1")
-        if parts.migrator is not None:
-            raise ValueError("migration: co-migration needs several replicas; dlora-serve runs one (use migration=none)")
         if parts.cluster.replica.weights != "lora":
             raise ValueError("cluster.replica.weights=full_copy: the runtime keeps one base model with LoRA slots "
                              "(vLLM-replicated whole-model copies are simulator-only)")
@@ -225,4 +204,7 @@ class Engine:
 
     def _summary_extra(self) -> dict:
         s = self.stats
-        return {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra}
+        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra}
+        if self.migrator is not None:
+            extra["migration"] = "not run: one replica"
+        return extra

@@ -93,3 +93,32 @@ class DriftFreeMerger:
         for name, w in self.live.items():
             w.copy_(self.pristine[name])
         self.merged = None
+
+
+class InPlaceMerger:
+    """PEFT's and the dLoRA artifact's way (cluster.replica.merge=inplace): W += s*B@A to merge and
+    W -= s*B@A to unmerge, in W's dtype, with no extra memory. A switch is an unmerge and a merge, and
+    every round trip leaves rounding drift in the weights (see the module docstring)."""
+
+    def __init__(self, weights: dict[str, Tensor]) -> None:
+        self.live = weights
+        self.merged: str | None = None
+        self._deltas: dict[str, Delta] = {}
+
+    def merge(self, adapter_id: str, deltas: dict[str, Delta]) -> None:
+        unknown = set(deltas) - set(self.live)
+        if unknown:
+            raise KeyError(f"deltas for unknown weights: {sorted(unknown)}")
+        if self.merged is not None:
+            self.unmerge()
+        for name, (a, b, scale) in deltas.items():
+            naive_merge_(self.live[name], a, b, scale)
+        # own copies: the slot the deltas were read from may be evicted before the unmerge
+        self.merged, self._deltas = adapter_id, {n: (a.clone(), b.clone(), s) for n, (a, b, s) in deltas.items()}
+
+    switch = merge
+
+    def unmerge(self) -> None:
+        for name, (a, b, scale) in self._deltas.items():
+            naive_unmerge_(self.live[name], a, b, scale)
+        self.merged, self._deltas = None, {}

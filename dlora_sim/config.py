@@ -22,7 +22,9 @@ class ConfigError(ValueError):
     """A config key is missing, unknown or has an impossible value; the message names the key."""
 
 
-def _dataclass_from(cls: type, raw: Any, where: str):
+def dataclass_from(cls: type, raw: Any, where: str):
+    """Build a config dataclass from a mapping; unknown keys and invalid values raise ConfigError naming
+    the key (`where.key`)."""
     data = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - valid)
@@ -36,10 +38,10 @@ def _dataclass_from(cls: type, raw: Any, where: str):
 
 def build_cluster(cfg: DictConfig) -> ClusterConfig:
     c = cfg.cluster
-    replica = _dataclass_from(ReplicaConfig, c.get("replica", {}), "cluster.replica")
+    replica = dataclass_from(ReplicaConfig, c.get("replica", {}), "cluster.replica")
     rest = {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k != "replica"}
     try:
-        return dataclasses.replace(_dataclass_from(ClusterConfig, rest, "cluster"), replica=replica)
+        return dataclasses.replace(dataclass_from(ClusterConfig, rest, "cluster"), replica=replica)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -4,7 +4,7 @@ The rules that apply a decision live in `ReplicaState` (replica_state.py), share
 runtime; this class adds only time: each step is priced by the cost model and waited out.
 
 Fast-forward: when a policy marks its decision `stable` and the batch is all decodes with nothing to
-load, switch or swap, the replica runs up to k identical iterations (until the first request finishes,
+load, switch, swap or preempt, the replica runs up to k identical iterations (until the first request finishes,
 KV blocks would run out, or the decision's `max_repeats`) as a few timeouts, one per chunk of doubling
 size. Any queue change interrupts it; it then stops at the end of the iteration in flight.
 `sync(now)` materialises the iterations completed before `now`, so routers and migrators observe
@@ -119,7 +119,8 @@ class Replica(ReplicaState):
         now = self.env.now
         run = self._run = _Run(step, [first], [now + first], [price.compute], price.overhead)
         n = len(d.batch)
-        if (self.cfg.fast_forward and d.stable and step.decode_seqs == n
+        # a preemption leaves a request waiting that the next decision may admit: not a repeatable state
+        if (self.cfg.fast_forward and d.stable and step.decode_seqs == n and not d.recompute and not d.swap_out
                 and price.switch + price.load + price.swap == 0.0):
             run.planned = self.repeatable(d.batch)
             if d.max_repeats is not None:

@@ -335,9 +335,18 @@ class ReplicaState:
         self._check_free()
 
     def end_run(self, batch: Sequence[Request], end: int) -> list[Request]:
-        """The batch's last iteration ended at `end` ns: requests with all their tokens finish.
-        Returns the requests that finished."""
-        done = [r for r in batch if r.generated >= r.output_tokens]
+        """The batch's last iteration ended at `end` ns: requests with all their tokens finish; the others
+        hold KV for every token but the one their next iteration writes (after repeats of a decision
+        applied in bulk, that is more than `begin` charged). Returns the requests that finished."""
+        done, bs, free = [], self.block_size, self.free_blocks
+        for r in batch:
+            if r.generated >= r.output_tokens:
+                done.append(r)
+                continue
+            need = -(-(r.prompt_tokens + r.generated - 1) // bs)
+            free -= need - r.kv_blocks
+            r.kv_blocks = need
+        self.free_blocks = free
         for r in done:
             self._finish(r, end)
         self.running = []
