@@ -64,3 +64,7 @@ def _main(cfg: DictConfig) -> float:
 
 def main() -> None:
     sys.exit(_main())
+
+
+if __name__ == "__main__":
+    main()
