@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dlora_gpu.executor import PhaseTimes
 from dlora_sim.config import Parts
 from dlora_sim.cost_model import CostModel
-from dlora_sim.engine import SimulationError, workload_demand
+from dlora_sim.engine import DemandEstimate, SimulationError, workload_demand
 from dlora_sim.metrics import Recorder, SimResult
 from dlora_sim.policies.base import PolicyError
 from dlora_sim.replica_state import ReplicaState, Step, reject_reason
@@ -92,7 +92,8 @@ class Engine:
                                     self.recorder, self._done, clock.now, merges=self.scheduler.merges)
         self.replicas = [self.replica]          # ClusterView
         self.hosts: dict[int, tuple[int, ...]] = {}
-        self.demand = workload_demand(parts.workload)
+        self.arrivals = DemandEstimate(len(self.adapters))
+        self.workload_demand = workload_demand(parts.workload)
         self.executor = make_executor(self.replica)
         self.stats = ServingStats()
         self._remaining = len(self.requests)
@@ -114,12 +115,17 @@ class Engine:
     def now(self) -> float:
         return self.clock.now() / NS
 
+    @property
+    def demand(self) -> tuple[float, ...]:
+        return self.arrivals.share()
+
     def _done(self, r: Request) -> None:
         self._remaining -= 1
         if self._bar is not None:
             self._bar.update(1)
 
     def _dispatch(self, r: Request) -> None:
+        self.arrivals.observe(r.adapter)
         reason = reject_reason(r, self.cluster_cfg.replica, self.replica.total_blocks)
         if reason:
             r.state, r.reject_reason = State.REJECTED, reason

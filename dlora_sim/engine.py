@@ -41,12 +41,28 @@ class ClusterConfig:
 
 
 def workload_demand(workload: Workload) -> tuple[float, ...]:
-    """Each adapter's share of the workload's requests (what placement plans for)."""
+    """Each adapter's share of the *whole* workload's requests: look-ahead, for `demand: oracle` only."""
     counts = [0] * len(workload.adapters)
     for spec in workload.requests:
         counts[spec.adapter] += 1
     total = max(sum(counts), 1)
     return tuple(c / total for c in counts)
+
+
+class DemandEstimate:
+    """Adapter popularity learnt from arrivals so far, from a uniform prior (one pseudo-arrival each), as
+    the dLoRA artifact learns it: what a router may know at any instant without seeing the future."""
+
+    def __init__(self, num_adapters: int, prior: float = 1.0):
+        self.counts = [0] * num_adapters
+        self.prior = prior
+
+    def observe(self, adapter: int) -> None:
+        self.counts[adapter] += 1
+
+    def share(self) -> tuple[float, ...]:
+        total = sum(self.counts) + self.prior * len(self.counts)
+        return tuple((c + self.prior) / total for c in self.counts)
 
 
 class Simulation:
@@ -73,7 +89,8 @@ class Simulation:
         self._progress = progress
         self._bar: tqdm | None = None
         self.extra: dict = {}
-        self.demand: tuple[float, ...] = workload_demand(workload)   # ClusterView: expected request mix
+        self.arrivals = DemandEstimate(len(workload.adapters))
+        self.workload_demand = workload_demand(workload)    # ClusterView: look-ahead, for demand=oracle only
         self.in_transit: dict[int, Request] = {}   # migrating requests, in no replica's queue
         self._mig_stats = MigrationStats()
         self._kv_cap = min(rep.total_blocks for rep in self.replicas)   # the smallest replica's KV blocks
@@ -91,6 +108,10 @@ class Simulation:
     @property
     def now(self) -> float:
         return self.env.now / NS
+
+    @property
+    def demand(self) -> tuple[float, ...]:
+        return self.arrivals.share()
 
     def sync(self) -> None:
         now = self.env.now
@@ -114,6 +135,7 @@ class Simulation:
             self._dispatch(r)
 
     def _dispatch(self, r: Request) -> None:
+        self.arrivals.observe(r.adapter)
         reason = reject_reason(r, self.cluster_cfg.replica, self._kv_cap)
         if reason:
             r.state, r.reject_reason = State.REJECTED, reason

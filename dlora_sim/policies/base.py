@@ -86,7 +86,8 @@ class ClusterView(Protocol):
     adapters: Sequence["AdapterSpec"]
     cost: "CostModel"
     hosts: Mapping[int, tuple[int, ...]]     # adapter -> replicas allowed to serve it (all, if absent)
-    demand: Sequence[float]                  # expected share of requests per adapter (history / workload mix)
+    demand: Sequence[float]                  # share of requests per adapter, learnt from arrivals so far
+    workload_demand: Sequence[float]         # the whole workload's mix: look-ahead, only for demand=oracle
 
     @property
     def now(self) -> float: ...

@@ -11,20 +11,30 @@ from dlora_sim.policies.placement import greedy_placement, hosting_capacity
 from dlora_sim.request import Request
 
 
-def placement_for(cluster: ClusterView, extra_placements: int | None) -> list[list[int]]:
+DEMAND_SOURCES = ("online", "oracle")
+
+
+def known_demand(cluster: ClusterView, source: str) -> list[float]:
+    """The adapter mix a router plans with: learnt from arrivals so far (`online`, the default: at t=0
+    the uniform prior), or the whole workload's (`oracle`: look-ahead, an explicit upper bound)."""
+    if source not in DEMAND_SOURCES:
+        raise ValueError(f"router.demand must be one of {list(DEMAND_SOURCES)}, got {source!r}")
+    return list(cluster.workload_demand if source == "oracle" else cluster.demand)
+
+
+def placement_for(cluster: ClusterView, extra_placements: int | None, demand: str = "online") -> list[list[int]]:
     reps = cluster.replicas
     n = len(cluster.adapters)
-    demand = list(cluster.demand) if len(cluster.demand) == n else [1.0 / max(n, 1)] * n
     target = None if extra_placements is None else n + extra_placements
     slots = [hosting_capacity(r.adapter_slots, n, len(reps)) for r in reps]
-    return greedy_placement(demand, [r.total_blocks for r in reps], slots, target)
+    return greedy_placement(known_demand(cluster, demand), [r.total_blocks for r in reps], slots, target)
 
 
-def preload_for(cluster: ClusterView, hosts: list[list[int]]) -> dict[int, list[int]]:
+def preload_for(cluster: ClusterView, hosts: list[list[int]], demand: str = "online") -> dict[int, list[int]]:
     """What each replica loads at t=0: its hosted adapters, most demanded first, up to its GPU slots
     (hosted adapters beyond the slots are loaded on demand)."""
     n = len(hosts)
-    demand = list(cluster.demand) if len(cluster.demand) == n else [0.0] * n
+    demand = known_demand(cluster, demand)
     preload: dict[int, list[int]] = {}
     for a in sorted(range(n), key=lambda a: (-demand[a], a)):
         for j in hosts[a]:
@@ -42,11 +52,17 @@ class DLoRARouter(Router):
     work: WorkModel = field(default_factory=WorkModel)
     extra_placements: int | None = None   # placements beyond one per adapter; None = replicas - 1
     harvest_every: int = 64               # refresh per-adapter length estimates every N dispatches
+    demand: str = "online"                # placement's adapter mix: online (arrivals so far) | oracle (look-ahead)
     _n: int = field(default=0, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.demand not in DEMAND_SOURCES:
+            raise ValueError(f"router.demand must be one of {list(DEMAND_SOURCES)}, got {self.demand!r}")
+
     def place(self, cluster: ClusterView) -> Placement:
-        hosts = placement_for(cluster, self.extra_placements)
-        return Placement(hosts={a: tuple(hs) for a, hs in enumerate(hosts)}, preload=preload_for(cluster, hosts))
+        hosts = placement_for(cluster, self.extra_placements, self.demand)
+        return Placement(hosts={a: tuple(hs) for a, hs in enumerate(hosts)},
+                         preload=preload_for(cluster, hosts, self.demand))
 
     def _observe(self, request: Request, cluster: ClusterView) -> None:
         self.work.bind(cluster.cost, cluster.replicas[0].max_num_seqs)

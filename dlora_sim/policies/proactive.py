@@ -20,9 +20,9 @@ class ProactiveRouter(DLoRARouter):
     substitutions: int = field(default=0, repr=False)
 
     def place(self, cluster: ClusterView) -> Placement:
-        hosts = placement_for(cluster, self.extra_placements)
+        hosts = placement_for(cluster, self.extra_placements, self.demand)
         self._hosts = [set(hs) for hs in hosts]
-        return Placement(hosts={}, preload=preload_for(cluster, hosts))
+        return Placement(hosts={}, preload=preload_for(cluster, hosts, self.demand))
 
     def _victim(self, j: int, cluster: ClusterView) -> int | None:
         """An adapter hosted on j, hosted elsewhere too, with no request queued on j (lowest id)."""
