@@ -27,7 +27,7 @@ def finish_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], ru
     file that looks complete. `about` adds executor facts (the runtime's device, clock, versions)."""
     try:
         res = run()
-        summary = {"system": system, "overrides": overrides, **(about or {}),
+        summary = {"system": system, "arm": cfg.get("arm"), "overrides": overrides, **(about or {}),
                    **summarize(res, float(cfg.slo_s_per_token)), "config": OmegaConf.to_container(cfg, resolve=True)}
         write_results(out, res, summary)
     except BaseException:

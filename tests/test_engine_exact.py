@@ -21,7 +21,7 @@ def _ns(s: float) -> int:
 @pytest.mark.parametrize("prompt,output", [(1, 1), (37, 5), (500, 40)])
 def test_single_request_takes_prefill_plus_decodes(system, merged, prompt, output):
     wl = Workload.from_requests([RequestSpec(0.0, 0, prompt, output)], num_adapters=1)
-    sim, res = run_cfg(f"system={system}", "cluster.num_replicas=1", workload=wl)
+    sim, res = run_cfg(f"system={system}", "cluster.num_replicas=1", "router=least_loaded", workload=wl)   # no preload
     cost, prof = sim.cost, sim.profile
     rank = 16
     lora = (lambda tokens: (rank, tokens * rank)) if not merged else (lambda tokens: (0, 0))
@@ -54,7 +54,7 @@ PRESSURE = ["cluster=single", "cluster.replica.max_kv_blocks=150", "cluster.repl
 def test_fast_forward_is_exact_under_kv_pressure(system):
     _, on = run_cfg(f"system={system}", *PRESSURE, "cluster.replica.fast_forward=true")
     _, off = run_cfg(f"system={system}", *PRESSURE, "cluster.replica.fast_forward=false")
-    if system != "peft":   # PEFT's batches (the head adapter's run) are too small to press on memory
+    if system not in ("peft", "vllm"):   # their batches (the head adapter's run) are too small to press on memory
         assert on.recorder.counters["preemptions"] > 0
     assert requests_csv(on) == requests_csv(off)
     assert iterations_csv(on) == iterations_csv(off)

@@ -117,8 +117,29 @@ def test_proactive_cost_includes_load_time() -> None:
     load = COST.load_time(COST.profile.adapter_bytes(16))
     c0 = router.replica_cost(0, req(5, 0), cl)
     c1 = router.replica_cost(1, req(5, 0), cl)
-    expected = 1 if c1 + load < c0 else 0
+    bar = min(c0 - router.min_gain_s, (1 - router.min_gain) * c0)   # it must clearly pay
+    expected = 1 if c1 + load < bar else 0
     assert router.dispatch(req(5, 0), cl) == expected
+
+
+def test_proactive_substitutes_only_when_it_clearly_pays_and_cools_down() -> None:
+    router = ProactiveRouter(min_gain_s=0.0, min_gain=0.5, cooldown_s=5.0)
+    router._hosts = [{0}, {0, 1}, {1, 2}, {2}]   # adapter -> hosts
+    router.work.lengths = "oracle"
+    # replica 0 a little busier than replica 1: not worth moving an adapter for
+    slight = _cluster([[req(i, 0, out=30) for i in range(2)], [req(9, 1, out=10, state=State.RESIDENT)]], {},
+                      n_adapters=4)
+    assert router.dispatch(req(20, 0), slight) == 0 and router.substitutions == 0
+    busy = [req(i, 0, out=400) for i in range(16)]
+    cl = _cluster([busy, [], []], {}, n_adapters=4)
+    assert router.dispatch(req(21, 0), cl) == 1 and router.substitutions == 1   # it pays: substitute
+    assert router._hosts[0] == {0, 1} and router._hosts[1] == {0}   # adapter 1, idle there, made room
+    # adapter 3 lives on a busy replica 2; idle replica 1 could take it (adapter 2 is idle there) but it
+    # just changed: it cools down first
+    cl = _cluster([busy, [], [req(i, 3, out=400) for i in range(30, 46)], []], {}, n_adapters=4)
+    assert router.dispatch(req(23, 3), cl) == 2 and router.substitutions == 1
+    cl.now = 6.0
+    assert router.dispatch(req(24, 3), cl) == 1 and router.substitutions == 2
 
 
 def test_more_adapters_than_gpu_slots_preload_within_slots() -> None:

@@ -15,12 +15,16 @@ class MergedOnly(LocalScheduler):
         if not view.queue:
             return Decision([], merged=view.merged)
         target = view.queue[0].adapter
-        plan = fill_batch(view, (r for r in view.queue if r.adapter == target))
+        plan = fill_batch(view, self._candidates(view, target))
         if not plan.batch:
             return Decision([], merged=view.merged)
         load, evict = plan_adapter_slots(view, [target], lru=self._lru(view))
         return Decision(plan.batch, merged=target, load=load, evict=evict, swap_out=tuple(plan.swap_out),
                         recompute=tuple(plan.recompute), stable=True)
+
+    def _candidates(self, view: ReplicaView, target: int):
+        """The requests it may batch, in priority order: every queued request of the target adapter."""
+        return (r for r in view.queue if r.adapter == target)
 
     def _lru(self, view: ReplicaView) -> list[int] | None:
         return None
