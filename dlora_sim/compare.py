@@ -18,7 +18,7 @@ COLUMNS = [("label", "run", "{}"), ("throughput_rps", "req/s", "{:.3f}"), ("mean
            ("p99_latency_s", "p99 lat s", "{:.2f}"), ("mean_ttft_s", "TTFT s", "{:.2f}"),
            ("mean_s_per_token", "s/token", "{:.4f}"), ("p90_s_per_token", "p90 s/tok", "{:.4f}"),
            ("slo_attainment", "SLO", "{:.1%}"), ("num_switches", "switches", "{}"),
-           ("completed", "done", "{}"), ("rejected", "rejected", "{}")]
+           ("completed", "done", "{}"), ("rejected", "rejected", "{}"), ("rejected_share", "rej %", "{:.1%}")]
 
 
 def load_summaries(sweep: Path) -> list[dict[str, Any]]:
@@ -91,8 +91,14 @@ def compare(sweep: Path) -> Path | None:
 
 
 class CompareCallback(Callback):
+    """At the end of every multirun; experiments that report themselves set `enabled: false`."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        compare(Path(config.hydra.sweep.dir))
+        if self.enabled:
+            compare(Path(config.hydra.sweep.dir))
 
 
 def main(argv: list[str] | None = None) -> None:

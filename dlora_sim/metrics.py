@@ -135,7 +135,9 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
         "mean_s_per_token": stat(spt, np.mean), "p90_s_per_token": stat(spt, lambda a: np.percentile(a, 90)),
         "mean_queueing_delay_s": stat(qd, np.mean), "p90_queueing_delay_s": stat(qd, lambda a: np.percentile(a, 90)),
         "slo_s_per_token": slo_s_per_token,
-        "slo_attainment": round(float(np.mean(spt <= slo_s_per_token)), 6) if done else 0.0,
+        # of all requests: a rejected or unfinished request misses the SLO
+        "slo_attainment": round(float(np.sum(spt <= slo_s_per_token)) / len(reqs), 6) if reqs else 0.0,
+        "rejected_share": round(len(rejected) / len(reqs), 6) if reqs else 0.0,
         "num_switches": c["switches"], "num_adapter_loads": c["adapter_loads"], "num_preemptions": c["preemptions"],
         "num_swap_outs": c["swap_outs"], "num_swap_ins": c["swap_ins"], "num_migrations": c["migrations"],
         "num_iterations": res.recorder.num_iterations, "num_replicas": res.num_replicas,

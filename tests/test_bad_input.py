@@ -126,3 +126,13 @@ def test_profile_missing_and_unknown_keys(tmp_path):
 def test_unknown_profile_lists_available():
     with pytest.raises(ProfileError, match=r"a100-80gb-llama-2-7b"):
         load_profile("no-such-gpu-model")
+
+
+def test_rejected_requests_count_as_slo_misses():
+    from sim_helpers import run_cfg
+    from dlora_sim.metrics import summarize
+    _, res = run_cfg("system=slora", "workload.num_requests=60", "cluster.replica.max_num_batched_tokens=256")
+    s = summarize(res, 0.5)
+    assert s["rejected"] > 0 and s["rejected_share"] == round(s["rejected"] / 60, 6)
+    met = sum(1 for r in res.requests if r.finish > 0 and (r.finish - r.arrival) / 1e9 / r.output_tokens <= 0.5)
+    assert s["slo_attainment"] == round(met / 60, 6) <= 1 - s["rejected_share"]

@@ -6,6 +6,7 @@ dLoRA artifact's shared-seed defect: adapters' bursts are independent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ class SyntheticWorkload:
     rank: int = 16
     prompt: LengthDist = field(default_factory=lambda: LengthDist("uniform", low=8, high=512))
     output: LengthDist = field(default_factory=lambda: LengthDist("uniform", low=8, high=512))
+    lengths: Any = None                # joint (prompt, output) pairs (dlora_sim.traces.lengths); replaces prompt/output
     name: str = "synthetic"
 
     def __post_init__(self) -> None:
@@ -63,8 +65,11 @@ class SyntheticWorkload:
         t_all, a_all = t_all[order], a_all[order]
         t_all -= t_all[0]
         lrng = np.random.default_rng(arrival_seqs[-1])
-        prompts = self.prompt.sample(lrng, t_all.size)
-        outputs = self.output.sample(lrng, t_all.size)
+        if self.lengths is not None:
+            prompts, outputs = self.lengths.sample(t_all.size, lrng)
+        else:
+            prompts = self.prompt.sample(lrng, t_all.size)
+            outputs = self.output.sample(lrng, t_all.size)
         reqs = [RequestSpec(float(t), int(a), int(p), int(o)) for t, a, p, o in zip(t_all, a_all, prompts, outputs)]
         return Workload.from_requests(reqs, self.num_adapters, self.rank, name=self.name,
                                       meta={"rate": self.rate, "cv": self.cv, "popularity": self.popularity,
