@@ -210,7 +210,8 @@ class Engine:
 
     def _summary_extra(self) -> dict:
         s = self.stats
-        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra}
+        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra,
+                 **self.router.stats()}
         if self.migrator is not None:
             extra["migration"] = "not run: one replica"
         return extra

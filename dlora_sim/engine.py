@@ -208,6 +208,7 @@ class Simulation:
                         raise   # otherwise: stalled; reported below with the stuck requests
             self._bar = None
         self.sync()
+        self.extra.update(self.router.stats())
         if self.migrator is not None:
             self.extra.update(self._mig_stats.summary(self.env.now / NS))
         stuck = [r for r in self.requests if not r.done]

@@ -112,6 +112,10 @@ class Router(ABC):
     def place(self, cluster: ClusterView) -> Placement:
         return Placement()
 
+    def stats(self) -> dict:
+        """Counters for summary.json (e.g. how often the policy adapted its placement)."""
+        return {}
+
     @abstractmethod
     def dispatch(self, request: Request, cluster: ClusterView) -> int: ...
 

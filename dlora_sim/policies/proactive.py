@@ -35,6 +35,9 @@ class ProactiveRouter(DLoRARouter):
         if self.min_gain_s < 0 or not 0 <= self.min_gain < 1 or self.cooldown_s < 0:
             raise ValueError("router: min_gain_s and cooldown_s must be >= 0 and min_gain in [0, 1)")
 
+    def stats(self) -> dict:
+        return {"substitutions": self.substitutions}
+
     def place(self, cluster: ClusterView) -> Placement:
         hosts = placement_for(cluster, self.extra_placements, self.demand)
         self._hosts = [set(hs) for hs in hosts]
