@@ -23,10 +23,13 @@ def known_demand(cluster: ClusterView, source: str) -> list[float]:
 
 
 def placement_for(cluster: ClusterView, extra_placements: int | None, demand: str = "online") -> list[list[int]]:
+    """Greedy placement with `extra_placements` beyond one per adapter; None = as many as the replicas'
+    adapter slots hold. (The paper places replicas + adapters - 1, extra_placements = replicas - 1,
+    because its slots *were* the adapters placed; with slots sized by memory, empty slots buy nothing.)"""
     reps = cluster.replicas
     n = len(cluster.adapters)
-    target = None if extra_placements is None else n + extra_placements
     slots = [hosting_capacity(r.adapter_slots, n, len(reps)) for r in reps]
+    target = sum(slots) if extra_placements is None else n + extra_placements
     return greedy_placement(known_demand(cluster, demand), [r.total_blocks for r in reps], slots, target)
 
 
@@ -50,7 +53,7 @@ class DLoRARouter(Router):
     Reads `view.queue` of the (few) hosts of the adapter, so a dispatch costs O(their queues)."""
 
     work: WorkModel = field(default_factory=WorkModel)
-    extra_placements: int | None = None   # placements beyond one per adapter; None = replicas - 1
+    extra_placements: int | None = None   # placements beyond one per adapter; None = fill the adapter slots
     harvest_every: int = 64               # refresh per-adapter length estimates every N dispatches
     demand: str = "online"                # placement's adapter mix: online (arrivals so far) | oracle (look-ahead)
     _n: int = field(default=0, repr=False)

@@ -50,6 +50,8 @@ def greedy_placement(demand: Sequence[float], kv_blocks: Sequence[int], slots: S
         raise ValueError(f"{n} adapters do not fit in {sum(slots)} GPU adapter slots across {m} replicas")
     target = n + m - 1 if target is None else target
     target = min(max(target, n), sum(slots), n * m)
+    if all(s >= n for s in slots) and target == n * m:   # room for every adapter everywhere: no choice left
+        return [list(range(m)) for _ in range(n)]
     cap = [min(s, math.ceil(n / m)) for s in slots]
     if sum(cap) < n:   # uneven slots: fall back to the slots themselves
         cap = list(slots)

@@ -1,0 +1,102 @@
+"""Capacity at the SLO per system, model and unmerged LoRA cost, at two run lengths.
+
+Reads capacity.csv / capacity_probes.csv of a `dlora-sim --multirun experiment=capacity` folder (the
+capacity sweeper writes them; never reruns). Prints the report; `--record` writes
+benchmarks/results/capacity.{csv,md} and capacity_probes.csv, and copies the sweep's chart.
+
+    dlora-sim --multirun experiment=capacity
+    python benchmarks/capacity.py outputs/capacity/<date_time> --record
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SYSTEMS = {"vllm": "vLLM (replicated)", "peft": "PEFT", "slora": "S-LoRA-style", "dlora": "dLoRA"}
+
+
+def parse_arm(arm: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in arm.split())
+
+
+def load(sweep: Path) -> list[dict]:
+    path = Path(sweep) / "capacity.csv"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: run `dlora-sim --multirun experiment=capacity` first")
+    rows = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            a = parse_arm(r["arm"])
+            rows.append({"system": a.get("system", "?"), "model": a.get("model", "?"),
+                         "lora": a.get("profile.lora", "?"), "run_length": float(r["run_length"]),
+                         "capacity_rps": float(r["capacity_rps"]) if r["capacity_rps"] else None,
+                         "first_failed_rps": float(r["first_failed_rps"])})
+    return rows
+
+
+def fmt(x: float | None) -> str:
+    return "< 0.25" if x is None else f"{x:.3g}"
+
+
+def report(rows: list[dict], sweep: Path) -> str:
+    lengths = sorted({r["run_length"] for r in rows})
+    lines = ["# capacity: the highest request rate with mean s/token <= 0.5 s (8 replicas)", "",
+             "Bisection by the capacity sweeper (dlora_sim/capacity.py), 8 log-space rounds between 0.25 and 128 "
+             "req/s; requests = run length x rate. A100-80GB profiles (simulated), rank-16 adapters with Zipf(1) "
+             "popularity, lengths resampled from Azure conv and filtered like the paper's ShareGPT, batch cap 16. "
+             f"Source: `{sweep}`. Commands: `dlora-sim --multirun experiment=capacity`, then "
+             "`python benchmarks/capacity.py <folder> --record`.", ""]
+    keys = sorted({(r["model"], r["lora"]) for r in rows})
+    head = "| model | LoRA cost | system | " + " | ".join(f"{L:g} x rate" for L in lengths) + " | change |"
+    lines += [head, "|---|---|---|" + "---|" * (len(lengths) + 1)]
+    for model, lora in keys:
+        for sysname, label in SYSTEMS.items():
+            caps = [next((r["capacity_rps"] for r in rows if (r["model"], r["lora"], r["system"], r["run_length"])
+                          == (model, lora, sysname, L)), None) for L in lengths]
+            change = (f"{caps[-1] / caps[0] - 1:+.0%}" if len(caps) > 1 and caps[0] and caps[-1] else "-")
+            lines.append(f"| {model} | {lora} | {label} | " + " | ".join(fmt(c) for c in caps) + f" | {change} |")
+    lines += ["", "## dLoRA's capacity over each baseline's (longest run length)", "",
+              "| model | LoRA cost | / vLLM | / PEFT | / S-LoRA-style |", "|---|---|---|---|---|"]
+    L = lengths[-1]
+    for model, lora in keys:
+        cap = {r["system"]: r["capacity_rps"] for r in rows if (r["model"], r["lora"], r["run_length"]) == (model, lora, L)}
+        d = cap.get("dlora")
+
+        def ratio(base: str) -> str:
+            b = cap.get(base)
+            if d is None or b is None:
+                return "-" if d is None else f"> {d / 0.25:.3g}x"
+            return f"{d / b:.2f}x"
+        lines.append(f"| {model} | {lora} | {ratio('vllm')} | {ratio('peft')} | {ratio('slora')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
+    args = ap.parse_args(argv)
+    rows = load(args.sweep)
+    text = report(rows, args.sweep)
+    print(text)
+    out = RESULTS if args.record else Path(tempfile.mkdtemp(prefix="capacity_"))
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "capacity.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "capacity.md").write_text(text)
+    for name in ("capacity.png", "capacity_probes.csv"):
+        if (args.sweep / name).exists():
+            shutil.copyfile(args.sweep / name, out / name)
+    print(f"wrote {out}/capacity.{{csv,md,png}}" + ("" if args.record else " (pass --record to keep them)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
