@@ -191,8 +191,8 @@ class Engine:
         wall = time.perf_counter() - t0
         self.stats.executor_s += wall
         self.stats.iterations += 1
+        price = state.prices(step)   # the simulator's price of this step, recorded on either clock
         if clock.virtual:
-            price = state.prices(step)
             dur = price.total_ns()
             clock.advance(dur)
             compute, overhead = price.compute, price.overhead
@@ -204,7 +204,8 @@ class Engine:
         self.executor.release(state.end_run(step.batch, end))
         n = len(step.batch)
         self.recorder.iteration(0, start, dur, compute, overhead, d, n, prefill_tokens, n - prefills, step.distinct,
-                                extra={"wall_s": round(wall, 9), "policy_s": round(policy_s, 9),
+                                extra={"predicted_s": round(price.total_ns() / NS, 9),
+                                       "wall_s": round(wall, 9), "policy_s": round(policy_s, 9),
                                        "wall_forward_s": round(times.forward, 9), "wall_switch_s": round(times.mode, 9),
                                        "wall_load_s": round(times.load, 9), "wall_swap_s": round(times.swap, 9)})
 

@@ -212,10 +212,16 @@ class ModelExecutor:
         for r in step.swap_in:
             kv.swap_in(r.id)
         t.mark()
-        self._forward(step)
+        if step.batch:   # a step may only change memory or mode (calibration times those alone)
+            self._forward(step)
         t.mark()
         recompute, swap_out, evict, load, mode, swap_in, forward = t.seconds()
         return PhaseTimes(recompute, swap_out, evict, load, mode, swap_in, forward)
+
+    def sync(self) -> None:
+        """Wait for the device (timing of work outside `run`)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def release(self, requests: Sequence[Request]) -> None:
         for r in requests:

@@ -101,10 +101,15 @@ class CostModel:
         return self.profile.model.merge_bytes if self.merge == "pristine_gpu" else 0
 
     def load_time(self, nbytes: int) -> float:
-        return nbytes / (self.profile.transfers.host_to_gpu_bytes_per_s * self.gpus)
+        tr = self.profile.transfers
+        return tr.load_overhead_s + nbytes / (tr.host_to_gpu_bytes_per_s * self.gpus)
 
     def swap_time(self, blocks: int, block_bytes: int) -> float:
-        return blocks * block_bytes / (self.profile.transfers.kv_swap_bytes_per_s * self.gpus)
+        """KV blocks moved between GPU and host in one iteration (both directions together)."""
+        if not blocks:
+            return 0.0
+        tr = self.profile.transfers
+        return tr.swap_overhead_s + blocks * block_bytes / (tr.kv_swap_bytes_per_s * self.gpus)
 
     def kv_transfer_time(self, tokens: int) -> float:
         return tokens * self.profile.model.kv_bytes_per_token / self.profile.transfers.kv_transfer_bytes_per_s

@@ -100,6 +100,8 @@ class Transfers:
     host_to_gpu_bytes_per_s: float   # adapter (or whole-model) loads
     kv_swap_bytes_per_s: float       # KV swap between GPU and host
     kv_transfer_bytes_per_s: float   # KV transfer between replicas (migration)
+    load_overhead_s: float = 0.0     # fixed cost per adapter load (measured profiles: per-slice copies)
+    swap_overhead_s: float = 0.0     # fixed cost of an iteration that swaps (measured profiles)
 
 
 @dataclass(frozen=True)

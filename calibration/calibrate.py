@@ -1,0 +1,191 @@
+"""`dlora-calibrate`: measure the runtime, fit a profile in the simulator's own closed form, report it.
+
+    dlora-calibrate                                  # runtime=cpu_tiny, into outputs/calibrate/<stamp>/
+    dlora-calibrate --record                         # also write calibration/profiles/cpu-tiny.yaml
+    dlora-calibrate runtime=h200_7b --record         # on a GPU: calibration/profiles/h200-llama-2-7b.yaml
+    dlora-calibrate --from outputs/calibrate/<stamp> # refit points measured elsewhere, without measuring
+
+Iteration terms (overhead, per sequence, weight read / per token, context, prefill attention) and the
+kernel LoRA terms are fitted together on the decode, prefill and mixed points by `calibration.fit`
+(relative error, non-negative, predictions by `CostModel.iteration_time`); merge / unmerge / switch are
+the medians measured; adapter loads and KV swaps fit a fixed cost plus bytes over bandwidth. The
+report gives in-sample error and the error on held-out random mixed batches that no fit saw.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+import yaml
+from scipy.optimize import nnls
+
+from calibration.fit import Point, fit
+from dlora_sim.paths import CONF_DIR, PROFILES_DIR
+from dlora_sim.profile import Profile, load_profile, profile_from_dict
+
+ITERATION_KEYS = ["iteration.overhead_s", "iteration.per_seq_s", "iteration.weight_read_s", "iteration.per_token_s",
+                  "iteration.per_context_token_s", "iteration.per_prefill_sq_s", "lora.kernel.overhead_s",
+                  "lora.kernel.per_adapter_rank_s", "lora.kernel.per_token_rank_s"]
+COMPUTE_KINDS = ("decode", "prefill", "mixed")
+
+
+def read_points(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def compute_point(r: dict) -> Point:
+    """An iteration's compute: its wall time less the mode-change, load and swap phases."""
+    f = {k: float(r[k] or 0) for k in ("prefill_tokens", "prefill_sq", "decodes", "decode_context", "batch",
+                                       "rank_sum", "token_rank", "resident_rank_sum")}
+    secs = float(r["wall_s"]) - float(r["mode_s"] or 0) - float(r["load_s"] or 0) - float(r["swap_s"] or 0)
+    return Point(f, max(secs, 1e-9))
+
+
+def predict_compute(cost, p: Point) -> float:
+    f = p.features
+    return cost.iteration_time(int(f["prefill_tokens"]), int(f["prefill_sq"]), int(f["decodes"]),
+                               int(f["decode_context"]), int(f["batch"]), int(f["rank_sum"]), int(f["token_rank"]),
+                               int(f["resident_rank_sum"]))
+
+
+MAX_BANDWIDTH = 1e15   # B/s: a slope this flat means the cost is all fixed overhead at these sizes
+
+
+def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Non-negative (intercept, slope) minimising relative error of y = a + b x."""
+    y = np.array(ys)
+    a = np.column_stack([np.ones(len(xs)), np.array(xs)]) / y[:, None]
+    (c0, c1), _ = nnls(a, np.ones(len(xs)))
+    return float(c0), float(c1)
+
+
+def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) -> tuple[dict, dict]:
+    """(profile dict for YAML, fit report) from measured points."""
+    fit_pts = [compute_point(r) for r in rows if r["kind"] in COMPUTE_KINDS and r["split"] == "fit"]
+    held = [compute_point(r) for r in rows if r["kind"] in COMPUTE_KINDS and r["split"] == "heldout"]
+    res = fit(base.with_lora_path("kernel"), ITERATION_KEYS, fit_pts, predict_compute, held_out=held)
+    raw = yaml.safe_load(Path(base.path).read_text())
+    for key, v in res.values.items():
+        node = raw
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = v
+    modes = {k: median(float(r["mode_s"]) for r in rows if r["kind"] == k) for k in ("merge", "unmerge", "switch")
+             if any(r["kind"] == k for r in rows)}
+    raw["switch"] = {"merge_s": modes["merge"], "unmerge_s": modes["unmerge"], "switch_s": modes["switch"]}
+    loads = [(float(r["bytes"]), float(r["load_s"])) for r in rows if r["kind"] == "load"]
+    swaps = [(float(r["bytes"]), float(r["swap_s"])) for r in rows if r["kind"] == "swap"]
+    load_c, load_b = _line_fit(*zip(*loads))
+    swap_c, swap_b = _line_fit(*zip(*swaps))
+    tr = raw["transfers"]
+    tr["load_overhead_s"], tr["host_to_gpu_bytes_per_s"] = float(f"{load_c:.6g}"), float(f"{min(1 / max(load_b, 1e-18), MAX_BANDWIDTH):.6g}")
+    tr["swap_overhead_s"], tr["kv_swap_bytes_per_s"] = float(f"{swap_c:.6g}"), float(f"{min(1 / max(swap_b, 1e-18), MAX_BANDWIDTH):.6g}")
+    raw["lora"] = {"kernel": {**raw["lora"]["kernel"], "source": "measured: fitted with the iteration terms"}}
+    report = {"points": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
+              "fit_points": len(fit_pts), "heldout_points": len(held),
+              "in_sample": res.in_sample.as_dict(), "held_out": res.held_out.as_dict() if res.held_out else None,
+              "coefficients": res.values, "switch_s": modes,
+              "load": {"overhead_s": load_c, "bytes_per_s": min(1 / max(load_b, 1e-18), MAX_BANDWIDTH)},
+              "swap": {"overhead_s": swap_c, "bytes_per_s": min(1 / max(swap_b, 1e-18), MAX_BANDWIDTH)},
+              "points_csv_sha256": csv_sha256, "measured_on": meta}
+    raw["provenance"] = {
+        "source": "measured", "device": meta["device"], "date": meta["date"][:10],
+        "method": (f"dlora-calibrate: {len(fit_pts)} decode/prefill/mixed points fitted by relative-error least "
+                   f"squares on the simulator's cost model (in-sample mean error {res.in_sample.mean_abs_rel:.1%}, "
+                   f"held-out {res.held_out.mean_abs_rel if res.held_out else float('nan'):.1%} on "
+                   f"{len(held)} random mixed batches); merge/unmerge/switch medians; loads and swaps a fixed cost "
+                   f"plus bytes / bandwidth"),
+        "software": (f"dlora_gpu runtime, {meta['backend']} backend, {meta['dtype']}; torch "
+                     f"{meta['versions']['torch']}, triton {meta['versions']['triton']}"),
+        "anchors": [f"points.csv sha256 {csv_sha256}", f"commit {meta.get('commit', '')}",
+                    f"1-min load average before measuring: {meta.get('load_avg_1min_before')}"]}
+    profile_from_dict(raw, src="fitted profile")   # validate before anyone writes it
+    return raw, report
+
+
+def report_md(report: dict, profile_name: str) -> str:
+    ins, held = report["in_sample"], report["held_out"]
+    lines = [f"# Fit report: {profile_name}", "",
+             f"Measured on {report['measured_on']['device']} ({report['measured_on']['dtype']}, "
+             f"{report['measured_on']['backend']}), {report['measured_on']['date']}, 1-min load average before: "
+             f"{report['measured_on'].get('load_avg_1min_before')}. Points: {report['points']}; "
+             f"points.csv sha256 `{report['points_csv_sha256']}`.", "",
+             "| iteration compute | points | mean abs rel err | P90 | max |", "|---|---|---|---|---|",
+             f"| in sample | {ins['n']} | {ins['mean_abs_rel']:.1%} | {ins['p90_abs_rel']:.1%} | {ins['max_abs_rel']:.1%} |"]
+    if held:
+        lines.append(f"| held out (random mixed batches) | {held['n']} | {held['mean_abs_rel']:.1%} | "
+                     f"{held['p90_abs_rel']:.1%} | {held['max_abs_rel']:.1%} |")
+    lines += ["", "Coefficients: " + ", ".join(f"`{k}` {v:.4g}" for k, v in report["coefficients"].items()),
+              f"Mode changes (s): {report['switch_s']}. Adapter load: {report['load']['overhead_s'] * 1e3:.3f} ms + "
+              f"bytes / {report['load']['bytes_per_s'] / 1e9:.3f} GB/s. KV swap: "
+              f"{report['swap']['overhead_s'] * 1e6:.1f} us + bytes / {report['swap']['bytes_per_s'] / 1e9:.3f} GB/s.", ""]
+    return "\n".join(lines)
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("serve", overrides=["progress=false", *overrides])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="config overrides of the serve app, e.g. runtime=h200_7b")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default outputs/calibrate/<stamp>)")
+    ap.add_argument("--from", dest="source", type=Path, default=None, help="refit points.csv of this folder")
+    ap.add_argument("--record", action="store_true", help="write the fitted profile into calibration/profiles/")
+    ap.add_argument("--quick", action="store_true", help="a few points of every kind (smoke test)")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    from dlora_sim.config import build_profile
+    cfg = _compose(args.overrides)
+    base = build_profile(cfg)
+    out = args.out or Path("outputs/calibrate") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if args.source is None:
+        from calibration.microbench import BenchConfig, Harness, metadata, run_all, write
+        from dlora_gpu.executor import runtime_config
+        rcfg = runtime_config(cfg.runtime)
+        bench = BenchConfig(quick=args.quick, repeats=2 if args.quick else args.repeats,
+                            warmup=1 if args.quick else 2)
+        t0 = time.perf_counter()
+        harness = Harness(rcfg, base, bench)        # sets the runtime's torch threads
+        meta_load = metadata(rcfg, base, bench, 0.0)
+        rows = run_all(harness, bench)
+        meta = {**meta_load, "elapsed_s": round(time.perf_counter() - t0, 3)}
+        points = write(rows, meta, out)
+    else:
+        points, out = args.source / "points.csv", args.out or args.source
+        meta = json.loads((args.source / "metadata.json").read_text())
+    rows = read_points(points)   # the fit reads what was written, so a refit of the folder is the same fit
+    sha = hashlib.sha256(points.read_bytes()).hexdigest()
+    raw, report = fit_profile(rows, base, sha, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "# Fitted by dlora-calibrate from measurements of the runtime; regenerate, do not edit by hand.\n"
+    (out / "profile.yaml").write_text(text + yaml.safe_dump(raw, sort_keys=False, width=110))
+    (out / "fit_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = report_md(report, raw["name"])
+    (out / "fit_report.md").write_text(md)
+    print(md)
+    if args.record:
+        dst = PROFILES_DIR / f"{raw['name']}.yaml"
+        dst.write_text((out / "profile.yaml").read_text())
+        (PROFILES_DIR / f"{raw['name']}.fit.md").write_text(md)
+        print(f"wrote {dst} and {dst.with_suffix('.fit.md')}")
+    print(f"results in {out}")
+    load_profile(out / "profile.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Microbenchmarks of the runtime's executor: the points a profile is fitted to, and held-out batches.
+
+Drives `dlora_gpu.executor.ModelExecutor` through the shared `ReplicaState` with synthetic batches, so
+what is timed is exactly what `dlora-serve` runs: decode batches x context, prefills x sequences,
+mixed batches, unmerged batches with distinct adapters x ranks, merge / unmerge / switch, adapter
+loads by rank, KV swaps by blocks. Each point is warmed up and timed `repeats` times; the CSV keeps
+the median wall time of the executor's run (perf_counter around it) and the device time of its phases
+(CUDA events on a GPU; on a CPU both are perf_counter). A held-out set of random mixed batches, drawn
+like real traffic, is measured the same way and never used in the fit.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from dlora_sim.config import Parts
+from dlora_sim.cost_model import CostModel
+from dlora_sim.metrics import Recorder
+from dlora_sim.policies.base import Decision
+from dlora_sim.profile import Profile
+from dlora_sim.replica_state import ReplicaConfig, ReplicaState
+from dlora_sim.request import Request
+from dlora_sim.workload.spec import Workload
+
+# the features a point carries (what CostModel.iteration_time and the transfer terms read)
+COLUMNS = ["kind", "split", "mode", "batch", "prefills", "prefill_tokens", "prefill_sq", "decodes", "decode_context",
+           "distinct", "rank", "rank_sum", "token_rank", "resident_rank_sum", "bytes", "blocks",
+           "wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s", "repeats"]
+
+
+@dataclass
+class BenchConfig:
+    repeats: int = 5
+    warmup: int = 2
+    ranks: tuple[int, ...] = (8, 16, 32)
+    num_adapters: int = 8
+    slots: int = 8
+    max_kv_blocks: int = 4096
+    host_swap_bytes: int = 64 << 20
+    heldout: int = 40
+    seed: int = 0
+    quick: bool = False   # a few points of every kind (tests, dry runs)
+
+
+class Harness:
+    """One replica's state and executor, driven by hand-made decisions."""
+
+    def __init__(self, rcfg, profile: Profile, bench: BenchConfig):
+        from dlora_gpu.executor import ModelExecutor
+        ranks = [bench.ranks[i % len(bench.ranks)] for i in range(bench.num_adapters)]
+        wl = Workload.from_requests([], bench.num_adapters, ranks)
+        cfg = ReplicaConfig(max_num_seqs=4096, max_num_batched_tokens=1 << 20, gpu_adapter_slots=bench.slots,
+                            max_kv_blocks=bench.max_kv_blocks, host_swap_bytes=bench.host_swap_bytes, watermark=0.0,
+                            merge="pristine_gpu")
+        from dlora_sim.engine import ClusterConfig
+        parts = Parts(profile, ClusterConfig(1, 1, cfg), wl, lambda: None, None, None)   # type: ignore[arg-type]
+        self.cost = CostModel(profile, 1, cfg.merge)
+        self.state = ReplicaState(0, cfg, self.cost, ranks, Recorder(keep_iterations=False), lambda r: None,
+                                  lambda: 0, merges=True)
+        self.ex = ModelExecutor(rcfg, self.state, parts)
+        self.ranks = ranks
+        self._next_id = 0
+
+    # --- requests and steps ------------------------------------------------------------------------
+    def new(self, adapters: Sequence[int], prompt: Sequence[int]) -> list[Request]:
+        out = []
+        for a, p in zip(adapters, prompt):
+            r = Request(self._next_id, a, 0, int(p), 1 << 30)
+            self._next_id += 1
+            self.state.enqueue(r)
+            out.append(r)
+        return out
+
+    def ensure_resident(self, adapters: Iterable[int]) -> None:
+        """Load adapters into slots (untimed), evicting others when the slots are full."""
+        need = [a for a in dict.fromkeys(adapters) if a not in self.state.resident]
+        if not need:
+            return
+        keep = set(adapters) | {self.state.merged}
+        spare = [a for a in self.state.resident if a not in keep]
+        evict = tuple(spare[:max(0, len(self.state.resident) + len(need) - self.state.adapter_slots)])
+        self.step(Decision([], merged=self.state.merged, load=tuple(need), evict=evict), allow_empty=True)
+
+    def set_mode(self, merged: int | None) -> None:
+        if self.state.merged != merged:
+            if merged is not None:
+                self.ensure_resident([merged])
+            self.step(Decision([], merged=merged), allow_empty=True)
+
+    def step(self, d: Decision, allow_empty: bool = False):
+        """Apply one decision through the state and the executor: (wall s, PhaseTimes, Step)."""
+        if not d.batch and not allow_empty:
+            raise ValueError("an empty decision changes only memory or mode: pass allow_empty=True")
+        state = self.state
+        step = state.begin(d)
+        t0 = time.perf_counter()
+        times = self.ex.run(step)
+        self.ex.sync()
+        wall = time.perf_counter() - t0
+        if step.batch:
+            state.complete(step, 0, 1)
+        state.end_run(step.batch, 0)
+        return wall, times, step
+
+    def drop(self, reqs: Sequence[Request]) -> None:
+        """Finish requests by hand (free their KV and tokens)."""
+        for r in reqs:
+            self.state.remove(r)
+            if r.id in self.ex.kv.sequences():
+                self.ex.kv.release(r.id)
+            self.ex._tokens.pop(r.id, None)
+
+
+def timed(h: Harness, make: callable, repeats: int, warmup: int) -> tuple[float, float, dict, object]:
+    """Median wall and device seconds of `make()`'s decision over `repeats` runs after `warmup`."""
+    walls, devs, phases, last = [], [], [], None
+    for i in range(warmup + repeats):
+        d = make()
+        wall, times, step = h.step(d)
+        if i >= warmup:
+            walls.append(wall)
+            devs.append(times.total)
+            phases.append(times)
+            last = step
+    keep = {k: median(getattr(t, k) for t in phases) for k in ("forward", "mode", "load", "swap")}
+    return median(walls), median(devs), keep, last
+
+
+def _row(kind: str, split: str, step, wall: float, dev: float, ph: dict, repeats: int, **extra) -> dict:
+    d = step.decision
+    row = {"kind": kind, "split": split, "mode": "unmerged" if d.merged is None else "merged",
+           "batch": len(step.batch), "prefills": sum(step.prefill), "prefill_tokens": step.prefill_tokens,
+           "prefill_sq": step.prefill_sq, "decodes": step.decode_seqs, "decode_context": step.decode_context,
+           "distinct": step.distinct, "rank": extra.pop("rank", ""),
+           "rank_sum": step.rank_sum if d.merged is None else 0,
+           "token_rank": step.token_rank if d.merged is None else 0, "resident_rank_sum": step.resident_rank_sum,
+           "bytes": extra.pop("bytes", ""), "blocks": extra.pop("blocks", ""),
+           "wall_s": f"{wall:.9f}", "device_s": f"{dev:.9f}", "forward_s": f"{ph.get('forward', 0.0):.9f}",
+           "mode_s": f"{ph.get('mode', 0.0):.9f}", "load_s": f"{ph.get('load', 0.0):.9f}",
+           "swap_s": f"{ph.get('swap', 0.0):.9f}", "repeats": repeats}
+    return row
+
+
+def decode_points(h: Harness, b: BenchConfig, batches: Sequence[int], contexts: Sequence[int], *, merged: bool,
+                  distinct_list: Sequence[int], split: str = "fit") -> list[dict]:
+    """Decode batches of n sequences at a context each, merged on one adapter or unmerged over `distinct`."""
+    rows = []
+    for n, ctx, distinct in itertools.product(batches, contexts, distinct_list):
+        if (merged and distinct != 1) or distinct > n:
+            continue
+        adapters = [i % distinct for i in range(n)]
+        h.set_mode(0 if merged else None)
+        h.ensure_resident(set(adapters))
+        reqs = h.new(adapters, [ctx] * n)
+        h.step(Decision(reqs, merged=0 if merged else None))     # prefill them (untimed)
+        wall, dev, ph, step = timed(h, lambda: Decision(reqs, merged=0 if merged else None), b.repeats, b.warmup)
+        rows.append(_row("decode", split, step, wall, dev, ph, b.repeats, rank=h.ranks[0]))
+        h.drop(reqs)
+    return rows
+
+
+def prefill_points(h: Harness, b: BenchConfig, seqs: Sequence[int], lengths: Sequence[int], *, merged: bool,
+                   split: str = "fit") -> list[dict]:
+    rows = []
+    for n, length in itertools.product(seqs, lengths):
+        h.set_mode(0 if merged else None)
+        h.ensure_resident([0])
+        made: list[list[Request]] = []
+
+        def make():
+            reqs = h.new([0] * n, [length] * n)
+            made.append(reqs)
+            return Decision(reqs, merged=0 if merged else None)
+
+        wall, dev, ph, step = timed(h, make, b.repeats, b.warmup)
+        rows.append(_row("prefill", split, step, wall, dev, ph, b.repeats, rank=h.ranks[0]))
+        for reqs in made:
+            h.drop(reqs)
+    return rows
+
+
+def mixed_points(h: Harness, b: BenchConfig, rng: np.random.Generator, count: int, split: str) -> list[dict]:
+    """Random mixed batches drawn like serving traffic: 1-16 sequences, some prefills of 8-512 tokens,
+    decodes at contexts of 16-1024, 1-4 distinct adapters, unmerged (or merged when one adapter)."""
+    rows = []
+    for _ in range(count):
+        n = int(rng.integers(1, 17))
+        n_pre = int(rng.integers(0, min(n, 4) + 1))
+        distinct = int(rng.integers(1, 5))
+        adapters = [int(a) for a in rng.integers(0, distinct, n)]
+        merged = distinct == 1 and rng.random() < 0.5
+        mode = adapters[0] if merged else None
+        h.set_mode(mode)
+        h.ensure_resident(set(adapters))
+        dec = h.new(adapters[n_pre:], rng.integers(16, 1024, n - n_pre))
+        if dec:
+            h.step(Decision(dec, merged=mode))
+        pre = h.new(adapters[:n_pre], rng.integers(8, 512, n_pre))
+        wall, times, step = h.step(Decision(pre + dec, merged=mode))
+        ph = {"forward": times.forward, "mode": times.mode, "load": times.load, "swap": times.swap}
+        rows.append(_row("mixed", split, step, wall, times.total, ph, 1, rank=""))
+        h.drop(pre + dec)
+    return rows
+
+
+def mode_points(h: Harness, b: BenchConfig) -> list[dict]:
+    """Merge (clean -> a), switch (a -> b) and unmerge (a -> clean), timed alone."""
+    rows = []
+    h.ensure_resident([0, 1])
+    for kind, before, after in (("merge", None, 0), ("switch", 0, 1), ("unmerge", 1, None)):
+        walls = []
+        for i in range(b.warmup + b.repeats):
+            h.set_mode(before)
+            _, times, _ = h.step(Decision([], merged=after), allow_empty=True)
+            if i >= b.warmup:
+                walls.append(times.mode)
+        w = median(walls)
+        rows.append({**{c: "" for c in COLUMNS}, "kind": kind, "split": "fit", "mode": "merged" if after is not None
+                     else "unmerged", "rank": h.ranks[0], "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
+                     "mode_s": f"{w:.9f}", "repeats": b.repeats})
+    h.set_mode(None)
+    return rows
+
+
+def load_points(h: Harness, b: BenchConfig) -> list[dict]:
+    rows = []
+    h.set_mode(None)
+    for rank in sorted(set(h.ranks)):
+        a = h.ranks.index(rank)
+        walls = []
+        for i in range(b.warmup + b.repeats):
+            if a in h.state.resident:
+                h.step(Decision([], evict=(a,)), allow_empty=True)
+            _, times, _ = h.step(Decision([], load=(a,)), allow_empty=True)
+            if i >= b.warmup:
+                walls.append(times.load)
+        w = median(walls)
+        rows.append({**{c: "" for c in COLUMNS}, "kind": "load", "split": "fit", "rank": rank,
+                     "bytes": h.cost.profile.adapter_bytes(rank), "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
+                     "load_s": f"{w:.9f}", "repeats": b.repeats})
+    return rows
+
+
+def swap_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int]) -> list[dict]:
+    rows = []
+    bs = h.state.block_size
+    for blocks in blocks_list:
+        h.set_mode(None)
+        h.ensure_resident([0])
+        (r,) = h.new([0], [blocks * bs])
+        h.step(Decision([r]))                      # prefill: r holds `blocks` blocks
+        walls = []
+        for i in range(b.warmup + b.repeats):
+            t0 = time.perf_counter()
+            h.ex.kv.swap_out(r.id)
+            h.ex.kv.swap_in(r.id)
+            h.ex.sync()
+            if i >= b.warmup:
+                walls.append((time.perf_counter() - t0) / 2)   # one direction
+        w = median(walls)
+        rows.append({**{c: "" for c in COLUMNS}, "kind": "swap", "split": "fit", "blocks": blocks,
+                     "bytes": blocks * h.state.layout.block_bytes, "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
+                     "swap_s": f"{w:.9f}", "repeats": b.repeats})
+        h.drop([r])
+    return rows
+
+
+def run_all(h: Harness, b: BenchConfig) -> list[dict]:
+    rng = np.random.default_rng(b.seed)
+    q = b.quick
+    batches = (1, 4) if q else (1, 2, 4, 8, 16, 32)
+    contexts = (64,) if q else (32, 256, 1024)
+    rows = []
+    rows += decode_points(h, b, batches, contexts, merged=True, distinct_list=(1,))
+    rows += decode_points(h, b, batches, contexts, merged=False, distinct_list=(1, 2) if q else (1, 4, 8))
+    rows += prefill_points(h, b, (1,) if q else (1, 2, 4), (32,) if q else (16, 64, 256, 512), merged=False)
+    rows += prefill_points(h, b, (1,) if q else (1, 4), (32,) if q else (64, 512), merged=True)
+    rows += mixed_points(h, b, rng, 3 if q else 30, "fit")
+    rows += mode_points(h, b)
+    rows += load_points(h, b)
+    rows += swap_points(h, b, (1, 4) if q else (1, 4, 16, 64))
+    rows += mixed_points(h, b, np.random.default_rng(b.seed + 1), 3 if q else b.heldout, "heldout")
+    return rows
+
+
+def metadata(rcfg, profile: Profile, bench: BenchConfig, elapsed: float) -> dict:
+    import torch
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"device": (torch.cuda.get_device_name() if torch.cuda.is_available() and rcfg.device.startswith("cuda")
+                       else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"),
+            "dtype": rcfg.dtype, "backend": rcfg.backend, "model": profile.model.name, "base_profile": profile.name,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+                         "cuda": torch.version.cuda},
+            "commit": commit, "load_avg_1min_before": load1, "cpus": os.cpu_count(),
+            "bench": {k: getattr(bench, k) for k in bench.__dataclass_fields__}, "elapsed_s": round(elapsed, 3),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write(rows: list[dict], meta: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "points.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    (folder / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path

@@ -1,0 +1,195 @@
+"""`dlora-validate`: how far the simulator is from the runtime on one trace.
+
+Replays the workload through the runtime on the real clock (or reads a runtime results folder brought
+back from another machine, `--runtime-folder`), then simulates the same config: the same policies,
+the runtime's profile and its KV block count. Requests are matched by id. Reports the relative error
+of mean / P50 / P90 / P99 end-to-end latency, mean and P99 TTFT, mean TPOT and throughput; the KS
+distance between the two latency distributions; counts (iterations, switches, adapter loads,
+preemptions); and, from the runtime's own iterations, the cost model's per-iteration error by mode
+and batch size (measured duration vs the `predicted_s` the runtime recorded). Writes validation.json,
+validation.md and validation.png (latency and TTFT CDFs).
+
+    dlora-validate system=dlora workload.num_requests=80            # CPU, runtime=cpu_tiny
+    dlora-validate --runtime-folder path/to/runtime/results         # compare without re-running
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+from scipy.stats import ks_2samp
+
+from dlora_sim.cli import finish_job
+from dlora_sim.config import build_simulation
+from dlora_sim.metrics import summarize, write_results
+
+METRICS = [("mean_latency_s", "mean E2E"), ("p50_latency_s", "P50 E2E"), ("p90_latency_s", "P90 E2E"),
+           ("p99_latency_s", "P99 E2E"), ("mean_ttft_s", "mean TTFT"), ("p99_ttft_s", "P99 TTFT"),
+           ("mean_tpot_s", "mean TPOT"), ("throughput_rps", "throughput")]
+COUNTS = ["num_iterations", "num_switches", "num_adapter_loads", "num_preemptions", "num_swap_outs", "completed",
+          "rejected"]
+GOALS = {"mean_latency_s": (0.02, 0.05), "p99_latency_s": (0.05, 0.10), "mean_ttft_s": (0.05, 0.15),
+         "throughput_rps": (0.01, 0.03)}   # (goal, at least): relative error
+BUCKETS = [(1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 1 << 30)]
+
+
+def _requests(folder: Path) -> dict[int, dict]:
+    with (folder / "requests.csv").open(newline="") as f:
+        return {int(r["id"]): r for r in csv.DictReader(f)}
+
+
+def _iterations(folder: Path) -> list[dict]:
+    with (folder / "iterations.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def iteration_errors(rows: list[dict]) -> list[dict]:
+    """Cost-model error of the runtime's measured iterations, by mode and batch size."""
+    if not rows or "predicted_s" not in rows[0]:
+        return []
+    out = []
+    for mode in ("merged", "unmerged"):
+        for lo, hi in BUCKETS:
+            sel = [r for r in rows if r["mode"] == mode and lo <= int(r["batch_size"]) <= hi]
+            if not sel:
+                continue
+            meas = np.array([float(r["duration_s"]) for r in sel])
+            pred = np.array([float(r["predicted_s"]) for r in sel])
+            rel = pred / meas - 1
+            out.append({"mode": mode, "batch": f"{lo}-{hi}" if hi < 1 << 30 else f"{lo}+", "n": len(sel),
+                        "mean_rel_err": round(float(rel.mean()), 4), "mean_abs_rel_err": round(float(abs(rel).mean()), 4),
+                        "measured_mean_s": round(float(meas.mean()), 6), "predicted_mean_s": round(float(pred.mean()), 6)})
+    return out
+
+
+def compare(runtime: dict, sim: dict, runtime_dir: Path, sim_dir: Path) -> dict:
+    rel = {}
+    for key, _ in METRICS:
+        a, b = runtime.get(key), sim.get(key)
+        rel[key] = None if not a or b is None else round((b - a) / a, 6)
+    ra, rb = _requests(runtime_dir), _requests(sim_dir)
+    both = [i for i in ra if i in rb and ra[i]["status"] == rb[i]["status"] == "finished"]
+    la = np.array([float(ra[i]["latency_s"]) for i in both])
+    lb = np.array([float(rb[i]["latency_s"]) for i in both])
+    per_req = (lb / la - 1) if both else np.array([])
+    verdict = {}
+    for key, (goal, least) in GOALS.items():
+        e = rel.get(key)
+        verdict[key] = ("-" if e is None else "goal met" if abs(e) <= goal else
+                        "minimum met" if abs(e) <= least else "missed")
+    return {"relative_error": rel, "runtime": {k: runtime.get(k) for k, _ in METRICS},
+            "simulator": {k: sim.get(k) for k, _ in METRICS},
+            "counts": {k: {"runtime": runtime.get(k), "simulator": sim.get(k)} for k in COUNTS},
+            "matched_requests": len(both),
+            "per_request_latency_rel_err": {"mean": round(float(per_req.mean()), 6) if both else None,
+                                            "mean_abs": round(float(abs(per_req).mean()), 6) if both else None,
+                                            "p90_abs": round(float(np.percentile(abs(per_req), 90)), 6) if both else None},
+            "ks_latency": round(float(ks_2samp(la, lb).statistic), 6) if both else None,
+            "iteration_error": iteration_errors(_iterations(runtime_dir)),
+            "goals": {k: {"goal": g, "at_least": m, "verdict": verdict[k]} for k, (g, m) in GOALS.items()}}
+
+
+def report_md(v: dict, runtime_dir: Path) -> str:
+    lines = ["# dlora-validate: simulator vs runtime", "",
+             f"Runtime results: `{runtime_dir}` ({v['about'].get('device')}, {v['about'].get('clock')} clock); "
+             f"simulator with the runtime's profile `{v['about'].get('profile')}` and its {v['about'].get('kv_blocks')} "
+             f"KV blocks. {v['matched_requests']} requests matched by id.", "",
+             "| metric | runtime | simulator | relative error | goal / at least | verdict |", "|---|---|---|---|---|---|"]
+    for key, label in METRICS:
+        e = v["relative_error"][key]
+        g = v["goals"].get(key)
+        err = "-" if e is None else f"{e:+.2%}"
+        goal = f"{g['goal']:.0%} / {g['at_least']:.0%}" if g else ""
+        lines.append(f"| {label} | {v['runtime'][key]} | {v['simulator'][key]} | {err} | {goal} | "
+                     f"{g['verdict'] if g else ''} |")
+    p = v["per_request_latency_rel_err"]
+    lines += ["", f"Per request (matched): mean latency error {p['mean']}, mean |error| {p['mean_abs']}, "
+              f"P90 |error| {p['p90_abs']}; KS distance of the latency distributions {v['ks_latency']}.", "",
+              "| count | runtime | simulator |", "|---|---|---|"]
+    lines += [f"| {k} | {c['runtime']} | {c['simulator']} |" for k, c in v["counts"].items()]
+    if v["iteration_error"]:
+        lines += ["", "Cost model per iteration (runtime's measured duration vs the price it recorded):", "",
+                  "| mode | batch | n | mean rel error | mean abs rel error | measured mean s | predicted mean s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['batch']} | {r['n']} | {r['mean_rel_err']:+.1%} | {r['mean_abs_rel_err']:.1%} | "
+                  f"{r['measured_mean_s']} | {r['predicted_mean_s']} |" for r in v["iteration_error"]]
+    return "\n".join(lines) + "\n"
+
+
+def cdf_chart(runtime_dir: Path, sim_dir: Path, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ra, rb = _requests(runtime_dir), _requests(sim_dir)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in zip(axes, ("latency_s", "ttft_s"), ("end-to-end latency (s)", "time to first token (s)")):
+        for reqs, name, color in ((ra, "runtime (real clock)", "C0"), (rb, "simulator", "C1")):
+            v = np.sort([float(r[key]) for r in reqs.values() if r[key] != ""])
+            if v.size:
+                ax.plot(v, np.arange(1, v.size + 1) / v.size, label=name, color=color)
+        ax.set_xlabel(label)
+        ax.set_ylabel("CDF")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("simulator vs runtime on the same requests", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) -> dict:
+    """Simulate the config a runtime folder ran with and compare; `sim_overrides` patch the config."""
+    summary = json.loads((runtime_dir / "summary.json").read_text())
+    cfg = OmegaConf.create(summary["config"])
+    kv = (summary.get("runtime") or {}).get("kv_blocks")
+    if kv:
+        cfg.cluster.replica.max_kv_blocks = int(kv)   # exactly the runtime's blocks
+    for k, v in (sim_overrides or {}).items():
+        OmegaConf.update(cfg, k, v)
+    sim = build_simulation(cfg)
+    res = sim.run()
+    sim_dir = out / "simulator"
+    sim_summary = {"system": summary.get("system"), **summarize(res, float(cfg.slo_s_per_token)),
+                   "config": OmegaConf.to_container(cfg, resolve=True)}
+    write_results(sim_dir, res, sim_summary)
+    v = compare(summary, sim_summary, runtime_dir, sim_dir)
+    v["about"] = {"device": summary.get("device"), "clock": summary.get("clock"), "kv_blocks": kv,
+                  "profile": cfg.profile.get("hardware") + "-" + cfg.model.name, "runtime_dir": str(runtime_dir),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validation.json").write_text(json.dumps(v, indent=2) + "\n")
+    (out / "validation.md").write_text(report_md(v, runtime_dir))
+    cdf_chart(runtime_dir, sim_dir, out / "validation.png")
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="config overrides of the serve app (runtime, system, workload...)")
+    ap.add_argument("--runtime-folder", type=Path, default=None, help="compare this runtime results folder")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default outputs/validate/<stamp>)")
+    args = ap.parse_args(argv)
+    out = args.out or Path("outputs/validate") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    runtime_dir = args.runtime_folder
+    if runtime_dir is None:
+        from calibration.calibrate import _compose
+        from dlora_gpu.cli import about, build_engine
+        cfg = _compose([*args.overrides, "runtime.clock=real"])
+        engine = build_engine(cfg)
+        runtime_dir = out / "runtime"
+        system = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("system=")), "default")
+        finish_job(cfg, runtime_dir, system, list(args.overrides), engine.run, about(engine))
+    validate(runtime_dir, out)
+    print((out / "validation.md").read_text())
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""dlora-calibrate and dlora-validate end to end on the CPU runtime (fields, not numbers: timing on a
+shared CI machine says nothing)."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from calibration import calibrate, validate
+from dlora_sim.profile import load_profile
+
+
+def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
+    assert calibrate.main(["--quick", "--out", str(tmp_path)]) == 0
+    prof = load_profile(tmp_path / "profile.yaml")
+    assert prof.provenance.source == "measured" and prof.name == "cpu-tiny"
+    report = json.loads((tmp_path / "fit_report.json").read_text())
+    assert report["fit_points"] > 0 and report["heldout_points"] > 0
+    assert set(report["in_sample"]) == {"n", "mean_abs_rel", "p90_abs_rel", "max_abs_rel"}
+    assert len(report["points_csv_sha256"]) == 64 and (tmp_path / "fit_report.md").exists()
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert {"device", "versions", "commit", "load_avg_1min_before"} <= set(meta)
+    # refitting the same points.csv gives the same profile
+    again = tmp_path / "refit"
+    assert calibrate.main(["--from", str(tmp_path), "--out", str(again)]) == 0
+    assert yaml.safe_load((again / "profile.yaml").read_text()) == yaml.safe_load((tmp_path / "profile.yaml").read_text())
+
+
+def test_validate_replays_a_trace_on_both_and_reports(tmp_path):
+    assert validate.main(["system=slora", "workload.num_requests=20", "charts=false", "--out", str(tmp_path)]) == 0
+    v = json.loads((tmp_path / "validation.json").read_text())
+    assert v["matched_requests"] == 20
+    assert set(v["relative_error"]) == {k for k, _ in validate.METRICS}
+    assert set(v["goals"]) == set(validate.GOALS) and 0 <= v["ks_latency"] <= 1
+    assert v["iteration_error"] and {"mode", "batch", "n", "mean_rel_err"} <= set(v["iteration_error"][0])
+    assert {"runtime", "simulator"} == set(v["counts"]["num_iterations"])
+    assert (tmp_path / "validation.md").exists() and (tmp_path / "validation.png").exists()
+    # a runtime folder brought back from elsewhere is compared without re-running it
+    again = validate.validate(tmp_path / "runtime", tmp_path / "again")
+    assert again["simulator"] == v["simulator"] and again["runtime"] == v["runtime"]

@@ -1,0 +1,88 @@
+"""The calibration fit recovers the coefficients a cost model generated, through the simulator's own
+closed form (calibration.fit and the dlora-calibrate fit of points.csv rows)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from calibration.calibrate import ITERATION_KEYS, fit_profile
+from calibration.fit import coefficient, set_coefficients
+from dlora_sim.cost_model import CostModel
+from dlora_sim.profile import load_profile
+
+TRUTH = {"iteration.overhead_s": 2.0e-3, "iteration.per_seq_s": 6.0e-5, "iteration.weight_read_s": 1.5e-3,
+         "iteration.per_token_s": 3.0e-5, "iteration.per_context_token_s": 4.0e-7,
+         "iteration.per_prefill_sq_s": 2.0e-8, "lora.kernel.overhead_s": 8.0e-4,
+         "lora.kernel.per_adapter_rank_s": 5.0e-6, "lora.kernel.per_token_rank_s": 4.0e-7}
+
+
+def _rows(profile, rng, noise: float) -> list[dict]:
+    """points.csv rows over a microbenchmark-like grid plus random mixed batches, timed by `profile`."""
+    cost = CostModel(profile)
+    rows = []
+
+    def add(kind, split, prefills, decodes, ctx, distinct, merged, rank=16):
+        n = len(prefills) + decodes
+        pt = sum(prefills)
+        rank_sum = 0 if merged else distinct * rank
+        token_rank = 0 if merged else (pt + decodes) * rank
+        t = cost.iteration_time(pt, sum(p * p for p in prefills), decodes, decodes * ctx, n, rank_sum, token_rank)
+        rows.append({"kind": kind, "split": split, "mode": "merged" if merged else "unmerged", "batch": n,
+                     "prefills": len(prefills), "prefill_tokens": pt, "prefill_sq": sum(p * p for p in prefills),
+                     "decodes": decodes, "decode_context": decodes * ctx, "distinct": distinct, "rank": rank,
+                     "rank_sum": rank_sum, "token_rank": token_rank, "resident_rank_sum": 8 * rank, "bytes": "",
+                     "blocks": "", "wall_s": t * (1 + noise * rng.standard_normal()), "device_s": t,
+                     "forward_s": t, "mode_s": 0.0, "load_s": 0.0, "swap_s": 0.0, "repeats": 5})
+
+    for n in (1, 2, 4, 8, 16, 32):
+        for ctx in (32, 256, 1024):
+            add("decode", "fit", [], n, ctx, 1, True)
+            for distinct in (1, 4, 8):
+                if distinct <= n:
+                    add("decode", "fit", [], n, ctx, distinct, False)
+    for seqs in (1, 2, 4):
+        for length in (16, 64, 256, 512):
+            add("prefill", "fit", [length] * seqs, 0, 0, 1, False)
+            add("prefill", "fit", [length] * seqs, 0, 0, 1, True)
+    for split, count in (("fit", 30), ("heldout", 40)):
+        for _ in range(count):
+            n = int(rng.integers(1, 17))
+            pre = [int(x) for x in rng.integers(8, 512, int(rng.integers(0, min(n, 4) + 1)))]
+            add("mixed", split, pre, n - len(pre), int(rng.integers(16, 1024)), int(rng.integers(1, 5)), False)
+    for kind, secs in (("merge", 1e-3), ("unmerge", 2e-4), ("switch", 1.1e-3)):
+        rows.append({**{k: "" for k in rows[0]}, "kind": kind, "split": "fit", "mode_s": secs, "wall_s": secs})
+    for b in (1, 4, 16):
+        rows.append({**{k: "" for k in rows[0]}, "kind": "load", "split": "fit", "bytes": b * 1e6,
+                     "load_s": 1e-3 + b * 1e6 / 2e9, "wall_s": 0})
+        rows.append({**{k: "" for k in rows[0]}, "kind": "swap", "split": "fit", "bytes": b * 32768,
+                     "swap_s": 5e-5 + b * 32768 / 4e9, "wall_s": 0})
+    return rows
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.01])
+def test_fit_recovers_known_coefficients_within_5_percent(noise):
+    base = load_profile("cpu-tiny")
+    truth = set_coefficients(base, TRUTH)
+    rows = _rows(truth, np.random.default_rng(0), noise)
+    meta = {"device": "synthetic", "date": "2026-12-01 00:00:00", "backend": "torch", "dtype": "float32",
+            "versions": {"torch": "-", "triton": "-"}}
+    raw, report = fit_profile(rows, base, "0" * 64, meta)
+    for key in ITERATION_KEYS:
+        assert report["coefficients"][key] == pytest.approx(coefficient(truth, key), rel=0.05), key
+    assert report["held_out"]["mean_abs_rel"] < max(2 * noise, 1e-4) + 0.005
+    assert raw["switch"] == {"merge_s": 1e-3, "unmerge_s": 2e-4, "switch_s": 1.1e-3}
+    assert report["load"]["overhead_s"] == pytest.approx(1e-3, rel=0.05)
+    assert report["load"]["bytes_per_s"] == pytest.approx(2e9, rel=0.05)
+    assert report["swap"]["bytes_per_s"] == pytest.approx(4e9, rel=0.05)
+    assert raw["provenance"]["source"] == "measured"
+
+
+def test_set_coefficients_names_bad_keys():
+    base = load_profile("cpu-tiny")
+    with pytest.raises(KeyError, match="not a profile coefficient"):
+        set_coefficients(base, {"overhead_s": 1.0})
+    moved = set_coefficients(base, {"lora.kernel.overhead_s": 1.0, "switch.merge_s": 2.0})
+    assert moved.lora.overhead_s == 1.0 and moved.switch.merge_s == 2.0
+    assert dataclasses.replace(moved, lora_paths=base.lora_paths).lora == base.lora
