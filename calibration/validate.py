@@ -160,7 +160,8 @@ def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) ->
     write_results(sim_dir, res, sim_summary)
     v = compare(summary, sim_summary, runtime_dir, sim_dir)
     v["about"] = {"device": summary.get("device"), "clock": summary.get("clock"), "kv_blocks": kv,
-                  "profile": cfg.profile.get("hardware") + "-" + cfg.model.name, "runtime_dir": str(runtime_dir),
+                  "profile": cfg.profile.get("path") or f"{cfg.profile.get('hardware')}-{cfg.model.name}",
+                  "runtime_dir": str(runtime_dir),
                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
     (out / "validation.json").write_text(json.dumps(v, indent=2) + "\n")
