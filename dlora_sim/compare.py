@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,9 +22,17 @@ COLUMNS = [("label", "run", "{}"), ("throughput_rps", "req/s", "{:.3f}"), ("mean
            ("completed", "done", "{}"), ("rejected", "rejected", "{}"), ("rejected_share", "rej %", "{:.1%}")]
 
 
-def load_summaries(sweep: Path) -> list[dict[str, Any]]:
+def summary_files(folder: Path) -> list[Path]:
+    """A run folder's summary.json, or every run's of a sweep folder (in job order)."""
+    folder = Path(folder)
+    if (folder / "summary.json").exists():
+        return [folder / "summary.json"]
+    return sorted(folder.glob("*/summary.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+
+
+def load_summaries(*folders: Path) -> list[dict[str, Any]]:
     rows = []
-    for f in sorted(Path(sweep).glob("*/summary.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    for f in (f for folder in folders for f in summary_files(folder)):
         s = json.loads(f.read_text())
         s["folder"] = str(f.parent)
         rows.append(s)
@@ -74,18 +83,21 @@ def comparison_chart(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def compare(sweep: Path) -> Path | None:
-    rows = load_summaries(sweep)
+def compare(*folders: Path, out: Path | None = None) -> Path | None:
+    """Table, comparison.csv and comparison.png of the runs in `folders` (run or sweep folders), written
+    into `out` (default: the folder, when there is one)."""
+    rows = load_summaries(*folders)
     if not rows:
-        print(f"no summary.json under {sweep}")
         return None
+    out = Path(out) if out is not None else Path(folders[0])
+    out.mkdir(parents=True, exist_ok=True)
     print(format_table(rows))
-    with (Path(sweep) / "comparison.csv").open("w", newline="") as f:
+    with (out / "comparison.csv").open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow([k for k, _, _ in COLUMNS] + ["folder"])
         for s in rows:
             w.writerow([s.get(k) for k, _, _ in COLUMNS] + [s["folder"]])
-    chart = comparison_chart(rows, Path(sweep) / "comparison.png")
+    chart = comparison_chart(rows, out / "comparison.png")
     print(f"comparison chart: {chart.resolve()}")
     return chart
 
@@ -101,7 +113,16 @@ class CompareCallback(Callback):
             compare(Path(config.hydra.sweep.dir))
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Compare the runs of a sweep folder (reads */summary.json).")
-    ap.add_argument("sweep", type=Path)
-    compare(ap.parse_args(argv).sweep)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Compare runs: sweep folders (*/summary.json) or run folders.")
+    ap.add_argument("folders", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where comparison.csv/.png go (default: the folder; needed for several)")
+    args = ap.parse_args(argv)
+    if len(args.folders) > 1 and args.out is None:
+        ap.error("several folders: say where the comparison goes with --out")
+    if compare(*args.folders, out=args.out) is None:
+        print(f"dlora-compare: no summary.json in {', '.join(map(str, args.folders))} or their subfolders",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -148,6 +148,22 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
     }
 
 
+def _finite(x: Any) -> Any:
+    """JSON has no NaN or infinity: they become null (recursively)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON (no bare NaN), as every results file is written."""
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -172,4 +188,4 @@ def write_results(out: Path, res: SimResult, summary: Mapping[str, Any]) -> None
     _atomic_write(out / "requests.csv", _csv_text(REQUEST_COLUMNS, request_rows(res.requests)))
     cols, rows = iteration_rows(res.recorder)
     _atomic_write(out / "iterations.csv", _csv_text(cols, rows))
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    _atomic_write(out / "summary.json", json_text(summary))

@@ -42,8 +42,18 @@ def _stats(args) -> int:
         print("--path needs exactly one trace name", file=sys.stderr)
         return 2
     out = Path(args.out)
+    reg = registry.load_registry()
+    path = args.path
+    if len(names) == 1 and names[0] not in reg and Path(names[0]).exists():   # `stats FILE`
+        path = names[0]
+        match = [n for n, e in reg.items() if Path(path).name in {Path(f.path).name for f in e.files}]
+        if len(match) != 1:
+            print(f"dlora-trace: {path} is a file, not a trace name: say which trace's format it has, "
+                  f"e.g. `dlora-trace stats azure_conv --path {path}` (names: {', '.join(reg)})", file=sys.stderr)
+            return 2
+        names = match
     for name in names:
-        s = trace_stats(name, args.path)
+        s = trace_stats(name, path)
         print(format_stats(s))
         paths = save_charts(s, out) + [write_json(s, out)]
         print("  saved: " + ", ".join(str(p) for p in paths))
@@ -64,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--allow-unverified", action="store_true", help="accept files the registry has no sha256 for")
     f.set_defaults(fn=_fetch)
     s = sub.add_parser("stats", help="rate, length percentiles, skew and charts (default: every present trace)")
-    s.add_argument("names", nargs="*")
+    s.add_argument("names", nargs="*", help="trace names, or one trace file (its format is recognised by its name)")
     s.add_argument("--path", help="read this file/folder instead of resolving the trace")
     s.add_argument("--out", default="outputs/trace-stats", help="folder for charts and JSON")
     s.set_defaults(fn=_stats)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, registry.FetchError) as e:
         print(f"dlora-trace: {e}", file=sys.stderr)
         return 1
 

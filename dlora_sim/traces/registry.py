@@ -145,9 +145,10 @@ def resolve(name: str, relpath: str | None = None, path: str | os.PathLike | Non
         if cand.exists():
             return cand
         tried.append(str(cand))
+    unverified = " --allow-unverified" if any(f.sha256 is None for f in entry.files) else ""
     raise TraceNotFoundError(
         f"trace {name!r} not found; looked in:\n  " + "\n  ".join(tried)
-        + f"\nRun `dlora-trace fetch {name}` (or set $DLORA_TRACE_DIR, or give the workload a path).")
+        + f"\nRun `dlora-trace fetch {name}{unverified}` (or set $DLORA_TRACE_DIR, or give the workload a path).")
 
 
 def is_present(name: str) -> bool:
@@ -163,6 +164,10 @@ def is_present(name: str) -> bool:
 
 class ChecksumError(ValueError):
     """A downloaded file whose sha256 differs from the registry's."""
+
+
+class FetchError(RuntimeError):
+    """A download that could not complete (offline, refused, not found): one line saying what to do."""
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -183,23 +188,38 @@ def download(url: str, dest: Path, sha256: str | None, allow_unverified: bool = 
     if sha256 is None and not allow_unverified:
         raise ChecksumError(f"{url}: the registry has no sha256 for this file; refusing to trust it "
                             f"(pass --allow-unverified to download anyway and print its digest)")
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     h = hashlib.sha256()
+    ok = False
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            while block := resp.read(1 << 20):
-                h.update(block)
-                out.write(block)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+                while block := resp.read(1 << 20):
+                    h.update(block)
+                    out.write(block)
+        except (OSError, ValueError) as e:   # URLError, HTTPError, timeouts, refused connections, bad URLs
+            reason = getattr(e, "reason", None) or e
+            raise FetchError(f"could not download {url} ({reason}). Offline? Download it by hand and put it at "
+                             f"{dest} (it is checked against the registry's sha256 when used), or point "
+                             f"$DLORA_TRACE_DIR at a folder holding {dest.parent.name}/{dest.name}") from None
         digest = h.hexdigest()
         if sha256 is not None and digest != sha256.lower():
-            raise ChecksumError(f"{url}: sha256 mismatch: expected {sha256}, got {digest}; nothing written to {dest}")
+            raise ChecksumError(f"{url}: sha256 mismatch: expected {sha256}, got {digest}; nothing written to "
+                                f"{dest}. The file changed upstream or the download was cut: retry, or compare with "
+                                f"the registry's pinned commit")
         os.replace(tmp, dest)
+        ok = True
         return digest
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not ok:   # leave nothing half-made: the folders this download created go again if empty
+            for p in made:
+                if p.exists() and not any(p.iterdir()):
+                    p.rmdir()
 
 
 def fetch(name: str, dest_root: Path | None = None, allow_unverified: bool = False,

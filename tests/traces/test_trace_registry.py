@@ -57,9 +57,7 @@ def test_fetch_checksum_mismatch_leaves_nothing(tmp_registry, monkeypatch):
     monkeypatch.setenv("DLORA_TRACE_REGISTRY", str(write("f" * 64)))
     with pytest.raises(registry.ChecksumError, match="mismatch"):
         registry.fetch("tiny")
-    folder = tmp / "cache" / "tiny-folder"
-    assert not (folder / "tiny.csv").exists()
-    assert list(folder.iterdir()) == []  # no half-written .part file either
+    assert not (tmp / "cache").exists()   # no half-written .part file, nor the folders made for it
 
 
 def test_bad_checksum_in_registry_is_an_error(tmp_registry, monkeypatch):
@@ -128,3 +126,35 @@ def test_fetched_tar_archive_is_unpacked(tmp_path, monkeypatch):
     monkeypatch.setenv("DLORA_TRACE_REGISTRY", str(reg))
     folder, _ = registry.fetch("maf", dest_root=tmp_path / "cache")
     assert (folder / inner.name).read_text() == inner.read_text()
+
+
+def test_fetch_from_an_unreachable_url_says_what_to_do_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    reg = tmp_path / "registry.yaml"
+    url = "http://127.0.0.1:9/tiny.csv"   # the discard port: refused at once, no network needed
+    reg.write_text("traces:\n  tiny:\n    format: azure_llm\n    folder: tiny-folder\n    files:\n"
+                   f"      - path: tiny.csv\n        url: {url}\n        sha256: '{'0' * 64}'\n")
+    monkeypatch.setenv("DLORA_TRACE_REGISTRY", str(reg))
+    monkeypatch.setenv("DLORA_TRACE_DIR", str(tmp_path / "cache"))
+    assert cli_main(["fetch", "tiny"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dlora-trace:")]
+    assert len(err) == 1 and url in err[0] and "by hand" in err[0] and "tiny-folder" in err[0]
+    assert not (tmp_path / "cache").exists()            # no empty folder left behind
+
+
+def test_stats_accepts_a_trace_file(tmp_registry, capsys):
+    tmp, _ = tmp_registry
+    f = tmp / "tiny.csv"
+    f.write_bytes(CONTENT)
+    assert cli_main(["stats", str(f), "--out", str(tmp / "out")]) == 0   # recognised as the `tiny` format
+    assert "1 requests" in capsys.readouterr().out
+    other = tmp / "mystery.csv"
+    other.write_bytes(CONTENT)
+    assert cli_main(["stats", str(other)]) == 2
+    assert "--path" in capsys.readouterr().err
+
+
+def test_unverified_traces_hint_the_flag_fetch_needs(tmp_registry, monkeypatch):
+    tmp, write = tmp_registry
+    monkeypatch.setenv("DLORA_TRACE_REGISTRY", str(write(None)))
+    with pytest.raises(TraceNotFoundError, match="fetch tiny --allow-unverified"):
+        registry.resolve("tiny")

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 
-def need(shared: Path, rel: str) -> Path:
-    p = shared / rel
-    if not p.exists():
-        pytest.skip(f"{p} not available")
-    return p
+def need(dirs: list[Path], rel: str) -> Path:
+    """`rel` in the first trace folder that holds it (skip the test when none does)."""
+    for d in dirs:
+        if (d / rel).exists():
+            return d / rel
+    pytest.skip(f"{rel} not available in {[str(d) for d in dirs]}")
 
 
 def azure_llm_csv(path: Path, rows: list[tuple[str, int, int]]) -> Path:

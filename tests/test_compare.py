@@ -1,0 +1,46 @@
+"""dlora-compare on run folders and sweep folders; results JSON is strict (no bare NaN)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sim_helpers import compose_cfg
+from dlora_sim.cli import run_job
+from dlora_sim.compare import main as compare_main
+from dlora_sim.metrics import json_text
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for i, system in enumerate(("slora", "dlora")):
+        cfg = compose_cfg(f"system={system}", "workload.num_requests=40", "charts=false")
+        run_job(cfg, root / str(i), system, [f"system={system}"])
+    return root
+
+
+def test_compare_a_single_run_folder(runs, capsys):
+    assert compare_main([str(runs / "0")]) == 0
+    assert "slora" in capsys.readouterr().out and (runs / "0" / "comparison.png").exists()
+
+
+def test_compare_several_folders_into_one_table(runs, tmp_path, capsys):
+    assert compare_main([str(runs / "0"), str(runs / "1"), "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "slora" in table and "dlora" in table and (tmp_path / "comparison.csv").read_text().count("\n") == 3
+    with pytest.raises(SystemExit):
+        compare_main([str(runs / "0"), str(runs / "1")])           # several folders need --out
+
+
+def test_compare_an_empty_folder_fails(tmp_path, capsys):
+    assert compare_main([str(tmp_path)]) == 1
+    assert "no summary.json" in capsys.readouterr().err
+
+
+def test_results_json_has_no_bare_nan(runs):
+    text = (runs / "0" / "summary.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in summary.json"))
+    strict = json_text({"a": math.nan, "b": [math.inf, 1.0], "c": {"d": -math.inf}})
+    assert json.loads(strict) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
