@@ -27,6 +27,7 @@ import yaml
 from scipy.optimize import nnls
 
 from calibration.fit import Point, fit
+from dlora_sim.errors import reported
 from dlora_sim.paths import CONF_DIR, PROFILES_DIR
 from dlora_sim.profile import Profile, load_profile, profile_from_dict
 
@@ -139,6 +140,7 @@ def _compose(overrides: list[str]):
         return compose("serve", overrides=["progress=false", *overrides])
 
 
+@reported("dlora-calibrate")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="config overrides of the serve app, e.g. runtime=h200_7b")

@@ -27,6 +27,7 @@ from scipy.stats import ks_2samp
 
 from dlora_sim.cli import finish_job
 from dlora_sim.config import build_simulation
+from dlora_sim.errors import reported
 from dlora_sim.metrics import summarize, write_results
 
 METRICS = [("mean_latency_s", "mean E2E"), ("p50_latency_s", "P50 E2E"), ("p90_latency_s", "P90 E2E"),
@@ -170,6 +171,7 @@ def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) ->
     return v
 
 
+@reported("dlora-validate")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="config overrides of the serve app (runtime, system, workload...)")

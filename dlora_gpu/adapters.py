@@ -32,6 +32,7 @@ from torch import Tensor
 from dlora_gpu.lora_stack import LoRAStack
 from dlora_gpu.merge import Delta
 from dlora_gpu.model import GROUP_OF, GROUPS, PROJECTIONS, LlamaConfig, hf_module_path
+from dlora_sim.errors import UserError
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"
@@ -59,7 +60,7 @@ _UNSUPPORTED = {
 }
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(ValueError, UserError):
     """A LoRA adapter on disk that we cannot serve exactly; the message names the file and key."""
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from dlora_sim.cli import finish_job
 from dlora_sim.config import ConfigError, build_parts
+from dlora_sim.errors import reported
 from dlora_sim.paths import CONF_DIR
 
 log = logging.getLogger("dlora_gpu")
@@ -50,6 +51,7 @@ def about(engine) -> dict:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
+@reported("dlora-serve")
 def _main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)

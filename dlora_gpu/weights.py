@@ -17,12 +17,13 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from dlora_gpu.model import Llama, LlamaConfig
+from dlora_sim.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, UserError):
     """A checkpoint we cannot load; the message names the file and, where one is at fault, the key."""
 
 

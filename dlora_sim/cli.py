@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dlora_sim.config import build_simulation
+from dlora_sim.errors import reported
 from dlora_sim.metrics import RESULT_FILES, SimResult, summarize, write_results
 from dlora_sim.paths import CONF_DIR
 
@@ -41,6 +42,7 @@ def finish_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], ru
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+@reported("dlora-sim")
 def _main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
@@ -54,3 +56,7 @@ def _main(cfg: DictConfig) -> float:
 
 def main() -> None:
     sys.exit(_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dlora_sim.engine import ClusterConfig, Simulation
+from dlora_sim.errors import UserError
 from dlora_sim.paths import PROFILES_DIR
 from dlora_sim.policies.base import LocalScheduler, Migrator, Router
 from dlora_sim.profile import Profile, ProfileError, load_profile
@@ -18,7 +19,7 @@ from dlora_sim.replica_state import ReplicaConfig
 from dlora_sim.workload.spec import Workload
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A config key is missing, unknown or has an impossible value; the message names the key."""
 
 
@@ -33,7 +34,7 @@ def dataclass_from(cls: type, raw: Any, where: str):
     try:
         return cls(**data)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(str(e) if f"{where}." in str(e) else f"{where}: {e}") from None
 
 
 def build_cluster(cfg: DictConfig) -> ClusterConfig:

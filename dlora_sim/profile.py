@@ -13,10 +13,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from dlora_sim.errors import UserError
 from dlora_sim.paths import PROFILES_DIR
 
 
-class ProfileError(ValueError):
+class ProfileError(ValueError, UserError):
     """A profile file is missing, malformed, or inconsistent."""
 
 

@@ -136,3 +136,16 @@ def test_rejected_requests_count_as_slo_misses():
     assert s["rejected"] > 0 and s["rejected_share"] == round(s["rejected"] / 60, 6)
     met = sum(1 for r in res.requests if r.finish > 0 and (r.finish - r.arrival) / 1e9 / r.output_tokens <= 0.5)
     assert s["slo_attainment"] == round(met / 60, 6) <= 1 - s["rejected_share"]
+
+
+def test_user_errors_print_one_line_without_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "dlora_sim.cli", "cluster.replica.max_num_seqs=0", f"hydra.run.dir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "dlora-sim: cluster.replica.max_num_seqs must be >= 1, got 0"
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from itertools import takewhile
 
 from dlora_sim.policies.base import Decision, ReplicaView
-from dlora_sim.policies.batching import fill_batch, plan_adapter_slots
 from dlora_sim.policies.merged import MergedOnly
 
 

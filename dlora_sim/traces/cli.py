@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dlora_sim.errors import UserError
 from dlora_sim.traces import registry
 
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, registry.FetchError) as e:
+    except (KeyError, ValueError, FileNotFoundError, UserError) as e:
         print(f"dlora-trace: {e}", file=sys.stderr)
         return 1
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from os import PathLike
 
+from dlora_sim.errors import UserError
 
-class TraceFormatError(ValueError):
+
+class TraceFormatError(ValueError, UserError):
     """A malformed trace row or file; the message names the file, the line and the column/key."""
 
     def __init__(self, path: str | PathLike, line: int | None, message: str, column: str | None = None):
@@ -21,5 +23,5 @@ class TraceFormatError(ValueError):
         super().__init__(f"{where}{what}: {message}")
 
 
-class TraceNotFoundError(FileNotFoundError):
+class TraceNotFoundError(FileNotFoundError, UserError):
     """A trace file that is in none of the places we look; the message lists them and how to fetch it."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from dlora_sim.errors import UserError
 from dlora_sim.traces.errors import TraceNotFoundError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -162,11 +163,11 @@ def is_present(name: str) -> bool:
     return True
 
 
-class ChecksumError(ValueError):
+class ChecksumError(ValueError, UserError):
     """A downloaded file whose sha256 differs from the registry's."""
 
 
-class FetchError(RuntimeError):
+class FetchError(RuntimeError, UserError):
     """A download that could not complete (offline, refused, not found): one line saying what to do."""
 
 

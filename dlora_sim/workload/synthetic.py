@@ -45,21 +45,22 @@ class SyntheticWorkload:
         arrival_seqs = root.spawn(self.num_adapters + 1)
         horizon = self.num_requests / self.rate
         shape = 1.0 / self.cv ** 2
-        times, adapters = [], []
-        for a, (w, ss) in enumerate(zip(weights, arrival_seqs[:-1])):
-            rate = self.rate * w
-            if rate <= 0:
-                continue
-            rng = np.random.default_rng(ss)
-            t, chunks = 0.0, []
-            while t < horizon * 1.5:   # overshoot, then keep the first num_requests overall
-                gaps = rng.gamma(shape, 1.0 / (rate * shape), size=max(16, int(rate * horizon * 0.5) + 16))
-                ts = t + np.cumsum(gaps)
-                chunks.append(ts)
-                t = float(ts[-1])
-            ts = np.concatenate(chunks)
-            times.append(ts)
-            adapters.append(np.full(ts.size, a, dtype=np.int64))
+        streams = [(a, self.rate * w, np.random.default_rng(ss), [], [0.0])
+                   for a, (w, ss) in enumerate(zip(weights, arrival_seqs[:-1])) if self.rate * w > 0]
+        until = horizon * 1.5   # overshoot, then keep the first num_requests overall
+        while True:
+            for a, rate, rng, chunks, last in streams:   # each adapter's stream continues where it stopped
+                while last[0] < until:
+                    gaps = rng.gamma(shape, 1.0 / (rate * shape), size=max(16, int(rate * horizon * 0.5) + 16))
+                    ts = last[0] + np.cumsum(gaps)
+                    chunks.append(ts)
+                    last[0] = float(ts[-1])
+            # every stream covers [0, until): the first num_requests arrivals are final once that many fell in it
+            if sum(int(np.searchsorted(np.concatenate(c), until)) for _, _, _, c, _ in streams) >= self.num_requests:
+                break
+            until *= 1.5
+        times = [np.concatenate(c) for _, _, _, c, _ in streams]
+        adapters = [np.full(ts.size, a, dtype=np.int64) for (a, *_), ts in zip(streams, times)]
         t_all, a_all = np.concatenate(times), np.concatenate(adapters)
         order = np.lexsort((a_all, t_all))[: self.num_requests]
         t_all, a_all = t_all[order], a_all[order]

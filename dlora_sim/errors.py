@@ -1,0 +1,35 @@
+"""Bad input a user can fix, and how command-line apps report it.
+
+Every error that names a bad file, line, key or value (a config key, a profile, a trace, an adapter
+or checkpoint file) is a `UserError` as well as its usual built-in type. The apps print such an error
+as one line, without a traceback, unless HYDRA_FULL_ERROR=1 asks for the stack; bugs (a policy's bad
+decision, a stalled simulation, anything else) keep their traceback.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(Exception):
+    """Bad input, with a message that says what and where."""
+
+
+def reported(prog: str) -> Callable[[F], F]:
+    """Run `fn`; a UserError becomes `prog: message` on stderr and exit status 2."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"{prog}: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+        return run  # type: ignore[return-value]
+    return wrap
