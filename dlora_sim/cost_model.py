@@ -64,12 +64,26 @@ class CostModel:
         t = (self._overhead + self._per_seq * num_seqs + max(self._weight, self._per_tok * tokens)
              + self._per_ctx * decode_context + self._per_sq * prefill_sq)
         if lora_rank_sum:
-            if self._einsum:
-                resident = max(resident_rank_sum, lora_rank_sum)
-                t += self._lora_overhead + self._lora_adapter * resident + self._lora_token * tokens * resident
-            else:
-                t += self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
+            t += self._lora(tokens, lora_rank_sum, lora_token_rank, resident_rank_sum)
         return t
+
+    def _lora(self, tokens: int, lora_rank_sum: int, lora_token_rank: int, resident_rank_sum: int) -> float:
+        if self._einsum:
+            resident = max(resident_rank_sum, lora_rank_sum)
+            return self._lora_overhead + self._lora_adapter * resident + self._lora_token * tokens * resident
+        return self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
+
+    def decode_repeats(self, n: int, context: int, lo: int, hi: int, lora_rank_sum: int = 0, lora_token_rank: int = 0,
+                       resident_rank_sum: int = 0) -> list[float]:
+        """`iteration_time` of decode iterations lo..hi-1 of a repeated batch of n sequences whose total
+        context starts at `context` and grows by n per iteration (the simulator's fast-forward): the same
+        operations in the same order, with the terms that do not change hoisted out of the loop."""
+        base = self._overhead + self._per_seq * n + max(self._weight, self._per_tok * n)
+        per_ctx, sq = self._per_ctx, self._per_sq * 0
+        if not lora_rank_sum:
+            return [base + per_ctx * (context + i * n) + sq for i in range(lo, hi)]
+        lora = self._lora(n, lora_rank_sum, lora_token_rank, resident_rank_sum)
+        return [base + per_ctx * (context + i * n) + sq + lora for i in range(lo, hi)]
 
     def decode_time(self, batch: int, context: int, merged: bool = True, distinct_adapters: int = 1,
                     rank: int = 16, resident_adapters: int = 0) -> float:

@@ -135,15 +135,18 @@ class Replica(ReplicaState):
         """Generate the durations of repeats up to iteration `upto` (capped at the plan): a run that a
         queue change cuts short never pays for the iterations it did not reach."""
         n, ctx, rank_sum, token_rank, resident = run.repeat
-        it, durations, ends, computes = self.cost.iteration_time, run.durations, run.ends, run.compute
-        t = ends[-1]
-        for i in range(len(durations), min(upto, run.planned)):
-            c = it(0, 0, n, ctx + i * n, n, rank_sum, token_rank, resident)
-            dur = to_ns(c)
+        lo, hi = len(run.durations), min(upto, run.planned)
+        if hi <= lo:
+            return
+        computes = self.cost.decode_repeats(n, ctx, lo, hi, rank_sum, token_rank, resident)
+        durations = [to_ns(c) for c in computes]
+        t = run.ends[-1]
+        ends = run.ends
+        for dur in durations:
             t += dur
-            durations.append(dur)
             ends.append(t)
-            computes.append(c)
+        run.durations += durations
+        run.compute += computes
 
     def _advance(self, run: _Run, upto: int) -> None:
         """Complete iterations run.applied .. upto-1 of the run in flight.

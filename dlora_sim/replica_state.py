@@ -144,6 +144,7 @@ class ReplicaState:
         self.host_total_blocks = self.host_free_blocks = cfg.host_swap_bytes // layout.block_bytes
         self.queue: list[Request] = []
         self.resident: dict[int, None] = {}
+        self.resident_rank_sum = 0   # ranks of the resident adapters (what the einsum path prices)
         self.merged: int | None = None
         self.running: list[Request] = []
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
@@ -160,6 +161,11 @@ class ReplicaState:
 
     def adapter_rank(self, adapter: int) -> int:
         return self._ranks[adapter]
+
+    @property
+    def ranks(self) -> Sequence[int]:
+        """Every workload adapter's rank, by id."""
+        return self._ranks
 
     @property
     def in_flight(self) -> Sequence[Request]:
@@ -209,6 +215,7 @@ class ReplicaState:
             if len(self.resident) >= self.adapter_slots:
                 raise ValueError(f"replica {self.id}: cannot preload {list(adapters)} into {self.adapter_slots} slots")
             self.resident[a] = None
+            self.resident_rank_sum += self._ranks[a]
 
     # --- applying a decision ------------------------------------------------------------------------
     def begin(self, d: Decision) -> Step:
@@ -229,10 +236,13 @@ class ReplicaState:
         rec.count("preemptions", len(d.recompute) + len(d.swap_out))
         rec.count("swap_outs", len(d.swap_out))
         rec.count("recomputes", len(d.recompute))
+        ranks = self._ranks
         for a in d.evict:
             del self.resident[a]
+            self.resident_rank_sum -= ranks[a]
         for a in d.load:
             self.resident[a] = None
+            self.resident_rank_sum += ranks[a]
         rec.count("adapter_loads", len(d.load))
         if d.merged != self.merged:
             if not self.full_copy:
@@ -242,7 +252,6 @@ class ReplicaState:
         prefill, swap_in = step.prefill, step.swap_in
         seen: set[int] = set()
         now = self._clock()
-        ranks = self._ranks
         free = self.free_blocks
         for r in d.batch:   # hot loop: plain attribute arithmetic
             n = r.prompt_tokens + r.generated
@@ -281,7 +290,7 @@ class ReplicaState:
         rec.count("swap_ins", len(swap_in))
         step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context = prefill_tokens, prefill_sq, decode, ctx
         step.rank_sum, step.token_rank, step.distinct = rank_sum, token_rank, len(seen)
-        step.resident_rank_sum = sum(ranks[a] for a in self.resident)
+        step.resident_rank_sum = self.resident_rank_sum
         self.running = d.batch
         if self.debug:
             self.check_accounting()

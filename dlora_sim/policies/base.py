@@ -35,6 +35,7 @@ class ReplicaView(Protocol):
     host_free_blocks: int
     adapter_slots: int
     resident: Collection[int]         # adapters in GPU slots (insertion = load order)
+    resident_rank_sum: int            # the sum of their ranks
     merged: int | None                # adapter merged into the base weights, or None (clean)
     full_copy: bool                   # adapters are whole merged model copies (vLLM-replicated)
     cost: "CostModel"
@@ -44,6 +45,8 @@ class ReplicaView(Protocol):
     @property
     def in_flight(self) -> Sequence[Request]: ...   # the batch of the iteration running now (not movable)
     def adapter_rank(self, adapter: int) -> int: ...
+    @property
+    def ranks(self) -> Sequence[int]: ...          # every workload adapter's rank, by id
 
 
 @dataclass(slots=True)

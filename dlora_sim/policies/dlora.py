@@ -100,15 +100,15 @@ class DLoRAScheduler(LocalScheduler):
 
     # --- cost-model estimates ---------------------------------------------------------------------------
     def _decode_s(self, view: ReplicaView, n: int, rank_sum: int = 0, token_rank: int = 0) -> float:
-        c, rank = self.ref_context, view.adapter_rank
-        resident = sum(rank(a) for a in view.resident) if rank_sum else 0
-        return view.cost.iteration_time(0, 0, n, n * c, n, rank_sum, token_rank, resident)
+        c = self.ref_context
+        return view.cost.iteration_time(0, 0, n, n * c, n, rank_sum, token_rank,
+                                        view.resident_rank_sum if rank_sum else 0)
 
     def _batch_s(self, view: ReplicaView, plan: BatchPlan) -> float:
         """Unmerged decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""
-        rank = view.adapter_rank
-        return self._decode_s(view, len(plan.batch), sum(rank(x) for x in plan.adapters),
-                              sum(rank(r.adapter) for r in plan.batch))
+        ranks = view.ranks
+        return self._decode_s(view, len(plan.batch), sum(ranks[x] for x in plan.adapters),
+                              sum(ranks[r.adapter] for r in plan.batch))
 
     def iteration_ratio(self, view: ReplicaView, rank: int) -> float:
         """Merged / unmerged decode iteration time at a full batch of B and `ref_context` tokens."""

@@ -35,6 +35,7 @@ class WorkModel:
     _seen: set = field(default_factory=set, repr=False)
     _bound: tuple | None = field(default=None, repr=False)
     _prefill_cache: dict = field(default_factory=dict, repr=False)
+    _expected: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.lengths not in ("estimate", "oracle"):
@@ -93,11 +94,17 @@ class WorkModel:
             elif r.state != State.REJECTED:
                 keep.append(r)
         self._pending = keep
+        self._expected.clear()
 
     def expected_output(self, adapter: int) -> float:
-        w = self.prior_weight
-        return (self.prior_output_tokens * w + self._sum[adapter]) / (w + self._cnt[adapter]) \
-            if (w + self._cnt[adapter]) > 0 else self.prior_output_tokens
+        """The adapter's mean output length so far (with the prior); cached until the next harvest."""
+        v = self._expected.get(adapter)
+        if v is None:
+            w = self.prior_weight
+            v = self._expected[adapter] = (
+                (self.prior_output_tokens * w + self._sum[adapter]) / (w + self._cnt[adapter])
+                if (w + self._cnt[adapter]) > 0 else self.prior_output_tokens)
+        return v
 
     def remaining_tokens(self, r: Request) -> float:
         if self.lengths == "oracle":
@@ -119,7 +126,7 @@ class WorkModel:
             return 0.0
         token_s, oracle = self.token_s, self.lengths == "oracle"
         prefill, prefill_s = self._prefill_cache, self.prefill_s
-        expected: dict[int, float] = {}
+        expected, expected_output = self._expected, self.expected_output
         per: dict[int, list[float]] = {}
         for r in requests:
             a = r.adapter
@@ -128,7 +135,7 @@ class WorkModel:
             else:
                 e_out = expected.get(a)
                 if e_out is None:
-                    e_out = expected[a] = self.expected_output(a)
+                    e_out = expected_output(a)
                 rem = e_out - r.generated
                 if 1.0 > rem:
                     rem = 1.0
