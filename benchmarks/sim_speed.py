@@ -6,7 +6,8 @@ reported (the least disturbed by other load) with the median beside it. Load: a 
 scale with replicas so every point simulates about the same span. Results:
 benchmarks/results/sim_speed.csv and .md.
 
-    python benchmarks/sim_speed.py [--systems slora,dlora] [--per-replica 1500] [--replicas 1,4,8,32]
+    python benchmarks/sim_speed.py [--systems slora,dlora] [--per-replica 1500] [--replicas 1,4,8,32] [--record]
+    python benchmarks/sim_speed.py --large 1000000 [--large-replicas 8] [--record]   # streamed, sim_speed_large.md
 """
 from __future__ import annotations
 
@@ -31,20 +32,28 @@ def _compose(overrides: list[str]):
         return compose("config", overrides=["progress=false", "keep_iterations=false", *overrides])
 
 
-def one_point(system: str, replicas: int, rate: float, requests: int, seed: int) -> dict:
+def one_point(system: str, replicas: int, rate: float, requests: int, seed: int, stream_to: str = "") -> dict:
+    """One run; with `stream_to`, requests.csv is streamed into that folder as requests finish (what
+    `dlora-sim` does from 100k requests on), so memory holds only the requests in flight."""
     from dlora_sim.config import build_simulation
     cfg = _compose([f"system={system}", f"cluster.num_replicas={replicas}", f"workload.rate={rate}",
-                    f"workload.num_requests={requests}", f"seed={seed}"])
-    sim = build_simulation(cfg)
+                    f"workload.num_requests={requests}", f"seed={seed}",
+                    f"stream_requests={'true' if stream_to else 'false'}"])
+    t0 = time.perf_counter()
+    sim = build_simulation(cfg, out=Path(stream_to) if stream_to else None)
+    build = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = sim.run()
     wall = time.perf_counter() - t0
-    done = sum(1 for r in res.requests if r.finish >= 0)
+    if res.streamed is not None:
+        res.streamed.close()
+    done = len(res.stats.lat)
     return {"system": system, "replicas": replicas, "rate_rps": round(rate, 3), "requests": requests,
             "completed": done, "sim_time_s": round(res.sim_end_s, 3), "wall_s": round(wall, 3),
             "speedup": round(res.sim_end_s / wall, 1),
             "iterations": res.recorder.num_iterations,
             "iterations_per_wall_s": round(res.recorder.num_iterations / wall),
+            "build_s": round(build, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -54,7 +63,7 @@ def capacity(system: str, seed: int) -> float:
     cfg = _compose([f"system={system}", "cluster.num_replicas=1", "workload.rate=1000", "workload.num_requests=1500",
                     f"seed={seed}"])
     res = build_simulation(cfg).run()
-    return len(res.requests) / res.sim_end_s
+    return len(res.stats.lat) / res.sim_end_s
 
 
 def _child(args: list[str]) -> dict:
@@ -79,16 +88,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="runs per point; the fastest is reported (noisy machines)")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=RESULTS / "sim_speed")
+    ap.add_argument("--large", type=int, default=0,
+                    help="instead: one streamed run of this many requests per system (e.g. 1000000)")
+    ap.add_argument("--large-replicas", type=int, default=8)
+    ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
+    ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     if a.child is not None:
         kind, *rest = a.child
         if kind == "capacity":
             print(json.dumps({"capacity": capacity(rest[0], int(rest[1]))}))
         else:
-            s, r, rate, n, seed = rest
-            print(json.dumps(one_point(s, int(r), float(rate), int(n), int(seed))))
+            s, r, rate, n, seed, *stream = rest
+            print(json.dumps(one_point(s, int(r), float(rate), int(n), int(seed), *stream)))
         return
+    if a.large:
+        return large_runs(a)
     rows = []
     for system in a.systems.split(","):
         cap = _child(["capacity", system, str(a.seed)])["capacity"]
@@ -102,20 +117,50 @@ def main() -> None:
             row["capacity_rps_per_replica"] = round(cap, 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
+    _write(a, a.out or RESULTS / "sim_speed", rows,
+           f"# Simulator speed ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+           f"one core per point, best of {a.repeats}, python {platform.python_version()})",
+           f"Load {a.load:.0%} of a one-replica capacity probe; {a.per_replica} requests per replica; "
+           "default workload otherwise (16 adapters, Zipf 1, uniform lengths 8-511).")
+
+
+def large_runs(a) -> None:
+    """One streamed run of `--large` requests per system at `--large-replicas`, 80% load."""
+    import tempfile
+    rows = []
+    for system in a.systems.split(","):
+        cap = _child(["capacity", system, str(a.seed)])["capacity"]
+        r = a.large_replicas
+        with tempfile.TemporaryDirectory() as tmp:
+            row = _child(["point", system, str(r), str(a.load * cap * r), str(a.large), str(a.seed), tmp])
+            row["requests_csv_mb"] = round((Path(tmp) / "requests.csv").stat().st_size / 2**20, 1)
+        row["capacity_rps_per_replica"] = round(cap, 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    _write(a, a.out or RESULTS / "sim_speed_large", rows,
+           f"# A million requests ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+           f"one core, python {platform.python_version()})",
+           f"{a.large} requests, {a.large_replicas} replicas, load {a.load:.0%} of a one-replica capacity probe; "
+           "requests.csv streamed as requests finish, no iterations.csv (the defaults from 100k requests); "
+           "default workload otherwise. wall_s: the simulation; build_s: workload generation and setup; "
+           "peak_rss_mb: the whole process.")
+
+
+def _write(a, out: Path, rows: list[dict], title: str, note: str) -> None:
     cols = list(rows[0])
-    with a.out.with_suffix(".csv").open("w", newline="") as f:
+    lines = [title, "", note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    if not a.record:
+        print("\n".join(lines))
+        print("(not recorded; --record writes benchmarks/results/)")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.with_suffix(".csv").open("w", newline="") as f:
         w = csv.DictWriter(f, cols, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    lines = [f"# Simulator speed ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-             f"one core per point, best of {a.repeats}, python {platform.python_version()})", "",
-             f"Load {a.load:.0%} of a one-replica capacity probe; {a.per_replica} requests per replica; "
-             "default workload otherwise (16 adapters, Zipf 1, uniform lengths 8-511).", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {a.out.with_suffix('.csv')} and {a.out.with_suffix('.md')}")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dlora_sim.cli import finish_job
-from dlora_sim.config import ConfigError, build_parts
+from dlora_sim.config import ConfigError, build_parts, keep_iterations
 from dlora_sim.errors import reported
 from dlora_sim.paths import CONF_DIR
 
@@ -33,7 +33,7 @@ def build_engine(cfg: DictConfig, workload=None):
     try:
         clock = Clock(rcfg.clock)
         return Engine(parts, lambda state: ModelExecutor(rcfg, state, parts), clock,
-                      progress=bool(cfg.get("progress", False)), keep_iterations=bool(cfg.get("keep_iterations", True)))
+                      progress=bool(cfg.get("progress", False)), keep_iterations=keep_iterations(cfg, len(parts.workload.requests)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

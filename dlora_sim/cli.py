@@ -19,7 +19,12 @@ log = logging.getLogger("dlora_sim")
 
 
 def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
-    return finish_job(cfg, out, system, overrides, build_simulation(cfg).run)
+    sim = build_simulation(cfg, out=out)
+    try:
+        return finish_job(cfg, out, system, overrides, sim.run)
+    finally:
+        if sim.stream is not None:
+            sim.stream.abort()   # a no-op once the stream was closed into requests.csv
 
 
 def finish_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], run: Callable[[], SimResult],

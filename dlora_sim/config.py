@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlora_sim.engine import ClusterConfig, Simulation
 from dlora_sim.errors import UserError
+from dlora_sim.metrics import RequestStream
 from dlora_sim.paths import PROFILES_DIR
 from dlora_sim.policies.base import LocalScheduler, Migrator, Router
 from dlora_sim.profile import Profile, ProfileError, load_profile
@@ -94,7 +95,28 @@ def build_parts(cfg: DictConfig, workload: Workload | None = None) -> Parts:
     return Parts(profile, cluster, workload, lambda: instantiate(scheduler_cfg, _convert_="all"), router, migrator)
 
 
-def build_simulation(cfg: DictConfig, workload: Workload | None = None) -> Simulation:
+LARGE_RUN = 100_000   # requests: from here on, `auto` streams requests.csv and skips iterations.csv
+
+
+def _auto_flag(cfg: DictConfig, key: str, num_requests: int, large: bool) -> bool:
+    """A true/false/auto key; `auto` is `large` for runs of LARGE_RUN requests or more."""
+    value = cfg.get(key, "auto")
+    if value == "auto":
+        return large if num_requests >= LARGE_RUN else not large
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} must be true, false or auto, got {value!r}")
+
+
+def keep_iterations(cfg: DictConfig, num_requests: int) -> bool:
+    return _auto_flag(cfg, "keep_iterations", num_requests, large=False)
+
+
+def build_simulation(cfg: DictConfig, workload: Workload | None = None, out: Path | None = None) -> Simulation:
+    """With `out`, large runs (`stream_requests`) write requests.csv there while they run."""
     p = build_parts(cfg, workload)
+    n = len(p.workload.requests)
+    stream = RequestStream(out, n) if out is not None and _auto_flag(cfg, "stream_requests", n, large=True) else None
     return Simulation(p.workload, p.profile, p.cluster, p.scheduler_factory, p.router, p.migrator,
-                      progress=bool(cfg.get("progress", False)), keep_iterations=bool(cfg.get("keep_iterations", True)))
+                      progress=bool(cfg.get("progress", False)), keep_iterations=keep_iterations(cfg, n),
+                      stream=stream)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import simpy
 from simpy.events import URGENT
 from tqdm import tqdm
 
 from dlora_sim.cost_model import CostModel
-from dlora_sim.metrics import Recorder, SimResult
+from dlora_sim.metrics import Recorder, RequestStream, SimResult
 from dlora_sim.migration_apply import MigrationStats, apply_plan
 from dlora_sim.policies.base import LocalScheduler, MigrationPlan, Migrator, PolicyError, Router
 from dlora_sim.profile import Profile
@@ -70,21 +70,28 @@ class Simulation:
 
     def __init__(self, workload: Workload, profile: Profile, cluster: ClusterConfig,
                  scheduler_factory: Callable[[], LocalScheduler], router: Router,
-                 migrator: Migrator | None = None, *, progress: bool = False, keep_iterations: bool = True):
+                 migrator: Migrator | None = None, *, progress: bool = False, keep_iterations: bool = True,
+                 stream: RequestStream | None = None):
+        """`stream`: write each request's row as it finishes and keep only the requests in flight
+        (a million-request run then holds a few thousand `Request`s, not a million)."""
         self.workload, self.profile, self.cluster_cfg = workload, profile, cluster
         self.env = simpy.Environment()
         self.cost = CostModel(profile, cluster.gpus_per_replica, cluster.replica.merge)
         self.adapters = workload.adapters
         self.recorder = Recorder(keep_iterations=keep_iterations)
         self.router, self.migrator = router, migrator
-        self.requests = [Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
-                         for i, s in enumerate(workload.requests)]
+        self.stream = stream
+        self.requests: list[Request] | None = None if stream is not None else [
+            Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
+            for i, s in enumerate(workload.requests)]
+        self._live: dict[int, Request] = {}   # streaming: created, not yet done
         ranks = [a.rank for a in workload.adapters]
         self.replicas: list[Replica] = [
             Replica(j, self.env, cluster.replica, self.cost, scheduler_factory(), ranks, self.recorder, self._done)
             for j in range(cluster.num_replicas)]
         self.hosts: dict[int, tuple[int, ...]] = {}
-        self._remaining = len(self.requests)
+        self._total = len(workload.requests)
+        self._remaining = self._total
         self._all_done = self.env.event()
         self._progress = progress
         self._bar: tqdm | None = None
@@ -125,9 +132,19 @@ class Simulation:
         self.env.schedule(ev, URGENT, delay)
         return ev
 
+    def _incoming(self) -> Iterator[Request]:
+        if self.requests is not None:
+            yield from self.requests
+            return
+        live = self._live
+        for i, s in enumerate(self.workload.requests):
+            r = Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
+            live[i] = r
+            yield r
+
     def _arrivals(self):
         env = self.env
-        for r in self.requests:
+        for r in self._incoming():
             if r.arrival > env.now:
                 yield self._urgent_timeout(r.arrival - env.now)
             if self.router.reads_progress:
@@ -180,6 +197,9 @@ class Simulation:
 
     def _done(self, r: Request) -> None:
         self._remaining -= 1
+        if self.stream is not None:
+            del self._live[r.id]
+            self.stream.done(r)
         if self._bar is not None:
             self._bar.update(1)
         if self._remaining == 0:
@@ -197,10 +217,10 @@ class Simulation:
         self.env.process(self._arrivals())
         if self.migrator is not None:
             self.env.process(self._migration())
-        with tqdm(total=len(self.requests), disable=not self._progress, unit="req", mininterval=0.5,
+        with tqdm(total=self._total, disable=not self._progress, unit="req", mininterval=0.5,
                   desc=f"simulating {len(self.replicas)} replica(s)", leave=False) as bar:
             self._bar = bar
-            if self.requests:
+            if self._total:
                 try:
                     self.env.run(until=self._all_done)
                 except RuntimeError as e:
@@ -211,9 +231,12 @@ class Simulation:
         self.extra.update(self.router.stats())
         if self.migrator is not None:
             self.extra.update(self._mig_stats.summary(self.env.now / NS))
-        stuck = [r for r in self.requests if not r.done]
+        stuck = [r for r in self.requests if not r.done] if self.requests is not None else \
+            sorted(self._live.values(), key=lambda r: r.id)
+        if self._remaining and not stuck:   # streamed: not even created (arrivals never reached them)
+            raise SimulationError(f"{self._remaining} request(s) never arrived; the simulation stopped early")
         if stuck:
             raise SimulationError(f"{len(stuck)} request(s) never finished, e.g. request {stuck[0].id} on replica "
                                   f"{stuck[0].replica} ({stuck[0].state.name}); the local policy stalled")
         return SimResult(self.requests, self.recorder, self.env.now / NS, time.perf_counter() - wall0,
-                         len(self.replicas), self.extra)
+                         len(self.replicas), self.extra, streamed=self.stream)

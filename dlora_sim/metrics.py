@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,13 +61,58 @@ class Recorder:
 
 
 @dataclass
+class RequestStats:
+    """What the summary needs of every request, added in id order (from a list, or streamed)."""
+
+    num: int = 0
+    lat: array = field(default_factory=lambda: array("d"))
+    ttft: array = field(default_factory=lambda: array("d"))
+    spt: array = field(default_factory=lambda: array("d"))
+    tpot: array = field(default_factory=lambda: array("d"))
+    qd: array = field(default_factory=lambda: array("d"))
+    reject_reasons: Counter = field(default_factory=Counter)
+    output_tokens: int = 0
+    first_arrival: int | None = None
+    last_finish: int = 0
+
+    def add(self, r: Request) -> None:
+        self.num += 1
+        if self.first_arrival is None or r.arrival < self.first_arrival:
+            self.first_arrival = r.arrival
+        if r.state == State.REJECTED:
+            self.reject_reasons[r.reject_reason] += 1
+        if r.state != State.FINISHED:
+            return
+        self.lat.append((r.finish - r.arrival) / NS)
+        self.ttft.append((r.first_token - r.arrival) / NS)
+        self.spt.append((r.finish - r.arrival) / NS / r.output_tokens)
+        if r.output_tokens > 1:
+            self.tpot.append((r.finish - r.first_token) / NS / (r.output_tokens - 1))
+        self.qd.append((r.finish - r.arrival - r.exec_ns) / NS)
+        self.output_tokens += r.output_tokens
+        self.last_finish = max(self.last_finish, r.finish)
+
+    @classmethod
+    def of(cls, requests: Iterable[Request]) -> "RequestStats":
+        stats = cls()
+        for r in requests:
+            stats.add(r)
+        return stats
+
+
+@dataclass
 class SimResult:
-    requests: list[Request]
+    requests: list[Request] | None     # None when the rows were streamed to requests.csv as requests finished
     recorder: Recorder
     sim_end_s: float
     wall_s: float
     num_replicas: int
     extra: dict = field(default_factory=dict)
+    streamed: "RequestStream | None" = None
+
+    @property
+    def stats(self) -> RequestStats:
+        return self.streamed.stats if self.streamed is not None else RequestStats.of(self.requests)
 
 
 def _fmt(x: float) -> str:
@@ -77,17 +123,58 @@ def _t(ns: int) -> str:
     return "" if ns < 0 else f"{ns / NS:.6f}"
 
 
+def request_row(r: Request) -> list:
+    finished = r.state == State.FINISHED
+    lat = (r.finish - r.arrival) / NS if finished else math.nan
+    return [r.id, r.adapter, r.replica, "finished" if finished else ("rejected" if r.state == State.REJECTED
+                                                                     else "unfinished"),
+            _t(r.arrival), _t(r.dispatch), _t(r.first_scheduled), _t(r.first_token), _t(r.finish),
+            r.prompt_tokens, r.output_tokens,
+            _fmt(lat) if finished else "", _fmt((r.first_token - r.arrival) / NS) if finished else "",
+            _fmt(r.exec_ns / NS), _fmt(lat - r.exec_ns / NS) if finished else "",
+            _fmt(lat / r.output_tokens) if finished else "", r.migrations, r.preemptions, r.reject_reason]
+
+
 def request_rows(requests: Sequence[Request]) -> Iterable[list]:
-    for r in sorted(requests, key=lambda r: r.id):
-        finished = r.state == State.FINISHED
-        lat = (r.finish - r.arrival) / NS if finished else math.nan
-        yield [r.id, r.adapter, r.replica, "finished" if finished else ("rejected" if r.state == State.REJECTED
-                                                                         else "unfinished"),
-               _t(r.arrival), _t(r.dispatch), _t(r.first_scheduled), _t(r.first_token), _t(r.finish),
-               r.prompt_tokens, r.output_tokens,
-               _fmt(lat) if finished else "", _fmt((r.first_token - r.arrival) / NS) if finished else "",
-               _fmt(r.exec_ns / NS), _fmt(lat - r.exec_ns / NS) if finished else "",
-               _fmt(lat / r.output_tokens) if finished else "", r.migrations, r.preemptions, r.reject_reason]
+    return (request_row(r) for r in sorted(requests, key=lambda r: r.id))
+
+
+class RequestStream:
+    """requests.csv written while the simulation runs, in id order, each request dropped once written:
+    memory holds only the requests in flight and those that finished before an older one (a reorder
+    buffer). The file is written to a temporary name and renamed into place by `close`."""
+
+    def __init__(self, folder: Path, total: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "requests.csv"
+        self._tmp = folder / ".requests.csv.tmp"
+        self._fh = self._tmp.open("w", newline="")
+        self._w = csv.writer(self._fh, lineterminator="\n")
+        self._w.writerow(REQUEST_COLUMNS)
+        self.total, self._next = total, 0
+        self._buffer: dict[int, Request] = {}
+        self.stats = RequestStats()
+        self.peak_buffered = 0
+
+    def done(self, r: Request) -> None:
+        buf = self._buffer
+        buf[r.id] = r
+        self.peak_buffered = max(self.peak_buffered, len(buf))
+        while self._next in buf:
+            rr = buf.pop(self._next)
+            self._w.writerow(request_row(rr))
+            self.stats.add(rr)
+            self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._next != self.total or self._buffer:
+            raise AssertionError(f"{self.path}: {self._next} of {self.total} rows written, {len(self._buffer)} held")
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def iteration_rows(rec: Recorder) -> tuple[list[str], Iterable[list]]:
@@ -106,16 +193,11 @@ def iteration_rows(rec: Recorder) -> tuple[list[str], Iterable[list]]:
 
 
 def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
-    reqs = res.requests
-    done = [r for r in reqs if r.state == State.FINISHED]
-    rejected = [r for r in reqs if r.state == State.REJECTED]
-    lat = np.array([(r.finish - r.arrival) / NS for r in done])
-    ttft = np.array([(r.first_token - r.arrival) / NS for r in done])
-    spt = np.array([(r.finish - r.arrival) / NS / r.output_tokens for r in done])
-    tpot = np.array([(r.finish - r.first_token) / NS / (r.output_tokens - 1) for r in done if r.output_tokens > 1])
-    qd = np.array([(r.finish - r.arrival - r.exec_ns) / NS for r in done])
-    first = min((r.arrival for r in reqs), default=0) / NS
-    last = max((r.finish for r in done), default=0) / NS
+    st = res.stats
+    lat, ttft, spt, tpot, qd = (np.array(a, dtype=float) for a in (st.lat, st.ttft, st.spt, st.tpot, st.qd))
+    n, done, rejected = st.num, len(st.lat), sum(st.reject_reasons.values())
+    first = (st.first_arrival or 0) / NS
+    last = st.last_finish / NS
     span = max(last - first, 1e-12)
     c = res.recorder.counters
 
@@ -123,10 +205,10 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
         return None if a.size == 0 else round(float(f(a)), 6)
 
     return {
-        "num_requests": len(reqs), "completed": len(done), "rejected": len(rejected),
-        "reject_reasons": dict(Counter(r.reject_reason for r in rejected)),
-        "throughput_rps": round(len(done) / span, 6) if done else 0.0,
-        "output_tokens_per_s": round(sum(r.output_tokens for r in done) / span, 3) if done else 0.0,
+        "num_requests": n, "completed": done, "rejected": rejected,
+        "reject_reasons": dict(st.reject_reasons),
+        "throughput_rps": round(done / span, 6) if done else 0.0,
+        "output_tokens_per_s": round(st.output_tokens / span, 3) if done else 0.0,
         "mean_latency_s": stat(lat, np.mean), "p50_latency_s": stat(lat, lambda a: np.percentile(a, 50)),
         "p90_latency_s": stat(lat, lambda a: np.percentile(a, 90)),
         "p99_latency_s": stat(lat, lambda a: np.percentile(a, 99)),
@@ -136,8 +218,8 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
         "mean_queueing_delay_s": stat(qd, np.mean), "p90_queueing_delay_s": stat(qd, lambda a: np.percentile(a, 90)),
         "slo_s_per_token": slo_s_per_token,
         # of all requests: a rejected or unfinished request misses the SLO
-        "slo_attainment": round(float(np.sum(spt <= slo_s_per_token)) / len(reqs), 6) if reqs else 0.0,
-        "rejected_share": round(len(rejected) / len(reqs), 6) if reqs else 0.0,
+        "slo_attainment": round(float(np.sum(spt <= slo_s_per_token)) / n, 6) if n else 0.0,
+        "rejected_share": round(rejected / n, 6) if n else 0.0,
         "num_switches": c["switches"], "num_adapter_loads": c["adapter_loads"], "num_preemptions": c["preemptions"],
         "num_swap_outs": c["swap_outs"], "num_swap_ins": c["swap_ins"], "num_migrations": c["migrations"],
         "num_iterations": res.recorder.num_iterations, "num_replicas": res.num_replicas,
@@ -185,7 +267,10 @@ def write_results(out: Path, res: SimResult, summary: Mapping[str, Any]) -> None
     """requests.csv, iterations.csv, then summary.json (the completeness marker)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
-    _atomic_write(out / "requests.csv", _csv_text(REQUEST_COLUMNS, request_rows(res.requests)))
+    if res.streamed is not None:
+        res.streamed.close()
+    else:
+        _atomic_write(out / "requests.csv", _csv_text(REQUEST_COLUMNS, request_rows(res.requests)))
     cols, rows = iteration_rows(res.recorder)
     _atomic_write(out / "iterations.csv", _csv_text(cols, rows))
     _atomic_write(out / "summary.json", json_text(summary))

@@ -12,7 +12,7 @@ import numpy as np
 
 from dlora_sim.workload.lengths import LengthDist
 from dlora_sim.workload.popularity import popularity_weights
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.workload.spec import RequestArrays, Workload
 
 
 @dataclass
@@ -71,7 +71,6 @@ class SyntheticWorkload:
         else:
             prompts = self.prompt.sample(lrng, t_all.size)
             outputs = self.output.sample(lrng, t_all.size)
-        reqs = [RequestSpec(float(t), int(a), int(p), int(o)) for t, a, p, o in zip(t_all, a_all, prompts, outputs)]
-        return Workload.from_requests(reqs, self.num_adapters, self.rank, name=self.name,
-                                      meta={"rate": self.rate, "cv": self.cv, "popularity": self.popularity,
-                                            "popularity_param": self.popularity_param})
+        return Workload.from_arrays(RequestArrays(t_all, a_all, prompts, outputs), self.num_adapters, self.rank,
+                                    name=self.name, meta={"rate": self.rate, "cv": self.cv, "popularity": self.popularity,
+                                                          "popularity_param": self.popularity_param})
