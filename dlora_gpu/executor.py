@@ -118,6 +118,11 @@ class ModelExecutor:
     """The model, its paged KV cache, the adapter pool and the merger of one replica."""
 
     def __init__(self, rcfg: RuntimeConfig, state: ReplicaState, parts: Parts):
+        if state.chunked_prefill:
+            raise ValueError("cluster.replica.chunked_prefill is on (auto turns it on when a prompt exceeds "
+                             "max_num_batched_tokens): the runtime prefills whole prompts only (its prefill "
+                             "attention does not read earlier chunks' KV yet); set it to false to reject such "
+                             "prompts instead; the simulator models chunking")
         torch.set_num_threads(rcfg.threads)
         self.rcfg, self.state = rcfg, state
         self.device = torch.device(rcfg.device)

@@ -7,7 +7,7 @@ way with or without fast-forwarding.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import simpy
@@ -20,7 +20,7 @@ from dlora_sim.migration_apply import MigrationStats, apply_plan
 from dlora_sim.policies.base import LocalScheduler, MigrationPlan, Migrator, PolicyError, Router
 from dlora_sim.profile import Profile
 from dlora_sim.replica import Replica
-from dlora_sim.replica_state import ReplicaConfig, reject_reason
+from dlora_sim.replica_state import ReplicaConfig, reject_reason, resolve_chunked_prefill
 from dlora_sim.request import NS, Request, State, to_ns
 from dlora_sim.workload.spec import Workload
 
@@ -74,6 +74,7 @@ class Simulation:
                  stream: RequestStream | None = None):
         """`stream`: write each request's row as it finishes and keep only the requests in flight
         (a million-request run then holds a few thousand `Request`s, not a million)."""
+        cluster = replace(cluster, replica=resolve_chunked_prefill(cluster.replica, workload.longest_prompt))
         self.workload, self.profile, self.cluster_cfg = workload, profile, cluster
         self.env = simpy.Environment()
         self.cost = CostModel(profile, cluster.gpus_per_replica, cluster.replica.merge)
@@ -95,7 +96,7 @@ class Simulation:
         self._all_done = self.env.event()
         self._progress = progress
         self._bar: tqdm | None = None
-        self.extra: dict = {}
+        self.extra: dict = {"chunked_prefill": cluster.replica.chunked_prefill}
         self.arrivals = DemandEstimate(len(workload.adapters))
         self.workload_demand = workload_demand(workload)    # ClusterView: look-ahead, for demand=oracle only
         self.in_transit: dict[int, Request] = {}   # migrating requests, in no replica's queue

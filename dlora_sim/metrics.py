@@ -222,6 +222,7 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
         "rejected_share": round(rejected / n, 6) if n else 0.0,
         "num_switches": c["switches"], "num_adapter_loads": c["adapter_loads"], "num_preemptions": c["preemptions"],
         "num_swap_outs": c["swap_outs"], "num_swap_ins": c["swap_ins"], "num_migrations": c["migrations"],
+        "num_partial_prefill_chunks": c["prefill_chunks"],
         "num_iterations": res.recorder.num_iterations, "num_replicas": res.num_replicas,
         "busy_s": round(res.recorder.busy_ns / NS, 6), "switch_s": round(res.recorder.switch_s, 6),
         "switching_share": round(res.recorder.switch_s * NS / res.recorder.busy_ns, 6) if res.recorder.busy_ns else 0.0,

@@ -12,12 +12,12 @@ memory layout, so they have the same blocks, and reject the same requests (`reje
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from dlora_sim.cost_model import MERGE_STRATEGIES, CostModel
 from dlora_sim.policies.base import Decision, PolicyError
-from dlora_sim.request import NS, Request, State, blocks_for, to_ns
+from dlora_sim.request import NS, Request, State, blocks_for, prefill_chunks, to_ns
 
 if TYPE_CHECKING:
     from dlora_sim.metrics import Recorder
@@ -38,6 +38,9 @@ class ReplicaConfig:
     merge: str = "inplace"           # how merged weights are kept: inplace | pristine_gpu | pristine_host
     fast_forward: bool = True
     max_kv_blocks: int | None = None # cap on KV blocks (a smaller KV budget than the GPU allows)
+    chunked_prefill: bool | str = "auto"   # Sarathi-style: prompts split across iterations; "auto": only
+                                           # if some prompt exceeds the token budget (see resolve_chunked_prefill)
+    prefill_priority: bool = False   # vLLM's default: admissible prefills go first (alone, unless chunked)
 
     def __post_init__(self) -> None:
         if self.weights not in ("lora", "full_copy"):
@@ -61,13 +64,23 @@ class ReplicaConfig:
             raise ValueError(f"cluster.replica.max_kv_blocks must be >= 1 or null, got {self.max_kv_blocks}")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"cluster.replica.watermark must be in [0, 1), got {self.watermark}")
+        if not (isinstance(self.chunked_prefill, bool) or self.chunked_prefill == "auto"):
+            raise ValueError(f"cluster.replica.chunked_prefill must be true, false or auto, got {self.chunked_prefill!r}")
+
+
+def resolve_chunked_prefill(cfg: ReplicaConfig, longest_prompt: int) -> ReplicaConfig:
+    """`auto` becomes true only when some prompt exceeds max_num_batched_tokens (it would be rejected
+    otherwise), so a workload whose prompts all fit runs exactly as the paper's vLLM did, unchunked."""
+    if cfg.chunked_prefill != "auto":
+        return cfg
+    return replace(cfg, chunked_prefill=longest_prompt > cfg.max_num_batched_tokens)
 
 
 def reject_reason(r: Request, cfg: ReplicaConfig, kv_blocks: int) -> str:
     """Why no replica can ever serve `r` ('' if one can); reasons are categories (summary.json counts
     them), the request's own numbers are in requests.csv."""
-    if r.prompt_tokens > cfg.max_num_batched_tokens:
-        return f"prompt longer than max_num_batched_tokens ({cfg.max_num_batched_tokens})"
+    if r.prompt_tokens > cfg.max_num_batched_tokens and not cfg.chunked_prefill:
+        return f"prompt longer than max_num_batched_tokens ({cfg.max_num_batched_tokens}) without chunked prefill"
     if blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size) > kv_blocks:
         return f"prompt + output need more KV blocks than a replica has ({kv_blocks})"
     return ""
@@ -79,7 +92,7 @@ class Step:
 
     batch: list[Request]
     decision: Decision
-    prefill: list[bool]              # per batch request: prefilled this iteration (else one decode token)
+    prefill: list[int]               # per batch request: prompt tokens it prefills (0: one decode token)
     swap_in: list[Request]           # batch requests whose KV came back from host memory
     mode_from: int | None            # merged adapter before the iteration (None = clean weights)
     prefill_tokens: int = 0
@@ -138,6 +151,10 @@ class ReplicaState:
         self.layout = layout
         self.max_num_seqs, self.max_num_batched_tokens = cfg.max_num_seqs, cfg.max_num_batched_tokens
         self.block_size, self.adapter_slots = cfg.block_size, slots
+        if not isinstance(cfg.chunked_prefill, bool):
+            raise ValueError("chunked_prefill='auto' must be resolved against the workload first "
+                             "(resolve_chunked_prefill)")
+        self.chunked_prefill, self.prefill_priority = cfg.chunked_prefill, cfg.prefill_priority
         blocks = layout.total_kv_blocks if cfg.max_kv_blocks is None else min(cfg.max_kv_blocks, layout.total_kv_blocks)
         self.total_blocks = self.free_blocks = blocks
         self.watermark_blocks = int(cfg.watermark * blocks)
@@ -192,6 +209,9 @@ class ReplicaState:
             self.free_blocks += r.kv_blocks
         elif r.state == State.SWAPPED:
             self.host_free_blocks += r.kv_blocks
+        else:   # a partly prefilled prompt's chunks are recomputed wherever it goes
+            self.free_blocks += r.kv_blocks
+            r.prefilled = 0
         r.kv_blocks = 0
         self.queue_changed()
 
@@ -225,7 +245,7 @@ class ReplicaState:
         step = Step(d.batch, d, [], [], self.merged)
         for r in d.recompute:
             self.free_blocks += r.kv_blocks
-            r.kv_blocks, r.state = 0, State.QUEUED
+            r.kv_blocks, r.state, r.prefilled = 0, State.QUEUED, 0
             r.preemptions += 1
         for r in d.swap_out:
             self.free_blocks += r.kv_blocks
@@ -253,10 +273,21 @@ class ReplicaState:
         seen: set[int] = set()
         now = self._clock()
         free = self.free_blocks
-        for r in d.batch:   # hot loop: plain attribute arithmetic
+        left, chunked = self.max_num_batched_tokens, self.chunked_prefill
+        for r in d.batch:   # hot loop: plain attribute arithmetic (prefill_chunks' rule inlined)
             n = r.prompt_tokens + r.generated
-            need = -(-n // bs)
             state = r.state
+            if state == _QUEUED:
+                done = r.prefilled
+                c = n - done
+                if chunked and c > left:
+                    c = left
+                    rec.count("prefill_chunks", 1)   # a partial chunk: the prompt continues next iteration
+                left -= c
+                need = -(-(done + c) // bs)
+            else:
+                need = -(-n // bs)
+                left -= 1
             if state == _SWAPPED:
                 swap_in.append(r)
                 self.host_free_blocks += r.kv_blocks
@@ -271,15 +302,15 @@ class ReplicaState:
             if r.first_scheduled < 0:
                 r.first_scheduled = now
             if state == _QUEUED:
-                prefill_tokens += n
-                prefill_sq += n * n
-                token_rank += n * rank
-                prefill.append(True)
+                prefill_tokens += c
+                prefill_sq += c * (2 * done + c)   # causal attention of c tokens over done + c: chunks sum to n^2
+                token_rank += c * rank
+                prefill.append(c)
             else:
                 decode += 1
                 ctx += n
                 token_rank += rank
-                prefill.append(False)
+                prefill.append(0)
             if a not in seen:
                 seen.add(a)
                 rank_sum += rank
@@ -315,8 +346,13 @@ class ReplicaState:
         prefill_tokens = prefills = 0
         for r, pf in zip(step.batch, step.prefill):
             if pf:
-                prefill_tokens += r.prompt_tokens + r.generated
+                prefill_tokens += pf
                 prefills += 1
+                if r.prefilled + pf < r.prompt_tokens + r.generated:   # a chunk: the prompt is not done yet
+                    r.prefilled += pf
+                    r.exec_ns += dur
+                    continue
+                r.prefilled = 0
                 r.state = State.RESIDENT
             r.generated += 1
             r.exec_ns += dur
@@ -349,6 +385,8 @@ class ReplicaState:
         applied in bulk, that is more than `begin` charged). Returns the requests that finished."""
         done, bs, free = [], self.block_size, self.free_blocks
         for r in batch:
+            if r.state == _QUEUED:   # a prefill chunk: its KV is what begin charged
+                continue
             if r.generated >= r.output_tokens:
                 done.append(r)
                 continue
@@ -390,15 +428,16 @@ class ReplicaState:
     def check_accounting(self) -> None:
         """Every block is owned by exactly one request; nothing exceeds capacity."""
         flight = {id(r) for r in self.running}
-        gpu = sum(r.kv_blocks for r in self.queue if r.state == State.RESIDENT or id(r) in flight)
+        gpu = sum(r.kv_blocks for r in self.queue if r.state != State.SWAPPED or id(r) in flight)
         host = sum(r.kv_blocks for r in self.queue if r.state == State.SWAPPED)
         if gpu != self.total_blocks - self.free_blocks or not 0 <= self.free_blocks <= self.total_blocks:
             raise AssertionError(f"replica {self.id}: KV accounting {gpu} used vs {self.total_blocks - self.free_blocks}")
         if host != self.host_total_blocks - self.host_free_blocks or self.host_free_blocks < 0:
             raise AssertionError(f"replica {self.id}: host swap accounting {host} vs "
                                  f"{self.host_total_blocks - self.host_free_blocks}")
-        if any(r.kv_blocks for r in self.queue if r.state == State.QUEUED and id(r) not in flight):
-            raise AssertionError(f"replica {self.id}: a queued request holds KV blocks")
+        if any(r.kv_blocks != blocks_for(r.prefilled, self.block_size)
+               for r in self.queue if r.state == State.QUEUED and id(r) not in flight):
+            raise AssertionError(f"replica {self.id}: a queued request holds KV beyond its prefilled chunks")
         if len(self.resident) > self.adapter_slots:
             raise AssertionError(f"replica {self.id}: {len(self.resident)} adapters in {self.adapter_slots} slots")
 
@@ -425,13 +464,22 @@ class ReplicaState:
             state = r.state
             if r.replica != rid or state >= _FINISHED:
                 raise PolicyError(f"replica {self.id}: request {r.id} is not runnable here")
-            tokens += r.prompt_tokens + r.generated if state == _QUEUED else 1
+            tokens += r.prompt_tokens + r.generated - r.prefilled if state == _QUEUED else 1
             swap_in = swap_in or state == _SWAPPED
             adapters.add(r.adapter)
-        if tokens > cfg.max_num_batched_tokens and len(batch) > 1:
+        if self.chunked_prefill:
+            chunks, left = prefill_chunks(batch, cfg.max_num_batched_tokens, True)
+            if left < 0 or (chunks and min(chunks) < 1):
+                raise PolicyError(f"replica {self.id}: the batch's decodes and prefill chunks exceed "
+                                  f"max_num_batched_tokens {cfg.max_num_batched_tokens} (a prefill gets no token)")
+        elif tokens > cfg.max_num_batched_tokens and len(batch) > 1:
             raise PolicyError(f"replica {self.id}: {tokens} tokens exceed max_num_batched_tokens")
-        for r in (*d.swap_out, *d.recompute):
+        for r in d.swap_out:
             if r.state != State.RESIDENT or r in members or r.replica != self.id:
+                raise PolicyError(f"replica {self.id}: cannot preempt request {r.id} ({r.state.name})")
+        for r in d.recompute:   # a resident request, or a prompt part-way through chunked prefill
+            if not (r.state == State.RESIDENT or (r.state == State.QUEUED and r.kv_blocks)) or r in members \
+                    or r.replica != self.id:
                 raise PolicyError(f"replica {self.id}: cannot preempt request {r.id} ({r.state.name})")
         if d.swap_out and swap_in:
             raise PolicyError(f"replica {self.id}: swap-in and swap-out in the same iteration")

@@ -35,6 +35,7 @@ class Request:
     generated: int = 0
     state: State = State.QUEUED
     kv_blocks: int = 0
+    prefilled: int = 0      # QUEUED under chunked prefill: context tokens whose KV earlier chunks computed
     replica: int = UNSET
     dispatch: int = UNSET
     first_scheduled: int = UNSET
@@ -64,3 +65,22 @@ class Request:
 
 def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
+
+
+def prefill_chunks(batch: list[Request], budget: int, chunked: bool) -> tuple[list[int], int]:
+    """Tokens each request of `batch` computes in one iteration, and the token budget left.
+
+    The one rule executors apply and policies plan with: in batch order a decode (or swap-in) takes
+    one token; a prefill takes the rest of its context (`context_len - prefilled`), or with `chunked`
+    (Sarathi-style) at most what is left of `budget`, the rest waiting for later iterations."""
+    chunks, left = [], budget
+    for r in batch:
+        if r.state == State.QUEUED:
+            c = r.prompt_tokens + r.generated - r.prefilled
+            if chunked and c > left:
+                c = left
+        else:
+            c = 1
+        chunks.append(c)
+        left -= c
+    return chunks, left

@@ -18,7 +18,7 @@ PROFILE = load_profile(PROFILES_DIR / "a100-80gb-llama-2-7b.yaml")
 
 
 def make_replica(sched: DLoRAScheduler, *, seqs: int = 8, slots: int = 4, adapters: int = 4) -> Replica:
-    return Replica(0, simpy.Environment(), ReplicaConfig(max_num_seqs=seqs, gpu_adapter_slots=slots),
+    return Replica(0, simpy.Environment(), ReplicaConfig(max_num_seqs=seqs, gpu_adapter_slots=slots, chunked_prefill=False),
                    CostModel(PROFILE), sched, [16] * adapters, Recorder(), lambda r: None)
 
 

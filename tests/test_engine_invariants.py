@@ -68,3 +68,30 @@ def test_random_workloads_keep_invariants(system):
     one()
     for path in ("preemptions", "swap_outs", "swap_ins", "recomputes"):
         assert paths[path] > 0, f"{system}: no example exercised {path} ({dict(paths)})"
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_random_workloads_keep_invariants_with_chunked_prefill(system):
+    """The same tiny GPU with a 256-token budget, chunked prefill and prefill priority drawn per example:
+    prompts part-way through their chunks hold KV, can be preempted, and every request still finishes."""
+    paths: Counter = Counter()
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None,
+              derandomize=True)
+    @given(rows=workloads, seqs=st.integers(3, 8), kv=st.integers(60, 100), swap_blocks=st.sampled_from([0, 400]),
+           priority=st.booleans())
+    def one(rows, seqs, kv, swap_blocks, priority):
+        wl = Workload.from_requests([RequestSpec(t, a % 2, p, o) for t, a, p, o in rows], num_adapters=6)
+        sim, res = run_cfg(f"system={system}", "cluster.num_replicas=1", "cluster.replica.gpu_adapter_slots=2",
+                           f"cluster.replica.max_num_seqs={seqs}", "cluster.replica.max_num_batched_tokens=256",
+                           "cluster.replica.chunked_prefill=true", f"cluster.replica.prefill_priority={priority}",
+                           f"cluster.replica.host_swap_bytes={swap_blocks * BLOCK_BYTES}",
+                           "profile.hardware=a100-80gb", "cluster.replica.watermark=0.0",
+                           f"cluster.replica.max_kv_blocks={kv}", workload=wl)
+        check_invariants(sim, res)
+        assert all(row[7] + row[8] <= 256 for row in res.recorder.rows)   # prefill tokens + decodes
+        paths.update(res.recorder.counters)
+
+    one()
+    for path in ("prefill_chunks", "preemptions"):
+        assert paths[path] > 0, f"{system}: no example exercised {path} ({dict(paths)})"

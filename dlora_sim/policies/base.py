@@ -28,6 +28,8 @@ class ReplicaView(Protocol):
     queue: Sequence[Request]          # unfinished requests on this replica, FCFS (arrival, id)
     max_num_seqs: int
     max_num_batched_tokens: int
+    chunked_prefill: bool             # prompts over the token budget run in chunks (request.prefill_chunks)
+    prefill_priority: bool            # admissible prefills go before decodes
     block_size: int
     total_blocks: int
     free_blocks: int

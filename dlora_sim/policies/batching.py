@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from dlora_sim.policies.base import ReplicaView
-from dlora_sim.request import Request, State, blocks_for
+from dlora_sim.request import Request, State, blocks_for, prefill_chunks
 
 
 @dataclass(slots=True)
@@ -34,18 +34,34 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
 
     `limit` caps how many this call adds; `adapter_limit` caps distinct adapters in the whole batch.
     Resident requests outside the batch stay resident; one is preempted only when a selected,
-    higher-priority decode needs a block that is not free.
+    higher-priority decode needs a block that is not free. With the replica's `prefill_priority`,
+    the candidates' prefills are taken first; without chunked prefill such an iteration then runs
+    prefills only (vLLM's default scheduler), with it decodes fill the rest of the token budget.
     """
     plan = plan if plan is not None else BatchPlan()
+    if not view.prefill_priority:
+        return _fill(view, candidates, plan, limit, adapter_limit, True)
+    candidates = candidates if isinstance(candidates, list) else list(candidates)
+    before = len(plan.batch)
+    _fill(view, [r for r in candidates if r.state == _QUEUED], plan, limit, adapter_limit, False)
+    added = len(plan.batch) - before
+    if added and not view.chunked_prefill:
+        return plan
+    return _fill(view, candidates, plan, None if limit is None else limit - added, adapter_limit, True)
+
+
+def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, limit: int | None,
+          adapter_limit: int | None, make_room: bool) -> BatchPlan:
     # Requests hash by identity (eq=False), so sets of them are sets of objects, not of values
     batch, taken = plan.batch, set(plan.batch)
     preempted = set(plan.swap_out) | set(plan.recompute)
     bs = view.block_size
     seats = view.max_num_seqs - len(batch)
     added = 0
-    tokens = view.max_num_batched_tokens - sum(_tokens(r) for r in batch)
-    free = view.free_blocks - sum(_new_blocks(r, bs) for r in batch) + sum(r.kv_blocks for r in plan.swap_out)
-    free += sum(r.kv_blocks for r in plan.recompute)
+    chunked = view.chunked_prefill
+    chunks, tokens = prefill_chunks(batch, view.max_num_batched_tokens, chunked)
+    free = view.free_blocks - sum(_new_blocks(r, c, bs) for r, c in zip(batch, chunks))
+    free += sum(r.kv_blocks for r in plan.swap_out) + sum(r.kv_blocks for r in plan.recompute)
     host_free = view.host_free_blocks - sum(r.kv_blocks for r in plan.swap_out)
     # one iteration never swaps both ways: once the plan swaps a request in, victims are recomputed
     swapping_in = any(r.state == _SWAPPED for r in batch)
@@ -69,14 +85,14 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
             need = -(-n // bs) - r.kv_blocks
             if need > free:
                 if victims is None:
-                    victims = [v for v in view.queue if v.state == _RESIDENT]
+                    victims = [v for v in view.queue if _holds_gpu_kv(v)]
                 while need > free:
                     v = _pop_victim(victims, r, taken, preempted)
                     if v is None:
                         break
                     preempted.add(v)
                     free += v.kv_blocks
-                    if not swapping_in and v.kv_blocks <= host_free:
+                    if not swapping_in and v.kv_blocks <= host_free and v.state == _RESIDENT:
                         host_free -= v.kv_blocks
                         plan.swap_out.append(v)
                     else:
@@ -97,13 +113,25 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
         elif state == _QUEUED:
             if not admit_prefill:
                 continue
-            need = -(-n // bs)
-            if (n > tokens and batch) or free - need < watermark:
-                admit_prefill = False  # FCFS among prefills: nobody jumps the first that does not fit
-                if n <= tokens or not batch:
-                    blocked = blocked or r
-                continue
-            tokens -= n
+            if chunked:   # a chunk of what the budget leaves (request.prefill_chunks)
+                c = n - r.prefilled
+                if c > tokens:
+                    c = tokens
+                need = -(-(r.prefilled + c) // bs) - r.kv_blocks
+                if c < 1 or free - need < watermark:
+                    admit_prefill = False  # FCFS among prefills
+                    if c >= 1:
+                        blocked = blocked or r
+                    continue
+                tokens -= c
+            else:
+                need = -(-n // bs)
+                if (n > tokens and batch) or free - need < watermark:
+                    admit_prefill = False  # FCFS among prefills: nobody jumps the first that does not fit
+                    if n <= tokens or not batch:
+                        blocked = blocked or r
+                    continue
+                tokens -= n
         else:
             raise ValueError(f"request {r.id} in state {state.name} cannot be scheduled")
         free -= need
@@ -112,7 +140,7 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
         plan.adapters.add(a)
         seats -= 1
         added += 1
-    if not batch and blocked is not None and seats > 0:
+    if make_room and not batch and blocked is not None and seats > 0:
         _make_room(view, plan, blocked, free, host_free)
     return plan
 
@@ -120,15 +148,17 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
 def _make_room(view: ReplicaView, plan: BatchPlan, r: Request, free: int, host_free: int) -> None:
     """Nothing can run, yet memory is held by resident requests the policy did not select (say, other
     adapters' requests while merged): preempt them, latest first, so the chosen request runs. Victims
-    of a swap-in are recomputed, since one iteration never swaps both ways."""
-    need = blocks_for(r.context_len, view.block_size) - (r.kv_blocks if r.state == State.RESIDENT else 0)
-    victims = [v for v in view.queue if v.state == State.RESIDENT and v is not r and v.kv_blocks > 0]
+    of a swap-in are recomputed, since one iteration never swaps both ways, and so are prompts part-way
+    through chunked prefill."""
+    (chunk,), _ = prefill_chunks([r], view.max_num_batched_tokens, view.chunked_prefill)
+    need = _new_blocks(r, chunk, view.block_size)
+    victims = [v for v in view.queue if _holds_gpu_kv(v) and v is not r and v.kv_blocks > 0]
     swap_in = r.state == State.SWAPPED
     chosen_swap, chosen_recompute = [], []
     while need > free and victims:
         v = victims.pop()
         free += v.kv_blocks
-        if not swap_in and v.kv_blocks <= host_free:
+        if not swap_in and v.kv_blocks <= host_free and v.state == _RESIDENT:
             host_free -= v.kv_blocks
             chosen_swap.append(v)
         else:
@@ -144,12 +174,16 @@ def _make_room(view: ReplicaView, plan: BatchPlan, r: Request, free: int, host_f
 _QUEUED, _RESIDENT, _SWAPPED = State.QUEUED, State.RESIDENT, State.SWAPPED
 
 
-def _tokens(r: Request) -> int:
-    return r.context_len if r.state == State.QUEUED else 1
+def _holds_gpu_kv(r: Request) -> bool:
+    """Resident, or a prompt part-way through chunked prefill: what a preemption can free."""
+    return r.state == _RESIDENT or (r.state == _QUEUED and r.kv_blocks > 0)
 
 
-def _new_blocks(r: Request, bs: int) -> int:
-    return blocks_for(r.context_len, bs) - (r.kv_blocks if r.state == State.RESIDENT else 0)
+def _new_blocks(r: Request, tokens: int, bs: int) -> int:
+    """Blocks `r` adds when it runs `tokens` tokens (prefill_chunks) this iteration."""
+    if r.state == _QUEUED:
+        return blocks_for(r.prefilled + tokens, bs) - r.kv_blocks
+    return blocks_for(r.context_len, bs) - (r.kv_blocks if r.state == _RESIDENT else 0)
 
 
 def _pop_victim(victims: list[Request], for_req: Request, taken: set[Request], preempted: set[Request]) -> Request | None:

@@ -115,7 +115,7 @@ class WorkModel:
         """Expected seconds of replica time this request still needs (decode share + pending prefill)."""
         t = self.remaining_tokens(r) * self.token_s
         if r.state == State.QUEUED:
-            t += self.prefill_s(r.context_len)
+            t += self.prefill_s(r.context_len - r.prefilled)
         return t
 
     def queue_s(self, requests: Sequence[Request], batch: int) -> float:
@@ -141,7 +141,7 @@ class WorkModel:
                     rem = 1.0
             t = rem * token_s
             if r.state == _QUEUED:
-                ctx = r.prompt_tokens + r.generated
+                ctx = r.prompt_tokens + r.generated - r.prefilled
                 v = prefill.get(ctx)
                 t += v if v is not None else prefill_s(ctx)
             e = per.get(a)

@@ -122,6 +122,12 @@ class Workload:
     def duration_s(self) -> float:
         return self.requests[-1].arrival_s if self.requests else 0.0
 
+    @property
+    def longest_prompt(self) -> int:
+        if isinstance(self.requests, RequestArrays):
+            return int(self.requests.prompt_tokens.max(initial=0))
+        return max((r.prompt_tokens for r in self.requests), default=0)
+
     @staticmethod
     def from_requests(requests: Sequence[RequestSpec], num_adapters: int | None = None,
                       rank: int | Sequence[int] = 16, name: str = "workload", meta: dict | None = None) -> "Workload":

@@ -105,6 +105,8 @@ def test_real_clock_serves_every_request_once_in_order(tmp_path):
     ("runtime.dtype=float64", "runtime.dtype"),
     ("runtime.device=cuda", "runtime.device"),
     ("+runtime.bogus=1", "runtime.bogus"),
+    ("cluster.replica.chunked_prefill=true", "cluster.replica.chunked_prefill"),
+    ("cluster.replica.max_num_batched_tokens=32", "cluster.replica.chunked_prefill"),   # auto turns it on
 ])
 def test_what_the_runtime_cannot_serve_is_refused_naming_the_key(override, key):
     if override == "runtime.device=cuda":
@@ -118,7 +120,7 @@ def test_what_the_runtime_cannot_serve_is_refused_naming_the_key(override, key):
 
 def test_rejected_requests_are_reported_not_served():
     engine = build_engine(_cfg("runtime.clock=virtual", "workload.num_requests=8",
-                               "cluster.replica.max_num_batched_tokens=32"))
+                               "cluster.replica.max_num_batched_tokens=32", "cluster.replica.chunked_prefill=false"))
     res = engine.run()
     rejected = [r for r in res.requests if r.state == State.REJECTED]
     assert rejected and all("max_num_batched_tokens" in r.reject_reason for r in rejected)
