@@ -15,6 +15,8 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dlora_sim.chart_layout import common_description, layout
+
 COLUMNS = [("label", "run", "{}"), ("throughput_rps", "req/s", "{:.3f}"), ("mean_latency_s", "mean lat s", "{:.2f}"),
            ("p99_latency_s", "p99 lat s", "{:.2f}"), ("mean_ttft_s", "TTFT s", "{:.2f}"),
            ("mean_s_per_token", "s/token", "{:.4f}"), ("p90_s_per_token", "p90 s/tok", "{:.4f}"),
@@ -55,35 +57,76 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def comparison_chart(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+METRICS = [("throughput_rps", "throughput (req/s)"), ("mean_latency_s", "mean latency (s)"),
+           ("p99_latency_s", "P99 latency (s)"), ("mean_s_per_token", "mean s / output token"),
+           ("slo_attainment", "SLO attainment")]
+
+
+def comparison_chart(rows: Sequence[dict[str, Any]], path: Path, *, log: bool = False) -> Path:
+    """A line per system over the swept parameter (seeds: mean line, min-max band), or one bar per run
+    when nothing numeric is swept; the SLO as a line on s/token; log y only when asked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    metrics = [("throughput_rps", "throughput (req/s)"), ("mean_latency_s", "mean latency (s)"),
-               ("p99_latency_s", "p99 latency (s)"), ("mean_s_per_token", "mean s / token"),
-               ("slo_attainment", "SLO attainment")]
-    labels = [s["label"].replace("system=", "") for s in rows]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.8))
-    for ax, (key, title) in zip(axes, metrics):
-        vals = [s.get(key) or 0.0 for s in rows]
-        bars = ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))])
-        ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7)
-        positive = [v for v in vals if v > 0]
-        if key != "slo_attainment" and positive and max(positive) > 20 * min(positive):
-            ax.set_yscale("log")   # one slow system must not flatten the others
-        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    lay = layout(rows)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.3 * len(METRICS), 3.9 if lay.x_key else 4.4))
+    for ax, (key, title) in zip(axes, METRICS):
+        if lay.x_key:
+            for n, s in enumerate(lay.series):   # markers and widths tell apart series that coincide
+                vals = [[r.get(key) for r in runs if r.get(key) is not None] for runs in s.runs]
+                xs = [x for x, v in zip(s.x, vals) if v]
+                mean = [float(np.mean(v)) for v in vals if v]
+                ax.plot(xs, mean, marker="os^Dv<>"[n % 7], ms=5, lw=max(2.6 - 0.5 * n, 1.0), color=s.color,
+                        label=s.label)
+                if lay.seeds > 1:
+                    ax.fill_between(xs, [min(v) for v in vals if v], [max(v) for v in vals if v],
+                                    color=s.color, alpha=0.18, lw=0)
+            ax.set_xlabel(lay.x_key, fontsize=8)
+        else:
+            vals = [b[2].get(key) or 0.0 for b in lay.bars]
+            pos = np.arange(len(vals))
+            horizontal = len(vals) > 8
+            draw = ax.barh if horizontal else ax.bar
+            bars = draw(pos, vals, color=[b[1] for b in lay.bars])
+            if len(vals) <= 12:
+                ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7, padding=1)
+            names = [b[0].replace("system=", "") for b in lay.bars]
+            if horizontal:
+                ax.set_yticks(pos, names if ax is axes[0] else [""] * len(names), fontsize=7)
+                ax.invert_yaxis()
+            else:
+                ax.set_xticks(pos, names, rotation=30, ha="right", fontsize=8)
+        sideways = lay.x_key is None and len(rows) > 8   # horizontal bars: values run along x
+        if key == "mean_s_per_token" and rows and rows[0].get("slo_s_per_token"):
+            slo = rows[0]["slo_s_per_token"]
+            (ax.axvline if sideways else ax.axhline)(slo, color="k", ls="--", lw=1, label=f"SLO {slo:g} s/token")
+            if lay.x_key is None:
+                ax.legend(fontsize=7, loc="best")
+        if key == "slo_attainment":
+            (ax.set_xlim if sideways else ax.set_ylim)(0, 1.05)
+        elif log:
+            (ax.set_xscale if sideways else ax.set_yscale)("log")
         ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{rows[0].get('num_requests', '?')} requests, {rows[0].get('num_replicas', '?')} replica(s)"
-                 if rows else "no runs", fontsize=10)
-    fig.tight_layout()
+        ax.grid(alpha=0.3)
+    title = common_description(rows, lay.x_key)
+    seeds = f"; {lay.seeds} seeds: line = mean, band = min-max" if lay.x_key and lay.seeds > 1 else ""
+    fig.suptitle(title + seeds, fontsize=9)
+    if lay.x_key:
+        handles, labels = axes[0].get_legend_handles_labels()
+        slo = [(h, lab) for h, lab in zip(*axes[3].get_legend_handles_labels()) if lab.startswith("SLO")]
+        fig.legend(handles + [h for h, _ in slo], labels + [lab for _, lab in slo],
+                   loc="lower center", ncol=min(len(handles) + len(slo), 6), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    else:
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def compare(*folders: Path, out: Path | None = None) -> Path | None:
+def compare(*folders: Path, out: Path | None = None, log: bool = False) -> Path | None:
     """Table, comparison.csv and comparison.png of the runs in `folders` (run or sweep folders), written
     into `out` (default: the folder, when there is one)."""
     rows = load_summaries(*folders)
@@ -97,7 +140,7 @@ def compare(*folders: Path, out: Path | None = None) -> Path | None:
         w.writerow([k for k, _, _ in COLUMNS] + ["folder"])
         for s in rows:
             w.writerow([s.get(k) for k, _, _ in COLUMNS] + [s["folder"]])
-    chart = comparison_chart(rows, out / "comparison.png")
+    chart = comparison_chart(rows, out / "comparison.png", log=log)
     print(f"comparison chart: {chart.resolve()}")
     return chart
 
@@ -118,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("folders", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, default=None,
                     help="where comparison.csv/.png go (default: the folder; needed for several)")
+    ap.add_argument("--log", action="store_true", help="log y axes for the latency and throughput panels")
     args = ap.parse_args(argv)
     if len(args.folders) > 1 and args.out is None:
         ap.error("several folders: say where the comparison goes with --out")
-    if compare(*args.folders, out=args.out) is None:
+    if compare(*args.folders, out=args.out, log=args.log) is None:
         print(f"dlora-compare: no summary.json in {', '.join(map(str, args.folders))} or their subfolders",
               file=sys.stderr)
         return 1

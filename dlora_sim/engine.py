@@ -96,7 +96,9 @@ class Simulation:
         self._all_done = self.env.event()
         self._progress = progress
         self._bar: tqdm | None = None
-        self.extra: dict = {"chunked_prefill": cluster.replica.chunked_prefill}
+        span = workload.duration_s
+        self.extra: dict = {"chunked_prefill": cluster.replica.chunked_prefill,
+                            "offered_rps": round(len(workload.requests) / span, 6) if span > 0 else None}
         self.arrivals = DemandEstimate(len(workload.adapters))
         self.workload_demand = workload_demand(workload)    # ClusterView: look-ahead, for demand=oracle only
         self.in_transit: dict[int, Request] = {}   # migrating requests, in no replica's queue
