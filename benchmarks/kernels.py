@@ -268,6 +268,26 @@ def bench_merge(layer: Layer, timer: Timer, rank: int, dtype: torch.dtype, devic
     return out
 
 
+def device_slug(device: str) -> str:
+    """What a result file is named for: the GPU's model ("NVIDIA H200" -> "h200"), or "cpu"."""
+    if device != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "").strip()
+    return "-".join(name.replace("_", " ").split()) or "gpu"
+
+
+def result_path(stem: str, device: str, out: str | None, record: bool) -> Path:
+    """`--out` if given; with `--record`, benchmarks/results/<stem>_<device>.csv (recorded results
+    change only when asked); else a fresh temporary folder, so a trial run dirties nothing."""
+    if out:
+        return Path(out)
+    name = f"{stem}_{device_slug(device)}.csv"
+    if record:
+        return Path(__file__).resolve().parent / "results" / name
+    import tempfile
+    return Path(tempfile.mkdtemp(prefix=f"{stem}_")) / name
+
+
 def csv_sink(path: Path, fields: list[str]):
     """Open a CSV for rows that arrive one by one (flushed as they come, so a killed run keeps them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +316,9 @@ def measure_copy_bw(timer: Timer, device: str, emit: Callable[[dict], None]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/kernels_h200.csv")
+    ap.add_argument("--out", default=None, help="CSV path (default: a temporary folder; see --record)")
+    ap.add_argument("--record", action="store_true",
+                    help="write benchmarks/results/kernels_<device>.csv (e.g. kernels_h200.csv)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
                     help="default fp16 on cuda, fp32 on cpu")
@@ -326,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         env += f", triton {triton.__version__}, {torch.cuda.get_device_name()}"
     print(f"# {env}; dtype {dtype}; shapes {args.shapes}; reps {reps}; backend {backend}")
 
-    fh, write_row = csv_sink(Path(args.out), FIELDS)
+    path = result_path("kernels", args.device, args.out, args.record)
+    print(f"# results: {path}")
+    fh, write_row = csv_sink(path, FIELDS)
 
     def emit(row: dict) -> None:
         write_row({"dtype": str(dtype).replace("torch.", ""), **row})
@@ -395,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if timer.graph_error:
         print(f"note: some timings are eager because graph capture failed: {timer.graph_error}")
     fh.close()
-    print(f"\nwrote {args.out} in {time.time() - t_start:.0f} s")
+    print(f"\nwrote {path} in {time.time() - t_start:.0f} s")
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.kernels import (SHAPES, Layer, Timer, csv_sink, make_stacks, measure_copy_bw,  # noqa: E402
-                                randn, slot_ids_for)
+                                randn, result_path, slot_ids_for)
 from dlora_gpu.kernels import tuning  # noqa: E402
 from dlora_gpu.kernels.lora_expand import expand_decode  # noqa: E402
 from dlora_gpu.kernels.lora_shrink import shrink_decode  # noqa: E402
@@ -66,7 +66,9 @@ def max_rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/kernels_tune_h200.csv")
+    ap.add_argument("--out", default=None, help="CSV path (default: a temporary folder; see --record)")
+    ap.add_argument("--record", action="store_true",
+                    help="write benchmarks/results/kernels_tune_<device>.csv (e.g. kernels_tune_h200.csv)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--max-seconds", type=float, default=230.0,
                     help="skip remaining configs (keeping what is measured) after this long")
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)"
     print(f"# torch {torch.__version__}, triton {triton.__version__}, {name}; {dtype}; "
           f"reps {args.reps}")
-    fh, emit = csv_sink(Path(args.out), FIELDS)
+    path = result_path("kernels_tune", dev, args.out, args.record)
+    print(f"# results: {path}")
+    fh, emit = csv_sink(path, FIELDS)
 
     timer = Timer(dev, args.reps, warmup=2, graphs=True)
     copy_bw = measure_copy_bw(timer, dev, lambda row: None)
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         del stacks, sets, ys, v_ref, y_ref
         torch.cuda.empty_cache()
     fh.close()
-    print(f"\nwrote {args.out} in {time.time() - t0:.0f} s")
+    print(f"\nwrote {path} in {time.time() - t0:.0f} s")
     return 0
 
 
