@@ -15,8 +15,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dlora_sim.cli import finish_job
-from dlora_sim.config import ConfigError, build_parts, keep_iterations
+from dlora_sim.cli import completed_run, finish_job
+from dlora_sim.config import ConfigError, build_parts, keep_iterations, show_progress
 from dlora_sim.errors import reported
 from dlora_sim.paths import CONF_DIR
 
@@ -33,7 +33,7 @@ def build_engine(cfg: DictConfig, workload=None):
     try:
         clock = Clock(rcfg.clock)
         return Engine(parts, lambda state: ModelExecutor(rcfg, state, parts), clock,
-                      progress=bool(cfg.get("progress", False)), keep_iterations=keep_iterations(cfg, len(parts.workload.requests)))
+                      progress=show_progress(cfg), keep_iterations=keep_iterations(cfg, len(parts.workload.requests)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -56,6 +56,10 @@ def _main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     system = hc.runtime.choices.get("system", "custom")
+    done = completed_run(cfg, out)
+    if done is not None:
+        log.info("%s: complete in %s, skipped (resume=false reruns it)", system, out)
+        return done["mean_s_per_token"] or 0.0
     engine = build_engine(cfg)
     s = finish_job(cfg, out, system, list(hc.overrides.task), engine.run, about(engine))
     log.info("%s on %s (%s clock): %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, wall %.1f s -> %s",

@@ -1,6 +1,7 @@
 """`dlora-sim`: one simulated run per Hydra job; results in the job's output folder."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -16,6 +17,28 @@ from dlora_sim.metrics import RESULT_FILES, SimResult, summarize, write_results
 from dlora_sim.paths import CONF_DIR
 
 log = logging.getLogger("dlora_sim")
+
+
+UNCOMPARED = ("progress", "charts", "resume")   # keys that change no result
+
+
+def completed_run(cfg: DictConfig, out: Path) -> dict | None:
+    """The summary of a complete run of this same config already in `out` (summary.json is written
+    last, so its presence means complete), if `resume` is on; a sweep rerun into its folder then
+    skips what is done. A folder holding another config's run is rerun (and overwritten)."""
+    path = out / "summary.json"
+    if not cfg.get("resume", True) or not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    now = OmegaConf.to_container(cfg, resolve=True)
+    same = {k: v for k, v in (old.get("config") or {}).items() if k not in UNCOMPARED} == \
+        {k: v for k, v in now.items() if k not in UNCOMPARED}
+    if not same:
+        log.warning("%s holds a run of another config; rerunning it", out)
+    return old if same else None
 
 
 def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
@@ -52,6 +75,10 @@ def _main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     system = hc.runtime.choices.get("system", "custom")
+    done = completed_run(cfg, out)
+    if done is not None:
+        log.info("%s: complete in %s, skipped (resume=false reruns it)", system, out)
+        return done["mean_s_per_token"] or 0.0
     s = run_job(cfg, out, system, list(hc.overrides.task))
     log.info("%s: %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, SLO %.1f%%, wall %.1f s -> %s",
              system, s["completed"], s["num_requests"], s["throughput_rps"], s["mean_latency_s"], s["p99_latency_s"],

@@ -110,6 +110,19 @@ def _auto_flag(cfg: DictConfig, key: str, num_requests: int, large: bool) -> boo
     raise ConfigError(f"{key} must be true, false or auto, got {value!r}")
 
 
+def show_progress(cfg: DictConfig) -> bool:
+    """`progress: auto` shows a job's own bar only when it runs alone: in a multirun, parallel jobs'
+    bars would overwrite each other, and the sweep's one "jobs done / total" line stands for them."""
+    value = cfg.get("progress", "auto")
+    if value == "auto":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"progress must be true, false or auto, got {value!r}")
+
+
 def keep_iterations(cfg: DictConfig, num_requests: int) -> bool:
     return _auto_flag(cfg, "keep_iterations", num_requests, large=False)
 
@@ -120,5 +133,5 @@ def build_simulation(cfg: DictConfig, workload: Workload | None = None, out: Pat
     n = len(p.workload.requests)
     stream = RequestStream(out, n) if out is not None and _auto_flag(cfg, "stream_requests", n, large=True) else None
     return Simulation(p.workload, p.profile, p.cluster, p.scheduler_factory, p.router, p.migrator,
-                      progress=bool(cfg.get("progress", False)), keep_iterations=keep_iterations(cfg, n),
+                      progress=show_progress(cfg), keep_iterations=keep_iterations(cfg, n),
                       stream=stream)

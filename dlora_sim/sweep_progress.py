@@ -1,0 +1,55 @@
+"""One "jobs done / total" line per finished job of a multirun, instead of parallel jobs' progress bars
+overwriting each other. Works across launchers: the total is written into the sweep folder when the
+multirun starts, and each job (in whatever process or machine runs it) counts the complete folders."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("dlora_sim")
+TOTAL_FILE = ".jobs_total"
+
+
+def sweep_size(config: DictConfig) -> int | None:
+    """How many jobs Hydra's basic sweeper will launch (command-line sweeps times `hydra.sweeper.params`),
+    by Hydra's own override parser; None for other sweepers (the capacity search decides as it goes)."""
+    sweeper = config.hydra.sweeper
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    by_key: dict[str, int] = {}
+    for o in overrides:   # a command-line sweep of a key replaces the config's
+        by_key[o.get_key_element()] = len(list(o.sweep_iterator())) if o.is_sweep_override() else 1
+    return math.prod(by_key.values())
+
+
+def complete_jobs(sweep_dir: Path) -> int:
+    return sum(1 for _ in sweep_dir.glob("*/summary.json"))
+
+
+class SweepProgress(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        total = sweep_size(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / TOTAL_FILE).write_text("" if total is None else str(total))
+        done = complete_jobs(sweep_dir)
+        if done:   # job logging is not set up yet in the launching process
+            print(f"[dlora-sim] sweep {sweep_dir}: {done} job(s) already complete; resume=true skips them",
+                  file=sys.stderr)
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        total_file = sweep_dir / TOTAL_FILE
+        total = total_file.read_text().strip() if total_file.exists() else ""
+        log.info("sweep: %d/%s jobs done", complete_jobs(sweep_dir), total or "?")
