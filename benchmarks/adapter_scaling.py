@@ -67,6 +67,8 @@ def chart(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
+
+    from dlora_sim.chart_layout import color
     paths = [p for p in PATHS if any(r["lora"] == p for r in rows)]
     fig, axes = plt.subplots(len(paths), 2, figsize=(10, 3.6 * len(paths)), squeeze=False)
     for row, p in zip(axes, paths):
@@ -74,12 +76,13 @@ def chart(rows: list[dict], path: Path) -> None:
             for i, (sysname, label) in enumerate(SYSTEMS.items()):
                 pts = sorted((r["adapters"], r[key]) for r in rows if r["lora"] == p and r["system"] == sysname)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=label)
+                    ax.plot(*zip(*pts), marker="o", color=color(sysname), lw=2.4 - 0.4 * i, label=label)
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             if key == "mean_s_per_token":
                 ax.set_yscale("log")
                 ax.axhline(0.5, color="k", ls="--", lw=1, label="SLO 0.5 s/token")
+                ax.legend(fontsize=7)
             ax.set_xlabel("adapters")
             ax.set_title(f"{title} (LoRA cost: {p})", fontsize=10)
             ax.grid(alpha=0.3, which="both")

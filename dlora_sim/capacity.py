@@ -160,25 +160,39 @@ def write_results(folder: Path, searches: list[Search], slo: float) -> list[dict
 
 
 def chart(path: Path, searches: list[Search], slo: float) -> None:
+    """One panel per arm without its system (e.g. model x LoRA cost); in it a line per system (its
+    colour everywhere in the project), solid for the longest run length, dashed for shorter ones."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
-    lengths = sorted({s.run_length for s in searches})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6.2 * len(lengths), 4.4), squeeze=False)
-    arms = sorted({label(s, searches) for s in searches})
-    colors = {a: f"C{i % 10}" for i, a in enumerate(arms)}
-    for ax, L in zip(axes[0], lengths):
-        for s in (s for s in searches if s.run_length == L):
+
+    from dlora_sim.chart_layout import color
+
+    def split(s: Search) -> tuple[str, str]:
+        parts = label(s, searches).split()
+        system = next((p.split("=", 1)[1] for p in parts if p.startswith("system=")), "")
+        return system, " ".join(p for p in parts if not p.startswith("system=")) or "all"
+
+    panels = sorted({split(s)[1] for s in searches})
+    systems = sorted({split(s)[0] for s in searches})
+    longest = max(s.run_length for s in searches)
+    cols = min(len(panels), 2)
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.4 * cols, 4.3 * rows_n), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for s in sorted((s for s in searches if split(s)[1] == panel), key=lambda s: (split(s)[0], -s.run_length)):
             pts = sorted((p["rate"], p["mean_s_per_token"]) for p in s.probes if p["mean_s_per_token"] is not None)
             if not pts:
                 continue
-            name = label(s, searches)
+            system = split(s)[0]
             cap = _capacity(s)
-            legend = f"{name}: {cap:g} req/s" if cap is not None else f"{name}: < {s.hi:g} req/s"
-            ax.plot(*zip(*pts), marker="o", ms=3, color=colors[name], label=legend)
-            if cap is not None:
-                ax.axvline(cap, color=colors[name], ls=":", lw=0.8)
+            legend = f"{system or 'run'} ({s.run_length:g}x rate): " + (f"{cap:g} req/s" if cap is not None
+                                                                           else f"< {s.hi:g} req/s")
+            c = color(system, systems)
+            ax.plot(*zip(*pts), marker="o", ms=3, color=c, ls="-" if s.run_length == longest else "--", label=legend)
+            if cap is not None and s.run_length == longest:
+                ax.axvline(cap, color=c, ls=":", lw=0.8)
         ax.axhline(slo, color="k", ls="--", lw=1, label=f"SLO {slo:g} s/token")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -187,10 +201,13 @@ def chart(path: Path, searches: list[Search], slo: float) -> None:
             axis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("mean s / output token")
-        ax.set_title(f"{L:g} x rate requests per run", fontsize=10)
+        ax.set_title(panel, fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle("capacity at the SLO: the highest rate whose mean s/token stays under it", fontsize=10)
+        ax.legend(fontsize=6.5, ncol=1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("capacity at the SLO: the highest rate whose mean s/token stays under it "
+                 f"(dotted: capacity at {longest:g}x rate requests)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
