@@ -32,7 +32,7 @@ class WorkModel:
     _sum: dict = field(default_factory=lambda: defaultdict(float), repr=False)
     _cnt: dict = field(default_factory=lambda: defaultdict(int), repr=False)
     _pending: list = field(default_factory=list, repr=False)
-    _seen: set = field(default_factory=set, repr=False)
+    _seen: set = field(default_factory=set, repr=False)   # ids in _pending (a finished request never returns)
     _bound: tuple | None = field(default=None, repr=False)
     _prefill_cache: dict = field(default_factory=dict, repr=False)
     _expected: dict = field(default_factory=dict, repr=False)
@@ -94,6 +94,7 @@ class WorkModel:
             elif r.state != State.REJECTED:
                 keep.append(r)
         self._pending = keep
+        self._seen = {r.id for r in keep}   # memory follows the requests in flight, not all ever seen
         self._expected.clear()
 
     def expected_output(self, adapter: int) -> float:
