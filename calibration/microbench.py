@@ -62,7 +62,7 @@ class Harness:
         wl = Workload.from_requests([], bench.num_adapters, ranks)
         cfg = ReplicaConfig(max_num_seqs=4096, max_num_batched_tokens=1 << 20, gpu_adapter_slots=bench.slots,
                             max_kv_blocks=bench.max_kv_blocks, host_swap_bytes=bench.host_swap_bytes, watermark=0.0,
-                            merge="pristine_gpu")
+                            merge="pristine_gpu", chunked_prefill=False)
         from dlora_sim.engine import ClusterConfig
         parts = Parts(profile, ClusterConfig(1, 1, cfg), wl, lambda: None, None, None)   # type: ignore[arg-type]
         self.cost = CostModel(profile, 1, cfg.merge)

@@ -8,8 +8,8 @@
   h // (H // H_kv)).
 
 Backends: ``triton`` (`dlora_gpu.kernels.paged_attention`, online softmax in fp32), ``torch``
-(gather every sequence's blocks, masked fp32 softmax -- for CPUs and as the readable second
-opinion), ``auto`` = triton on CUDA, torch otherwise.
+(each sequence's own blocks, fp32 softmax -- for CPUs and as the readable second opinion),
+``auto`` = triton on CUDA, torch otherwise.
 """
 
 from __future__ import annotations
@@ -40,17 +40,19 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
 
 def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            context_lens: Tensor) -> Tensor:
-    """Gather each sequence's blocks into a padded [S, max_blocks*block_size] context, mask, softmax."""
+    """Each sequence against exactly its own context, one at a time. Padding every sequence to the
+    batch's longest context (one batched einsum) made the cost follow batch x longest context, not
+    the sum of contexts that the paged kernel and the simulator's cost model charge: on the CPU
+    runtime it put the fitted profile 20-45% low on decode batches of mixed lengths."""
     s, h, d = q.shape
-    h_kv = k_cache.shape[2]
-    tables = block_tables.long().clamp(min=0)  # padding reads block 0; masked below
-    past = torch.arange(tables.shape[1] * k_cache.shape[1], device=q.device)[None, :] >= \
-        context_lens.to(q.device).long()[:, None]  # [S, N]: positions past each context
-    # Zero K/V past the context, not just the scores: stale slots may hold inf/NaN, and 0 * NaN = NaN.
-    k = k_cache[tables].reshape(s, -1, h_kv, d).float().masked_fill(past[..., None, None], 0.0)
-    v = v_cache[tables].reshape(s, -1, h_kv, d).float().masked_fill(past[..., None, None], 0.0)
-    qg = q.float().reshape(s, h_kv, h // h_kv, d)  # q heads grouped by the kv head they read
-    scores = torch.einsum("skgd,snkd->skgn", qg, k) / math.sqrt(d)
-    scores = scores.masked_fill(past[:, None, None, :], float("-inf"))
-    out = torch.einsum("skgn,snkd->skgd", torch.softmax(scores, dim=-1), v)
-    return out.reshape(s, h, d).to(q.dtype)
+    h_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty(s, h, d, dtype=torch.float32, device=q.device)
+    scale = 1.0 / math.sqrt(d)
+    for i, n in enumerate(context_lens.tolist()):
+        blocks = block_tables[i, :-(-n // bs)].long()
+        k = k_cache[blocks].reshape(-1, h_kv, d)[:n].float()   # [n, H_kv, D]: no stale slot is read
+        v = v_cache[blocks].reshape(-1, h_kv, d)[:n].float()
+        qg = q[i].float().reshape(h_kv, h // h_kv, d)          # q heads grouped by the kv head they read
+        scores = torch.einsum("kgd,nkd->kgn", qg, k) * scale
+        out[i] = torch.einsum("kgn,nkd->kgd", torch.softmax(scores, dim=-1), v).reshape(h, d)
+    return out.to(q.dtype)

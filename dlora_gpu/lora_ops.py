@@ -64,9 +64,11 @@ def lora_apply(y: Tensor, x: Tensor, stack: LoRAStack, *, slot_ids: Tensor | Non
         _torch_apply(y, x, stack, _token_groups(slot_ids))
     else:
         assert segments is not None
-        groups = [(slot, torch.arange(st, st + n, device=x.device))
-                  for st, n, slot in zip(segments.starts_host, segments.lengths_host,
-                                         segments.slots_host) if n > 0 and slot >= 0]
+        # a prefill segment is contiguous: a slice is a view, so no gather or scatter copies of
+        # [tokens, features] per adapter and slice (they made unmerged prefill cost follow the
+        # hidden size per token, which no LoRA cost model charges)
+        groups = [(slot, slice(st, st + n)) for st, n, slot in zip(segments.starts_host, segments.lengths_host,
+                                                                   segments.slots_host) if n > 0 and slot >= 0]
         _torch_apply(y, x, stack, groups)
     return y
 
@@ -77,12 +79,13 @@ def _token_groups(slot_ids: Tensor) -> list[tuple[int, Tensor]]:
             for s in torch.unique(slot_ids).tolist() if s >= 0]
 
 
-def _torch_apply(y: Tensor, x: Tensor, stack: LoRAStack, groups: list[tuple[int, Tensor]]) -> None:
-    """PEFT-style loop over adapters: fp32 shrink and expand, one rounding of y per token."""
+def _torch_apply(y: Tensor, x: Tensor, stack: LoRAStack, groups: list[tuple[int, Tensor | slice]]) -> None:
+    """PEFT-style loop over adapters: fp32 shrink and expand, one rounding of y per token. A group's
+    tokens are an index tensor (decode) or a slice (a prefill segment)."""
     offs = stack.slice_offsets
     for slot, idx in groups:
         r, scale = stack.ranks_host[slot], stack.scales_host[slot]
-        if r == 0 or idx.numel() == 0:
+        if r == 0 or (isinstance(idx, Tensor) and idx.numel() == 0):
             continue
         xs = x[idx].float()
         for s, (off, n) in enumerate(zip(offs, stack.slice_sizes)):
