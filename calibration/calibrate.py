@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         dst = PROFILES_DIR / f"{raw['name']}.yaml"
         dst.write_text((out / "profile.yaml").read_text())
         (PROFILES_DIR / f"{raw['name']}.fit.md").write_text(md)
-        print(f"wrote {dst} and {dst.with_suffix('.fit.md')}")
+        (PROFILES_DIR / f"{raw['name']}.points.csv").write_bytes(points.read_bytes())   # refit: --from
+        print(f"wrote {dst}, {dst.with_suffix('.fit.md')} and {dst.with_suffix('.points.csv')}")
     print(f"results in {out}")
     load_profile(out / "profile.yaml")
     return 0

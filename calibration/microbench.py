@@ -190,27 +190,43 @@ def prefill_points(h: Harness, b: BenchConfig, seqs: Sequence[int], lengths: Seq
     return rows
 
 
-def mixed_points(h: Harness, b: BenchConfig, rng: np.random.Generator, count: int, split: str) -> list[dict]:
-    """Random mixed batches drawn like serving traffic: 1-16 sequences, some prefills of 8-512 tokens,
-    decodes at contexts of 16-1024, 1-4 distinct adapters, unmerged (or merged when one adapter)."""
-    rows = []
-    for _ in range(count):
-        n = int(rng.integers(1, 17))
-        n_pre = int(rng.integers(0, min(n, 4) + 1))
-        distinct = int(rng.integers(1, 5))
-        adapters = [int(a) for a in rng.integers(0, distinct, n)]
-        merged = distinct == 1 and rng.random() < 0.5
-        mode = adapters[0] if merged else None
-        h.set_mode(mode)
-        h.ensure_resident(set(adapters))
-        dec = h.new(adapters[n_pre:], rng.integers(16, 1024, n - n_pre))
+def mixed_point(h: Harness, b: BenchConfig, rng: np.random.Generator, split: str) -> dict:
+    """One random mixed batch drawn like serving traffic: 1-16 sequences, some prefills of 8-512 tokens,
+    decodes at contexts of 16-1024, 1-4 distinct adapters, unmerged (or merged when one adapter); the
+    same batch is rebuilt for each run (a prefill runs once), median of `repeats` after `warmup`."""
+    n = int(rng.integers(1, 17))
+    n_pre = int(rng.integers(0, min(n, 4) + 1))
+    distinct = int(rng.integers(1, 5))
+    adapters = [int(a) for a in rng.integers(0, distinct, n)]
+    merged = distinct == 1 and rng.random() < 0.5
+    mode = adapters[0] if merged else None
+    dec_len, pre_len = rng.integers(16, 1024, n - n_pre), rng.integers(8, 512, n_pre)
+    h.set_mode(mode)
+    h.ensure_resident(set(adapters))
+    walls, devs, phases, last = [], [], [], None
+    for i in range(b.warmup + b.repeats):
+        dec = h.new(adapters[n_pre:], dec_len)
         if dec:
-            h.step(Decision(dec, merged=mode))
-        pre = h.new(adapters[:n_pre], rng.integers(8, 512, n_pre))
+            h.step(Decision(dec, merged=mode))      # their prompts, untimed
+        pre = h.new(adapters[:n_pre], pre_len)
         wall, times, step = h.step(Decision(pre + dec, merged=mode))
-        ph = {"forward": times.forward, "mode": times.mode, "load": times.load, "swap": times.swap}
-        rows.append(_row("mixed", split, step, wall, times.total, ph, 1, rank=""))
         h.drop(pre + dec)
+        if i >= b.warmup:
+            walls.append(wall)
+            devs.append(times.total)
+            phases.append(times)
+            last = step
+    ph = {k: median(getattr(t, k) for t in phases) for k in ("forward", "mode", "load", "swap")}
+    return _row("mixed", split, last, median(walls), median(devs), ph, b.repeats, rank="")
+
+
+def mixed_points(h: Harness, b: BenchConfig, counts: dict[str, int]) -> list[dict]:
+    """Fit and held-out mixed batches, measured alternately so that a drift of the machine's speed
+    during the run falls on both alike (each split has its own random stream)."""
+    rngs = {split: np.random.default_rng(b.seed + i) for i, split in enumerate(counts)}
+    rows = []
+    for k in range(max(counts.values(), default=0)):
+        rows += [mixed_point(h, b, rngs[split], split) for split, n in counts.items() if k < n]
     return rows
 
 
@@ -277,7 +293,6 @@ def swap_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int]) -> list[
 
 
 def run_all(h: Harness, b: BenchConfig) -> list[dict]:
-    rng = np.random.default_rng(b.seed)
     q = b.quick
     batches = (1, 4) if q else (1, 2, 4, 8, 16, 32)
     contexts = (64,) if q else (32, 256, 1024)
@@ -286,11 +301,10 @@ def run_all(h: Harness, b: BenchConfig) -> list[dict]:
     rows += decode_points(h, b, batches, contexts, merged=False, distinct_list=(1, 2) if q else (1, 4, 8))
     rows += prefill_points(h, b, (1,) if q else (1, 2, 4), (32,) if q else (16, 64, 256, 512), merged=False)
     rows += prefill_points(h, b, (1,) if q else (1, 4), (32,) if q else (64, 512), merged=True)
-    rows += mixed_points(h, b, rng, 3 if q else 30, "fit")
+    rows += mixed_points(h, b, {"fit": 3 if q else 30, "heldout": 3 if q else b.heldout})
     rows += mode_points(h, b)
     rows += load_points(h, b)
     rows += swap_points(h, b, (1, 4) if q else (1, 4, 16, 64))
-    rows += mixed_points(h, b, np.random.default_rng(b.seed + 1), 3 if q else b.heldout, "heldout")
     return rows
 
 
