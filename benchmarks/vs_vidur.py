@@ -88,7 +88,7 @@ def run_ours(rows, replicas: int, work: Path) -> tuple[float, float, dict, float
                            f"cluster.num_replicas={replicas}", f"cluster.replica.max_num_seqs={BATCH_CAP}",
                            f"cluster.replica.max_num_batched_tokens={MAX_TOKENS}",
                            f"cluster.replica.max_kv_blocks={KV_BLOCKS}", "cluster.replica.chunked_prefill=false",
-                           "cluster.replica.prefill_priority=true", "charts=false", "progress=false",
+                           "cluster.replica.prefill_priority=true", "charts=false", "progress=false", "resume=false",
                            "keep_iterations=false", f"hydra.run.dir={out}"], cwd=ROOT)
     s = json.loads((out / "summary.json").read_text())
     with (out / "requests.csv").open(newline="") as f:

@@ -140,7 +140,7 @@ def timed(h: Harness, make: callable, repeats: int, warmup: int) -> tuple[float,
 def _row(kind: str, split: str, step, wall: float, dev: float, ph: dict, repeats: int, **extra) -> dict:
     d = step.decision
     row = {"kind": kind, "split": split, "mode": "unmerged" if d.merged is None else "merged",
-           "batch": len(step.batch), "prefills": sum(step.prefill), "prefill_tokens": step.prefill_tokens,
+           "batch": len(step.batch), "prefills": sum(1 for c in step.prefill if c), "prefill_tokens": step.prefill_tokens,
            "prefill_sq": step.prefill_sq, "decodes": step.decode_seqs, "decode_context": step.decode_context,
            "distinct": step.distinct, "rank": extra.pop("rank", ""),
            "rank_sum": step.rank_sum if d.merged is None else 0,

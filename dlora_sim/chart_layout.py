@@ -11,7 +11,7 @@ from typing import Any, Sequence
 SYSTEM_COLORS = {"dlora": "tab:green", "slora": "tab:blue", "merged": "tab:orange", "peft": "tab:purple",
                  "vllm": "tab:red", "vllm_grouped": "tab:brown", "vllm_lora": "tab:pink"}
 _SPARE = ["tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "teal"]
-IGNORED = {"charts", "progress", "hydra.run.dir", "hydra.sweep.dir"}   # overrides that change no result
+IGNORED = {"charts", "progress", "resume"}   # overrides that change no result (cli.UNCOMPARED too)
 
 
 def color(name: str, others: Sequence[str] = ()) -> str:
@@ -79,7 +79,8 @@ def layout(rows: Sequence[dict[str, Any]]) -> Layout:
             # a second series of one system (another swept key) gets a spare colour
             used = {g.color for g in groups.values()}
             c = color(sy, systems)
-            groups[lab] = Series(lab, c if c not in used else next(x for x in _SPARE if x not in used))
+            spare = next((x for x in _SPARE if x not in used), f"C{len(groups) % 10}")
+            groups[lab] = Series(lab, c if c not in used else spare)
         points[(lab, float(o[x_key]))].append(s)
     for (lab, x), runs in sorted(points.items(), key=lambda kv: kv[0][1]):
         groups[lab].x.append(x)

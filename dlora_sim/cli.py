@@ -11,15 +11,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from dlora_sim.chart_layout import IGNORED
 from dlora_sim.config import build_simulation
 from dlora_sim.errors import reported
 from dlora_sim.metrics import RESULT_FILES, SimResult, summarize, write_results
 from dlora_sim.paths import CONF_DIR
 
 log = logging.getLogger("dlora_sim")
-
-
-UNCOMPARED = ("progress", "charts", "resume")   # keys that change no result
+UNCOMPARED = IGNORED   # keys that change no result: a run differing only in them is the same run
 
 
 def completed_run(cfg: DictConfig, out: Path) -> dict | None:

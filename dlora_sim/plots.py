@@ -95,7 +95,7 @@ def _timeline(folder: Path, it: dict[str, list[str]], title: str) -> Path:
                 share = np.bincount(idx, merged[m].astype(float), len(edges) - 1) / count
             mid = (edges[:-1] + edges[1:]) / 2
             ax.plot(mid, mean_bs, color="k", lw=1, label="mean batch size (per bin)")
-            top = np.nanmax(bs[m]) if m.any() else 1
+            top = np.nanmax(bs[m])
             ax.fill_between(mid, 0, np.nan_to_num(share) * top, color="tab:orange", alpha=0.35, lw=0,
                             label="share of iterations merged (scaled)")
         ax.set_ylabel(f"replica {j}\nbatch", fontsize=8)

@@ -32,6 +32,7 @@ def sweep_size(config: DictConfig) -> int | None:
 
 
 def complete_jobs(sweep_dir: Path) -> int:
+    """Folders holding a summary.json (a rerun into an old sweep folder counts its runs too)."""
     return sum(1 for _ in sweep_dir.glob("*/summary.json"))
 
 
@@ -43,7 +44,9 @@ class SweepProgress(Callback):
         (sweep_dir / TOTAL_FILE).write_text("" if total is None else str(total))
         done = complete_jobs(sweep_dir)
         if done:   # job logging is not set up yet in the launching process
-            print(f"[dlora-sim] sweep {sweep_dir}: {done} job(s) already complete; resume=true skips them",
+            what = ("those of the same config are skipped" if config.get("resume", True)
+                    else "resume=false reruns them")
+            print(f"[dlora-sim] sweep {sweep_dir}: {done} folder(s) already hold a complete run; {what}",
                   file=sys.stderr)
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:

@@ -14,7 +14,7 @@ from dlora_sim.request import Request, State
 
 
 def _replica(blocks: int) -> Replica:
-    cfg = ReplicaConfig(max_num_seqs=8, max_kv_blocks=blocks, watermark=0.0)
+    cfg = ReplicaConfig(max_num_seqs=8, max_kv_blocks=blocks, watermark=0.0, chunked_prefill=False)
     return Replica(0, simpy.Environment(), cfg, CostModel(PROFILE), UnmergedOnly(), [16], Recorder(), lambda r: None)
 
 

@@ -32,7 +32,7 @@ def test_a_rerun_sweep_skips_complete_jobs_and_reruns_changed_ones(tmp_path):
     assert "sweep: 2/2 jobs done" in log
     first = _mtimes(tmp_path)
     log = _sweep(tmp_path)
-    assert log.count("skipped") == 2 and _mtimes(tmp_path) == first and "2 job(s) already complete" in log
+    assert log.count(", skipped (resume=false") == 2 and _mtimes(tmp_path) == first and "2 folder(s) already hold" in log
     (tmp_path / "1" / "summary.json").unlink()          # an incomplete job is run again, the other kept
     _sweep(tmp_path)
     again = _mtimes(tmp_path)
