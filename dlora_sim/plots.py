@@ -102,10 +102,14 @@ def _timeline(folder: Path, it: dict[str, list[str]], title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(loc="upper right", markerscale=4, fontsize=7)
     axes[-1, 0].set_xlabel("simulated time (s)")
-    more = f" (replicas {shown[0]}-{shown[-1]} of {len(reps)})" if len(reps) > len(shown) else ""
+    return _save(fig, folder / "timeline.png", title, shown, len(reps))
+
+
+def _save(fig, path: Path, title: str, shown: list[int], replicas: int) -> Path:
+    """Title (saying which replicas are drawn when not all are), lay out, write, close."""
+    more = f" (replicas {shown[0]}-{shown[-1]} of {replicas})" if replicas > len(shown) else ""
     fig.suptitle(f"{title}{more}", fontsize=9)
     fig.tight_layout()
-    path = folder / "timeline.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -170,10 +174,4 @@ def mode_threshold_chart(folder: Path, it: dict[str, list[str]] | None = None, t
     axes[2, 0].set_ylabel("threshold (x |F|)", fontsize=8)
     axes[0, -1].legend(loc="upper right", fontsize=7)
     axes[2, -1].legend(loc="upper right", fontsize=7)
-    more = f" (replicas {reps[0]}-{reps[-1]} of {len(set(rep.tolist()))})" if len(set(rep.tolist())) > len(reps) else ""
-    fig.suptitle(f"dlora modes and thresholds: {title}{more}", fontsize=9)
-    fig.tight_layout()
-    path = folder / "modes.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "modes.png", f"dlora modes and thresholds: {title}", reps, len(set(rep.tolist())))
