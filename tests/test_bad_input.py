@@ -131,7 +131,8 @@ def test_unknown_profile_lists_available():
 def test_rejected_requests_count_as_slo_misses():
     from sim_helpers import run_cfg
     from dlora_sim.metrics import summarize
-    _, res = run_cfg("system=slora", "workload.num_requests=60", "cluster.replica.max_num_batched_tokens=256")
+    _, res = run_cfg("system=slora", "workload.num_requests=60", "cluster.replica.max_num_batched_tokens=256",
+                     "cluster.replica.chunked_prefill=false")
     s = summarize(res, 0.5)
     assert s["rejected"] > 0 and s["rejected_share"] == round(s["rejected"] / 60, 6)
     met = sum(1 for r in res.requests if r.finish > 0 and (r.finish - r.arrival) / 1e9 / r.output_tokens <= 0.5)
