@@ -9,14 +9,14 @@ reruns). Prints the report; `--record` writes benchmarks/results/adapter_scaling
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from benchmarks.recording import output_dir, write_rows, wrote  # noqa: E402
 
 from dlora_sim.compare import load_summaries
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = {"vllm": "vLLM (replicated)", "peft": "PEFT", "slora": "S-LoRA-style", "dlora": "dLoRA"}
 PATHS = ("einsum", "kernel")
 METRICS = [("throughput_rps", "served req/s"), ("mean_s_per_token", "mean s/token"),
@@ -102,15 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = load(args.sweep)
     text = report(rows, args.sweep)
     print(text)
-    out = RESULTS if args.record else Path(tempfile.mkdtemp(prefix="adapter_scaling_"))
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "adapter_scaling.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    out = output_dir(args.record, "adapter_scaling")
+    write_rows(out / "adapter_scaling.csv", rows)
     (out / "adapter_scaling.md").write_text(text)
     chart(rows, out / "adapter_scaling.png")
-    print(f"wrote {out}/adapter_scaling.{{csv,md,png}}" + ("" if args.record else " (pass --record to keep them)"))
+    print(wrote(out, "adapter_scaling", args.record))
     return 0
 
 

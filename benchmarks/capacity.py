@@ -13,10 +13,11 @@ import argparse
 import csv
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from benchmarks.recording import output_dir, write_rows, wrote  # noqa: E402
+
 SYSTEMS = {"vllm": "vLLM (replicated)", "peft": "PEFT", "slora": "S-LoRA-style", "dlora": "dLoRA"}
 
 
@@ -84,17 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = load(args.sweep)
     text = report(rows, args.sweep)
     print(text)
-    out = RESULTS if args.record else Path(tempfile.mkdtemp(prefix="capacity_"))
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "capacity.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    out = output_dir(args.record, "capacity")
+    write_rows(out / "capacity.csv", rows)
     (out / "capacity.md").write_text(text)
     for name in ("capacity.png", "capacity_probes.csv"):
         if (args.sweep / name).exists():
             shutil.copyfile(args.sweep / name, out / name)
-    print(f"wrote {out}/capacity.{{csv,md,png}}" + ("" if args.record else " (pass --record to keep them)"))
+    print(wrote(out, "capacity", args.record))
     return 0
 
 

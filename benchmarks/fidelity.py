@@ -15,7 +15,6 @@ Writes a temporary folder unless --record (benchmarks/results/fidelity_<device>.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.recording import RESULTS, write_rows  # noqa: E402
+from benchmarks.kernels import name_slug  # noqa: E402
 from calibration.calibrate import _compose  # noqa: E402
 from calibration.validate import GOALS, METRICS, validate  # noqa: E402
 from dlora_sim.cli import finish_job  # noqa: E402
@@ -119,12 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                              "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
                              "wall_s": round(time.perf_counter() - t0, 1)})
                 print(json.dumps(rows[-1]), flush=True)
-    slug = "cpu" if "cpu" in str(device).lower() else str(device).lower().replace("nvidia", "").strip().replace(" ", "-")
-    out = ROOT / "benchmarks" / "results" if args.record else work
-    with (out / f"fidelity_{slug}.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    slug = "cpu" if "cpu" in str(device).lower() else name_slug(str(device))
+    out = RESULTS if args.record else work
+    write_rows(out / f"fidelity_{slug}.csv", rows)
     text = report(rows, device, profile)
     (out / f"fidelity_{slug}.md").write_text(text)
     print(text)

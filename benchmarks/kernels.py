@@ -268,12 +268,14 @@ def bench_merge(layer: Layer, timer: Timer, rank: int, dtype: torch.dtype, devic
     return out
 
 
+def name_slug(name: str) -> str:
+    """A device name as a file name part: "NVIDIA H200" -> "h200"."""
+    return "-".join(name.lower().replace("nvidia", "").replace("_", " ").split()) or "gpu"
+
+
 def device_slug(device: str) -> str:
-    """What a result file is named for: the GPU's model ("NVIDIA H200" -> "h200"), or "cpu"."""
-    if device != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name().lower().replace("nvidia", "").strip()
-    return "-".join(name.replace("_", " ").split()) or "gpu"
+    """What a result file is named for: the GPU's model, or "cpu"."""
+    return name_slug(torch.cuda.get_device_name()) if device == "cuda" else "cpu"
 
 
 def result_path(stem: str, device: str, out: str | None, record: bool) -> Path:
@@ -281,11 +283,8 @@ def result_path(stem: str, device: str, out: str | None, record: bool) -> Path:
     change only when asked); else a fresh temporary folder, so a trial run dirties nothing."""
     if out:
         return Path(out)
-    name = f"{stem}_{device_slug(device)}.csv"
-    if record:
-        return Path(__file__).resolve().parent / "results" / name
-    import tempfile
-    return Path(tempfile.mkdtemp(prefix=f"{stem}_")) / name
+    from benchmarks.recording import output_dir
+    return output_dir(record, stem) / f"{stem}_{device_slug(device)}.csv"
 
 
 def csv_sink(path: Path, fields: list[str]):

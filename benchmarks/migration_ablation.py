@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from benchmarks.recording import output_dir  # noqa: E402
 
 from dlora_sim.compare import load_summaries
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length-sweep", type=Path, default=ROOT / "outputs/migration_ablation/length")
     ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
     args = ap.parse_args(argv)
-    args.out = ROOT / "benchmarks/results" if args.record else Path(tempfile.mkdtemp(prefix="migration_ablation_"))
+    args.out = output_dir(args.record, "migration_ablation")
     rate_rows = load(args.rate_sweep)
     len_rows = load(args.length_sweep) if args.length_sweep.exists() else None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,15 +16,15 @@ of one dlora run per batch cap. Exit status 1 if an enforced criterion fails.
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from benchmarks.recording import output_dir, write_rows, wrote  # noqa: E402
 
 from dlora_sim.compare import load_summaries
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = {"slora": "unmerged-only", "merged": "merged-only", "dlora": "dlora"}
 PATHS = {"einsum": "the dLoRA artifact's unmerged cost (einsum over resident adapters)",
          "kernel": "our batched LoRA kernels' unmerged cost (measured on an H200, derived for the A100)"}
@@ -173,11 +173,7 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
 def write(name: str, path: str, all_rows: list[dict], rows: list[dict], text: str, table: Table, out: Path) -> None:
     """CSV of every seed's rows; chart and modes charts of the first seed."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / f"{name}.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(all_rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(all_rows)
+    write_rows(out / f"{name}.csv", all_rows)
     (out / f"{name}.md").write_text(text)
     wl = next(iter(table.values()))["dlora"]["config"]["workload"]
     chart(rows, out / f"{name}.png", f"one replica, {wl['num_adapters']} adapters (Zipf s), {wl['num_requests']} "
@@ -198,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
     args = ap.parse_args(argv)
     seeds = load(args.sweep)
-    out = RESULTS if args.record else Path(tempfile.mkdtemp(prefix="skew_sweep_"))
+    out = output_dir(args.record, "skew_sweep")
     failed = False
     for path in PATHS:
         by_seed = {seed: split(t)[path] for seed, t in seeds.items() if path in split(t)}
@@ -212,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "skew_sweep" if path == "einsum" else f"skew_sweep_{path}"
         write(name, path, [r for rs, _ in checked.values() for r in rs], checked[first][0], text, by_seed[first], out)
         failed |= enforced and any(f for _, f in checked.values())
-        print(f"wrote {out}/{name}.{{csv,md,png}}" + ("" if args.record else " (pass --record to keep them)"))
+        print(wrote(out, name, args.record))
     return 1 if failed else 0
 
 

@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.recording import RESULTS, write_rows  # noqa: E402
+
 MAX_TOKENS = 4096
 BATCH_CAP, KV_BLOCKS = 64, 7277
 PER_REPLICA_RPS = 1.25   # moderate load for one A100 / Llama-2-7B replica on Azure conv lengths
@@ -199,11 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                    **{f"rel_{k}": o[2][k] / v[2][k] - 1 for k in KEYS}}
             out_rows.append(row)
             print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}), flush=True)
-    dest = ROOT / "benchmarks" / "results" if args.record else work
-    with (dest / "vs_vidur.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(out_rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows({k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()} for r in out_rows)
+    dest = RESULTS if args.record else work
+    write_rows(dest / "vs_vidur.csv", [{k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()}
+                                       for r in out_rows])
     text = report(out_rows)
     (dest / "vs_vidur.md").write_text(text)
     print(text)
