@@ -9,13 +9,11 @@ from __future__ import annotations
 import logging
 import platform
 import sys
-from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dlora_sim.cli import completed_run, finish_job
+from dlora_sim.cli import finish_job, hydra_job
 from dlora_sim.config import ConfigError, build_parts, keep_iterations, show_progress
 from dlora_sim.errors import reported
 from dlora_sim.paths import CONF_DIR
@@ -53,15 +51,11 @@ def about(engine) -> dict:
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
 @reported("dlora-serve")
 def _main(cfg: DictConfig) -> float:
-    hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
-    system = hc.runtime.choices.get("system", "custom")
-    done = completed_run(cfg, out)
-    if done is not None:
-        log.info("%s: complete in %s, skipped (resume=false reruns it)", system, out)
-        return done["mean_s_per_token"] or 0.0
+    out, system, overrides, skipped = hydra_job(cfg)
+    if skipped is not None:
+        return skipped
     engine = build_engine(cfg)
-    s = finish_job(cfg, out, system, list(hc.overrides.task), engine.run, about(engine))
+    s = finish_job(cfg, out, system, overrides, engine.run, about(engine))
     log.info("%s on %s (%s clock): %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, wall %.1f s -> %s",
              system, s["device"], s["clock"], s["completed"], s["num_requests"], s["throughput_rps"],
              s["mean_latency_s"], s["p99_latency_s"], s["sim_wall_s"], out)

@@ -14,7 +14,7 @@ an executor run it on real kernels. Two clocks:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 from tqdm import tqdm
@@ -25,7 +25,7 @@ from dlora_sim.cost_model import CostModel
 from dlora_sim.engine import DemandEstimate, SimulationError, workload_demand
 from dlora_sim.metrics import Recorder, SimResult
 from dlora_sim.policies.base import PolicyError
-from dlora_sim.replica_state import ReplicaState, Step, reject_reason
+from dlora_sim.replica_state import ReplicaState, Step, reject_reason, resolve_chunked_prefill
 from dlora_sim.request import NS, Request, State, to_ns
 
 
@@ -80,6 +80,8 @@ class Engine:
     def __init__(self, parts: Parts, make_executor: Callable[[ReplicaState], Executor], clock: Clock, *,
                  progress: bool = False, keep_iterations: bool = True):
         self._refuse(parts)
+        parts = replace(parts, cluster=replace(parts.cluster, replica=resolve_chunked_prefill(
+            parts.cluster.replica, parts.workload.longest_prompt)))   # as the simulation resolves it
         self.workload, self.profile, self.cluster_cfg = parts.workload, parts.profile, parts.cluster
         self.cost = CostModel(parts.profile, parts.cluster.gpus_per_replica, parts.cluster.replica.merge)
         self.adapters = parts.workload.adapters

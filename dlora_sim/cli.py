@@ -68,17 +68,24 @@ def finish_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], ru
     return summary
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-@reported("dlora-sim")
-def _main(cfg: DictConfig) -> float:
+def hydra_job(cfg: DictConfig) -> tuple[Path, str, list[str], float | None]:
+    """The Hydra job's folder, system and overrides, and the objective of a complete run of this same
+    config already there (then the job is skipped), for both `dlora-sim` and `dlora-serve`."""
     hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
-    system = hc.runtime.choices.get("system", "custom")
+    out, system = Path(hc.runtime.output_dir), hc.runtime.choices.get("system", "custom")
     done = completed_run(cfg, out)
     if done is not None:
         log.info("%s: complete in %s, skipped (resume=false reruns it)", system, out)
-        return done["mean_s_per_token"] or 0.0
-    s = run_job(cfg, out, system, list(hc.overrides.task))
+    return out, system, list(hc.overrides.task), None if done is None else (done["mean_s_per_token"] or 0.0)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+@reported("dlora-sim")
+def _main(cfg: DictConfig) -> float:
+    out, system, overrides, skipped = hydra_job(cfg)
+    if skipped is not None:
+        return skipped
+    s = run_job(cfg, out, system, overrides)
     log.info("%s: %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, SLO %.1f%%, wall %.1f s -> %s",
              system, s["completed"], s["num_requests"], s["throughput_rps"], s["mean_latency_s"], s["p99_latency_s"],
              100 * s["slo_attainment"], s["sim_wall_s"], out)

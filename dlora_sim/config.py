@@ -16,7 +16,7 @@ from dlora_sim.metrics import RequestStream
 from dlora_sim.paths import PROFILES_DIR
 from dlora_sim.policies.base import LocalScheduler, Migrator, Router
 from dlora_sim.profile import Profile, ProfileError, load_profile
-from dlora_sim.replica_state import ReplicaConfig, resolve_chunked_prefill
+from dlora_sim.replica_state import ReplicaConfig
 from dlora_sim.workload.spec import Workload
 
 
@@ -87,8 +87,6 @@ def build_parts(cfg: DictConfig, workload: Workload | None = None) -> Parts:
     profile = build_profile(cfg)
     cluster = build_cluster(cfg)
     workload = workload if workload is not None else build_workload(cfg)
-    cluster = dataclasses.replace(
-        cluster, replica=resolve_chunked_prefill(cluster.replica, workload.longest_prompt))
     scheduler_cfg = cfg.scheduler
     _policy(scheduler_cfg, "scheduler")  # fail fast, before the cluster is built
     router = _policy(cfg.router, "router")
