@@ -32,6 +32,7 @@ from torch import Tensor
 from dlora_gpu.lora_stack import LoRAStack
 from dlora_gpu.merge import Delta
 from dlora_gpu.model import GROUP_OF, GROUPS, PROJECTIONS, LlamaConfig, hf_module_path
+from dlora_gpu.weights import read_json
 from dlora_sim.errors import UserError
 
 CONFIG_FILE = "adapter_config.json"
@@ -98,12 +99,7 @@ def load_peft_adapter(path: str | Path, cfg: LlamaConfig, adapter_id: str | None
     """Read a PEFT LoRA directory for a model of shape `cfg` (fp32 or whatever dtype it was saved in)."""
     path = Path(path)
     config_file, tensors_file = path / CONFIG_FILE, path / TENSORS_FILE
-    if not config_file.is_file():
-        raise AdapterFormatError(f"{config_file}: file not found")
-    try:
-        conf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{config_file}: not valid JSON ({e})") from None
+    conf = read_json(config_file, AdapterFormatError)
     if not isinstance(conf, dict):
         raise AdapterFormatError(f"{config_file}: expected a JSON object")
     rank, scale, targets = _read_config(conf, config_file)

@@ -27,15 +27,20 @@ class CheckpointError(ValueError, UserError):
     """A checkpoint we cannot load; the message names the file and, where one is at fault, the key."""
 
 
+def read_json(file: Path, error: type[UserError]):
+    """A JSON file's content; a missing or malformed file raises `error` naming it."""
+    if not file.is_file():
+        raise error(f"{file}: file not found")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{file}: not valid JSON ({e})") from None
+
+
 def read_config(path: str | Path) -> tuple[LlamaConfig, dict]:
     """(model config, the raw config.json dict) of a checkpoint directory."""
     file = Path(path) / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{file}: file not found")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    raw = read_json(file, CheckpointError)
     try:
         return LlamaConfig.from_hf(raw, source=str(file)), raw
     except ValueError as e:
