@@ -164,6 +164,7 @@ class ReplicaState:
         self.resident_rank_sum = 0   # ranks of the resident adapters (what the einsum path prices)
         self.merged: int | None = None
         self.running: list[Request] = []
+        self.version = 0   # bumped by every change to the queue or a queued request's progress (caches key on it)
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
 
     def slot_bytes(self, rank: int) -> int:
@@ -195,6 +196,7 @@ class ReplicaState:
     def enqueue(self, r: Request) -> None:
         r.replica = self.id
         bisect.insort(self.queue, r, key=Request.sort_key)
+        self.version += 1
         self.queue_changed()
 
     def remove(self, r: Request) -> None:
@@ -213,6 +215,7 @@ class ReplicaState:
             self.free_blocks += r.kv_blocks
             r.prefilled = 0
         r.kv_blocks = 0
+        self.version += 1
         self.queue_changed()
 
     def receive(self, r: Request, with_kv: bool) -> State:
@@ -241,6 +244,7 @@ class ReplicaState:
     def begin(self, d: Decision) -> Step:
         """Validate `d` and apply it to memory; the batch is then in flight until `end_run`."""
         self._validate(d)
+        self.version += 1
         rec, bs = self.recorder, self.block_size
         step = Step(d.batch, d, [], [], self.merged)
         for r in d.recompute:
@@ -344,6 +348,7 @@ class ReplicaState:
         """The step's (first) iteration ended at `end` ns after `dur` ns: every request gains a token.
         Returns (prefill tokens, prefilled requests) for the record."""
         prefill_tokens = prefills = 0
+        self.version += 1
         for r, pf in zip(step.batch, step.prefill):
             if pf:
                 prefill_tokens += pf
@@ -360,9 +365,9 @@ class ReplicaState:
                 r.first_token = end
         return prefill_tokens, prefills
 
-    @staticmethod
-    def complete_repeats(batch: Sequence[Request], m: int, total: int) -> None:
+    def complete_repeats(self, batch: Sequence[Request], m: int, total: int) -> None:
         """m more identical decode iterations of `total` ns together (nobody finishes inside them)."""
+        self.version += 1
         for r in batch:
             r.generated += m
             r.exec_ns += total
@@ -384,6 +389,7 @@ class ReplicaState:
         hold KV for every token but the one their next iteration writes (after repeats of a decision
         applied in bulk, that is more than `begin` charged). Returns the requests that finished."""
         done, bs, free = [], self.block_size, self.free_blocks
+        self.version += 1
         for r in batch:
             if r.state == _QUEUED:   # a prefill chunk: its KV is what begin charged
                 continue

@@ -62,6 +62,9 @@ class CreditLedger:
         integer units moved (0: nobody was displaced and no forced adapter ran)."""
         if not chosen:
             return 0
+        if chosen is fcfs and not self.forced:   # the common iteration: F runs, nobody is forced
+            self._track_waits((), dict.fromkeys(r.adapter for r in chosen), now)
+            return 0
         ran = Counter(r.adapter for r in chosen)
         displaced = sorted({r.adapter for r in fcfs} - ran.keys())
         self._track_waits(displaced, ran, now)

@@ -77,6 +77,8 @@ class DLoRAScheduler(LocalScheduler):
     _dwell: float = field(default=0.0, init=False, repr=False)              # ... and its cost / budget
     _pending_since: float | None = field(default=None, init=False, repr=False)  # forced adapters waiting
     _episode_mode: int | None = field(default=None, init=False, repr=False)     # the episode's merged adapter
+    _info_key: tuple | None = field(default=None, init=False, repr=False)
+    _info: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.aimd_window < 0:
@@ -200,13 +202,19 @@ class DLoRAScheduler(LocalScheduler):
 
         # 4. adapter slots
         if run_mode is None:
-            load, evict = plan_adapter_slots(view, (r.adapter for r in chosen.batch))
+            if view.resident.keys() >= chosen.adapters:   # every adapter of the batch is in a slot
+                load, evict = (), ()
+            else:
+                load, evict = plan_adapter_slots(view, (r.adapter for r in chosen.batch))
         else:
             load, evict = plan_adapter_slots(view, [run_mode])
         stable = (not forced and not pending and moved == 0 and run_mode == view.merged and not chosen.swap_out
                   and not chosen.recompute)
-        info = {"theta_left": round(tuner.theta_left, 6), "theta_right": round(tuner.theta_right, 6),
-                "max_credit": self.ledger.max_credit()}
+        key = (tuner.theta_left, tuner.theta_right, self.ledger.max_credit())
+        if key != self._info_key:   # unchanged thresholds share one (read-only) info dict
+            self._info_key = key
+            self._info = {"theta_left": round(key[0], 6), "theta_right": round(key[1], 6), "max_credit": key[2]}
+        info = self._info
         return Decision(chosen.batch, merged=run_mode, load=load, evict=evict, swap_out=tuple(chosen.swap_out),
                         recompute=tuple(chosen.recompute), stable=stable, max_repeats=tuner.until_window(),
                         forced=forced, info=info)

@@ -57,6 +57,7 @@ class DLoRARouter(Router):
     harvest_every: int = 64               # refresh per-adapter length estimates every N dispatches
     demand: str = "online"                # placement's adapter mix: online (arrivals so far) | oracle (look-ahead)
     _n: int = field(default=0, repr=False)
+    _own: tuple | None = field(default=None, repr=False)   # (request, epoch, its expected seconds)
 
     def __post_init__(self) -> None:
         if self.demand not in DEMAND_SOURCES:
@@ -75,9 +76,12 @@ class DLoRARouter(Router):
             self.work.harvest()
 
     def replica_cost(self, j: int, request: Request, cluster: ClusterView) -> float:
-        view = cluster.replicas[j]
-        self.work.bind(cluster.cost, view.max_num_seqs)
-        return self.work.replica_s(view) + self.work.request_s(request)
+        view, work = cluster.replicas[j], self.work
+        work.bind(cluster.cost, view.max_num_seqs)
+        own = self._own   # the arriving request's own time is the same on every host of one shape
+        if own is None or own[0] is not request or own[1] != work.epoch:
+            own = self._own = (request, work.epoch, work.request_s(request))
+        return work.replica_s(view) + own[2]
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
         self._observe(request, cluster)

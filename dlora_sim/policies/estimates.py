@@ -36,6 +36,8 @@ class WorkModel:
     _bound: tuple | None = field(default=None, repr=False)
     _prefill_cache: dict = field(default_factory=dict, repr=False)
     _expected: dict = field(default_factory=dict, repr=False)
+    _epoch: int = field(default=0, repr=False)              # bumped whenever an estimate may change
+    _replica_cache: dict = field(default_factory=dict, repr=False)   # id(view) -> (view, key, seconds)
 
     def __post_init__(self) -> None:
         if self.lengths not in ("estimate", "oracle"):
@@ -55,6 +57,12 @@ class WorkModel:
         merged = cost.decode_time(batch, self.ref_context, merged=True)
         self._bound = (key, cost, batch, unmerged / batch, merged / single)
         self._prefill_cache.clear()
+        self._epoch += 1
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever an estimate may (a rebind or a harvest); cached estimates key on it."""
+        return self._epoch
 
     @property
     def token_s(self) -> float:
@@ -96,6 +104,7 @@ class WorkModel:
         self._pending = keep
         self._seen = {r.id for r in keep}   # memory follows the requests in flight, not all ever seen
         self._expected.clear()
+        self._epoch += 1
 
     def expected_output(self, adapter: int) -> float:
         """The adapter's mean output length so far (with the prior); cached until the next harvest."""
@@ -158,7 +167,18 @@ class WorkModel:
         return total
 
     def replica_s(self, view: "ReplicaView") -> float:
-        return self.queue_s(view.queue, view.max_num_seqs)
+        """`queue_s` of the replica's queue, remembered until the replica's `version` or the estimates
+        change: a router prices every host per arrival, and most of them did nothing since the last."""
+        version = getattr(view, "version", None)
+        if version is None:
+            return self.queue_s(view.queue, view.max_num_seqs)
+        key = (version, self._epoch, view.max_num_seqs)
+        hit = self._replica_cache.get(id(view))
+        if hit is not None and hit[0] is view and hit[1] == key:
+            return hit[2]
+        v = self.queue_s(view.queue, view.max_num_seqs)
+        self._replica_cache[id(view)] = (view, key, v)
+        return v
 
     @staticmethod
     def demanded_blocks(view: "ReplicaView") -> int:
