@@ -164,10 +164,11 @@ class Replica(ReplicaState):
             rec.iteration(self.id, end - dur, dur, run.compute[0], run.overhead, d, n, prefill_tokens,
                           n - prefills, step.distinct)
             i = 1
+        last = upto == run.planned
         if upto > i:
             total = sum(run.durations[i:upto])
             m = upto - i
-            self.complete_repeats(batch, m, total)
+            self.complete_repeats(batch, m, total, grow=not last)
             if rec.keep_iterations:
                 for k in range(i, upto):
                     rec.iteration(self.id, run.ends[k] - run.durations[k], run.durations[k], run.compute[k],
@@ -176,9 +177,9 @@ class Replica(ReplicaState):
                 rec.num_iterations += m
                 rec.busy_ns += total
         run.applied = upto
-        if upto == run.planned:
+        if last:
             self.end_run(batch, run.ends[-1])
-        else:   # the iteration now in flight needs every request's KV to have grown
+        elif upto == i:   # only the first iteration completed; the one now in flight needs KV to grow
             self.grow_in_flight(batch)
 
 

@@ -365,24 +365,31 @@ class ReplicaState:
                 r.first_token = end
         return prefill_tokens, prefills
 
-    def complete_repeats(self, batch: Sequence[Request], m: int, total: int) -> None:
-        """m more identical decode iterations of `total` ns together (nobody finishes inside them)."""
+    def complete_repeats(self, batch: Sequence[Request], m: int, total: int, *, grow: bool = False) -> None:
+        """m more identical decode iterations of `total` ns together (nobody finishes inside them).
+        With `grow`, the next identical iteration is in flight: every request's KV grows to hold it
+        (one pass for both, the hot path of a fast-forwarded run observed part-way)."""
         self.version += 1
-        for r in batch:
-            r.generated += m
-            r.exec_ns += total
-
-    def grow_in_flight(self, batch: Sequence[Request]) -> None:
-        """The next identical iteration of `batch` is in flight: every request's KV grows to hold it."""
+        if not grow:
+            for r in batch:
+                r.generated += m
+                r.exec_ns += total
+            return
         bs, free = self.block_size, self.free_blocks
         for r in batch:
-            if r.generated >= r.output_tokens:
+            g = r.generated = r.generated + m
+            r.exec_ns += total
+            if g >= r.output_tokens:
                 raise AssertionError("a request finished inside a fast-forwarded run")
-            need = -(-(r.prompt_tokens + r.generated) // bs)
+            need = -(-(r.prompt_tokens + g) // bs)
             free -= need - r.kv_blocks
             r.kv_blocks = need
         self.free_blocks = free
         self._check_free()
+
+    def grow_in_flight(self, batch: Sequence[Request]) -> None:
+        """The next identical iteration of `batch` is in flight: every request's KV grows to hold it."""
+        self.complete_repeats(batch, 0, 0, grow=True)
 
     def end_run(self, batch: Sequence[Request], end: int) -> list[Request]:
         """The batch's last iteration ended at `end` ns: requests with all their tokens finish; the others

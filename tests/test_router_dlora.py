@@ -180,3 +180,29 @@ def test_placement_at_t0_cannot_see_later_requests(router):
     # the look-ahead option does see it (and is only an explicitly labelled upper bound)
     oa, ob = placed(hot=0, demand="oracle"), placed(hot=7, demand="oracle")
     assert (oa.hosts, oa.preload) != (ob.hosts, ob.preload)
+
+
+def test_cached_queue_prices_equal_fresh_ones_at_every_dispatch() -> None:
+    """The router remembers each replica's queue price until the replica or the estimates change; at
+    every dispatch of a run with migration, swaps and fast-forwarded runs observed part-way, what it
+    remembered must equal a fresh pricing of every replica (a missed `version` bump would not)."""
+    cfg = compose_cfg("system=dlora", "cluster=eight", "router.extra_placements=7", "workload.num_adapters=32",
+                      "workload.rate=40", "workload.num_requests=600", "migration.always=true", "charts=false",
+                      "progress=false")
+    sim = build_simulation(cfg)
+    router, checked = sim.router, []
+    dispatch = router.dispatch
+
+    def checking(request, cluster):
+        work = router.work
+        for view in cluster.replicas:
+            work.bind(cluster.cost, view.max_num_seqs)
+            cached = work.replica_s(view)
+            assert cached == work.queue_s(view.queue, view.max_num_seqs)
+        checked.append(sum(bool(v.queue) for v in cluster.replicas))
+        return dispatch(request, cluster)
+
+    router.dispatch = checking
+    res = sim.run()
+    assert len(checked) == 600 and sum(checked) > 600   # busy replicas were compared, many times over
+    assert res.recorder.counters.get("migrations", 0) > 0

@@ -63,7 +63,8 @@ class CreditLedger:
         if not chosen:
             return 0
         if chosen is fcfs and not self.forced:   # the common iteration: F runs, nobody is forced
-            self._track_waits((), dict.fromkeys(r.adapter for r in chosen), now)
+            if self.waiting_since:
+                self._track_waits((), dict.fromkeys(r.adapter for r in chosen), now)
             return 0
         ran = Counter(r.adapter for r in chosen)
         displaced = sorted({r.adapter for r in fcfs} - ran.keys())

@@ -78,12 +78,16 @@ class DLoRARouter(Router):
     def replica_cost(self, j: int, request: Request, cluster: ClusterView) -> float:
         view, work = cluster.replicas[j], self.work
         work.bind(cluster.cost, view.max_num_seqs)
-        own = self._own   # the arriving request's own time is the same on every host of one shape
+        return work.replica_s(view) + self._own_s(request)
+
+    def _own_s(self, request: Request) -> float:
+        """The arriving request's own expected seconds: the same on every host of one shape."""
+        own, work = self._own, self.work
         if own is None or own[0] is not request or own[1] != work.epoch:
             own = self._own = (request, work.epoch, work.request_s(request))
-        return work.replica_s(view) + own[2]
+        return own[2]
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
         self._observe(request, cluster)
-        cands: Sequence[int] = self.candidates(request, cluster)
-        return min(cands, key=lambda j: (self.replica_cost(j, request, cluster), j))
+        cost = self.replica_cost
+        return min(self.candidates(request, cluster), key=lambda j: (cost(j, request, cluster), j))
