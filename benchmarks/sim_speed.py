@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -104,24 +105,41 @@ def main() -> None:
         return
     if a.large:
         return large_runs(a)
-    rows = []
-    for system in a.systems.split(","):
-        cap = _child(["capacity", system, str(a.seed)])["capacity"]
-        print(f"{system}: one-replica capacity {cap:.2f} req/s", flush=True)
-        for r in (int(x) for x in a.replicas.split(",")):
-            tries = [_child(["point", system, str(r), str(a.load * cap * r), str(a.per_replica * r), str(a.seed)])
-                     for _ in range(a.repeats)]
-            walls = sorted(t["wall_s"] for t in tries)
-            row = min(tries, key=lambda t: t["wall_s"])   # the least-disturbed run; the median is kept too
+    systems = a.systems.split(",")
+    caps = {}
+    for system in systems:
+        caps[system] = _child(["capacity", system, str(a.seed)])["capacity"]
+        print(f"{system}: one-replica capacity {caps[system]:.2f} req/s", flush=True)
+    rows, ratios = [], []
+    for r in (int(x) for x in a.replicas.split(",")):
+        # systems alternate within each repeat, so a ratio pairs runs taken moments apart (noisy machines)
+        tries: dict[str, list[dict]] = {s: [] for s in systems}
+        for _ in range(a.repeats):
+            for system in systems:
+                cap = caps[system]
+                tries[system].append(_child(["point", system, str(r), str(a.load * cap * r),
+                                             str(a.per_replica * r), str(a.seed)]))
+        for system in systems:
+            walls = sorted(t["wall_s"] for t in tries[system])
+            row = min(tries[system], key=lambda t: t["wall_s"])   # the least-disturbed run; the median too
             row["median_wall_s"] = walls[len(walls) // 2]
-            row["capacity_rps_per_replica"] = round(cap, 3)
+            row["capacity_rps_per_replica"] = round(caps[system], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        base = systems[0]
+        for system in systems[1:]:
+            paired = sorted(t["wall_s"] / b["wall_s"] for t, b in zip(tries[system], tries[base]))
+            ratios.append((system, base, r, paired))
+    note = (f"Load {a.load:.0%} of a one-replica capacity probe; {a.per_replica} requests per replica; "
+            "default workload otherwise (16 adapters, Zipf 1, uniform lengths 8-511). Systems alternate "
+            "within each repeat; the ratio below is the median of the paired wall-time ratios.")
+    if ratios:
+        note += "\n\n| system | vs | replicas | wall ratio (median of pairs) | pairs (min..max) |\n|---|---|---|---|---|\n"
+        note += "\n".join(f"| {s} | {b} | {r} | {statistics.median(p):.2f} | {p[0]:.2f}..{p[-1]:.2f} |"
+                           for s, b, r, p in ratios)
     _write(a, a.out or RESULTS / "sim_speed", rows,
            f"# Simulator speed ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-           f"one core per point, best of {a.repeats}, python {platform.python_version()})",
-           f"Load {a.load:.0%} of a one-replica capacity probe; {a.per_replica} requests per replica; "
-           "default workload otherwise (16 adapters, Zipf 1, uniform lengths 8-511).")
+           f"one core per point, best of {a.repeats}, python {platform.python_version()})", note)
 
 
 def large_runs(a) -> None:
