@@ -98,6 +98,9 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
               "load": {"overhead_s": load_c, "bytes_per_s": min(1 / max(load_b, 1e-18), MAX_BANDWIDTH)},
               "swap": {"overhead_s": swap_c, "bytes_per_s": min(1 / max(swap_b, 1e-18), MAX_BANDWIDTH)},
               "points_csv_sha256": csv_sha256, "measured_on": meta}
+    drifts = [float(r["drift"]) for r in rows if r.get("drift")]
+    if drifts:
+        report["drift"] = {"median": median(drifts), "min": min(drifts), "max": max(drifts)}
     raw["provenance"] = {
         "source": "measured", "device": meta["device"], "date": meta["date"][:10],
         "method": (f"dlora-calibrate: {len(fit_pts)} decode/prefill/mixed points fitted by relative-error least "
@@ -125,6 +128,14 @@ def report_md(report: dict, profile_name: str) -> str:
     if held:
         lines.append(f"| held out (random mixed batches) | {held['n']} | {held['mean_abs_rel']:.1%} | "
                      f"{held['p90_abs_rel']:.1%} | {held['max_abs_rel']:.1%} |")
+    ref = report["measured_on"].get("reference") or {}
+    if ref.get("scaled"):
+        drifts = report.get("drift") or {}
+        lines += ["", f"Timings scaled to the session's reference speed ({ref['probe']} before every timed run; "
+                      f"its median over the session {ref['session_median_s'] * 1e3:.3f} ms, in a burst at the start "
+                      f"{ref['burst_at_start_s'] * 1e3:.3f} ms and at the end {ref['burst_at_end_s'] * 1e3:.3f} ms; "
+                      f"per-point factor median "
+                      f"{drifts.get('median', 1.0):.3f}, range {drifts.get('min', 1.0):.3f}-{drifts.get('max', 1.0):.3f})."]
     lines += ["", "Coefficients: " + ", ".join(f"`{k}` {v:.4g}" for k, v in report["coefficients"].items()),
               f"Mode changes (s): {report['switch_s']}. Adapter load: {report['load']['overhead_s'] * 1e3:.3f} ms + "
               f"bytes / {report['load']['bytes_per_s'] / 1e9:.3f} GB/s. KV swap: "
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         harness = Harness(rcfg, base, bench)        # sets the runtime's torch threads
         meta_load = metadata(rcfg, base, bench, 0.0)
         rows = run_all(harness, bench)
-        meta = {**meta_load, "elapsed_s": round(time.perf_counter() - t0, 3)}
+        meta = {**meta_load, "elapsed_s": round(time.perf_counter() - t0, 3), "reference": harness.reference()}
         points = write(rows, meta, out)
     else:
         points, out = args.source / "points.csv", args.out or args.source

@@ -7,10 +7,16 @@ loads by rank, KV swaps by blocks. Each point is warmed up and timed `repeats` t
 the median wall time of the executor's run (perf_counter around it) and the device time of its phases
 (CUDA events on a GPU; on a CPU both are perf_counter). A held-out set of random mixed batches, drawn
 like real traffic, is measured the same way and never used in the fit.
+
+On a CPU the machine's speed drifts (on a shared VM by 10-25% over seconds, and more between runs),
+so every timed run is preceded by a fixed reference matmul and scaled by (the median of all those
+reference runs / this run's): a drift that slows both cancels. The `drift` column keeps the median
+factor applied to each point; metadata.json keeps the reference. On a GPU no scaling is applied.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import os
@@ -36,7 +42,7 @@ from dlora_sim.workload.spec import Workload
 # the features a point carries (what CostModel.iteration_time and the transfer terms read)
 COLUMNS = ["kind", "split", "mode", "batch", "prefills", "prefill_tokens", "prefill_sq", "decodes", "decode_context",
            "distinct", "rank", "rank_sum", "token_rank", "resident_rank_sum", "bytes", "blocks",
-           "wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s", "repeats"]
+           "wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s", "repeats", "drift"]
 
 
 @dataclass
@@ -51,6 +57,8 @@ class BenchConfig:
     heldout: int = 40
     seed: int = 0
     quick: bool = False   # a few points of every kind (tests, dry runs)
+    reference: bool = True   # scale CPU timings by a reference matmul run before each (see the module doc)
+    reference_size: int = 384
 
 
 class Harness:
@@ -69,8 +77,61 @@ class Harness:
         self.state = ReplicaState(0, cfg, self.cost, ranks, Recorder(keep_iterations=False), lambda r: None,
                                   lambda: 0, merges=True)
         self.ex = ModelExecutor(rcfg, self.state, parts)
+        self.bench_ref_size = bench.reference_size
         self.ranks = ranks
         self._next_id = 0
+        self.last_drift = 1.0
+        self.probes: list[float] = []
+        self._ref = None   # (A, B) of the reference matmul; None: timings are not scaled
+        self.reference_s = 0.0
+        if bench.reference and self.ex.device.type == "cpu":
+            import torch
+            g = torch.Generator().manual_seed(bench.seed)
+            n = bench.reference_size
+            self._ref = (torch.randn(n, n, generator=g), torch.randn(n, n, generator=g))
+            for _ in range(10):
+                self._probe()
+            self.reference_s = median(self._probe() for _ in range(50))
+
+    def _probe(self) -> float:
+        import torch
+        a, b = self._ref
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        return time.perf_counter() - t0
+
+    def drift(self) -> float:
+        """The factor that brings the next timing to the start's reference speed (1.0: unscaled);
+        `rescale` later moves every point to the median of all the probes instead."""
+        if self._ref is None:
+            return 1.0
+        r = self._probe()
+        self.probes.append(r)
+        return self.reference_s / r
+
+    def rescale(self, rows: list[dict]) -> list[dict]:
+        """Refer every timing to the median of the probes taken between runs (a probe in a burst runs
+        with warm caches, faster than one between model runs, so the start's reference would bias)."""
+        if self._ref is None or not self.probes:
+            return rows
+        session = median(self.probes)
+        c = session / self.reference_s
+        for r in rows:
+            for k in ("wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s"):
+                if r.get(k) not in (None, ""):
+                    r[k] = f"{float(r[k]) * c:.9f}"
+            if r.get("drift") not in (None, ""):
+                r["drift"] = f"{float(r['drift']) * c:.4f}"
+        self.start_s, self.reference_s = self.reference_s, session
+        return rows
+
+    def reference(self) -> dict:
+        if self._ref is None:
+            return {"scaled": False}
+        return {"scaled": True, "probe": f"{self.bench_ref_size}x{self.bench_ref_size} float32 matmul",
+                "session_median_s": round(self.reference_s, 9), "probes": len(self.probes),
+                "burst_at_start_s": round(getattr(self, "start_s", self.reference_s), 9),
+                "burst_at_end_s": round(median(self._probe() for _ in range(50)), 9)}
 
     # --- requests and steps ------------------------------------------------------------------------
     def new(self, adapters: Sequence[int], prompt: Sequence[int]) -> list[Request]:
@@ -90,20 +151,22 @@ class Harness:
         keep = set(adapters) | {self.state.merged}
         spare = [a for a in self.state.resident if a not in keep]
         evict = tuple(spare[:max(0, len(self.state.resident) + len(need) - self.state.adapter_slots)])
-        self.step(Decision([], merged=self.state.merged, load=tuple(need), evict=evict), allow_empty=True)
+        self.step(Decision([], merged=self.state.merged, load=tuple(need), evict=evict), allow_empty=True, scaled=False)
 
     def set_mode(self, merged: int | None) -> None:
         if self.state.merged != merged:
             if merged is not None:
                 self.ensure_resident([merged])
-            self.step(Decision([], merged=merged), allow_empty=True)
+            self.step(Decision([], merged=merged), allow_empty=True, scaled=False)
 
-    def step(self, d: Decision, allow_empty: bool = False):
-        """Apply one decision through the state and the executor: (wall s, PhaseTimes, Step)."""
+    def step(self, d: Decision, allow_empty: bool = False, scaled: bool = True):
+        """Apply one decision through the state and the executor: (wall s, PhaseTimes, Step), both
+        scaled by `drift()` unless `scaled=False` (untimed set-up steps skip the probe)."""
         if not d.batch and not allow_empty:
             raise ValueError("an empty decision changes only memory or mode: pass allow_empty=True")
         state = self.state
         step = state.begin(d)
+        k = self.drift() if scaled else 1.0
         t0 = time.perf_counter()
         times = self.ex.run(step)
         self.ex.sync()
@@ -111,7 +174,8 @@ class Harness:
         if step.batch:
             state.complete(step, 0, 1)
         state.end_run(step.batch, 0)
-        return wall, times, step
+        self.last_drift = k
+        return wall * k, _scaled(times, k) if k != 1.0 else times, step
 
     def drop(self, reqs: Sequence[Request]) -> None:
         """Finish requests by hand (free their KV and tokens)."""
@@ -122,9 +186,14 @@ class Harness:
             self.ex._tokens.pop(r.id, None)
 
 
+def _scaled(times, k: float):
+    """PhaseTimes with every phase multiplied by `k` (the drift factor)."""
+    return dataclasses.replace(times, **{f.name: getattr(times, f.name) * k for f in dataclasses.fields(times)})
+
+
 def timed(h: Harness, make: callable, repeats: int, warmup: int) -> tuple[float, float, dict, object]:
     """Median wall and device seconds of `make()`'s decision over `repeats` runs after `warmup`."""
-    walls, devs, phases, last = [], [], [], None
+    walls, devs, phases, drifts, last = [], [], [], [], None
     for i in range(warmup + repeats):
         d = make()
         wall, times, step = h.step(d)
@@ -132,8 +201,10 @@ def timed(h: Harness, make: callable, repeats: int, warmup: int) -> tuple[float,
             walls.append(wall)
             devs.append(times.total)
             phases.append(times)
+            drifts.append(h.last_drift)
             last = step
     keep = {k: median(getattr(t, k) for t in phases) for k in ("forward", "mode", "load", "swap")}
+    keep["drift"] = median(drifts)
     return median(walls), median(devs), keep, last
 
 
@@ -148,7 +219,7 @@ def _row(kind: str, split: str, step, wall: float, dev: float, ph: dict, repeats
            "bytes": extra.pop("bytes", ""), "blocks": extra.pop("blocks", ""),
            "wall_s": f"{wall:.9f}", "device_s": f"{dev:.9f}", "forward_s": f"{ph.get('forward', 0.0):.9f}",
            "mode_s": f"{ph.get('mode', 0.0):.9f}", "load_s": f"{ph.get('load', 0.0):.9f}",
-           "swap_s": f"{ph.get('swap', 0.0):.9f}", "repeats": repeats}
+           "swap_s": f"{ph.get('swap', 0.0):.9f}", "repeats": repeats, "drift": f"{ph.get('drift', 1.0):.4f}"}
     return row
 
 
@@ -163,7 +234,7 @@ def decode_points(h: Harness, b: BenchConfig, batches: Sequence[int], contexts: 
         h.set_mode(0 if merged else None)
         h.ensure_resident(set(adapters))
         reqs = h.new(adapters, [ctx] * n)
-        h.step(Decision(reqs, merged=0 if merged else None))     # prefill them (untimed)
+        h.step(Decision(reqs, merged=0 if merged else None), scaled=False)     # prefill them (untimed)
         wall, dev, ph, step = timed(h, lambda: Decision(reqs, merged=0 if merged else None), b.repeats, b.warmup)
         rows.append(_row("decode", split, step, wall, dev, ph, b.repeats, rank=h.ranks[0]))
         h.drop(reqs)
@@ -203,11 +274,11 @@ def mixed_point(h: Harness, b: BenchConfig, rng: np.random.Generator, split: str
     dec_len, pre_len = rng.integers(16, 1024, n - n_pre), rng.integers(8, 512, n_pre)
     h.set_mode(mode)
     h.ensure_resident(set(adapters))
-    walls, devs, phases, last = [], [], [], None
+    walls, devs, phases, drifts, last = [], [], [], [], None
     for i in range(b.warmup + b.repeats):
         dec = h.new(adapters[n_pre:], dec_len)
         if dec:
-            h.step(Decision(dec, merged=mode))      # their prompts, untimed
+            h.step(Decision(dec, merged=mode), scaled=False)      # their prompts, untimed
         pre = h.new(adapters[:n_pre], pre_len)
         wall, times, step = h.step(Decision(pre + dec, merged=mode))
         h.drop(pre + dec)
@@ -215,8 +286,10 @@ def mixed_point(h: Harness, b: BenchConfig, rng: np.random.Generator, split: str
             walls.append(wall)
             devs.append(times.total)
             phases.append(times)
+            drifts.append(h.last_drift)
             last = step
     ph = {k: median(getattr(t, k) for t in phases) for k in ("forward", "mode", "load", "swap")}
+    ph["drift"] = median(drifts)
     return _row("mixed", split, last, median(walls), median(devs), ph, b.repeats, rank="")
 
 
@@ -235,16 +308,17 @@ def mode_points(h: Harness, b: BenchConfig) -> list[dict]:
     rows = []
     h.ensure_resident([0, 1])
     for kind, before, after in (("merge", None, 0), ("switch", 0, 1), ("unmerge", 1, None)):
-        walls = []
+        walls, drifts = [], []
         for i in range(b.warmup + b.repeats):
             h.set_mode(before)
             _, times, _ = h.step(Decision([], merged=after), allow_empty=True)
             if i >= b.warmup:
                 walls.append(times.mode)
+                drifts.append(h.last_drift)
         w = median(walls)
         rows.append({**{c: "" for c in COLUMNS}, "kind": kind, "split": "fit", "mode": "merged" if after is not None
                      else "unmerged", "rank": h.ranks[0], "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
-                     "mode_s": f"{w:.9f}", "repeats": b.repeats})
+                     "mode_s": f"{w:.9f}", "repeats": b.repeats, "drift": f"{median(drifts):.4f}"})
     h.set_mode(None)
     return rows
 
@@ -254,17 +328,18 @@ def load_points(h: Harness, b: BenchConfig) -> list[dict]:
     h.set_mode(None)
     for rank in sorted(set(h.ranks)):
         a = h.ranks.index(rank)
-        walls = []
+        walls, drifts = [], []
         for i in range(b.warmup + b.repeats):
             if a in h.state.resident:
-                h.step(Decision([], evict=(a,)), allow_empty=True)
+                h.step(Decision([], evict=(a,)), allow_empty=True, scaled=False)
             _, times, _ = h.step(Decision([], load=(a,)), allow_empty=True)
             if i >= b.warmup:
                 walls.append(times.load)
+                drifts.append(h.last_drift)
         w = median(walls)
         rows.append({**{c: "" for c in COLUMNS}, "kind": "load", "split": "fit", "rank": rank,
                      "bytes": h.cost.profile.adapter_bytes(rank), "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
-                     "load_s": f"{w:.9f}", "repeats": b.repeats})
+                     "load_s": f"{w:.9f}", "repeats": b.repeats, "drift": f"{median(drifts):.4f}"})
     return rows
 
 
@@ -275,19 +350,21 @@ def swap_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int]) -> list[
         h.set_mode(None)
         h.ensure_resident([0])
         (r,) = h.new([0], [blocks * bs])
-        h.step(Decision([r]))                      # prefill: r holds `blocks` blocks
-        walls = []
+        h.step(Decision([r]), scaled=False)        # prefill: r holds `blocks` blocks
+        walls, drifts = [], []
         for i in range(b.warmup + b.repeats):
+            k = h.drift()
             t0 = time.perf_counter()
             h.ex.kv.swap_out(r.id)
             h.ex.kv.swap_in(r.id)
             h.ex.sync()
             if i >= b.warmup:
-                walls.append((time.perf_counter() - t0) / 2)   # one direction
+                walls.append((time.perf_counter() - t0) / 2 * k)   # one direction
+                drifts.append(k)
         w = median(walls)
         rows.append({**{c: "" for c in COLUMNS}, "kind": "swap", "split": "fit", "blocks": blocks,
                      "bytes": blocks * h.state.layout.block_bytes, "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
-                     "swap_s": f"{w:.9f}", "repeats": b.repeats})
+                     "swap_s": f"{w:.9f}", "repeats": b.repeats, "drift": f"{median(drifts):.4f}"})
         h.drop([r])
     return rows
 
@@ -305,7 +382,7 @@ def run_all(h: Harness, b: BenchConfig) -> list[dict]:
     rows += mode_points(h, b)
     rows += load_points(h, b)
     rows += swap_points(h, b, (1, 4) if q else (1, 4, 16, 64))
-    return rows
+    return h.rescale(rows)
 
 
 def metadata(rcfg, profile: Profile, bench: BenchConfig, elapsed: float) -> dict:
