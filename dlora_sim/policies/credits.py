@@ -112,6 +112,11 @@ class CreditLedger:
         right = self._right
         self.forced.update(a for a, c in self.credit.items() if c >= right)
 
+    def reaches_right(self) -> bool:
+        """Some adapter's credit is at c_right (it would join the forced set)."""
+        right = self._right
+        return any(c >= right for c in self.credit.values())
+
     def join(self, queued: Collection[int]) -> None:
         """An episode starts: every queued adapter above c_left joins it, so adapters that would be
         forced soon are served in the same episode rather than each paying a mode change of its own."""

@@ -79,6 +79,7 @@ class DLoRAScheduler(LocalScheduler):
     _episode_mode: int | None = field(default=None, init=False, repr=False)     # the episode's merged adapter
     _info_key: tuple | None = field(default=None, init=False, repr=False)
     _info: dict = field(default_factory=dict, init=False, repr=False)
+    _rank: int | None = field(default=None, init=False, repr=False)   # every adapter's rank if one (0: mixed)
 
     def __post_init__(self) -> None:
         if self.aimd_window < 0:
@@ -108,9 +109,12 @@ class DLoRAScheduler(LocalScheduler):
 
     def _batch_s(self, view: ReplicaView, plan: BatchPlan) -> float:
         """Unmerged decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""
-        ranks = view.ranks
-        return self._decode_s(view, len(plan.batch), sum(ranks[x] for x in plan.adapters),
-                              sum(ranks[r.adapter] for r in plan.batch))
+        ranks, n = view.ranks, len(plan.batch)
+        if self._rank is None:   # one rank for every adapter (the common workload): sums are products
+            self._rank = ranks[0] if ranks and all(x == ranks[0] for x in ranks) else 0
+        if self._rank:
+            return self._decode_s(view, n, len(plan.adapters) * self._rank, n * self._rank)
+        return self._decode_s(view, n, sum(ranks[x] for x in plan.adapters), sum(ranks[r.adapter] for r in plan.batch))
 
     def iteration_ratio(self, view: ReplicaView, rank: int) -> float:
         """Merged / unmerged decode iteration time at a full batch of B and `ref_context` tokens."""
@@ -228,6 +232,9 @@ class DLoRAScheduler(LocalScheduler):
         in FCFS order, then FCFS fill. Its mode is chosen again only once the last mode change is
         amortised, or when the merged adapter has nothing left to run."""
         ledger, queued, nf = self.ledger, by_adapter.keys(), len(fcfs_plan.batch)
+        if not ledger.forced and not ledger.reaches_right():   # nobody is or becomes forced: no episode
+            self.episode, self._pending_since = False, None
+            return None
         settled = now - self._changed_at >= self._dwell   # the last mode change is amortised
         if settled or not self.episode:
             ledger.release()

@@ -88,6 +88,14 @@ class DLoRARouter(Router):
         return own[2]
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
+        """The host of least `replica_cost` (ties: the lower index), inlined: it runs per host per arrival."""
         self._observe(request, cluster)
-        cost = self.replica_cost
-        return min(self.candidates(request, cluster), key=lambda j: (cost(j, request, cluster), j))
+        work, cost, reps = self.work, cluster.cost, cluster.replicas
+        best, best_c = -1, 0.0
+        for j in self.candidates(request, cluster):
+            view = reps[j]
+            work.bind(cost, view.max_num_seqs)
+            c = work.replica_s(view) + self._own_s(request)
+            if best < 0 or c < best_c or (c == best_c and j < best):
+                best, best_c = j, c
+        return best
