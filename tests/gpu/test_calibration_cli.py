@@ -2,6 +2,7 @@
 shared CI machine says nothing)."""
 from __future__ import annotations
 
+import csv
 import json
 
 import yaml
@@ -20,6 +21,10 @@ def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
     assert len(report["points_csv_sha256"]) == 64 and (tmp_path / "fit_report.md").exists()
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert {"device", "versions", "commit", "load_avg_1min_before"} <= set(meta)
+    assert meta["reference"]["scaled"] and meta["reference"]["probes"] > 0   # CPU: drift-scaled
+    with (tmp_path / "points.csv").open() as f:
+        drifts = [float(r["drift"]) for r in csv.DictReader(f)]
+    assert drifts and all(d > 0 for d in drifts)
     # refitting the same points.csv gives the same profile
     again = tmp_path / "refit"
     assert calibrate.main(["--from", str(tmp_path), "--out", str(again)]) == 0
@@ -38,3 +43,31 @@ def test_validate_replays_a_trace_on_both_and_reports(tmp_path):
     # a runtime folder brought back from elsewhere is compared without re-running it
     again = validate.validate(tmp_path / "runtime", tmp_path / "again")
     assert again["simulator"] == v["simulator"] and again["runtime"] == v["runtime"]
+
+
+def _harness(**bench):
+    from calibration.microbench import BenchConfig, Harness
+    from dlora_gpu.executor import runtime_config
+    from dlora_sim.config import build_profile
+    cfg = calibrate._compose([])
+    return Harness(runtime_config(cfg.runtime), build_profile(cfg), BenchConfig(**bench))
+
+
+def test_cpu_timings_are_scaled_by_the_reference_probe_and_referred_to_the_session_median(monkeypatch):
+    h = _harness()
+    assert h.reference_s > 0
+    monkeypatch.setattr(h, "reference_s", 1.0)
+    probes = iter([0.5, 2.0, 2.0])
+    monkeypatch.setattr(h, "_probe", lambda: next(probes))
+    assert [h.drift(), h.drift(), h.drift()] == [2.0, 0.5, 0.5]   # a slow probe scales the next timing down
+    rows = h.rescale([{"wall_s": "0.5", "forward_s": "0.4", "mode_s": "", "drift": "0.5"}])
+    # every timing is referred to the session's median probe (2.0), not the start's (1.0)
+    assert rows == [{"wall_s": "1.000000000", "forward_s": "0.800000000", "mode_s": "", "drift": "1.0000"}]
+    assert h.reference_s == 2.0
+
+
+def test_timings_are_unscaled_without_the_reference():
+    h = _harness(reference=False)
+    assert h.drift() == 1.0 and h.reference() == {"scaled": False}
+    rows = [{"wall_s": "0.5"}]
+    assert h.rescale(rows) == [{"wall_s": "0.5"}]
