@@ -165,6 +165,9 @@ class ReplicaState:
         self.merged: int | None = None
         self.running: list[Request] = []
         self.version = 0   # bumped by every change to the queue or a queued request's progress (caches key on it)
+        self._by_adapter: dict[int, list[Request]] = {}   # the queue per adapter, each in FCFS order
+        self._members = 0                                  # bumped when the queue's membership changes
+        self._grouped: tuple[int, dict[int, list[Request]]] = (-1, {})
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
 
     def slot_bytes(self, rank: int) -> int:
@@ -189,6 +192,23 @@ class ReplicaState:
     def in_flight(self) -> Sequence[Request]:
         return self.running
 
+    def by_adapter(self) -> dict[int, list[Request]]:
+        """The queue grouped by adapter: each list in FCFS order, adapters in the order of their oldest
+        request (what one pass over the queue builds), kept up to date by enqueue and removal, so
+        policies and estimators need not regroup per call. Read-only."""
+        at, grouped = self._grouped
+        if at != self._members:
+            grouped = dict(sorted(self._by_adapter.items(), key=lambda kv: kv[1][0].sort_key()))
+            self._grouped = (self._members, grouped)
+        return grouped
+
+    def _unlist(self, r: Request) -> None:
+        rs = self._by_adapter[r.adapter]
+        del rs[bisect.bisect_left(rs, r.sort_key(), key=Request.sort_key)]
+        if not rs:
+            del self._by_adapter[r.adapter]
+        self._members += 1
+
     # --- queue changes from the cluster ------------------------------------------------------------
     def queue_changed(self) -> None:
         """Hook: executors that wait for work (the simulator's process) wake up here."""
@@ -196,6 +216,8 @@ class ReplicaState:
     def enqueue(self, r: Request) -> None:
         r.replica = self.id
         bisect.insort(self.queue, r, key=Request.sort_key)
+        bisect.insort(self._by_adapter.setdefault(r.adapter, []), r, key=Request.sort_key)
+        self._members += 1
         self.version += 1
         self.queue_changed()
 
@@ -206,6 +228,7 @@ class ReplicaState:
         if any(x is r for x in self.running):
             raise PolicyError(f"request {r.id} is running on replica {self.id} and cannot be removed")
         del self.queue[i]
+        self._unlist(r)
         # its KV (GPU or host copy) leaves with it: a migrated request holds no memory here
         if r.state == State.RESIDENT:
             self.free_blocks += r.kv_blocks
@@ -461,6 +484,7 @@ class ReplicaState:
         r.finish = t
         i = bisect.bisect_left(self.queue, r.sort_key(), key=Request.sort_key)
         del self.queue[i]
+        self._unlist(r)
         self._on_done(r)
 
     def _validate(self, d: Decision) -> None:

@@ -183,9 +183,10 @@ def test_placement_at_t0_cannot_see_later_requests(router):
 
 
 def test_cached_queue_prices_equal_fresh_ones_at_every_dispatch() -> None:
-    """The router remembers each replica's queue price until the replica or the estimates change; at
-    every dispatch of a run with migration, swaps and fast-forwarded runs observed part-way, what it
-    remembered must equal a fresh pricing of every replica (a missed `version` bump would not)."""
+    """The router remembers each replica's queue price until the replica or the estimates change, and
+    each replica keeps its queue grouped by adapter; at every dispatch of a run with migration and
+    fast-forwarded runs observed part-way, both must equal what a fresh pass over the queue gives (a
+    missed `version` bump or index update would not)."""
     cfg = compose_cfg("system=dlora", "cluster=eight", "router.extra_placements=7", "workload.num_adapters=32",
                       "workload.rate=40", "workload.num_requests=600", "migration.always=true", "charts=false",
                       "progress=false")
@@ -199,6 +200,11 @@ def test_cached_queue_prices_equal_fresh_ones_at_every_dispatch() -> None:
             work.bind(cluster.cost, view.max_num_seqs)
             cached = work.replica_s(view)
             assert cached == work.queue_s(view.queue, view.max_num_seqs)
+            fresh: dict[int, list] = {}
+            for r in view.queue:
+                fresh.setdefault(r.adapter, []).append(r)
+            kept = view.by_adapter()   # the index kept by enqueue and removal: same groups, same order
+            assert list(kept) == list(fresh) and all(kept[a] == fresh[a] for a in fresh)
         checked.append(sum(bool(v.queue) for v in cluster.replicas))
         return dispatch(request, cluster)
 

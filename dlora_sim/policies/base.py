@@ -49,6 +49,7 @@ class ReplicaView(Protocol):
     def adapter_rank(self, adapter: int) -> int: ...
     @property
     def ranks(self) -> Sequence[int]: ...          # every workload adapter's rank, by id
+    def by_adapter(self) -> Mapping[int, Sequence[Request]]: ...   # the queue per adapter, FCFS, oldest first
 
 
 @dataclass(slots=True)

@@ -158,12 +158,7 @@ class DLoRAScheduler(LocalScheduler):
         tuner.settle()
         slots, b, now = view.adapter_slots, view.max_num_seqs, view.now
 
-        by_adapter: dict[int, list[Request]] = {}   # R_a, each in FCFS order
-        for r in queue:
-            if r.adapter in by_adapter:
-                by_adapter[r.adapter].append(r)
-            else:
-                by_adapter[r.adapter] = [r]
+        by_adapter = view.by_adapter()   # R_a, each in FCFS order (read-only)
         counts = {a: len(rs) for a, rs in by_adapter.items()}
         m = max(counts, key=counts.__getitem__)   # most queued; ties -> the adapter of the oldest request
         fcfs = fill_batch(view, queue, adapter_limit=slots)

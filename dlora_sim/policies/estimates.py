@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from dlora_sim.request import Request, State, blocks_for
 
@@ -131,39 +131,39 @@ class WorkModel:
         return t
 
     def queue_s(self, requests: Sequence[Request], batch: int) -> float:
-        """Seconds of outstanding work: full single-adapter batches run merged (discounted).
+        """Seconds of outstanding work: full single-adapter batches run merged (discounted)."""
+        grouped: dict[int, list[Request]] = {}   # first-seen order, each list in the given order
+        for r in requests:
+            rs = grouped.get(r.adapter)
+            if rs is None:
+                grouped[r.adapter] = [r]
+            else:
+                rs.append(r)
+        return self.grouped_s(grouped, batch)
 
-        The hot path of every dispatch: `request_s` inlined, the same arithmetic in the same order."""
-        if not requests:
-            return 0.0
+    def grouped_s(self, by_adapter: Mapping[int, Sequence[Request]], batch: int) -> float:
+        """`queue_s` of requests grouped by adapter (adapters in first-seen order, each list in queue
+        order; `ReplicaState.by_adapter` keeps one): the hot path of every dispatch, `request_s` inlined."""
         token_s, oracle = self.token_s, self.lengths == "oracle"
         prefill, prefill_s = self._prefill_cache, self.prefill_s
-        expected, expected_output = self._expected, self.expected_output
-        per: dict[int, list[float]] = {}
-        for r in requests:
-            a = r.adapter
-            if oracle:
-                rem = float(r.output_tokens - r.generated)
-            else:
-                e_out = expected.get(a)
-                if e_out is None:
-                    e_out = expected_output(a)
-                rem = e_out - r.generated
-                if 1.0 > rem:
-                    rem = 1.0
-            t = rem * token_s
-            if r.state == _QUEUED:
-                ctx = r.prompt_tokens + r.generated - r.prefilled
-                v = prefill.get(ctx)
-                t += v if v is not None else prefill_s(ctx)
-            e = per.get(a)
-            if e is None:
-                per[a] = [1, t]
-            else:
-                e[0] += 1
-                e[1] += t
         rho, total = self.merged_ratio, 0.0
-        for n, work in per.values():
+        for a, rs in by_adapter.items():
+            e_out = 0.0 if oracle else self.expected_output(a)
+            work = 0.0   # 0.0 + t == t: the sums of accumulating from the first request's t
+            for r in rs:
+                if oracle:
+                    rem = float(r.output_tokens - r.generated)
+                else:
+                    rem = e_out - r.generated
+                    if 1.0 > rem:
+                        rem = 1.0
+                t = rem * token_s
+                if r.state == _QUEUED:
+                    ctx = r.prompt_tokens + r.generated - r.prefilled
+                    v = prefill.get(ctx)
+                    t += v if v is not None else prefill_s(ctx)
+                work += t
+            n = len(rs)
             full = (n // batch) * batch / n
             total += work * (1.0 - full + full * rho)
         return total
@@ -178,7 +178,7 @@ class WorkModel:
         hit = self._replica_cache.get(id(view))   # emptied whenever the estimates change (epoch)
         if hit is not None and hit[1] == version and hit[0] is view:
             return hit[2]
-        v = self.queue_s(view.queue, view.max_num_seqs)
+        v = self.grouped_s(view.by_adapter(), view.max_num_seqs)
         self._replica_cache[id(view)] = (view, version, v)
         return v
 
