@@ -206,7 +206,10 @@ def test_cached_queue_prices_equal_fresh_ones_at_every_dispatch() -> None:
             kept = view.by_adapter()   # the index kept by enqueue and removal: same groups, same order
             assert list(kept) == list(fresh) and all(kept[a] == fresh[a] for a in fresh)
         checked.append(sum(bool(v.queue) for v in cluster.replicas))
-        return dispatch(request, cluster)
+        chosen = dispatch(request, cluster)   # its inlined loop picks the least replica_cost, ties to the lower index
+        hosts = router.candidates(request, cluster)
+        assert chosen == min(hosts, key=lambda j: (router.replica_cost(j, request, cluster), j))
+        return chosen
 
     router.dispatch = checking
     res = sim.run()

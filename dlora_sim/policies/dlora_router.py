@@ -57,7 +57,6 @@ class DLoRARouter(Router):
     harvest_every: int = 64               # refresh per-adapter length estimates every N dispatches
     demand: str = "online"                # placement's adapter mix: online (arrivals so far) | oracle (look-ahead)
     _n: int = field(default=0, repr=False)
-    _own: tuple | None = field(default=None, repr=False)   # (request, epoch, its expected seconds)
 
     def __post_init__(self) -> None:
         if self.demand not in DEMAND_SOURCES:
@@ -78,24 +77,19 @@ class DLoRARouter(Router):
     def replica_cost(self, j: int, request: Request, cluster: ClusterView) -> float:
         view, work = cluster.replicas[j], self.work
         work.bind(cluster.cost, view.max_num_seqs)
-        return work.replica_s(view) + self._own_s(request)
-
-    def _own_s(self, request: Request) -> float:
-        """The arriving request's own expected seconds: the same on every host of one shape."""
-        own, work = self._own, self.work
-        if own is None or own[0] is not request or own[1] != work.epoch:
-            own = self._own = (request, work.epoch, work.request_s(request))
-        return own[2]
+        return work.replica_s(view) + work.request_s(request)
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
         """The host of least `replica_cost` (ties: the lower index), inlined: it runs per host per arrival."""
         self._observe(request, cluster)
         work, cost, reps = self.work, cluster.cost, cluster.replicas
-        best, best_c = -1, 0.0
+        best, best_c, epoch, own = -1, 0.0, None, 0.0
         for j in self.candidates(request, cluster):
             view = reps[j]
             work.bind(cost, view.max_num_seqs)
-            c = work.replica_s(view) + self._own_s(request)
+            if work.epoch != epoch:   # the request's own time, again only for a host of another shape
+                epoch, own = work.epoch, work.request_s(request)
+            c = work.replica_s(view) + own
             if best < 0 or c < best_c or (c == best_c and j < best):
                 best, best_c = j, c
         return best

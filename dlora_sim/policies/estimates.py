@@ -146,9 +146,11 @@ class WorkModel:
         order; `ReplicaState.by_adapter` keeps one): the hot path of every dispatch, `request_s` inlined."""
         token_s, oracle = self.token_s, self.lengths == "oracle"
         prefill, prefill_s = self._prefill_cache, self.prefill_s
-        rho, total = self.merged_ratio, 0.0
+        rho, total, expected = self.merged_ratio, 0.0, self._expected
         for a, rs in by_adapter.items():
-            e_out = 0.0 if oracle else self.expected_output(a)
+            e_out = 0.0 if oracle else expected.get(a)
+            if e_out is None:
+                e_out = self.expected_output(a)
             work = 0.0   # 0.0 + t == t: the sums of accumulating from the first request's t
             for r in rs:
                 if oracle:
