@@ -3,7 +3,8 @@
 Llama-2-7B on one A100 per replica, vLLM-style scheduling in both (prefills first, no chunking, batch
 cap 64, 4,096 tokens per iteration, 7,277 KV blocks of 16 tokens), round-robin routing in both (Vidur's
 least-outstanding router counts only queued requests), one adapter on our side (`system=merged`, the
-LoRA-free case Vidur models). Workloads: an Azure conv window (real arrivals and lengths) and a
+LoRA-free case Vidur models; `--system dlora` runs dLoRA's own policy on it instead, the same requests,
+recorded as vs_vidur_dlora). Workloads: an Azure conv window (real arrivals and lengths) and a
 synthetic Poisson one (our generator), each sized and paced per replica count; requests are filtered
 to prompt + output <= 4,096 tokens first, so Vidur's own clipping changes nothing. Each simulator runs
 as its own process (wall time and peak RSS by /usr/bin/time), `--repeats` times, best wall reported.
@@ -78,14 +79,14 @@ def _timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> 
     return wall, rss, proc.stdout + proc.stderr
 
 
-def run_ours(rows, replicas: int, work: Path) -> tuple[float, float, dict, float]:
+def run_ours(rows, replicas: int, work: Path, system: str = "merged") -> tuple[float, float, dict, float]:
     path = work / "ours.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["arrival_s", "adapter", "prompt_tokens", "output_tokens"])
         w.writerows([f"{t:.6f}", 0, p, o] for t, p, o in rows)
     out = work / "ours_out"
-    wall, rss, _ = _timed([sys.executable, "-m", "dlora_sim.cli", "system=merged", "workload=csv",
+    wall, rss, _ = _timed([sys.executable, "-m", "dlora_sim.cli", f"system={system}", "workload=csv",
                            f"workload.path={path}", "workload.num_adapters=1", "router=rr",
                            f"cluster.num_replicas={replicas}", f"cluster.replica.max_num_seqs={BATCH_CAP}",
                            f"cluster.replica.max_num_batched_tokens={MAX_TOKENS}",
@@ -154,9 +155,10 @@ def _metrics(arrival, e2e, ttft, out_tokens) -> dict:
 KEYS = ["mean_e2e_s", "p99_e2e_s", "mean_ttft_s", "p99_ttft_s", "mean_tpot_s", "throughput_rps"]
 
 
-def report(rows: list[dict]) -> str:
-    lines = ["# Side by side with Vidur (A100 / Llama-2-7B, vLLM scheduling, round-robin)", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on this machine by `python benchmarks/vs_vidur.py --record` "
+def report(rows: list[dict], system: str = "merged") -> str:
+    lines = [f"# Side by side with Vidur (A100 / Llama-2-7B, vLLM scheduling, round-robin; ours: system={system})", "",
+             f"Measured {time.strftime('%Y-%m-%d')} on this machine by `python benchmarks/vs_vidur.py --record"
+             f"{'' if system == 'merged' else ' --system ' + system}` "
              "(vidur 0.0.26 from its own venv, profiling data of ../shared/vidur). Wall and peak RSS are whole "
              "processes (start-up included; ours also reports the simulation alone); best of the repeats. "
              "Metric columns: ours / Vidur - 1 on the same requests.", "",
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", default="1,4,8")
     ap.add_argument("--workloads", default="azure_conv,poisson")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--system", default="merged", help="our policy on the one adapter (merged | dlora | slora ...)")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="vs_vidur_"))
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             reqs = _requests(kind, n)
             case = work / f"{kind}_{n}"
             case.mkdir()
-            ours = [run_ours(reqs, n, case) for _ in range(args.repeats)]
+            ours = [run_ours(reqs, n, case, args.system) for _ in range(args.repeats)]
             vid = [run_vidur(reqs, n, case, args.vidur_python, args.vidur_cache) for _ in range(args.repeats)]
             o, v = min(ours, key=lambda x: x[0]), min(vid, key=lambda x: x[0])
             row = {"workload": kind, "replicas": n, "requests": len(reqs), "ours_wall_s": o[0],
@@ -202,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
             out_rows.append(row)
             print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}), flush=True)
     dest = RESULTS if args.record else work
-    write_rows(dest / "vs_vidur.csv", [{k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()}
-                                       for r in out_rows])
-    text = report(out_rows)
-    (dest / "vs_vidur.md").write_text(text)
+    name = "vs_vidur" if args.system == "merged" else f"vs_vidur_{args.system}"
+    write_rows(dest / f"{name}.csv", [{k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()}
+                                      for r in out_rows])
+    text = report(out_rows, args.system)
+    (dest / f"{name}.md").write_text(text)
     print(text)
-    print(f"wrote {dest}/vs_vidur.{{csv,md}}; runs in {work}")
+    print(f"wrote {dest}/{name}.{{csv,md}}; runs in {work}")
     return 0
 
 
