@@ -3,7 +3,6 @@ with the least outstanding work, in seconds (§6 defect 5: no integer division, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from dlora_sim.policies.base import ClusterView, Placement, Router
 from dlora_sim.policies.estimates import WorkModel
