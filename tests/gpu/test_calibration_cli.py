@@ -71,3 +71,16 @@ def test_timings_are_unscaled_without_the_reference():
     assert h.drift() == 1.0 and h.reference() == {"scaled": False}
     rows = [{"wall_s": "0.5"}]
     assert h.rescale(rows) == [{"wall_s": "0.5"}]
+
+
+def test_fidelity_report_states_the_cost_models_price_bias_per_run():
+    from benchmarks.fidelity import price_errors
+    buckets = [{"mode": "unmerged", "batch": "1-1", "n": 10, "mean_rel_err": 0.5, "mean_abs_rel_err": 0.5,
+                "measured_mean_s": 0.002, "predicted_mean_s": 0.003},
+               {"mode": "merged", "batch": "2-4", "n": 30, "mean_rel_err": -0.25, "mean_abs_rel_err": 0.3,
+                "measured_mean_s": 0.004, "predicted_mean_s": 0.003}]
+    e = price_errors(buckets)
+    # all iterations: (10 x 3 ms + 30 x 3 ms) / (10 x 2 ms + 30 x 4 ms) - 1 = 120 / 140 - 1
+    assert e["price_bias"] == f"{120 / 140 - 1:+.1%}" and e["price_mean_abs"] == "35.0%"
+    assert e["price_by_batch"] == "u 1-1: +50% (n=10); m 2-4: -25% (n=30)"
+    assert price_errors([]) == {"price_bias": "-", "price_by_batch": "-", "price_mean_abs": "-"}
