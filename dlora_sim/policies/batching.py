@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from dlora_sim.policies.base import ReplicaView
 from dlora_sim.request import Request, State, blocks_for, prefill_chunks
@@ -197,6 +197,17 @@ def _pop_victim(victims: list[Request], for_req: Request, taken: set[Request], p
         if v not in taken and v not in preempted and v.kv_blocks > 0:
             return v
     return None
+
+
+def batch_adapter_slots(view: ReplicaView, plan: BatchPlan, *,
+                        lru: Callable[[], Sequence[int]] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`plan_adapter_slots` for a planned batch's adapters (in batch order); nothing to load in the
+    common case, when all of them are resident, without a pass over the batch. `lru` is called only
+    when an eviction order is needed."""
+    resident = view.resident
+    if all(a in resident for a in plan.adapters):
+        return (), ()
+    return plan_adapter_slots(view, (r.adapter for r in plan.batch), lru=lru() if lru is not None else None)
 
 
 def plan_adapter_slots(view: ReplicaView, needed: Iterable[int], *, lru: Sequence[int] | None = None

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from dlora_sim.policies.base import Decision, LocalScheduler, PolicyError, ReplicaView
-from dlora_sim.policies.batching import BatchPlan, fill_batch, plan_adapter_slots
+from dlora_sim.policies.batching import BatchPlan, batch_adapter_slots, fill_batch, plan_adapter_slots
 from dlora_sim.policies.credits import CreditLedger
 from dlora_sim.policies.thresholds import IterationStats, ThresholdTuner
 from dlora_sim.request import Request, to_ns
@@ -201,10 +201,7 @@ class DLoRAScheduler(LocalScheduler):
 
         # 4. adapter slots
         if run_mode is None:
-            if view.resident.keys() >= chosen.adapters:   # every adapter of the batch is in a slot
-                load, evict = (), ()
-            else:
-                load, evict = plan_adapter_slots(view, (r.adapter for r in chosen.batch))
+            load, evict = batch_adapter_slots(view, chosen)
         else:
             load, evict = plan_adapter_slots(view, [run_mode])
         stable = (not forced and not pending and moved == 0 and run_mode == view.merged and not chosen.swap_out

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlora_sim.policies.base import Decision, LocalScheduler, ReplicaView
-from dlora_sim.policies.batching import fill_batch, plan_adapter_slots
+from dlora_sim.policies.batching import batch_adapter_slots, fill_batch
 
 
 @dataclass
@@ -25,12 +25,8 @@ class UnmergedOnly(LocalScheduler):
         plan = fill_batch(view, view.queue, adapter_limit=view.adapter_slots)
         if not plan.batch:
             return Decision([])
-        resident = view.resident
-        if all(a in resident for a in plan.adapters):   # the common case: nothing to load
-            load, evict = (), ()
-        else:
-            lru = sorted(resident, key=lambda a: self._last_used.get(a, 0)) if self.evict == "lru" else None
-            load, evict = plan_adapter_slots(view, (r.adapter for r in plan.batch), lru=lru)
+        lru = (lambda: sorted(view.resident, key=lambda a: self._last_used.get(a, 0))) if self.evict == "lru" else None
+        load, evict = batch_adapter_slots(view, plan, lru=lru)
         if self.evict == "lru":
             self._tick += 1
             for a in plan.adapters:
