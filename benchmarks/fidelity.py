@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.recording import RESULTS, write_rows  # noqa: E402
+from benchmarks.recording import RESULTS, write_report  # noqa: E402
 from benchmarks.kernels import name_slug  # noqa: E402
 from calibration.calibrate import _compose  # noqa: E402
 from calibration.validate import GOALS, METRICS, validate  # noqa: E402
@@ -143,9 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
     slug = "cpu" if "cpu" in str(device).lower() else name_slug(str(device))
     out = RESULTS if args.record else work
-    write_rows(out / f"fidelity_{slug}.csv", rows)
     text = report(rows, device, profile)
-    (out / f"fidelity_{slug}.md").write_text(text)
+    write_report(out, f"fidelity_{slug}", rows, text)
     print(text)
     print(f"wrote {out}/fidelity_{slug}.{{csv,md}}; case folders in {work}")
     return 0

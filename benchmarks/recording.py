@@ -24,5 +24,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def write_report(out: Path, name: str, rows: list[dict], text: str) -> None:
+    """A benchmark's two result files: `name`.csv (write_rows) and `name`.md (its report)."""
+    write_rows(out / f"{name}.csv", rows)
+    (out / f"{name}.md").write_text(text)
+
+
 def wrote(out: Path, name: str, record: bool, exts: str = "csv,md,png") -> str:
     return f"wrote {out}/{name}.{{{exts}}}" + ("" if record else " (pass --record to keep them)")

@@ -12,7 +12,6 @@ benchmarks/results/sim_speed.csv and .md.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -23,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.recording import RESULTS, write_report  # noqa: E402
 
 
 def _compose(overrides: list[str]):
@@ -173,11 +174,7 @@ def _write(a, out: Path, rows: list[dict], title: str, note: str) -> None:
         print("(not recorded; --record writes benchmarks/results/)")
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, cols, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_report(out.parent, out.name, rows, "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
 
 

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.recording import RESULTS, write_rows  # noqa: E402
+from benchmarks.recording import RESULTS, write_report  # noqa: E402
 
 MAX_TOKENS = 4096
 BATCH_CAP, KV_BLOCKS = 64, 7277
@@ -206,10 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}), flush=True)
     dest = RESULTS if args.record else work
     name = "vs_vidur" if args.system == "merged" else f"vs_vidur_{args.system}"
-    write_rows(dest / f"{name}.csv", [{k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()}
-                                      for r in out_rows])
     text = report(out_rows, args.system)
-    (dest / f"{name}.md").write_text(text)
+    write_report(dest, name, [{k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()}
+                              for r in out_rows], text)
     print(text)
     print(f"wrote {dest}/{name}.{{csv,md}}; runs in {work}")
     return 0
