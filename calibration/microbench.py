@@ -77,7 +77,6 @@ class Harness:
         self.state = ReplicaState(0, cfg, self.cost, ranks, Recorder(keep_iterations=False), lambda r: None,
                                   lambda: 0, merges=True)
         self.ex = ModelExecutor(rcfg, self.state, parts)
-        self.bench_ref_size = bench.reference_size
         self.ranks = ranks
         self._next_id = 0
         self.last_drift = 1.0
@@ -129,7 +128,8 @@ class Harness:
     def reference(self) -> dict:
         if self._ref is None:
             return {"scaled": False}
-        return {"scaled": True, "probe": f"{self.bench_ref_size}x{self.bench_ref_size} float32 matmul",
+        n = self._ref[0].shape[0]
+        return {"scaled": True, "probe": f"{n}x{n} float32 matmul",
                 "session_median_s": round(self.reference_s, 9), "probes": len(self.probes),
                 "burst_at_start_s": round(self.start_s, 9),
                 "burst_at_end_s": round(median(self._probe() for _ in range(50)), 9)}
@@ -192,21 +192,22 @@ def _scaled(times, k: float):
     return dataclasses.replace(times, **{f.name: getattr(times, f.name) * k for f in dataclasses.fields(times)})
 
 
+def _medians(runs: list[tuple[float, object, object, float]]) -> tuple[float, float, dict, object]:
+    """(wall, device s, phase medians with the drift factor, last step) of timed (wall, times, step,
+    drift) runs."""
+    ph = {k: median(getattr(t, k) for _, t, _, _ in runs) for k in ("forward", "mode", "load", "swap")}
+    ph["drift"] = median(d for *_, d in runs)
+    return median(w for w, *_ in runs), median(t.total for _, t, _, _ in runs), ph, runs[-1][2]
+
+
 def timed(h: Harness, make: callable, repeats: int, warmup: int) -> tuple[float, float, dict, object]:
     """Median wall and device seconds of `make()`'s decision over `repeats` runs after `warmup`."""
-    walls, devs, phases, drifts, last = [], [], [], [], None
+    runs = []
     for i in range(warmup + repeats):
-        d = make()
-        wall, times, step = h.step(d)
+        wall, times, step = h.step(make())
         if i >= warmup:
-            walls.append(wall)
-            devs.append(times.total)
-            phases.append(times)
-            drifts.append(h.last_drift)
-            last = step
-    keep = {k: median(getattr(t, k) for t in phases) for k in ("forward", "mode", "load", "swap")}
-    keep["drift"] = median(drifts)
-    return median(walls), median(devs), keep, last
+            runs.append((wall, times, step, h.last_drift))
+    return _medians(runs)
 
 
 def _row(kind: str, split: str, step, wall: float, dev: float, ph: dict, repeats: int, **extra) -> dict:
@@ -275,7 +276,7 @@ def mixed_point(h: Harness, b: BenchConfig, rng: np.random.Generator, split: str
     dec_len, pre_len = rng.integers(16, 1024, n - n_pre), rng.integers(8, 512, n_pre)
     h.set_mode(mode)
     h.ensure_resident(set(adapters))
-    walls, devs, phases, drifts, last = [], [], [], [], None
+    runs = []
     for i in range(b.warmup + b.repeats):
         dec = h.new(adapters[n_pre:], dec_len)
         if dec:
@@ -284,14 +285,9 @@ def mixed_point(h: Harness, b: BenchConfig, rng: np.random.Generator, split: str
         wall, times, step = h.step(Decision(pre + dec, merged=mode))
         h.drop(pre + dec)
         if i >= b.warmup:
-            walls.append(wall)
-            devs.append(times.total)
-            phases.append(times)
-            drifts.append(h.last_drift)
-            last = step
-    ph = {k: median(getattr(t, k) for t in phases) for k in ("forward", "mode", "load", "swap")}
-    ph["drift"] = median(drifts)
-    return _row("mixed", split, last, median(walls), median(devs), ph, b.repeats, rank="")
+            runs.append((wall, times, step, h.last_drift))
+    wall, dev, ph, last = _medians(runs)
+    return _row("mixed", split, last, wall, dev, ph, b.repeats, rank="")
 
 
 def mixed_points(h: Harness, b: BenchConfig, counts: dict[str, int]) -> list[dict]:
