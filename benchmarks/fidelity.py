@@ -8,7 +8,13 @@ clock, then simulates it (the runtime's profile and KV blocks) and compares. Tol
 never asserted. CPU timing wants an otherwise idle machine: the 1-minute load average is recorded
 before and after each case.
 
-    python benchmarks/fidelity.py [--record] [--requests 120] [serve overrides, e.g. runtime=h200_7b]
+A profile is a property of one machine: `--calibrate` first measures a fresh one with `dlora-calibrate`
+on this machine and runs every case on it (both halves), so the comparison is not of two machines.
+On a CPU a case's error moves by tens of points between runs minutes apart (the machine's speed
+drifts and the real clock cannot be scaled), so every case runs `--repeats` times and the report
+gives the median of each metric and the range of the mean E2E error.
+
+    python benchmarks/fidelity.py [--record] [--calibrate] [--repeats 3] [--requests 120] [serve overrides]
 
 Writes a temporary folder unless --record (benchmarks/results/fidelity_<device>.{csv,md}).
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -76,30 +83,63 @@ def run_case(overrides: list[str], out: Path) -> dict:
     return validate(out / "runtime", out)
 
 
-def report(rows: list[dict], device: str, profile: str) -> str:
+def _cases(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["workload"], r["load"], r["system"]), []).append(r)
+    return out
+
+
+def _median(vals: list) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def report(rows: list[dict], device: str, profile: str, calibration: str) -> str:
+    cases = _cases(rows)
+    reps = max(len(v) for v in cases.values())
     lines = [f"# Fidelity: simulator vs runtime ({device}, profile `{profile}`)", "",
              f"Measured {time.strftime('%Y-%m-%d')} by `python benchmarks/fidelity.py --record`: each case replays "
              "the same requests on the runtime's real clock and in the simulator (the runtime's profile and KV "
-             "blocks); relative error = simulator / runtime - 1. Goals (at least): " +
-             ", ".join(f"{k} {g:.0%} ({m:.0%})" for k, (g, m) in GOALS.items()) + ".", "",
+             f"blocks), {reps} time(s); relative error = simulator / runtime - 1, the median over the repeats "
+             "(the mean E2E column also gives its range). Goals (at least): " +
+             ", ".join(f"{k} {g:.0%} ({m:.0%})" for k, (g, m) in GOALS.items()) + ".", "", calibration, "",
              "| workload | load | system | rate (req/s) | " + " | ".join(lab for _, lab in METRICS) +
-             " | KS E2E | per-request mean abs | iterations rt / sim | loadavg before / after |",
-             "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|"]
-    for r in rows:
-        errs = " | ".join("-" if r[k] is None else f"{r[k]:+.1%}" for k, _ in METRICS)
-        lines.append(f"| {r['workload']} | {r['load']} | {r['system']} | {r['rate_rps']:.3g} | {errs} | "
-                     f"{r['ks_latency']} | {r['per_request_mean_abs']} | {r['iterations_runtime']} / "
-                     f"{r['iterations_sim']} | {r['loadavg_before']} / {r['loadavg_after']} |")
+             " | mean E2E range | KS E2E | per-request mean abs | iterations rt / sim | loadavg before / after |",
+             "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|"]
+    for (workload, load, system), rs in cases.items():
+        med = {k: _median([r[k] for r in rs]) for k, _ in METRICS}
+        errs = " | ".join("-" if med[k] is None else f"{med[k]:+.1%}" for k, _ in METRICS)
+        e2e = [r["mean_latency_s"] for r in rs if r["mean_latency_s"] is not None]
+        span = f"{min(e2e):+.1%} ... {max(e2e):+.1%}" if e2e else "-"
+        lines.append(f"| {workload} | {load} | {system} | {rs[0]['rate_rps']:.3g} | {errs} | {span} | "
+                     f"{_median([r['ks_latency'] for r in rs]):.3f} | {_median([r['per_request_mean_abs'] for r in rs]):.3f} | "
+                     f"{'/'.join(str(r['iterations_runtime']) for r in rs)} / {rs[0]['iterations_sim']} | "
+                     f"{rs[0]['loadavg_before']} / {rs[-1]['loadavg_after']} |")
     lines += ["", "Where a goal is missed: the cost model's price of the runtime's own iterations (simulator / "
               "runtime - 1, by mode and batch size) is the term-level cause; the per-iteration spread around it "
               "is timing noise (on a CPU the machine's drift, which the real clock does not scale away). "
-              "Queueing near capacity amplifies both.", "",
-              "| workload | load | system | price bias, all iterations | by batch (mode, sizes: bias) | "
-              "mean abs per iteration |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['workload']} | {r['load']} | {r['system']} | {r['price_bias']} | {r['price_by_batch']} | "
-                     f"{r['price_mean_abs']} |")
+              "Queueing near capacity amplifies both. Per repeat:", "",
+              "| workload | load | system | price bias, all iterations | by batch (mode, sizes: bias), the median "
+              "repeat | mean abs per iteration |", "|---|---|---|---|---|---|"]
+    for (workload, load, system), rs in cases.items():
+        mid = sorted(rs, key=lambda r: r["mean_latency_s"] if r["mean_latency_s"] is not None else 0)[len(rs) // 2]
+        lines.append(f"| {workload} | {load} | {system} | {', '.join(r['price_bias'] for r in rs)} | "
+                     f"{mid['price_by_batch']} | {', '.join(r['price_mean_abs'] for r in rs)} |")
     return "\n".join(lines) + "\n"
+
+
+def calibrate(work: Path, overrides: list[str]) -> tuple[list[str], str]:
+    """A profile measured now on this machine (`dlora-calibrate`): the override that selects it, and a
+    line for the report."""
+    from calibration.calibrate import main as calibrate_main
+    out = work / "calibrate"
+    calibrate_main(["--out", str(out), *overrides])
+    fit = json.loads((out / "fit_report.json").read_text())
+    line = (f"Profile measured by `dlora-calibrate` on this machine just before the cases "
+            f"({fit['measured_on'].get('date')}; fit error in sample {fit['in_sample']['mean_abs_rel']:.1%}, "
+            f"held out {fit['held_out']['mean_abs_rel']:.1%}; points.csv sha256 {fit['points_csv_sha256'][:12]}).")
+    return [f"profile.path={out / 'profile.yaml'}"], line
 
 
 def price_errors(iteration_error: list[dict]) -> dict:
@@ -118,32 +158,41 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="serve overrides (e.g. runtime=h200_7b)")
     ap.add_argument("--requests", type=int, default=120, help="requests per case")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every case (the report gives medians)")
+    ap.add_argument("--calibrate", action="store_true", help="measure this machine's profile first and use it")
     ap.add_argument("--record", action="store_true", help="write benchmarks/results/fidelity_<device>.{csv,md}")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--loads", default=",".join(LOADS))
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     work = Path(tempfile.mkdtemp(prefix="fidelity_"))
+    overrides, calibration = list(args.overrides), "Profile: the committed one (measured on another machine, or another day)."
+    if args.calibrate:
+        extra, calibration = calibrate(work, overrides)
+        overrides += extra
     rows, device, profile = [], "?", "?"
     for workload in args.workloads.split(","):
         for load_name in args.loads.split(","):
             for system in args.systems.split(","):
-                ov, rate = case_overrides(workload, system, LOADS[load_name], args.requests, args.overrides)
-                before = round(os.getloadavg()[0], 2)
-                t0 = time.perf_counter()
-                v = run_case(ov, work / f"{workload}_{load_name}_{system}")
-                device, profile = v["about"]["device"], v["about"]["profile"]
-                rows.append({"workload": workload, "load": load_name, "system": system, "rate_rps": float(rate),
-                             **v["relative_error"], "ks_latency": v["ks_latency"],
-                             "per_request_mean_abs": v["per_request_latency_rel_err"]["mean_abs"],
-                             "iterations_runtime": v["counts"]["num_iterations"]["runtime"],
-                             "iterations_sim": v["counts"]["num_iterations"]["simulator"],
-                             "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
-                             "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"])})
-                print(json.dumps(rows[-1]), flush=True)
+                ov, rate = case_overrides(workload, system, LOADS[load_name], args.requests, overrides)
+                for rep in range(args.repeats):
+                    before = round(os.getloadavg()[0], 2)
+                    t0 = time.perf_counter()
+                    v = run_case(ov, work / f"{workload}_{load_name}_{system}_{rep}")
+                    device, profile = v["about"]["device"], v["about"]["profile"]
+                    rows.append({"workload": workload, "load": load_name, "system": system, "repeat": rep,
+                                 "rate_rps": float(rate), **v["relative_error"], "ks_latency": v["ks_latency"],
+                                 "per_request_mean_abs": v["per_request_latency_rel_err"]["mean_abs"],
+                                 "iterations_runtime": v["counts"]["num_iterations"]["runtime"],
+                                 "iterations_sim": v["counts"]["num_iterations"]["simulator"],
+                                 "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
+                                 "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"])})
+                    print(json.dumps(rows[-1]), flush=True)
     slug = "cpu" if "cpu" in str(device).lower() else name_slug(str(device))
     out = RESULTS if args.record else work
-    text = report(rows, device, profile)
+    text = report(rows, device, Path(str(profile)).name if args.calibrate else profile, calibration)
     write_report(out, f"fidelity_{slug}", rows, text)
     print(text)
     print(f"wrote {out}/fidelity_{slug}.{{csv,md}}; case folders in {work}")

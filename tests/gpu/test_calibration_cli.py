@@ -84,3 +84,25 @@ def test_fidelity_report_states_the_cost_models_price_bias_per_run():
     assert e["price_bias"] == f"{120 / 140 - 1:+.1%}" and e["price_mean_abs"] == "35.0%"
     assert e["price_by_batch"] == "u 1-1: +50% (n=10); m 2-4: -25% (n=30)"
     assert price_errors([]) == {"price_bias": "-", "price_by_batch": "-", "price_mean_abs": "-"}
+
+
+def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_mean_e2e():
+    from benchmarks.fidelity import report
+    from calibration.validate import METRICS
+
+    def row(rep: int, e2e: float) -> dict:
+        return {"workload": "synthetic", "load": "high", "system": "slora", "repeat": rep, "rate_rps": 40.0,
+                **{k: 0.01 * rep for k, _ in METRICS}, "mean_latency_s": e2e, "ks_latency": 0.1 * rep,
+                "per_request_mean_abs": 0.2, "iterations_runtime": 100 + rep, "iterations_sim": 90,
+                "loadavg_before": 0.1, "loadavg_after": 0.2, "price_bias": f"+{rep}%", "price_by_batch": f"b{rep}",
+                "price_mean_abs": "9%"}
+
+    text = report([row(0, -0.30), row(1, 0.10), row(2, 0.02)], "CPU", "cpu-tiny", "Profile: test.")
+    line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4] == "+2.0%"                      # median mean E2E of -30%, +10%, +2%
+    assert cells[5] == "+1.0%"                      # P50: median of 0, 1, 2 %
+    assert cells[12] == "-30.0% ... +10.0%"         # range of mean E2E
+    assert cells[13] == "0.100" and cells[15] == "100/101/102 / 90"
+    assert "3 time(s)" in text and "Profile: test." in text
+    assert "| +0%, +1%, +2% | b2 |" in text          # the by-batch detail of the median repeat (+2%)
