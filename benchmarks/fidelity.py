@@ -12,9 +12,13 @@ A profile is a property of one machine: `--calibrate` first measures a fresh one
 on this machine and runs every case on it (both halves), so the comparison is not of two machines.
 On a CPU a case's error moves by tens of points between runs minutes apart (the machine's speed
 drifts and the real clock cannot be scaled), so every case runs `--repeats` times and the report
-gives the median of each metric and the range of the mean E2E error.
+gives the median of each metric and the range of the mean E2E error. `--clocks real,measured` also
+replays each repeat on the runtime's measured clock (each step's own time, scaled on a CPU to the
+profile's reference probe, so with `--calibrate` both halves are timed at the calibration's machine
+speed), right after the real one: what is left there is the cost model's error and per-iteration
+noise, not drift, idle gaps or the host's scheduling.
 
-    python benchmarks/fidelity.py [--record] [--calibrate] [--repeats 3] [--requests 120] [serve overrides]
+    python benchmarks/fidelity.py [--record] [--calibrate] [--clocks real,measured] [--repeats 3] [--requests 120] [serve overrides]
 
 Writes a temporary folder unless --record (benchmarks/results/fidelity_<device>.{csv,md}).
 """
@@ -74,9 +78,9 @@ def case_overrides(workload: str, system: str, load: float, requests: int,
     return [*base, f"workload.time_scale={trace_rate(base) / rate:.4g}"], rate
 
 
-def run_case(overrides: list[str], out: Path) -> dict:
+def run_case(overrides: list[str], out: Path, clock: str = "real") -> dict:
     from dlora_gpu.cli import about, build_engine
-    cfg = _compose([*overrides, "runtime.clock=real", "charts=false"])
+    cfg = _compose([*overrides, f"runtime.clock={clock}", "charts=false"])
     engine = build_engine(cfg)
     system = next(o.split("=", 1)[1] for o in overrides if o.startswith("system="))
     finish_job(cfg, out / "runtime", system, overrides, engine.run, about(engine))
@@ -86,7 +90,7 @@ def run_case(overrides: list[str], out: Path) -> dict:
 def _cases(rows: list[dict]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for r in rows:
-        out.setdefault((r["workload"], r["load"], r["system"]), []).append(r)
+        out.setdefault((r["workload"], r["load"], r["system"], r.get("clock", "real")), []).append(r)
     return out
 
 
@@ -95,36 +99,38 @@ def _median(vals: list) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def report(rows: list[dict], device: str, profile: str, calibration: str) -> str:
+def report(rows: list[dict], device: str, profile: str, calibration: str, scaling: str = "") -> str:
     cases = _cases(rows)
     reps = max(len(v) for v in cases.values())
+    clocks = list(dict.fromkeys(r.get("clock", "real") for r in rows))
+    flags = "" if clocks == ["real"] else f" --clocks {','.join(clocks)}"
     lines = [f"# Fidelity: simulator vs runtime ({device}, profile `{profile}`)", "",
-             f"Measured {time.strftime('%Y-%m-%d')} by `python benchmarks/fidelity.py --record`: each case replays "
-             "the same requests on the runtime's real clock and in the simulator (the runtime's profile and KV "
+             f"Measured {time.strftime('%Y-%m-%d')} by `python benchmarks/fidelity.py --record{flags}`: each case "
+             f"replays the same requests on the runtime ({' and '.join(clocks)} clock) and in the simulator (the runtime's profile and KV "
              f"blocks), {reps} time(s); relative error = simulator / runtime - 1, the median over the repeats "
              "(the mean E2E column also gives its range). Goals (at least): " +
-             ", ".join(f"{k} {g:.0%} ({m:.0%})" for k, (g, m) in GOALS.items()) + ".", "", calibration, "",
-             "| workload | load | system | rate (req/s) | " + " | ".join(lab for _, lab in METRICS) +
+             ", ".join(f"{k} {g:.0%} ({m:.0%})" for k, (g, m) in GOALS.items()) + ".", "", calibration + scaling, "",
+             "| workload | load | system | clock | rate (req/s) | " + " | ".join(lab for _, lab in METRICS) +
              " | mean E2E range | KS E2E | per-request mean abs | iterations rt / sim | loadavg before / after |",
-             "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|"]
-    for (workload, load, system), rs in cases.items():
+             "|---|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|"]
+    for (workload, load, system, clock), rs in cases.items():
         med = {k: _median([r[k] for r in rs]) for k, _ in METRICS}
         errs = " | ".join("-" if med[k] is None else f"{med[k]:+.1%}" for k, _ in METRICS)
         e2e = [r["mean_latency_s"] for r in rs if r["mean_latency_s"] is not None]
         span = f"{min(e2e):+.1%} ... {max(e2e):+.1%}" if e2e else "-"
-        lines.append(f"| {workload} | {load} | {system} | {rs[0]['rate_rps']:.3g} | {errs} | {span} | "
+        lines.append(f"| {workload} | {load} | {system} | {clock} | {rs[0]['rate_rps']:.3g} | {errs} | {span} | "
                      f"{_median([r['ks_latency'] for r in rs]):.3f} | {_median([r['per_request_mean_abs'] for r in rs]):.3f} | "
                      f"{'/'.join(str(r['iterations_runtime']) for r in rs)} / {rs[0]['iterations_sim']} | "
                      f"{rs[0]['loadavg_before']} / {rs[-1]['loadavg_after']} |")
     lines += ["", "Where a goal is missed: the cost model's price of the runtime's own iterations (simulator / "
               "runtime - 1, by mode and batch size) is the term-level cause; the per-iteration spread around it "
-              "is timing noise (on a CPU the machine's drift, which the real clock does not scale away). "
+              "is timing noise (on a CPU the machine's drift, which only the measured clock scales away). "
               "Queueing near capacity amplifies both. Per repeat:", "",
-              "| workload | load | system | price bias, all iterations | by batch (mode, sizes: bias), the median "
-              "repeat | mean abs per iteration |", "|---|---|---|---|---|---|"]
-    for (workload, load, system), rs in cases.items():
+              "| workload | load | system | clock | price bias, all iterations | by batch (mode, sizes: bias), the "
+              "median repeat | mean abs per iteration |", "|---|---|---|---|---|---|---|"]
+    for (workload, load, system, clock), rs in cases.items():
         mid = sorted(rs, key=lambda r: r["mean_latency_s"] if r["mean_latency_s"] is not None else 0)[len(rs) // 2]
-        lines.append(f"| {workload} | {load} | {system} | {', '.join(r['price_bias'] for r in rs)} | "
+        lines.append(f"| {workload} | {load} | {system} | {clock} | {', '.join(r['price_bias'] for r in rs)} | "
                      f"{mid['price_by_batch']} | {', '.join(r['price_mean_abs'] for r in rs)} |")
     return "\n".join(lines) + "\n"
 
@@ -140,6 +146,24 @@ def calibrate(work: Path, overrides: list[str]) -> tuple[list[str], str]:
             f"({fit['measured_on'].get('date')}; fit error in sample {fit['in_sample']['mean_abs_rel']:.1%}, "
             f"held out {fit['held_out']['mean_abs_rel']:.1%}; points.csv sha256 {fit['points_csv_sha256'][:12]}).")
     return [f"profile.path={out / 'profile.yaml'}"], line
+
+
+def _run_repeat(overrides: list[str], out: Path, clock: str) -> tuple[dict, dict]:
+    """One replay of a case on `clock` and its validation: (validation, the report row's measurements)."""
+    before = round(os.getloadavg()[0], 2)
+    t0 = time.perf_counter()
+    v = run_case(overrides, out, clock)
+    return v, {**v["relative_error"], "ks_latency": v["ks_latency"],
+               "per_request_mean_abs": v["per_request_latency_rel_err"]["mean_abs"],
+               "iterations_runtime": v["counts"]["num_iterations"]["runtime"],
+               "iterations_sim": v["counts"]["num_iterations"]["simulator"],
+               "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
+               "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"])}
+
+
+def _factors(scaling: dict | None) -> list[float]:
+    """The measured clock's median drift factor of one case (none when unscaled)."""
+    return [scaling["factor_median"]] if scaling and scaling.get("scaled") else []
 
 
 def price_errors(iteration_error: list[dict]) -> dict:
@@ -160,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=120, help="requests per case")
     ap.add_argument("--repeats", type=int, default=3, help="runs of every case (the report gives medians)")
     ap.add_argument("--calibrate", action="store_true", help="measure this machine's profile first and use it")
+    ap.add_argument("--clocks", default="real",
+                    help="runtime clocks, each repeat on each in turn: real (wall time), measured (each step's own "
+                         "time, drift-scaled on a CPU)")
     ap.add_argument("--record", action="store_true", help="write benchmarks/results/fidelity_<device>.{csv,md}")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -167,32 +194,36 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    clocks = args.clocks.split(",")
+    if not clocks or any(c not in ("real", "measured") for c in clocks):
+        ap.error(f"--clocks must list real and/or measured, got {args.clocks!r}")
     work = Path(tempfile.mkdtemp(prefix="fidelity_"))
     overrides, calibration = list(args.overrides), "Profile: the committed one (measured on another machine, or another day)."
     if args.calibrate:
         extra, calibration = calibrate(work, overrides)
         overrides += extra
-    rows, device, profile = [], "?", "?"
+    rows, device, profile, factors = [], "?", "?", []
     for workload in args.workloads.split(","):
         for load_name in args.loads.split(","):
             for system in args.systems.split(","):
                 ov, rate = case_overrides(workload, system, LOADS[load_name], args.requests, overrides)
                 for rep in range(args.repeats):
-                    before = round(os.getloadavg()[0], 2)
-                    t0 = time.perf_counter()
-                    v = run_case(ov, work / f"{workload}_{load_name}_{system}_{rep}")
-                    device, profile = v["about"]["device"], v["about"]["profile"]
-                    rows.append({"workload": workload, "load": load_name, "system": system, "repeat": rep,
-                                 "rate_rps": float(rate), **v["relative_error"], "ks_latency": v["ks_latency"],
-                                 "per_request_mean_abs": v["per_request_latency_rel_err"]["mean_abs"],
-                                 "iterations_runtime": v["counts"]["num_iterations"]["runtime"],
-                                 "iterations_sim": v["counts"]["num_iterations"]["simulator"],
-                                 "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
-                                 "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"])})
-                    print(json.dumps(rows[-1]), flush=True)
+                    for clock in clocks:
+                        v, row = _run_repeat(ov, work / f"{workload}_{load_name}_{system}_{clock}_{rep}", clock)
+                        device, profile = v["about"]["device"], v["about"]["profile"]
+                        factors += _factors(v["about"].get("clock_scaling"))
+                        rows.append({"workload": workload, "load": load_name, "system": system, "repeat": rep,
+                                     "clock": clock, "rate_rps": float(rate), **row})
+                        print(json.dumps(rows[-1]), flush=True)
     slug = "cpu" if "cpu" in str(device).lower() else name_slug(str(device))
     out = RESULTS if args.record else work
-    text = report(rows, device, Path(str(profile)).name if args.calibrate else profile, calibration)
+    scaling = ""
+    if factors:
+        scaling = (f" The measured clock scaled the runtime's steps to the profile's reference probe: per-case median "
+                   f"factors {min(factors):.3f} ... {max(factors):.3f}.")
+    elif "measured" in clocks:
+        scaling = " The measured clock was not scaled (a GPU, or a profile without a reference probe)."
+    text = report(rows, device, Path(str(profile)).name if args.calibrate else profile, calibration, scaling)
     write_report(out, f"fidelity_{slug}", rows, text)
     print(text)
     print(f"wrote {out}/fidelity_{slug}.{{csv,md}}; case folders in {work}")

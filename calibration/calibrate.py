@@ -112,6 +112,9 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
                      f"{meta['versions']['torch']}, triton {meta['versions']['triton']}"),
         "anchors": [f"points.csv sha256 {csv_sha256}", f"commit {meta.get('commit', '')}",
                     f"1-min load average before measuring: {meta.get('load_avg_1min_before')}"]}
+    ref = meta.get("reference") or {}
+    if ref.get("scaled"):
+        raw["provenance"]["reference_probe_s"] = ref["session_median_s"]
     profile_from_dict(raw, src="fitted profile")   # validate before anyone writes it
     return raw, report
 

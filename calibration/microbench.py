@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dlora_gpu.drift import MatmulProbe
 from dlora_sim.config import Parts
 from dlora_sim.cost_model import CostModel
 from dlora_sim.metrics import Recorder
@@ -81,24 +82,17 @@ class Harness:
         self._next_id = 0
         self.last_drift = 1.0
         self.probes: list[float] = []
-        self._ref = None   # (A, B) of the reference matmul; None: timings are not scaled
+        self._ref: MatmulProbe | None = None   # None: timings are not scaled
         self.reference_s = 0.0
         if bench.reference and self.ex.device.type == "cpu":
-            import torch
-            g = torch.Generator().manual_seed(bench.seed)
-            n = bench.reference_size
-            self._ref = (torch.randn(n, n, generator=g), torch.randn(n, n, generator=g))
+            self._ref = MatmulProbe(bench.reference_size, bench.seed)
             for _ in range(10):
                 self._probe()
             self.reference_s = median(self._probe() for _ in range(50))
         self.start_s = self.reference_s   # the burst at the start; `rescale` moves reference_s to the session's
 
     def _probe(self) -> float:
-        import torch
-        a, b = self._ref
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        return time.perf_counter() - t0
+        return self._ref()
 
     def drift(self) -> float:
         """The factor that brings the next timing to the start's reference speed (1.0: unscaled);
@@ -128,8 +122,7 @@ class Harness:
     def reference(self) -> dict:
         if self._ref is None:
             return {"scaled": False}
-        n = self._ref[0].shape[0]
-        return {"scaled": True, "probe": f"{n}x{n} float32 matmul",
+        return {"scaled": True, "probe": self._ref.describe(),
                 "session_median_s": round(self.reference_s, 9), "probes": len(self.probes),
                 "burst_at_start_s": round(self.start_s, 9),
                 "burst_at_end_s": round(median(self._probe() for _ in range(50)), 9)}

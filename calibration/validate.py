@@ -1,6 +1,7 @@
 """`dlora-validate`: how far the simulator is from the runtime on one trace.
 
-Replays the workload through the runtime on the real clock (or reads a runtime results folder brought
+Replays the workload through the runtime on the real clock (`--clock measured`: each step's own
+measured time, drift-scaled on a CPU, see dlora_gpu.engine) or reads a runtime results folder brought
 back from another machine, `--runtime-folder`), then simulates the same config: the same policies,
 the runtime's profile and its KV block count. Requests are matched by id. Reports the relative error
 of mean / P50 / P90 / P99 end-to-end latency, mean and P99 TTFT, mean TPOT and throughput; the KS
@@ -96,11 +97,22 @@ def compare(runtime: dict, sim: dict, runtime_dir: Path, sim_dir: Path) -> dict:
             "goals": {k: {"goal": g, "at_least": m, "verdict": verdict[k]} for k, (g, m) in GOALS.items()}}
 
 
+def _scaling_note(scaling: dict | None) -> str:
+    """What the measured clock did about the CPU's drift (nothing for the other clocks)."""
+    if not scaling:
+        return ""
+    if not scaling.get("scaled"):
+        return f" Measured clock, unscaled: {scaling.get('why')}."
+    return (f" Measured clock scaled to the profile's reference probe ({scaling['probe']}, "
+            f"{scaling['reference_probe_s'] * 1e3:.3f} ms): factor median {scaling['factor_median']}, "
+            f"range {scaling['factor_min']}-{scaling['factor_max']}.")
+
+
 def report_md(v: dict, runtime_dir: Path) -> str:
     lines = ["# dlora-validate: simulator vs runtime", "",
              f"Runtime results: `{runtime_dir}` ({v['about'].get('device')}, {v['about'].get('clock')} clock); "
              f"simulator with the runtime's profile `{v['about'].get('profile')}` and its {v['about'].get('kv_blocks')} "
-             f"KV blocks. {v['matched_requests']} requests matched by id.", "",
+             f"KV blocks. {v['matched_requests']} requests matched by id.{_scaling_note(v['about'].get('clock_scaling'))}", "",
              "| metric | runtime | simulator | relative error | goal / at least | verdict |", "|---|---|---|---|---|---|"]
     for key, label in METRICS:
         e = v["relative_error"][key]
@@ -123,14 +135,14 @@ def report_md(v: dict, runtime_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cdf_chart(runtime_dir: Path, sim_dir: Path, path: Path) -> None:
+def cdf_chart(runtime_dir: Path, sim_dir: Path, path: Path, clock: str = "real") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ra, rb = _requests(runtime_dir), _requests(sim_dir)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in zip(axes, ("latency_s", "ttft_s"), ("end-to-end latency (s)", "time to first token (s)")):
-        for reqs, name, color in ((ra, "runtime (real clock)", "C0"), (rb, "simulator", "C1")):
+        for reqs, name, color in ((ra, f"runtime ({clock} clock)", "C0"), (rb, "simulator", "C1")):
             v = np.sort([float(r[key]) for r in reqs.values() if r[key] != ""])
             if v.size:
                 ax.plot(v, np.arange(1, v.size + 1) / v.size, label=name, color=color)
@@ -161,13 +173,14 @@ def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) ->
     write_results(sim_dir, res, sim_summary)
     v = compare(summary, sim_summary, runtime_dir, sim_dir)
     v["about"] = {"device": summary.get("device"), "clock": summary.get("clock"), "kv_blocks": kv,
+                  "clock_scaling": summary.get("clock_scaling"),
                   "profile": cfg.profile.get("path") or f"{cfg.profile.get('hardware')}-{cfg.model.name}",
                   "runtime_dir": str(runtime_dir),
                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
     (out / "validation.json").write_text(json.dumps(v, indent=2) + "\n")
     (out / "validation.md").write_text(report_md(v, runtime_dir))
-    cdf_chart(runtime_dir, sim_dir, out / "validation.png")
+    cdf_chart(runtime_dir, sim_dir, out / "validation.png", str(summary.get("clock") or "real"))
     return v
 
 
@@ -177,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="config overrides of the serve app (runtime, system, workload...)")
     ap.add_argument("--runtime-folder", type=Path, default=None, help="compare this runtime results folder")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default outputs/validate/<stamp>)")
+    ap.add_argument("--clock", choices=("real", "measured"), default="real",
+                    help="the runtime's clock: wall time, or each step's own measured time (drift-scaled on a CPU)")
     args = ap.parse_args(argv)
     out = args.out or Path("outputs/validate") / time.strftime("%Y-%m-%d_%H-%M-%S")
     runtime_dir = args.runtime_folder
     if runtime_dir is None:
         from calibration.calibrate import _compose
         from dlora_gpu.cli import about, build_engine
-        cfg = _compose([*args.overrides, "runtime.clock=real"])
+        cfg = _compose([*args.overrides, f"runtime.clock={args.clock}"])
         engine = build_engine(cfg)
         runtime_dir = out / "runtime"
         system = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("system=")), "default")

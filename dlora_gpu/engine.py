@@ -2,9 +2,15 @@
 
 The loop asks the same policy objects as the simulator (a local scheduler reading a `ReplicaState`, a
 router placing adapters and dispatching), applies each decision through `ReplicaState.begin` and has
-an executor run it on real kernels. Two clocks:
+an executor run it on real kernels. Three clocks:
 - `real`: wall time. Requests arrive when the wall clock passes their trace time, are admitted
   between iterations, and every timestamp is what a user would measure.
+- `measured`: the clock advances by each step's measured wall time (its bookkeeping and the
+  executor's run) and waits jump to the next arrival, so idle time, the policy's own time and the
+  host's scheduling gaps do not count. On a CPU, with a profile that records the reference probe of
+  its calibration (`provenance.reference_probe_s`), every step is also scaled to that reference's
+  machine speed (`dlora_gpu.drift`): what is left between it and the simulator is the cost model's
+  error and the per-iteration noise, not the machine's drift since the profile was measured.
 - `virtual`: the clock advances by the cost model's price of each step while the real kernels run,
   and waits jump to the next arrival. Arrivals at or before an instant are queued before the policy
   decides at it, as the simulator's URGENT arrivals are, so requests.csv is byte-identical to
@@ -19,7 +25,8 @@ from typing import Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
-from dlora_gpu.executor import PhaseTimes
+from dlora_gpu.drift import DriftScale
+from dlora_gpu.executor import CLOCKS, PhaseTimes
 from dlora_sim.config import Parts
 from dlora_sim.cost_model import CostModel
 from dlora_sim.engine import DemandEstimate, SimulationError, workload_demand
@@ -38,26 +45,33 @@ class Executor(Protocol):
 
 
 class Clock:
-    """Nanoseconds since the start of serving: wall time (`real`) or cost-model time (`virtual`)."""
+    """Nanoseconds since the start of serving: wall time (`real`), cost-model time (`virtual`) or the
+    sum of the steps' measured times (`measured`)."""
 
     def __init__(self, kind: str):
-        if kind not in ("real", "virtual"):
-            raise ValueError(f"runtime.clock must be 'real' or 'virtual', got {kind!r}")
+        if kind not in CLOCKS:
+            raise ValueError(f"runtime.clock must be one of {list(CLOCKS)}, got {kind!r}")
         self.kind = kind
         self.virtual = kind == "virtual"
+        self.stepped = kind != "real"   # time moves only by advance / wait_until
+        self.start()
+
+    def start(self) -> None:
+        """Time 0 is now: serving starts (the model is built, warmed up and its adapters preloaded, as
+        the simulator's replicas are at time 0), not when the clock was made."""
         self._t = 0
         self._t0 = time.perf_counter_ns()
 
     def now(self) -> int:
-        return self._t if self.virtual else time.perf_counter_ns() - self._t0
+        return self._t if self.stepped else time.perf_counter_ns() - self._t0
 
     def advance(self, ns: int) -> None:
-        """A step priced at `ns` ran (virtual time moves; wall time moved by itself)."""
-        if self.virtual:
+        """A step priced or measured at `ns` ran (wall time moved by itself)."""
+        if self.stepped:
             self._t += ns
 
     def wait_until(self, t: int) -> None:
-        if self.virtual:
+        if self.stepped:
             self._t = max(self._t, t)
         else:
             delay = (t - self.now()) / NS
@@ -101,6 +115,19 @@ class Engine:
         self._remaining = len(self.requests)
         self._progress = progress
         self._bar: tqdm | None = None
+        self._drift, self._drift_why = self._drift_scale(clock, parts.profile)
+
+    def _drift_scale(self, clock: Clock, profile) -> tuple[DriftScale | None, str]:
+        """The measured clock's drift scaling on a CPU (see the module doc), or None and why not."""
+        if clock.kind != "measured":
+            return None, ""
+        device = getattr(self.executor, "device", None)
+        if getattr(device, "type", "cpu") != "cpu":
+            return None, "a GPU's speed does not drift like a shared CPU's"
+        ref = profile.provenance.reference_probe_s
+        if not ref > 0:
+            return None, f"profile {profile.name} records no reference probe (provenance.reference_probe_s)"
+        return DriftScale(ref), ""
 
     @staticmethod
     def _refuse(parts: Parts) -> None:
@@ -136,8 +163,8 @@ class Engine:
         j = self.router.dispatch(r, self)
         if j != 0:
             raise PolicyError(f"router returned replica {j}; the runtime serves replica 0 only")
-        # virtual: dispatched at its arrival, as in the simulator; real: when the loop admitted it
-        r.dispatch = r.arrival if self.clock.virtual else max(self.clock.now(), r.arrival)
+        # virtual, measured: dispatched at its arrival, as in the simulator; real: when the loop admitted it
+        r.dispatch = r.arrival if self.clock.stepped else max(self.clock.now(), r.arrival)
         self.replica.enqueue(r)
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -149,6 +176,7 @@ class Engine:
         self.replica.preload(preload)
         self.executor.preload(preload)
         clock, state, reqs = self.clock, self.replica, self.requests
+        clock.start()
         n, i = len(reqs), 0
         with tqdm(total=n, disable=not self._progress, unit="req", mininterval=0.5, leave=False,
                   desc=f"serving ({clock.kind} clock)") as bar:
@@ -186,18 +214,24 @@ class Engine:
 
     def _iterate(self, d, policy_s: float) -> None:
         clock, state = self.clock, self.replica
+        k = self._drift.factor() if self._drift is not None else 1.0   # probed before the step, untimed
         start = clock.now()
+        t_begin = time.perf_counter()
         step = state.begin(d)
         t0 = time.perf_counter()
         times = self.executor.run(step)
         wall = time.perf_counter() - t0
         self.stats.executor_s += wall
         self.stats.iterations += 1
-        price = state.prices(step)   # the simulator's price of this step, recorded on either clock
+        price = state.prices(step)   # the simulator's price of this step, recorded on every clock
         if clock.virtual:
             dur = price.total_ns()
             clock.advance(dur)
             compute, overhead = price.compute, price.overhead
+        elif clock.stepped:   # measured: the step's own wall time (bookkeeping and run), scaled by k
+            dur = max(to_ns((t0 - t_begin + wall) * k), 1)
+            clock.advance(dur)
+            compute, overhead = times.forward * k, (times.mode * k, times.load * k, times.swap * k)
         else:
             dur = max(clock.now() - start, 1)
             compute, overhead = times.forward, (times.mode, times.load, times.swap)
@@ -215,6 +249,9 @@ class Engine:
         s = self.stats
         extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra,
                  **self.router.stats()}
+        if self.clock.kind == "measured":
+            extra["clock_scaling"] = self._drift.summary() if self._drift is not None else {
+                "scaled": False, "why": self._drift_why}
         if self.migrator is not None:
             extra["migration"] = "not run: one replica"
         return extra

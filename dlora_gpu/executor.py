@@ -30,6 +30,7 @@ from dlora_sim.request import Request, State
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "triton", "auto")
+CLOCKS = ("real", "virtual", "measured")   # how the serving clock moves (dlora_gpu.engine)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class RuntimeConfig:
     adapters_dir: str | None = None   # one PEFT adapter folder per workload adapter (adapter-<id>); None = random
     seed: int = 0
     backend: str = "torch"            # LoRA and decode attention: torch | triton | auto
-    clock: str = "real"               # real | virtual
+    clock: str = "real"               # real | virtual | measured (dlora_gpu.engine)
     threads: int = 1
     warmup: int = 2
 
@@ -51,8 +52,8 @@ class RuntimeConfig:
             raise ValueError(f"runtime.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"runtime.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        if self.clock not in ("real", "virtual"):
-            raise ValueError(f"runtime.clock must be 'real' or 'virtual', got {self.clock!r}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"runtime.clock must be one of {list(CLOCKS)}, got {self.clock!r}")
         if self.threads < 1 or self.warmup < 0:
             raise ValueError(f"runtime.threads must be >= 1 and runtime.warmup >= 0, got {self.threads}, {self.warmup}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -22,6 +22,8 @@ def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert {"device", "versions", "commit", "load_avg_1min_before"} <= set(meta)
     assert meta["reference"]["scaled"] and meta["reference"]["probes"] > 0   # CPU: drift-scaled
+    # the profile keeps the reference its points were scaled to (the measured clock scales to it)
+    assert prof.provenance.reference_probe_s == meta["reference"]["session_median_s"] > 0
     with (tmp_path / "points.csv").open() as f:
         drifts = [float(r["drift"]) for r in csv.DictReader(f)]
     assert drifts and all(d > 0 for d in drifts)
@@ -97,12 +99,15 @@ def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_
                 "loadavg_before": 0.1, "loadavg_after": 0.2, "price_bias": f"+{rep}%", "price_by_batch": f"b{rep}",
                 "price_mean_abs": "9%"}
 
-    text = report([row(0, -0.30), row(1, 0.10), row(2, 0.02)], "CPU", "cpu-tiny", "Profile: test.")
-    line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora"))
+    measured = {**row(0, 0.04), "clock": "measured"}   # another clock is another case
+    text = report([row(0, -0.30), row(1, 0.10), measured, row(2, 0.02)], "CPU", "cpu-tiny", "Profile: test.")
+    line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora | real"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[4] == "+2.0%"                      # median mean E2E of -30%, +10%, +2%
-    assert cells[5] == "+1.0%"                      # P50: median of 0, 1, 2 %
-    assert cells[12] == "-30.0% ... +10.0%"         # range of mean E2E
-    assert cells[13] == "0.100" and cells[15] == "100/101/102 / 90"
-    assert "3 time(s)" in text and "Profile: test." in text
-    assert "| +0%, +1%, +2% | b2 |" in text          # the by-batch detail of the median repeat (+2%)
+    assert cells[5] == "+2.0%"                      # median mean E2E of -30%, +10%, +2%
+    assert cells[6] == "+1.0%"                      # P50: median of 0, 1, 2 %
+    assert cells[13] == "-30.0% ... +10.0%"         # range of mean E2E
+    assert cells[14] == "0.100" and cells[16] == "100/101/102 / 90"
+    assert "3 time(s)" in text and "Profile: test." in text and "--clocks real,measured" in text
+    assert "| real | +0%, +1%, +2% | b2 |" in text   # the by-batch detail of the median repeat (+2%)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora | measured"))
+    assert line.split("|")[6].strip() == "+4.0%" and "| measured | +0% | b0 |" in text

@@ -1,5 +1,6 @@
 """The runtime serving traces with the simulator's policies: the virtual clock reproduces dlora-sim byte
-for byte, the real clock gives a complete, ordered results folder, and what it cannot serve is refused."""
+for byte, the real clock gives a complete, ordered results folder, the measured clock advances by each step's
+own (drift-scaled) time, and what it cannot serve is refused."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -16,7 +18,7 @@ from dlora_gpu.cli import build_engine
 from dlora_sim.config import ConfigError, build_simulation
 from dlora_sim.metrics import REQUEST_COLUMNS, _csv_text, request_rows
 from dlora_sim.paths import CONF_DIR
-from dlora_sim.request import State
+from dlora_sim.request import State, to_ns
 
 # 8 adapters in 4 slots (loads), 40 KV blocks of 16 tokens and a little host swap (swap-outs, swap-ins
 # and recomputes), arrivals fast enough that the batch is full.
@@ -96,6 +98,54 @@ def test_real_clock_serves_every_request_once_in_order(tmp_path):
         end = start + dur
         assert float(it["wall_s"]) > 0 and "policy_s" in it
     assert (out / "latency.png").exists()
+
+
+def test_the_real_clock_starts_when_serving_starts_not_when_the_engine_is_built():
+    """Building the model (and anything between that and `run`) is not serving time: requests that
+    arrive at 0 are not already late when the first iteration starts."""
+    import time
+    engine = build_engine(_cfg("system=slora", "workload.num_requests=4"))
+    time.sleep(0.3)
+    res = engine.run()
+    first = min(start for _, start, *_ in res.recorder.rows)
+    assert first < to_ns(0.3) and all(r.done for r in res.requests)
+
+
+def _profile_with_reference(tmp_path, reference_s: float) -> str:
+    from dlora_sim.paths import PROFILES_DIR
+    raw = yaml.safe_load((PROFILES_DIR / "cpu-tiny.yaml").read_text())
+    raw["provenance"]["reference_probe_s"] = reference_s
+    path = tmp_path / "cpu-tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_measured_clock_advances_by_each_steps_own_time_scaled_to_the_profiles_reference(tmp_path, monkeypatch):
+    """Every request once, dispatched at its arrival (waits jump); each iteration lasts at least the
+    executor's wall time x the drift factor (a probe twice as fast as the reference: factor 2)."""
+    from dlora_gpu import drift
+    monkeypatch.setattr(drift.MatmulProbe, "__call__", lambda self: 0.0005)
+    engine = build_engine(_cfg("system=dlora", "runtime.clock=measured", "workload.num_requests=12",
+                               f"profile.path={_profile_with_reference(tmp_path, 0.001)}"))
+    res = engine.run()
+    assert sorted(r.id for r in res.requests) == list(range(12)) and all(r.done for r in res.requests)
+    assert all(r.dispatch == r.arrival <= r.first_scheduled <= r.first_token <= r.finish for r in res.requests)
+    scaling = engine._summary_extra()["clock_scaling"]
+    assert scaling["scaled"] and scaling["factor_median"] == scaling["factor_min"] == scaling["factor_max"] == 2.0
+    rows = res.recorder.rows   # (replica, start ns, duration ns, ..., info with the executor's wall_s)
+    assert scaling["factors"] == len(rows) > 0
+    end = 0
+    for _, start, dur, *_, info in rows:
+        assert start >= end and dur >= to_ns(2.0 * info["wall_s"]) - 1
+        end = start + dur
+
+
+def test_measured_clock_without_a_reference_is_unscaled_and_says_why():
+    engine = build_engine(_cfg("runtime.clock=measured", "workload.num_requests=4"))
+    res = engine.run()
+    assert all(r.done for r in res.requests)
+    scaling = engine._summary_extra()["clock_scaling"]
+    assert not scaling["scaled"] and "provenance.reference_probe_s" in scaling["why"]
 
 
 @pytest.mark.parametrize("override,key", [
