@@ -243,7 +243,11 @@ class Engine:
                                 extra={"predicted_s": round(price.total_ns() / NS, 9),
                                        "wall_s": round(wall, 9), "policy_s": round(policy_s, 9),
                                        "wall_forward_s": round(times.forward, 9), "wall_switch_s": round(times.mode, 9),
-                                       "wall_load_s": round(times.load, 9), "wall_swap_s": round(times.swap, 9)})
+                                       "wall_load_s": round(times.load, 9), "wall_swap_s": round(times.swap, 9),
+                                       # the cost model's features of the step: a served iteration is a fit point
+                                       "decode_context": step.decode_context, "prefill_sq": step.prefill_sq,
+                                       "rank_sum": step.rank_sum, "token_rank": step.token_rank,
+                                       "resident_rank_sum": step.resident_rank_sum})
 
     def _summary_extra(self) -> dict:
         s = self.stats

@@ -97,6 +97,9 @@ def test_real_clock_serves_every_request_once_in_order(tmp_path):
         assert start >= end - 1e-6 and dur > 0
         end = start + dur
         assert float(it["wall_s"]) > 0 and "policy_s" in it
+        # the step's cost-model features: every decode has at least one token of context
+        assert int(it["decode_context"]) >= int(it["decode_seqs"]) and int(it["prefill_sq"]) >= int(it["prefill_tokens"])
+        assert int(it["resident_rank_sum"]) >= int(it["rank_sum"]) >= 0
     assert (out / "latency.png").exists()
 
 
