@@ -143,8 +143,9 @@ def test_measured_clock_advances_by_each_steps_own_time_scaled_to_the_profiles_r
         end = start + dur
 
 
-def test_measured_clock_without_a_reference_is_unscaled_and_says_why():
-    engine = build_engine(_cfg("runtime.clock=measured", "workload.num_requests=4"))
+def test_measured_clock_without_a_reference_is_unscaled_and_says_why(tmp_path):
+    engine = build_engine(_cfg("runtime.clock=measured", "workload.num_requests=4",
+                               f"profile.path={_profile_with_reference(tmp_path, 0.0)}"))   # 0: none recorded
     res = engine.run()
     assert all(r.done for r in res.requests)
     scaling = engine._summary_extra()["clock_scaling"]
