@@ -16,7 +16,6 @@ factor applied to each point; metadata.json keeps the reference. On a GPU no sca
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import json
 import os
@@ -169,7 +168,7 @@ class Harness:
             state.complete(step, 0, 1)
         state.end_run(step.batch, 0)
         self.last_drift = k
-        return wall * k, _scaled(times, k) if k != 1.0 else times, step
+        return wall * k, times.scaled(k), step
 
     def drop(self, reqs: Sequence[Request]) -> None:
         """Finish requests by hand (free their KV and tokens)."""
@@ -178,11 +177,6 @@ class Harness:
             if r.id in self.ex.kv.sequences():
                 self.ex.kv.release(r.id)
             self.ex._tokens.pop(r.id, None)
-
-
-def _scaled(times, k: float):
-    """PhaseTimes with every phase multiplied by `k` (the drift factor)."""
-    return dataclasses.replace(times, **{f.name: getattr(times, f.name) * k for f in dataclasses.fields(times)})
 
 
 def _medians(runs: list[tuple[float, object, object, float]]) -> tuple[float, float, dict, object]:

@@ -228,25 +228,28 @@ class Engine:
             dur = price.total_ns()
             clock.advance(dur)
             compute, overhead = price.compute, price.overhead
-        elif clock.stepped:   # measured: the step's own wall time (bookkeeping and run), scaled by k
-            dur = max(to_ns((t0 - t_begin + wall) * k), 1)
-            clock.advance(dur)
-            compute, overhead = times.forward * k, (times.mode * k, times.load * k, times.swap * k)
         else:
-            dur = max(clock.now() - start, 1)
-            compute, overhead = times.forward, (times.mode, times.load, times.swap)
+            if clock.stepped:   # measured: the step's own wall time (bookkeeping and run), scaled by k
+                dur = max(to_ns((t0 - t_begin + wall) * k), 1)
+                clock.advance(dur)
+            else:
+                dur = max(clock.now() - start, 1)
+            phases = times.scaled(k)   # the wall_* columns below stay unscaled
+            compute, overhead = phases.forward, (phases.mode, phases.load, phases.swap)
         end = start + dur
         prefill_tokens, prefills = state.complete(step, end, dur)
         self.executor.release(state.end_run(step.batch, end))
-        n = len(step.batch)
+        n, unmerged = len(step.batch), d.merged is None
         self.recorder.iteration(0, start, dur, compute, overhead, d, n, prefill_tokens, n - prefills, step.distinct,
                                 extra={"predicted_s": round(price.total_ns() / NS, 9),
                                        "wall_s": round(wall, 9), "policy_s": round(policy_s, 9),
                                        "wall_forward_s": round(times.forward, 9), "wall_switch_s": round(times.mode, 9),
                                        "wall_load_s": round(times.load, 9), "wall_swap_s": round(times.swap, 9),
-                                       # the cost model's features of the step: a served iteration is a fit point
+                                       # the cost model's features as `prices` charged them (no LoRA terms when
+                                       # merged): a served iteration is a fit point
                                        "decode_context": step.decode_context, "prefill_sq": step.prefill_sq,
-                                       "rank_sum": step.rank_sum, "token_rank": step.token_rank,
+                                       "rank_sum": step.rank_sum if unmerged else 0,
+                                       "token_rank": step.token_rank if unmerged else 0,
                                        "resident_rank_sum": step.resident_rank_sum})
 
     def _summary_extra(self) -> dict:

@@ -10,8 +10,9 @@ adapter slots hold the state's resident adapters (`check`).
 """
 from __future__ import annotations
 
+
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -83,6 +84,10 @@ class PhaseTimes:
     @property
     def total(self) -> float:
         return self.recompute + self.swap_out + self.evict + self.load + self.mode + self.swap_in + self.forward
+
+    def scaled(self, k: float) -> "PhaseTimes":
+        """Every phase multiplied by `k` (a CPU drift factor, `dlora_gpu.drift`)."""
+        return self if k == 1.0 else replace(self, **{f.name: getattr(self, f.name) * k for f in fields(self)})
 
 
 def runtime_config(node) -> RuntimeConfig:
