@@ -115,6 +115,7 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
     ref = meta.get("reference") or {}
     if ref.get("scaled"):
         raw["provenance"]["reference_probe_s"] = ref["session_median_s"]
+        raw["provenance"]["reference_probe"] = ref["probe"]
     profile_from_dict(raw, src="fitted profile")   # validate before anyone writes it
     return raw, report
 

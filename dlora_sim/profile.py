@@ -29,9 +29,10 @@ class Provenance:
     method: str
     software: str = ""
     anchors: tuple[str, ...] = ()
-    # a measured CPU profile: the reference matmul's median seconds while its points were timed (their
+    # a measured CPU profile: the reference probe's median seconds while its points were timed (their
     # drift scaling refers to it; the runtime's `measured` clock scales to it too); 0 = none
     reference_probe_s: float = 0.0
+    reference_probe: str = ""   # which probe that time is of (dlora_gpu.drift's describe()); "" = unknown
 
 
 @dataclass(frozen=True)

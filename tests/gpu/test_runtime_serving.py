@@ -114,10 +114,13 @@ def test_the_real_clock_starts_when_serving_starts_not_when_the_engine_is_built(
     assert first < to_ns(0.3) and all(r.done for r in res.requests)
 
 
-def _profile_with_reference(tmp_path, reference_s: float) -> str:
+def _profile_with_reference(tmp_path, reference_s: float, probe: str | None = None) -> str:
+    from dlora_gpu.drift import ReferenceProbe
+    probe = ReferenceProbe().describe() if probe is None else probe
     from dlora_sim.paths import PROFILES_DIR
     raw = yaml.safe_load((PROFILES_DIR / "cpu-tiny.yaml").read_text())
     raw["provenance"]["reference_probe_s"] = reference_s
+    raw["provenance"]["reference_probe"] = probe
     path = tmp_path / "cpu-tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -127,7 +130,7 @@ def test_measured_clock_advances_by_each_steps_own_time_scaled_to_the_profiles_r
     """Every request once, dispatched at its arrival (waits jump); each iteration lasts at least the
     executor's wall time x the drift factor (a probe twice as fast as the reference: factor 2)."""
     from dlora_gpu import drift
-    monkeypatch.setattr(drift.MatmulProbe, "__call__", lambda self: 0.0005)
+    monkeypatch.setattr(drift.ReferenceProbe, "__call__", lambda self: 0.0005)
     engine = build_engine(_cfg("system=dlora", "runtime.clock=measured", "workload.num_requests=12",
                                f"profile.path={_profile_with_reference(tmp_path, 0.001)}"))
     res = engine.run()
@@ -150,6 +153,18 @@ def test_measured_clock_without_a_reference_is_unscaled_and_says_why(tmp_path):
     assert all(r.done for r in res.requests)
     scaling = engine._summary_extra()["clock_scaling"]
     assert not scaling["scaled"] and "provenance.reference_probe_s" in scaling["why"]
+
+
+def test_measured_clock_refuses_a_reference_timed_with_another_probe(tmp_path):
+    """A reference time is only comparable with the probe that measured it: another probe's (an older
+    profile's 384x384 matmul alone) leaves the clock unscaled and names the key and the remedy."""
+    engine = build_engine(_cfg("runtime.clock=measured", "workload.num_requests=4",
+                               f"profile.path={_profile_with_reference(tmp_path, 0.0015, '384x384 float32 matmul')}"))
+    res = engine.run()
+    assert all(r.done for r in res.requests)
+    scaling = engine._summary_extra()["clock_scaling"]
+    assert not scaling["scaled"] and "provenance.reference_probe" in scaling["why"]
+    assert "384x384 float32 matmul" in scaling["why"] and "dlora-calibrate" in scaling["why"]
 
 
 @pytest.mark.parametrize("override,key", [

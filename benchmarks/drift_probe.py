@@ -1,0 +1,134 @@
+"""Which reference probe tracks the runtime's speed drift on a CPU: side by side, in one run.
+
+Interleaves, for `--seconds`, each candidate probe with a merged batch-1 and a merged batch-8 decode step
+of the cpu_tiny runtime (fresh requests every 100 rounds, context 300-400), then groups the rounds into
+blocks of `--block` and compares the step time's block medians with each probe's. A probe that tracks
+the drift leaves little spread in log(step / probe) between blocks; slope 1 means it moves exactly as
+much as the steps. The per-step column applies the measured clock's own scaling (the median of the
+last 9 probes) to each step.
+
+    python benchmarks/drift_probe.py [--seconds 240] [--record]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.recording import output_dir, write_report, wrote  # noqa: E402
+
+
+def _measure(seconds: float) -> dict[str, np.ndarray]:
+    from calibration.calibrate import _compose
+    from calibration.microbench import BenchConfig, Harness
+    from dlora_gpu.drift import DispatchProbe, MatmulProbe
+    from dlora_gpu.executor import runtime_config
+    from dlora_sim.config import build_profile
+    from dlora_sim.policies.base import Decision
+    cfg = _compose([])
+    h = Harness(runtime_config(cfg.runtime), build_profile(cfg),
+                BenchConfig(max_kv_blocks=cfg.cluster.replica.max_kv_blocks, reference=False))
+    mm, disp = MatmulProbe(), DispatchProbe()
+    h.set_mode(0)
+    h.ensure_resident([0])
+
+    def fresh(n: int):
+        reqs = h.new([0] * n, [300] * n)
+        h.step(Decision(reqs, merged=0), scaled=False)
+        return reqs
+
+    def step(reqs) -> float:
+        t0 = time.perf_counter()
+        h.step(Decision(reqs, merged=0), scaled=False)
+        return time.perf_counter() - t0
+
+    cols: dict[str, list[float]] = {k: [] for k in ("matmul_1", "dispatch_1", "step_1", "matmul_8", "dispatch_8", "step_8")}
+    batches = {1: fresh(1), 8: fresh(8)}
+    end, rounds = time.time() + seconds, 0
+    while time.time() < end:
+        rounds += 1
+        if rounds % 100 == 0:
+            for n in batches:
+                h.drop(batches[n])
+                batches[n] = fresh(n)
+        for n, reqs in batches.items():
+            cols[f"matmul_{n}"].append(mm())
+            cols[f"dispatch_{n}"].append(disp())
+            cols[f"step_{n}"].append(step(reqs))
+    return {k: np.array(v) for k, v in cols.items()}
+
+
+def _trailing_median(x: np.ndarray, w: int) -> np.ndarray:
+    return np.array([np.median(x[max(0, i - w + 1):i + 1]) for i in range(len(x))])
+
+
+def _robust_sd(logs: np.ndarray) -> float:
+    return float(1.4826 * np.median(np.abs(logs - np.median(logs))))
+
+
+def analyse(cols: dict[str, np.ndarray], block: int) -> list[dict]:
+    rows = []
+    for n in (1, 8):
+        step = cols[f"step_{n}"]
+        probes = {"none": np.ones_like(step), "matmul": cols[f"matmul_{n}"], "dispatch": cols[f"dispatch_{n}"],
+                  "geometric mean": np.sqrt(cols[f"matmul_{n}"] * cols[f"dispatch_{n}"])}
+        nb = len(step) // block
+        blocks = lambda v: np.log([np.median(v[i * block:(i + 1) * block]) for i in range(nb)])  # noqa: E731
+        ks = blocks(step)
+        for name, p in probes.items():
+            kp = blocks(p)
+            slope = float(np.polyfit(kp, ks, 1)[0]) if name != "none" else float("nan")
+            rows.append({"batch": n, "probe": name, "rounds": len(step), "blocks": nb,
+                         "step_ms": round(float(np.median(step)) * 1e3, 4),
+                         "probe_ms": round(float(np.median(p)) * 1e3, 4) if name != "none" else "",
+                         "block_sd_log": round(float(np.std(ks - kp)), 4),
+                         "slope": round(slope, 3) if not math.isnan(slope) else "",
+                         "per_step_sd_log": round(_robust_sd(np.log(step / _trailing_median(p, 9))), 4)})
+    return rows
+
+
+def report(rows: list[dict], seconds: float, block: int, load: tuple[float, float]) -> str:
+    lines = ["# Drift probes: which reference tracks the CPU runtime's speed", "",
+             f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/drift_probe.py --seconds {seconds:g}`: "
+             f"cpu_tiny runtime, 1 torch thread; every round times the matmul probe (384x384 float32), the "
+             f"dispatch probe (2-layer 1x256 op chain) and one merged decode step, for a batch of 1 and of 8. "
+             f"Block = {block} rounds. 1-min load average before / after: {load[0]:.2f} / {load[1]:.2f}.", "",
+             "block sd: the standard deviation between blocks of log(step median / probe median), the slow "
+             "drift a probe leaves (probe `none`: the steps' own drift); slope: how much log step moves per "
+             "unit of log probe (1 = in step); per-step sd: robust sd of log(step / median of the last 9 "
+             "probes), as the measured clock scales.", "",
+             "| batch | probe | rounds | step (ms) | probe (ms) | block sd | slope | per-step sd |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['probe']} | {r['rounds']} | {r['step_ms']} | {r['probe_ms']} | "
+              f"{r['block_sd_log']:.3f} | {r['slope']} | {r['per_step_sd_log']:.3f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=240.0)
+    ap.add_argument("--block", type=int, default=200)
+    ap.add_argument("--record", action="store_true", help="write into benchmarks/results/")
+    a = ap.parse_args()
+    if a.seconds <= 0 or a.block < 2:
+        ap.error("--seconds must be > 0 and --block >= 2")
+    before = os.getloadavg()[0]
+    cols = _measure(a.seconds)
+    if len(cols["step_1"]) < 3 * a.block:
+        ap.error(f"only {len(cols['step_1'])} rounds in {a.seconds:g} s: fewer than 3 blocks of {a.block}; run longer")
+    rows = analyse(cols, a.block)
+    text = report(rows, a.seconds, a.block, (before, os.getloadavg()[0]))
+    out = output_dir(a.record, "drift_probe")
+    write_report(out, "drift_probe", rows, text)
+    print(text)
+    print(wrote(out, "drift_probe", a.record, "csv,md"))
+
+
+if __name__ == "__main__":
+    main()
