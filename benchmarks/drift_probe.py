@@ -1,7 +1,10 @@
 """Which reference probe tracks the runtime's speed drift on a CPU: side by side, in one run.
 
 Interleaves, for `--seconds`, each candidate probe with a merged batch-1 and a merged batch-8 decode step
-of the cpu_tiny runtime (fresh requests every 100 rounds, context 300-400), then groups the rounds into
+of the cpu_tiny runtime (fresh requests every 100 rounds, context 300-400); every other round a large
+prefill runs before each probe and the step, so a probe that times the cache state the previous step
+left rather than the machine shows it (a serving run's steps are smaller than the microbenchmarks').
+Then groups the rounds into
 blocks of `--block` and compares the step time's block medians with each probe's. A probe that tracks
 the drift leaves little spread in log(step / probe) between blocks; slope 1 means it moves exactly as
 much as the steps. The per-step column applies the measured clock's own scaling (the median of the
@@ -24,6 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.recording import output_dir, write_report, wrote  # noqa: E402
 
 
+PROBES = ("matmul", "dispatch", "dispatch_warm", "dispatch_settled")
+
+
 def _measure(seconds: float) -> dict[str, np.ndarray]:
     from calibration.calibrate import _compose
     from calibration.microbench import BenchConfig, Harness
@@ -34,7 +40,8 @@ def _measure(seconds: float) -> dict[str, np.ndarray]:
     cfg = _compose([])
     h = Harness(runtime_config(cfg.runtime), build_profile(cfg),
                 BenchConfig(max_kv_blocks=cfg.cluster.replica.max_kv_blocks, reference=False))
-    mm, disp = MatmulProbe(), DispatchProbe()
+    probes = {"matmul": MatmulProbe(), "dispatch": DispatchProbe(), "dispatch_warm": DispatchProbe(warm=2),
+              "dispatch_settled": DispatchProbe(settle=384)}
     h.set_mode(0)
     h.ensure_resident([0])
 
@@ -48,7 +55,13 @@ def _measure(seconds: float) -> dict[str, np.ndarray]:
         h.step(Decision(reqs, merged=0), scaled=False)
         return time.perf_counter() - t0
 
-    cols: dict[str, list[float]] = {k: [] for k in ("matmul_1", "dispatch_1", "step_1", "matmul_8", "dispatch_8", "step_8")}
+    def big_prefill() -> None:
+        """An untimed 256-token prefill: the cache state a large step leaves behind."""
+        reqs = h.new([0], [256])
+        h.step(Decision(reqs, merged=0), scaled=False)
+        h.drop(reqs)
+
+    cols: dict[str, list[float]] = {f"{k}_{n}": [] for n in (1, 8) for k in (*PROBES, "step", "after_big")}
     batches = {1: fresh(1), 8: fresh(8)}
     end, rounds = time.time() + seconds, 0
     while time.time() < end:
@@ -58,8 +71,16 @@ def _measure(seconds: float) -> dict[str, np.ndarray]:
                 h.drop(batches[n])
                 batches[n] = fresh(n)
         for n, reqs in batches.items():
-            cols[f"matmul_{n}"].append(mm())
-            cols[f"dispatch_{n}"].append(disp())
+            after_big = rounds % 2 == 0
+            if after_big:
+                big_prefill()
+            cols[f"after_big_{n}"].append(float(after_big))
+            for name in PROBES:   # each probe right after the preceding step, in turn
+                if after_big and name != PROBES[0]:
+                    big_prefill()
+                cols[f"{name}_{n}"].append(probes[name]())
+            if after_big:
+                big_prefill()
             cols[f"step_{n}"].append(step(reqs))
     return {k: np.array(v) for k, v in cols.items()}
 
@@ -75,20 +96,22 @@ def _robust_sd(logs: np.ndarray) -> float:
 def analyse(cols: dict[str, np.ndarray], block: int) -> list[dict]:
     rows = []
     for n in (1, 8):
-        step = cols[f"step_{n}"]
-        probes = {"none": np.ones_like(step), "matmul": cols[f"matmul_{n}"], "dispatch": cols[f"dispatch_{n}"],
-                  "geometric mean": np.sqrt(cols[f"matmul_{n}"] * cols[f"dispatch_{n}"])}
+        step, big = cols[f"step_{n}"], cols[f"after_big_{n}"] > 0
+        probes = {"none": np.ones_like(step), **{k: cols[f"{k}_{n}"] for k in PROBES},
+                  "matmul x dispatch (geometric mean)": np.sqrt(cols[f"matmul_{n}"] * cols[f"dispatch_{n}"])}
         nb = len(step) // block
         blocks = lambda v: np.log([np.median(v[i * block:(i + 1) * block]) for i in range(nb)])  # noqa: E731
         ks = blocks(step)
         for name, p in probes.items():
             kp = blocks(p)
-            slope = float(np.polyfit(kp, ks, 1)[0]) if name != "none" else float("nan")
+            probe = name != "none"
             rows.append({"batch": n, "probe": name, "rounds": len(step), "blocks": nb,
                          "step_ms": round(float(np.median(step)) * 1e3, 4),
-                         "probe_ms": round(float(np.median(p)) * 1e3, 4) if name != "none" else "",
+                         "probe_ms": round(float(np.median(p)) * 1e3, 4) if probe else "",
+                         "after_large_step": round(float(np.median(p[big]) / np.median(p[~big])), 3) if probe else
+                         round(float(np.median(step[big]) / np.median(step[~big])), 3),
                          "block_sd_log": round(float(np.std(ks - kp)), 4),
-                         "slope": round(slope, 3) if not math.isnan(slope) else "",
+                         "slope": round(float(np.polyfit(kp, ks, 1)[0]), 3) if probe else "",
                          "per_step_sd_log": round(_robust_sd(np.log(step / _trailing_median(p, 9))), 4)})
     return rows
 
@@ -97,15 +120,20 @@ def report(rows: list[dict], seconds: float, block: int, load: tuple[float, floa
     lines = ["# Drift probes: which reference tracks the CPU runtime's speed", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/drift_probe.py --seconds {seconds:g}`: "
              f"cpu_tiny runtime, 1 torch thread; every round times the matmul probe (384x384 float32), the "
-             f"dispatch probe (2-layer 1x256 op chain) and one merged decode step, for a batch of 1 and of 8. "
+             f"dispatch probe (2-layer 1x256 op chain) as it comes, warm (the fastest of 2 after a warm-up run) "
+             f"and settled (after an untimed 384x384 matmul), and "
+             f"one merged decode step, for a batch of 1 and of 8; every other round an untimed 256-token "
+             f"prefill runs before each probe and the step. "
              f"Block = {block} rounds. 1-min load average before / after: {load[0]:.2f} / {load[1]:.2f}.", "",
              "block sd: the standard deviation between blocks of log(step median / probe median), the slow "
              "drift a probe leaves (probe `none`: the steps' own drift); slope: how much log step moves per "
              "unit of log probe (1 = in step); per-step sd: robust sd of log(step / median of the last 9 "
-             "probes), as the measured clock scales.", "",
-             "| batch | probe | rounds | step (ms) | probe (ms) | block sd | slope | per-step sd |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['probe']} | {r['rounds']} | {r['step_ms']} | {r['probe_ms']} | "
+             "probes), as the measured clock scales; after large step: the probe's median after the prefill / "
+             "otherwise (probe `none`: the step's), which should be 1 for a probe that times the machine and "
+             "not the cache state the last step left.", "",
+             "| batch | probe | rounds | step (ms) | probe (ms) | after large step | block sd | slope | per-step sd |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['probe']} | {r['rounds']} | {r['step_ms']} | {r['probe_ms']} | {r['after_large_step']} | "
               f"{r['block_sd_log']:.3f} | {r['slope']} | {r['per_step_sd_log']:.3f} |" for r in rows]
     return "\n".join(lines) + "\n"
 

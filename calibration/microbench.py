@@ -9,7 +9,7 @@ the median wall time of the executor's run (perf_counter around it) and the devi
 like real traffic, is measured the same way and never used in the fit.
 
 On a CPU the machine's speed drifts (on a shared VM by 10-25% over seconds, and more between runs),
-so every timed run is preceded by a fixed reference probe (`dlora_gpu.drift.ReferenceProbe`: a chain
+so every timed run is preceded by a fixed reference probe (`dlora_gpu.drift.reference_probe`: a chain
 of small ops) and scaled by (the median of all those probes / this run's): a drift that slows
 both cancels. The `drift` column keeps the median
 factor applied to each point; metadata.json keeps the reference. On a GPU no scaling is applied.
@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dlora_gpu.drift import ReferenceProbe
+from dlora_gpu.drift import DispatchProbe, reference_probe
 from dlora_sim.config import Parts
 from dlora_sim.cost_model import CostModel
 from dlora_sim.metrics import Recorder
@@ -81,10 +81,10 @@ class Harness:
         self._next_id = 0
         self.last_drift = 1.0
         self.probes: list[float] = []
-        self._ref: ReferenceProbe | None = None   # None: timings are not scaled
+        self._ref: DispatchProbe | None = None   # None: timings are not scaled
         self.reference_s = 0.0
         if bench.reference and self.ex.device.type == "cpu":
-            self._ref = ReferenceProbe(seed=bench.seed)
+            self._ref = reference_probe(bench.seed)
             for _ in range(10):
                 self._probe()
             self.reference_s = median(self._probe() for _ in range(50))

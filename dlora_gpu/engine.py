@@ -25,7 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
-from dlora_gpu.drift import DriftScale, ReferenceProbe
+from dlora_gpu.drift import DriftScale, reference_probe
 from dlora_gpu.executor import CLOCKS, PhaseTimes
 from dlora_sim.config import Parts
 from dlora_sim.cost_model import CostModel
@@ -127,7 +127,7 @@ class Engine:
         ref = profile.provenance.reference_probe_s
         if not ref > 0:
             return None, f"profile {profile.name} records no reference probe (provenance.reference_probe_s)"
-        probe = ReferenceProbe()
+        probe = reference_probe()
         if profile.provenance.reference_probe != probe.describe():
             return None, (f"profile {profile.name}'s reference probe is of {profile.provenance.reference_probe or 'an unnamed probe'!r} "
                           f"(provenance.reference_probe), this runtime probes with {probe.describe()!r}: "

@@ -24,8 +24,8 @@ def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
     assert meta["reference"]["scaled"] and meta["reference"]["probes"] > 0   # CPU: drift-scaled
     # the profile keeps the reference its points were scaled to (the measured clock scales to it)
     assert prof.provenance.reference_probe_s == meta["reference"]["session_median_s"] > 0
-    from dlora_gpu.drift import ReferenceProbe
-    assert prof.provenance.reference_probe == meta["reference"]["probe"] == ReferenceProbe().describe()
+    from dlora_gpu.drift import reference_probe
+    assert prof.provenance.reference_probe == meta["reference"]["probe"] == reference_probe().describe()
     with (tmp_path / "points.csv").open() as f:
         drifts = [float(r["drift"]) for r in csv.DictReader(f)]
     assert drifts and all(d > 0 for d in drifts)
