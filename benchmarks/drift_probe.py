@@ -1,11 +1,10 @@
 """Which reference probe tracks the runtime's speed drift on a CPU: side by side, in one run.
 
-Interleaves, for `--seconds`, each candidate probe with a merged batch-1 and a merged batch-8 decode step
-of the cpu_tiny runtime (fresh requests every 100 rounds, context 300-400); every other round a large
-prefill runs before each probe and the step, so a probe that times the cache state the previous step
-left rather than the machine shows it (a serving run's steps are smaller than the microbenchmarks').
-Then groups the rounds into
-blocks of `--block` and compares the step time's block medians with each probe's. A probe that tracks
+Interleaves, for `--seconds`, each candidate probe with decode steps of the cpu_tiny runtime (merged
+batch 1, merged batch 8, unmerged batch 8 over 4 adapters; fresh requests every 100 rounds, context
+300-400); every other round a large prefill runs before each probe and the step, so a probe that
+times the cache state the previous step left rather than the machine shows it (a serving run's steps
+are smaller than the microbenchmarks'). Then groups the rounds into blocks of `--block` and compares the step time's block medians with each probe's. A probe that tracks
 the drift leaves little spread in log(step / probe) between blocks; slope 1 means it moves exactly as
 much as the steps. The per-step column applies the measured clock's own scaling (the median of the
 last 9 probes) to each step.
@@ -27,13 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.recording import output_dir, write_report, wrote  # noqa: E402
 
 
-PROBES = ("matmul", "dispatch", "dispatch_warm", "dispatch_settled")
+PROBES = ("matmul", "dispatch", "dispatch_warm", "step_2x64", "step_8x128")
+STEPS = {"merged 1": (1, 0), "merged 8": (8, 0), "unmerged 8x4": (8, None)}   # (sequences, merged adapter)
 
 
 def _measure(seconds: float) -> dict[str, np.ndarray]:
     from calibration.calibrate import _compose
     from calibration.microbench import BenchConfig, Harness
-    from dlora_gpu.drift import DispatchProbe, MatmulProbe
+    from dlora_gpu.drift import DispatchProbe, MatmulProbe, StepProbe
     from dlora_gpu.executor import runtime_config
     from dlora_sim.config import build_profile
     from dlora_sim.policies.base import Decision
@@ -41,47 +41,53 @@ def _measure(seconds: float) -> dict[str, np.ndarray]:
     h = Harness(runtime_config(cfg.runtime), build_profile(cfg),
                 BenchConfig(max_kv_blocks=cfg.cluster.replica.max_kv_blocks, reference=False))
     probes = {"matmul": MatmulProbe(), "dispatch": DispatchProbe(), "dispatch_warm": DispatchProbe(warm=2),
-              "dispatch_settled": DispatchProbe(settle=384)}
-    h.set_mode(0)
-    h.ensure_resident([0])
+              "step_2x64": StepProbe(h.ex.model), "step_8x128": StepProbe(h.ex.model, seqs=8, context=128)}
+    h.ensure_resident([0, 1, 2, 3])
 
-    def fresh(n: int):
-        reqs = h.new([0] * n, [300] * n)
-        h.step(Decision(reqs, merged=0), scaled=False)
+    def fresh(n: int, mode: int | None):
+        h.set_mode(mode)
+        reqs = h.new([0] * n if mode is not None else [i % 4 for i in range(n)], [300] * n)
+        h.step(Decision(reqs, merged=mode), scaled=False)
         return reqs
 
-    def step(reqs) -> float:
+    def step(reqs, mode: int | None) -> float:
+        h.set_mode(mode)   # untimed
         t0 = time.perf_counter()
-        h.step(Decision(reqs, merged=0), scaled=False)
+        h.step(Decision(reqs, merged=mode), scaled=False)
         return time.perf_counter() - t0
 
     def big_prefill() -> None:
         """An untimed 256-token prefill: the cache state a large step leaves behind."""
+        h.set_mode(0)
         reqs = h.new([0], [256])
         h.step(Decision(reqs, merged=0), scaled=False)
         h.drop(reqs)
 
-    cols: dict[str, list[float]] = {f"{k}_{n}": [] for n in (1, 8) for k in (*PROBES, "step", "after_big")}
-    batches = {1: fresh(1), 8: fresh(8)}
+    cols: dict[str, list[float]] = {f"{k}_{n}": [] for n in STEPS for k in (*PROBES, "step", "after_big")}
+    batches = {name: fresh(n, mode) for name, (n, mode) in STEPS.items()}
     end, rounds = time.time() + seconds, 0
     while time.time() < end:
         rounds += 1
         if rounds % 100 == 0:
-            for n in batches:
-                h.drop(batches[n])
-                batches[n] = fresh(n)
-        for n, reqs in batches.items():
+            for name, (n, mode) in STEPS.items():
+                h.drop(batches[name])
+                batches[name] = fresh(n, mode)
+        for name, reqs in batches.items():
+            mode = STEPS[name][1]
+            h.set_mode(mode)
             after_big = rounds % 2 == 0
             if after_big:
                 big_prefill()
-            cols[f"after_big_{n}"].append(float(after_big))
-            for name in PROBES:   # each probe right after the preceding step, in turn
-                if after_big and name != PROBES[0]:
+                h.set_mode(mode)
+            cols[f"after_big_{name}"].append(float(after_big))
+            for probe in PROBES:   # each probe right after the preceding step, in turn
+                if after_big and probe != PROBES[0]:
                     big_prefill()
-                cols[f"{name}_{n}"].append(probes[name]())
+                    h.set_mode(mode)
+                cols[f"{probe}_{name}"].append(probes[probe]())
             if after_big:
                 big_prefill()
-            cols[f"step_{n}"].append(step(reqs))
+            cols[f"step_{name}"].append(step(reqs, mode))
     return {k: np.array(v) for k, v in cols.items()}
 
 
@@ -95,7 +101,7 @@ def _robust_sd(logs: np.ndarray) -> float:
 
 def analyse(cols: dict[str, np.ndarray], block: int) -> list[dict]:
     rows = []
-    for n in (1, 8):
+    for n in STEPS:
         step, big = cols[f"step_{n}"], cols[f"after_big_{n}"] > 0
         probes = {"none": np.ones_like(step), **{k: cols[f"{k}_{n}"] for k in PROBES},
                   "matmul x dispatch (geometric mean)": np.sqrt(cols[f"matmul_{n}"] * cols[f"dispatch_{n}"])}
@@ -120,9 +126,10 @@ def report(rows: list[dict], seconds: float, block: int, load: tuple[float, floa
     lines = ["# Drift probes: which reference tracks the CPU runtime's speed", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/drift_probe.py --seconds {seconds:g}`: "
              f"cpu_tiny runtime, 1 torch thread; every round times the matmul probe (384x384 float32), the "
-             f"dispatch probe (2-layer 1x256 op chain) as it comes, warm (the fastest of 2 after a warm-up run) "
-             f"and settled (after an untimed 384x384 matmul), and "
-             f"one merged decode step, for a batch of 1 and of 8; every other round an untimed 256-token "
+             f"dispatch probe (2-layer 1x256 op chain) as it comes and warm (the fastest of 2 after a warm-up run), "
+             f"the step probes (a decode step of the runtime's model on a scratch cache, base weights: 2 sequences "
+             f"at context 64, the reference; 8 at 128), and one decode step at context 300 of each kind (merged "
+             f"batch 1, merged batch 8, unmerged batch 8 over 4 adapters); every other round an untimed 256-token "
              f"prefill runs before each probe and the step. "
              f"Block = {block} rounds. 1-min load average before / after: {load[0]:.2f} / {load[1]:.2f}.", "",
              "block sd: the standard deviation between blocks of log(step median / probe median), the slow "
@@ -131,7 +138,7 @@ def report(rows: list[dict], seconds: float, block: int, load: tuple[float, floa
              "probes), as the measured clock scales; after large step: the probe's median after the prefill / "
              "otherwise (probe `none`: the step's), which should be 1 for a probe that times the machine and "
              "not the cache state the last step left.", "",
-             "| batch | probe | rounds | step (ms) | probe (ms) | after large step | block sd | slope | per-step sd |",
+             "| step | probe | rounds | step (ms) | probe (ms) | after large step | block sd | slope | per-step sd |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['probe']} | {r['rounds']} | {r['step_ms']} | {r['probe_ms']} | {r['after_large_step']} | "
               f"{r['block_sd_log']:.3f} | {r['slope']} | {r['per_step_sd_log']:.3f} |" for r in rows]
@@ -148,8 +155,8 @@ def main() -> None:
         ap.error("--seconds must be > 0 and --block >= 2")
     before = os.getloadavg()[0]
     cols = _measure(a.seconds)
-    if len(cols["step_1"]) < 3 * a.block:
-        ap.error(f"only {len(cols['step_1'])} rounds in {a.seconds:g} s: fewer than 3 blocks of {a.block}; run longer")
+    if len(cols["step_merged 1"]) < 3 * a.block:
+        ap.error(f"only {len(cols['step_merged 1'])} rounds in {a.seconds:g} s: fewer than 3 blocks of {a.block}; run longer")
     rows = analyse(cols, a.block)
     text = report(rows, a.seconds, a.block, (before, os.getloadavg()[0]))
     out = output_dir(a.record, "drift_probe")

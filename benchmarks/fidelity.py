@@ -38,52 +38,15 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.recording import RESULTS, write_report  # noqa: E402
 from benchmarks.kernels import name_slug  # noqa: E402
-from calibration.calibrate import _compose  # noqa: E402
+from calibration.replays import WORKLOADS, case_overrides, serve  # noqa: E402
 from calibration.validate import GOALS, METRICS, validate  # noqa: E402
-from dlora_sim.cli import finish_job  # noqa: E402
-from dlora_sim.config import build_simulation  # noqa: E402
-from dlora_sim.metrics import summarize  # noqa: E402
 
-AZURE = ["workload=azure_conv", "workload.num_adapters=8", "workload.rank=8",
-         "cluster.replica.chunked_prefill=false"]   # the runtime prefills whole prompts
-WORKLOADS = {"synthetic": ["workload=tiny"], "azure_conv": AZURE}
 LOADS = {"moderate": 0.5, "high": 0.9}
 SYSTEMS = ("slora", "dlora")
 
 
-def sim_capacity(overrides: list[str]) -> float:
-    """Completed requests per second of an overloaded simulated run (the same requests at 50x the rate)."""
-    cfg = _compose([*overrides, "charts=false"])
-    if cfg.workload.get("rate") is not None:
-        cfg.workload.rate = float(cfg.workload.rate) * 50
-    else:
-        cfg.workload.time_scale = float(cfg.workload.time_scale) / 50
-    return summarize(build_simulation(cfg).run(), float(cfg.slo_s_per_token))["throughput_rps"]
-
-
-def trace_rate(overrides: list[str]) -> float:
-    from dlora_sim.config import build_workload
-    wl = build_workload(_compose(overrides))
-    return len(wl.requests) / wl.duration_s
-
-
-def case_overrides(workload: str, system: str, load: float, requests: int,
-                   extra: list[str]) -> tuple[list[str], float]:
-    """The case's overrides and its offered rate: `load` x the simulated capacity."""
-    base = [f"system={system}", *WORKLOADS[workload], *extra]
-    base += [f"workload.num_requests={requests}"] if workload == "synthetic" else [f"workload.max_requests={requests}"]
-    rate = load * sim_capacity(base)
-    if workload == "synthetic":
-        return [*base, f"workload.rate={rate:.4g}"], rate
-    return [*base, f"workload.time_scale={trace_rate(base) / rate:.4g}"], rate
-
-
 def run_case(overrides: list[str], out: Path, clock: str = "real") -> dict:
-    from dlora_gpu.cli import about, build_engine
-    cfg = _compose([*overrides, f"runtime.clock={clock}", "charts=false"])
-    engine = build_engine(cfg)
-    system = next(o.split("=", 1)[1] for o in overrides if o.startswith("system="))
-    finish_job(cfg, out / "runtime", system, overrides, engine.run, about(engine))
+    serve([*overrides, "charts=false"], out / "runtime", clock)
     return validate(out / "runtime", out)
 
 
@@ -140,11 +103,14 @@ def calibrate(work: Path, overrides: list[str]) -> tuple[list[str], str]:
     line for the report."""
     from calibration.calibrate import main as calibrate_main
     out = work / "calibrate"
-    calibrate_main(["--out", str(out), *overrides])
+    calibrate_main(["--out", str(out), "--replays", *overrides])
     fit = json.loads((out / "fit_report.json").read_text())
-    line = (f"Profile measured by `dlora-calibrate` on this machine just before the cases "
-            f"({fit['measured_on'].get('date')}; fit error in sample {fit['in_sample']['mean_abs_rel']:.1%}, "
-            f"held out {fit['held_out']['mean_abs_rel']:.1%}; points.csv sha256 {fit['points_csv_sha256'][:12]}).")
+    served = [b for b in fit.get("by_kind", []) if b["kind"] == "served"]
+    line = (f"Profile measured by `dlora-calibrate --replays` on this machine just before the cases "
+            f"({fit['measured_on'].get('date')}: microbenchmarks and {served[0]['n'] if served else 0} iterations of "
+            f"{len(fit['measured_on'].get('replays') or [])} calibration replays on other requests; fit error in "
+            f"sample {fit['in_sample']['mean_abs_rel']:.1%}, held out {fit['held_out']['mean_abs_rel']:.1%} on random "
+            f"mixed batches; points.csv sha256 {fit['points_csv_sha256'][:12]}).")
     return [f"profile.path={out / 'profile.yaml'}"], line
 
 

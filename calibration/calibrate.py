@@ -34,7 +34,7 @@ from dlora_sim.profile import Profile, load_profile, profile_from_dict
 ITERATION_KEYS = ["iteration.overhead_s", "iteration.per_seq_s", "iteration.weight_read_s", "iteration.per_token_s",
                   "iteration.per_context_token_s", "iteration.per_prefill_sq_s", "lora.kernel.overhead_s",
                   "lora.kernel.per_adapter_rank_s", "lora.kernel.per_token_rank_s"]
-COMPUTE_KINDS = ("decode", "prefill", "mixed")
+COMPUTE_KINDS = ("decode", "prefill", "mixed", "served")   # served: a calibration replay's iterations
 
 
 def read_points(path: Path) -> list[dict]:
@@ -68,6 +68,24 @@ def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return float(c0), float(c1)
 
 
+def bias_by_kind(profile: Profile, rows: list[dict]) -> list[dict]:
+    """The fitted cost model against each kind and split of compute points: its bias in the sum
+    (predicted / measured total - 1, what a replay's time follows) and its mean absolute error."""
+    from dlora_sim.cost_model import CostModel
+    cost = CostModel(profile.with_lora_path("kernel"))
+    out = []
+    for kind in COMPUTE_KINDS:
+        for split in ("fit", "heldout"):
+            pts = [compute_point(r) for r in rows if r["kind"] == kind and r["split"] == split]
+            if pts:
+                pred = np.array([predict_compute(cost, p) for p in pts])
+                meas = np.array([p.seconds for p in pts])
+                out.append({"kind": kind, "split": split, "n": len(pts),
+                            "sum_bias": round(float(pred.sum() / meas.sum() - 1), 4),
+                            "mean_abs_rel": round(float(np.mean(np.abs(pred / meas - 1))), 4)})
+    return out
+
+
 def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) -> tuple[dict, dict]:
     """(profile dict for YAML, fit report) from measured points."""
     fit_pts = [compute_point(r) for r in rows if r["kind"] in COMPUTE_KINDS and r["split"] == "fit"]
@@ -94,6 +112,7 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
     report = {"points": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
               "fit_points": len(fit_pts), "heldout_points": len(held),
               "in_sample": res.in_sample.as_dict(), "held_out": res.held_out.as_dict() if res.held_out else None,
+              "by_kind": bias_by_kind(res.profile, rows),
               "coefficients": res.values, "switch_s": modes,
               "load": {"overhead_s": load_c, "bytes_per_s": min(1 / max(load_b, 1e-18), MAX_BANDWIDTH)},
               "swap": {"overhead_s": swap_c, "bytes_per_s": min(1 / max(swap_b, 1e-18), MAX_BANDWIDTH)},
@@ -132,6 +151,15 @@ def report_md(report: dict, profile_name: str) -> str:
     if held:
         lines.append(f"| held out (random mixed batches) | {held['n']} | {held['mean_abs_rel']:.1%} | "
                      f"{held['p90_abs_rel']:.1%} | {held['max_abs_rel']:.1%} |")
+    if report.get("by_kind"):
+        lines += ["", "By kind (served: the iterations of calibration replays; bias in the sum = predicted total / "
+                      "measured total - 1, what a replay's time follows):", "",
+                  "| kind | split | points | bias in the sum | mean abs rel err |", "|---|---|---|---|---|"]
+        lines += [f"| {b['kind']} | {b['split']} | {b['n']} | {b['sum_bias']:+.1%} | {b['mean_abs_rel']:.1%} |"
+                  for b in report["by_kind"]]
+    for r in report["measured_on"].get("replays") or []:
+        lines.append(f"\nCalibration replay {r['workload']} / {r['system']} at {r['load']:.0%} of capacity "
+                     f"({r['rate_rps']} req/s, measured clock): {r['iterations']} iterations, {r['points']} fit points.")
     ref = report["measured_on"].get("reference") or {}
     if ref.get("scaled"):
         drifts = report.get("drift") or {}
@@ -164,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", action="store_true", help="write the fitted profile into calibration/profiles/")
     ap.add_argument("--quick", action="store_true", help="a few points of every kind (smoke test)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--replays", action="store_true",
+                    help="also serve calibration replays on the measured clock and fit their iterations too "
+                         "(calibration/replays.py: other requests than benchmarks/fidelity.py validates on)")
     args = ap.parse_args(argv)
     from dlora_sim.config import build_profile
     cfg = _compose(args.overrides)
@@ -181,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_all(harness, bench)
         meta = {**meta_load, "elapsed_s": round(time.perf_counter() - t0, 3), "reference": harness.reference()}
         points = write(rows, meta, out)
+        if args.replays:
+            del harness   # its model and caches; each replay builds its own runtime
+            from calibration.replays import calibration_replays
+            first, _ = fit_profile(read_points(points), base, "microbenchmarks only", meta)
+            (out / "microbench").mkdir(parents=True, exist_ok=True)
+            (out / "microbench" / "profile.yaml").write_text(yaml.safe_dump(first, sort_keys=False, width=110))
+            served, meta["replays"] = calibration_replays(out / "microbench" / "profile.yaml", out / "replays",
+                                                           args.overrides, quick=args.quick)
+            meta["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            points = write(read_points(points) + served, meta, out)
     else:
         points, out = args.source / "points.csv", args.out or args.source
         meta = json.loads((args.source / "metadata.json").read_text())

@@ -4,14 +4,15 @@ Drives `dlora_gpu.executor.ModelExecutor` through the shared `ReplicaState` with
 what is timed is exactly what `dlora-serve` runs: decode batches x context, prefills x sequences,
 mixed batches, unmerged batches with distinct adapters x ranks, merge / unmerge / switch, adapter
 loads by rank, KV swaps by blocks. Each point is warmed up and timed `repeats` times; the CSV keeps
-the median wall time of the executor's run (perf_counter around it) and the device time of its phases
+the mean wall time of the executor's run (perf_counter around it) and the device time of its phases
 (CUDA events on a GPU; on a CPU both are perf_counter). A held-out set of random mixed batches, drawn
 like real traffic, is measured the same way and never used in the fit.
 
 On a CPU the machine's speed drifts (on a shared VM by 10-25% over seconds, and more between runs),
-so every timed run is preceded by a fixed reference probe (`dlora_gpu.drift.reference_probe`: a chain
-of small ops) and scaled by (the median of all those probes / this run's): a drift that slows
-both cancels. The `drift` column keeps the median
+so every timed run is preceded by a fixed reference probe (`dlora_gpu.drift.reference_probe`: a real
+decode step of the model on a scratch cache) and scaled by (the median of all those probes / the
+median of the last 9), as the measured clock scales a served step: a drift that slows both cancels.
+The `drift` column keeps the median
 factor applied to each point; metadata.json keeps the reference. On a GPU no scaling is applied.
 """
 from __future__ import annotations
@@ -25,12 +26,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
+from statistics import mean, median
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from dlora_gpu.drift import DispatchProbe, reference_probe
+from dlora_gpu.drift import DriftScale, reference_probe
 from dlora_sim.config import Parts
 from dlora_sim.cost_model import CostModel
 from dlora_sim.metrics import Recorder
@@ -80,34 +81,28 @@ class Harness:
         self.ranks = ranks
         self._next_id = 0
         self.last_drift = 1.0
-        self.probes: list[float] = []
-        self._ref: DispatchProbe | None = None   # None: timings are not scaled
+        self._scale: DriftScale | None = None   # None: timings are not scaled
         self.reference_s = 0.0
         if bench.reference and self.ex.device.type == "cpu":
-            self._ref = reference_probe(bench.seed)
+            probe = reference_probe(self.ex.model, self.ex.backend)
             for _ in range(10):
-                self._probe()
-            self.reference_s = median(self._probe() for _ in range(50))
+                probe()
+            self.reference_s = median(probe() for _ in range(50))
+            self._scale = DriftScale(self.reference_s, probe)
         self.start_s = self.reference_s   # the burst at the start; `rescale` moves reference_s to the session's
 
-    def _probe(self) -> float:
-        return self._ref()
-
     def drift(self) -> float:
-        """The factor that brings the next timing to the start's reference speed (1.0: unscaled);
+        """The factor that brings the next timing to the start's reference speed (1.0: unscaled): one
+        probe, then the reference over the median of the last 9 (as the measured clock scales);
         `rescale` later moves every point to the median of all the probes instead."""
-        if self._ref is None:
-            return 1.0
-        r = self._probe()
-        self.probes.append(r)
-        return self.reference_s / r
+        return 1.0 if self._scale is None else self._scale.factor()
 
     def rescale(self, rows: list[dict]) -> list[dict]:
         """Refer every timing to the median of the probes taken between runs (a probe in a burst runs
         with warm caches, faster than one between model runs, so the start's reference would bias)."""
-        if self._ref is None or not self.probes:
+        if self._scale is None or not self._scale.times:
             return rows
-        session = median(self.probes)
+        session = median(self._scale.times)
         c = session / self.reference_s
         for r in rows:
             for k in ("wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s"):
@@ -119,12 +114,13 @@ class Harness:
         return rows
 
     def reference(self) -> dict:
-        if self._ref is None:
+        if self._scale is None:
             return {"scaled": False}
-        return {"scaled": True, "probe": self._ref.describe(),
-                "session_median_s": round(self.reference_s, 9), "probes": len(self.probes),
+        probe = self._scale.probe
+        return {"scaled": True, "probe": probe.describe(),
+                "session_median_s": round(self.reference_s, 9), "probes": len(self._scale.times),
                 "burst_at_start_s": round(self.start_s, 9),
-                "burst_at_end_s": round(median(self._probe() for _ in range(50)), 9)}
+                "burst_at_end_s": round(median(probe() for _ in range(50)), 9)}
 
     # --- requests and steps ------------------------------------------------------------------------
     def new(self, adapters: Sequence[int], prompt: Sequence[int]) -> list[Request]:
@@ -179,22 +175,24 @@ class Harness:
             self.ex._tokens.pop(r.id, None)
 
 
-def _medians(runs: list[tuple[float, object, object, float]]) -> tuple[float, float, dict, object]:
-    """(wall, device s, phase medians with the drift factor, last step) of timed (wall, times, step,
-    drift) runs."""
-    ph = {k: median(getattr(t, k) for _, t, _, _ in runs) for k in ("forward", "mode", "load", "swap")}
+def _means(runs: list[tuple[float, object, object, float]]) -> tuple[float, float, dict, object]:
+    """(wall, device s, phase means with the median drift factor, last step) of timed (wall, times,
+    step, drift) runs. Means, not medians: the simulator charges a step's expected time (a replay's
+    time is the sum of its steps), and timing noise is skewed slow (a median sits 5-9% under the mean
+    of a CPU step's runs)."""
+    ph = {k: mean(getattr(t, k) for _, t, _, _ in runs) for k in ("forward", "mode", "load", "swap")}
     ph["drift"] = median(d for *_, d in runs)
-    return median(w for w, *_ in runs), median(t.total for _, t, _, _ in runs), ph, runs[-1][2]
+    return mean(w for w, *_ in runs), mean(t.total for _, t, _, _ in runs), ph, runs[-1][2]
 
 
 def timed(h: Harness, make: callable, repeats: int, warmup: int) -> tuple[float, float, dict, object]:
-    """Median wall and device seconds of `make()`'s decision over `repeats` runs after `warmup`."""
+    """Mean wall and device seconds of `make()`'s decision over `repeats` runs after `warmup`."""
     runs = []
     for i in range(warmup + repeats):
         wall, times, step = h.step(make())
         if i >= warmup:
             runs.append((wall, times, step, h.last_drift))
-    return _medians(runs)
+    return _means(runs)
 
 
 def _row(kind: str, split: str, step, wall: float, dev: float, ph: dict, repeats: int, **extra) -> dict:
@@ -253,7 +251,7 @@ def prefill_points(h: Harness, b: BenchConfig, seqs: Sequence[int], lengths: Seq
 def mixed_point(h: Harness, b: BenchConfig, rng: np.random.Generator, split: str) -> dict:
     """One random mixed batch drawn like serving traffic: 1-16 sequences, some prefills of 8-512 tokens,
     decodes at contexts of 16-1024, 1-4 distinct adapters, unmerged (or merged when one adapter); the
-    same batch is rebuilt for each run (a prefill runs once), median of `repeats` after `warmup`."""
+    same batch is rebuilt for each run (a prefill runs once), mean of `repeats` after `warmup`."""
     n = int(rng.integers(1, 17))
     n_pre = int(rng.integers(0, min(n, 4) + 1))
     distinct = int(rng.integers(1, 5))
@@ -273,7 +271,7 @@ def mixed_point(h: Harness, b: BenchConfig, rng: np.random.Generator, split: str
         h.drop(pre + dec)
         if i >= b.warmup:
             runs.append((wall, times, step, h.last_drift))
-    wall, dev, ph, last = _medians(runs)
+    wall, dev, ph, last = _means(runs)
     return _row("mixed", split, last, wall, dev, ph, b.repeats, rank="")
 
 
@@ -299,7 +297,7 @@ def mode_points(h: Harness, b: BenchConfig) -> list[dict]:
             if i >= b.warmup:
                 walls.append(times.mode)
                 drifts.append(h.last_drift)
-        w = median(walls)
+        w = mean(walls)
         rows.append({**{c: "" for c in COLUMNS}, "kind": kind, "split": "fit", "mode": "merged" if after is not None
                      else "unmerged", "rank": h.ranks[0], "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
                      "mode_s": f"{w:.9f}", "repeats": b.repeats, "drift": f"{median(drifts):.4f}"})
@@ -320,7 +318,7 @@ def load_points(h: Harness, b: BenchConfig) -> list[dict]:
             if i >= b.warmup:
                 walls.append(times.load)
                 drifts.append(h.last_drift)
-        w = median(walls)
+        w = mean(walls)
         rows.append({**{c: "" for c in COLUMNS}, "kind": "load", "split": "fit", "rank": rank,
                      "bytes": h.cost.profile.adapter_bytes(rank), "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
                      "load_s": f"{w:.9f}", "repeats": b.repeats, "drift": f"{median(drifts):.4f}"})
@@ -345,7 +343,7 @@ def swap_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int]) -> list[
             if i >= b.warmup:
                 walls.append((time.perf_counter() - t0) / 2 * k)   # one direction
                 drifts.append(k)
-        w = median(walls)
+        w = mean(walls)
         rows.append({**{c: "" for c in COLUMNS}, "kind": "swap", "split": "fit", "blocks": blocks,
                      "bytes": blocks * h.state.layout.block_bytes, "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
                      "swap_s": f"{w:.9f}", "repeats": b.repeats, "drift": f"{median(drifts):.4f}"})

@@ -26,7 +26,6 @@ import numpy as np
 from omegaconf import OmegaConf
 from scipy.stats import ks_2samp
 
-from dlora_sim.cli import finish_job
 from dlora_sim.config import build_simulation
 from dlora_sim.errors import reported
 from dlora_sim.metrics import summarize, write_results
@@ -196,13 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("outputs/validate") / time.strftime("%Y-%m-%d_%H-%M-%S")
     runtime_dir = args.runtime_folder
     if runtime_dir is None:
-        from calibration.calibrate import _compose
-        from dlora_gpu.cli import about, build_engine
-        cfg = _compose([*args.overrides, f"runtime.clock={args.clock}"])
-        engine = build_engine(cfg)
+        from calibration.replays import serve
         runtime_dir = out / "runtime"
-        system = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("system=")), "default")
-        finish_job(cfg, runtime_dir, system, list(args.overrides), engine.run, about(engine))
+        serve(args.overrides, runtime_dir, args.clock)
     validate(runtime_dir, out)
     print((out / "validation.md").read_text())
     print(f"results in {out}")

@@ -7,17 +7,14 @@ microbenchmarks scale every point this way (the reference: their session's media
 the fitted profile), and the runtime's `measured` clock scales every iteration to that same reference,
 so a replay and the profile it is compared with are timed at one machine speed.
 
-The probe is a chain of small ops shaped like a batch-1 decode of the tiny model (`DispatchProbe`),
-timed warm (the fastest of 2 after one untimed run): its time is interpreter and op-dispatch speed,
-which dominates the CPU runtime's steps, and not the cache state the last step left. Measured side by
-side (`benchmarks/drift_probe.py`; benchmarks/results/drift_probe.md, 3140 rounds): the 384x384 matmul
-(the earlier probe) moves 2.2-2.7x as much as batch-1 and batch-8 decode steps, so it over-corrects;
-the chain timed cold tracks the steps best but runs 13% slower after a large prefill than after a
-small step, so it scales by what ran before (a serving run's steps are smaller than the
-microbenchmarks': a replay's factors came out 1.43 where its real clock said the machine was not
-faster); timed warm it is as fast after either (1.02-1.04), moves 0.7-0.9x as much as the steps and
-leaves about half of their slow drift (block sd 0.064 / 0.060 against 0.115 / 0.135 unscaled; the
-matmul: 0.066 / 0.087).
+The probe is a real decode step of the runtime's own model on a scratch cache (`StepProbe`: two
+sequences at context 64, base weights, one cold run), so it is slowed by whatever slows the runtime's
+steps. Measured side by side (`benchmarks/drift_probe.py`, benchmarks/results/drift_probe.md): it
+leaves a third to a half of the slow drift the op chain left (block sd 0.030 / 0.044 against 0.084 /
+0.067 for the warm chain, batch-1 / batch-8 decode steps), moves about as much as the steps (slope 1.0
+/ 1.3) and reads the same after a large prefill as after a small step (0.98 / 1.02). The earlier
+probes stay for that comparison: a 384x384 matmul moves 2-3x as much as the steps (over-corrects), a
+chain of small ops shaped like a batch-1 decode (`DispatchProbe`) tracks them half as well.
 """
 from __future__ import annotations
 
@@ -25,6 +22,7 @@ import math
 import time
 from collections import deque
 from statistics import median
+from typing import Callable
 
 
 class MatmulProbe:
@@ -91,26 +89,63 @@ class DispatchProbe:
         return f"{self.layers}-layer 1x{self.hidden} float32 op chain (norm, projections, gated MLP), {how}{after}"
 
 
-def reference_probe(seed: int = 0) -> DispatchProbe:
+class StepProbe:
+    """A real decode step of the runtime's own model: `seqs` sequences at `context` tokens on a scratch
+    KV cache of its own (the serving cache and the replica state are untouched), base weights, the
+    batch laid out and run as the executor runs a step; calling it returns its wall seconds (one run,
+    cold). Its time moves with whatever moves the runtime's steps (interpreter, op dispatch, memory)."""
+
+    def __init__(self, model, *, seqs: int = 2, context: int = 64, backend: str = "torch"):
+        import torch
+
+        from dlora_gpu.kv_cache import PagedKVCache
+        self.model, self.seqs, self.context, self.backend = model, seqs, context, backend
+        self._torch = torch
+        block = 16
+        self._kv = PagedKVCache(seqs * -(-context // block), block, model.cfg, model.dtype, model.device)
+        for i in range(seqs):
+            self._kv.grow(i, self._kv.blocks_for(context))
+        self._decodes = [(i, 1 + i, context, -1) for i in range(seqs)]
+
+    def __call__(self) -> float:
+        from dlora_gpu.batch import FlatBatch
+        t0 = time.perf_counter()
+        with self._torch.inference_mode():
+            batch = FlatBatch.build([], self._decodes, kv=self._kv)
+            self.model(batch, self._kv, None, attention_backend=self.backend).argmax(dim=-1).tolist()
+        return time.perf_counter() - t0
+
+    def describe(self) -> str:
+        c = self.model.cfg
+        return (f"runtime decode step of {self.seqs} sequence(s) at context {self.context}, base weights "
+                f"({c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, {self.model.dtype}), one run")
+
+
+def reference_probe(model, backend: str = "torch") -> StepProbe:
     """The probe the microbenchmarks and the measured clock scale by (the module doc says why)."""
-    return DispatchProbe(seed=seed, warm=2)
+    return StepProbe(model, seqs=8, context=128, backend=backend)
 
 
 class DriftScale:
     """Factors that refer timings to `reference_s`: each call probes once and divides the reference by
     the median of the last `window` probes (one probe is noisy; the drift is correlated over ~10
-    iterations). `factors` keeps every factor applied, for the run's summary."""
+    iterations). The microbenchmarks and the measured clock both scale this way, so a profile and a
+    replay are referred to the reference alike. `times` keeps every probe and `factors` every factor
+    applied, for the summaries."""
 
-    def __init__(self, reference_s: float, probe: DispatchProbe | None = None, window: int = 9):
+    def __init__(self, reference_s: float, probe: Callable[[], float], window: int = 9):
         if not reference_s > 0:
             raise ValueError(f"the reference probe time must be > 0, got {reference_s!r}")
         self.reference_s = reference_s
-        self.probe = probe or reference_probe()
+        self.probe = probe
         self._recent: deque[float] = deque(maxlen=window)
+        self.times: list[float] = []
         self.factors: list[float] = []
 
     def factor(self) -> float:
-        self._recent.append(self.probe())
+        t = self.probe()
+        self.times.append(t)
+        self._recent.append(t)
         k = self.reference_s / median(self._recent)
         self.factors.append(k)
         return k

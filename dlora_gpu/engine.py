@@ -127,7 +127,10 @@ class Engine:
         ref = profile.provenance.reference_probe_s
         if not ref > 0:
             return None, f"profile {profile.name} records no reference probe (provenance.reference_probe_s)"
-        probe = reference_probe()
+        model = getattr(self.executor, "model", None)
+        if model is None:
+            return None, "the executor has no model to probe"
+        probe = reference_probe(model, getattr(self.executor, "backend", "torch"))
         if profile.provenance.reference_probe != probe.describe():
             return None, (f"profile {profile.name}'s reference probe is of {profile.provenance.reference_probe or 'an unnamed probe'!r} "
                           f"(provenance.reference_probe), this runtime probes with {probe.describe()!r}: "

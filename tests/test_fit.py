@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from calibration.calibrate import ITERATION_KEYS, fit_profile
-from calibration.fit import coefficient, set_coefficients
+from calibration.calibrate import ITERATION_KEYS, compute_point, fit_profile, predict_compute
+from calibration.fit import Point, coefficient, fit, set_coefficients
 from dlora_sim.cost_model import CostModel
 from dlora_sim.profile import load_profile
 
@@ -86,3 +86,25 @@ def test_set_coefficients_names_bad_keys():
     moved = set_coefficients(base, {"lora.kernel.overhead_s": 1.0, "switch.merge_s": 2.0})
     assert moved.lora.overhead_s == 1.0 and moved.switch.merge_s == 2.0
     assert dataclasses.replace(moved, lora_paths=base.lora_paths).lora == base.lora
+
+
+def test_a_fit_to_noisy_points_charges_their_mean_not_less():
+    """Timing noise skewed slow (lognormal, 25% spread, mean 1): least squares on error relative to the
+    measured time (one pass) lands well under the points' total; relative to the previous pass's
+    prediction (the fit's default), the fitted total matches the measured one."""
+    base = load_profile("cpu-tiny").with_lora_path("kernel")
+    truth = set_coefficients(base, TRUTH)
+    rng = np.random.default_rng(3)
+    exact = [compute_point(r) for r in _rows(truth, rng, 0.0) if r["kind"] in ("decode", "prefill", "mixed")]
+    sigma = 0.25
+    noisy = [Point(p.features, p.seconds * float(np.exp(sigma * rng.standard_normal() - sigma ** 2 / 2)))
+             for p in exact for _ in range(4)]
+
+    def total_bias(res) -> float:
+        cost = CostModel(res.profile)
+        return sum(predict_compute(cost, p) for p in noisy) / sum(p.seconds for p in noisy) - 1
+
+    assert total_bias(fit(base, ITERATION_KEYS, noisy, predict_compute, passes=1)) < -0.05
+    assert abs(total_bias(fit(base, ITERATION_KEYS, noisy, predict_compute))) < 0.02
+    with pytest.raises(ValueError, match="passes"):
+        fit(base, ITERATION_KEYS, noisy, predict_compute, passes=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import yaml
 
 from calibration import calibrate, validate
@@ -12,7 +13,7 @@ from dlora_sim.profile import load_profile
 
 
 def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
-    assert calibrate.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert calibrate.main(["--quick", "--replays", "--out", str(tmp_path)]) == 0
     prof = load_profile(tmp_path / "profile.yaml")
     assert prof.provenance.source == "measured" and prof.name == "cpu-tiny"
     report = json.loads((tmp_path / "fit_report.json").read_text())
@@ -24,11 +25,22 @@ def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
     assert meta["reference"]["scaled"] and meta["reference"]["probes"] > 0   # CPU: drift-scaled
     # the profile keeps the reference its points were scaled to (the measured clock scales to it)
     assert prof.provenance.reference_probe_s == meta["reference"]["session_median_s"] > 0
-    from dlora_gpu.drift import reference_probe
-    assert prof.provenance.reference_probe == meta["reference"]["probe"] == reference_probe().describe()
+    assert prof.provenance.reference_probe == meta["reference"]["probe"]
+    assert meta["reference"]["probe"].startswith("runtime decode step")
     with (tmp_path / "points.csv").open() as f:
-        drifts = [float(r["drift"]) for r in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    drifts = [float(r["drift"]) for r in rows if r["kind"] != "served"]
     assert drifts and all(d > 0 for d in drifts)
+    # --replays: a calibration replay served on the measured clock against the microbenchmarks' fit, its
+    # iterations fit points, on other requests than the fidelity cases validate on (another seed)
+    (replay,) = meta["replays"]
+    assert replay["clock_scaling"]["scaled"] and "seed=101" in replay["overrides"]
+    served = [r for r in rows if r["kind"] == "served"]
+    assert len(served) == replay["points"] == replay["iterations"] > 0
+    assert all(r["split"] == "fit" and float(r["wall_s"]) > 0 for r in served)
+    kinds = {(b["kind"], b["split"]) for b in report["by_kind"]}
+    assert ("served", "fit") in kinds and ("mixed", "heldout") in kinds
+    assert report["fit_points"] == sum(r["split"] == "fit" and r["kind"] in calibrate.COMPUTE_KINDS for r in rows)
     # refitting the same points.csv gives the same profile
     again = tmp_path / "refit"
     assert calibrate.main(["--from", str(tmp_path), "--out", str(again)]) == 0
@@ -49,6 +61,14 @@ def test_validate_replays_a_trace_on_both_and_reports(tmp_path):
     assert again["simulator"] == v["simulator"] and again["runtime"] == v["runtime"]
 
 
+def test_served_points_refuse_a_folder_that_is_not_a_runtime_replay(tmp_path):
+    from calibration.replays import served_points
+    path = tmp_path / "iterations.csv"
+    path.write_text("replica,start_s,duration_s\n0,0.0,0.001\n")   # a simulation's, without predicted_s
+    with pytest.raises(ValueError, match=f"{path}: not a runtime replay"):
+        served_points(path)
+
+
 def _harness(**bench):
     from calibration.microbench import BenchConfig, Harness
     from dlora_gpu.executor import runtime_config
@@ -58,12 +78,15 @@ def _harness(**bench):
 
 
 def test_cpu_timings_are_scaled_by_the_reference_probe_and_referred_to_the_session_median(monkeypatch):
+    from dlora_gpu.drift import DriftScale
     h = _harness()
-    assert h.reference_s > 0
+    assert h.reference_s > 0 and h._scale.probe.model is h.ex.model   # the served model's own step
+    probes = iter([0.5, 2.0, 2.0, 3.0])
+    scripted = DriftScale(1.0, lambda: next(probes), window=3)
+    monkeypatch.setattr(h, "_scale", scripted)
     monkeypatch.setattr(h, "reference_s", 1.0)
-    probes = iter([0.5, 2.0, 2.0])
-    monkeypatch.setattr(h, "_probe", lambda: next(probes))
-    assert [h.drift(), h.drift(), h.drift()] == [2.0, 0.5, 0.5]   # a slow probe scales the next timing down
+    # slow probes scale the next timings down, by the median of the last 3 probes (as the measured clock)
+    assert [h.drift(), h.drift(), h.drift(), h.drift()] == [2.0, 0.8, 0.5, 0.5]
     rows = h.rescale([{"wall_s": "0.5", "forward_s": "0.4", "mode_s": "", "drift": "0.5"}])
     # every timing is referred to the session's median probe (2.0), not the start's (1.0)
     assert rows == [{"wall_s": "1.000000000", "forward_s": "0.800000000", "mode_s": "", "drift": "1.0000"}]

@@ -1,4 +1,4 @@
-"""The reference probe's timing rules (what it returns of its runs) and the drift factors it gives."""
+"""The drift probes' timing rules (what they return of their runs) and the drift factors they give."""
 from __future__ import annotations
 
 import pytest
@@ -22,10 +22,20 @@ def test_a_warm_probe_discards_its_first_run_and_returns_the_fastest_of_the_rest
     assert cold() == 0.9   # one run, as it comes
 
 
-def test_the_reference_probe_is_the_warm_chain_and_says_so():
-    probe = drift.reference_probe()
-    assert probe.warm == 2 and "fastest of 2 after a warm-up run" in probe.describe()
-    assert probe() > 0   # a real run times something
+def test_the_reference_probe_is_a_step_of_the_runtimes_own_model_on_a_cache_of_its_own():
+    """It runs the model the executor serves with (its shape named in the description, which a profile
+    records), on scratch sequences: the serving cache's blocks and the replica state are untouched."""
+    from calibration.calibrate import _compose
+    from dlora_gpu.cli import build_engine
+    engine = build_engine(_compose(["system=slora", "workload.num_requests=2"]))
+    ex = engine.executor
+    free, seqs = ex.kv.num_free(), ex.kv.sequences()
+    probe = drift.reference_probe(ex.model, ex.backend)
+    assert probe.model is ex.model and probe() > 0 and probe() > 0   # real runs time something
+    assert ex.kv.num_free() == free and ex.kv.sequences() == seqs
+    assert engine.replica.free_blocks == engine.replica.total_blocks
+    assert "decode step of 8 sequence(s) at context 128" in probe.describe()
+    assert f"hidden {ex.model.cfg.hidden_size}" in probe.describe()
 
 
 def test_drift_factors_divide_the_reference_by_the_median_of_the_recent_probes():
@@ -33,6 +43,7 @@ def test_drift_factors_divide_the_reference_by_the_median_of_the_recent_probes()
     _scripted(probe, [1.0, 2.0, 4.0, 4.0])
     scale = drift.DriftScale(2.0, probe, window=3)
     assert [scale.factor() for _ in range(4)] == [2.0, 2.0 / 1.5, 1.0, 0.5]   # medians of [1], [1, 2], [1, 2, 4], [2, 4, 4]
+    assert scale.times == [1.0, 2.0, 4.0, 4.0]   # every probe, for the session's median
     s = scale.summary()
     assert s["factors"] == 4 and s["factor_min"] == 0.5 and s["factor_max"] == 2.0
     with pytest.raises(ValueError, match="must be > 0"):

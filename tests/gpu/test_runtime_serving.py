@@ -115,8 +115,13 @@ def test_the_real_clock_starts_when_serving_starts_not_when_the_engine_is_built(
 
 
 def _profile_with_reference(tmp_path, reference_s: float, probe: str | None = None) -> str:
+    import torch
+
     from dlora_gpu.drift import reference_probe
-    probe = reference_probe().describe() if probe is None else probe
+    from dlora_gpu.model import LlamaConfig
+    from dlora_gpu.weights import random_weights
+    probe = (reference_probe(random_weights(LlamaConfig.preset("tiny"), 0, torch.float32)).describe() if probe is None
+             else probe)
     from dlora_sim.paths import PROFILES_DIR
     raw = yaml.safe_load((PROFILES_DIR / "cpu-tiny.yaml").read_text())
     raw["provenance"]["reference_probe_s"] = reference_s
@@ -130,7 +135,7 @@ def test_measured_clock_advances_by_each_steps_own_time_scaled_to_the_profiles_r
     """Every request once, dispatched at its arrival (waits jump); each iteration lasts at least the
     executor's wall time x the drift factor (a probe twice as fast as the reference: factor 2)."""
     from dlora_gpu import drift
-    monkeypatch.setattr(drift.DispatchProbe, "__call__", lambda self: 0.0005)
+    monkeypatch.setattr(drift.StepProbe, "__call__", lambda self: 0.0005)
     engine = build_engine(_cfg("system=dlora", "runtime.clock=measured", "workload.num_requests=12",
                                f"profile.path={_profile_with_reference(tmp_path, 0.001)}"))
     res = engine.run()

@@ -1,0 +1,113 @@
+"""Serving replays that calibrate and validate: workloads, loads and the runtime's served iterations.
+
+The runtime's steps in serving are not the microbenchmarks' steps: a served batch follows other
+batches, its sequences' KV and adapters were touched iterations ago, and on a CPU the step time of
+the tiny model depends on what ran just before. So `dlora-calibrate --replays` also serves
+calibration replays on the measured clock and fits the closed form to their iterations too (each
+iteration's features as `ReplicaState.prices` charged them, and its measured, drift-scaled time). Those
+replays use other requests than `benchmarks/fidelity.py` validates on: another seed for the synthetic
+workload, another window of the Azure trace.
+
+The load of a case is set from the runtime's capacity as the simulator sees it with the runtime's
+profile (an overloaded simulated run's completed requests per second), so both halves get the same
+arrivals.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from calibration.calibrate import _compose
+from calibration.microbench import COLUMNS
+
+AZURE = ["workload=azure_conv", "workload.num_adapters=8", "workload.rank=8",
+         "cluster.replica.chunked_prefill=false"]   # the runtime prefills whole prompts
+WORKLOADS = {"synthetic": ["workload=tiny"], "azure_conv": AZURE}
+# calibration replays: other requests than the validation cases (another seed, a later trace window)
+CALIBRATION_REQUESTS = {"synthetic": ["seed=101"], "azure_conv": ["workload.start_s=1800"]}
+
+
+def sim_capacity(overrides: list[str]) -> float:
+    """Completed requests per second of an overloaded simulated run (the same requests at 50x the rate)."""
+    from dlora_sim.config import build_simulation
+    from dlora_sim.metrics import summarize
+    cfg = _compose([*overrides, "charts=false"])
+    if cfg.workload.get("rate") is not None:
+        cfg.workload.rate = float(cfg.workload.rate) * 50
+    else:
+        cfg.workload.time_scale = float(cfg.workload.time_scale) / 50
+    return summarize(build_simulation(cfg).run(), float(cfg.slo_s_per_token))["throughput_rps"]
+
+
+def trace_rate(overrides: list[str]) -> float:
+    from dlora_sim.config import build_workload
+    wl = build_workload(_compose(overrides))
+    return len(wl.requests) / wl.duration_s
+
+
+def case_overrides(workload: str, system: str, load: float, requests: int,
+                   extra: list[str]) -> tuple[list[str], float]:
+    """A case's overrides and its offered rate: `load` x the simulated capacity."""
+    base = [f"system={system}", *WORKLOADS[workload], *extra]
+    base += [f"workload.num_requests={requests}"] if workload == "synthetic" else [f"workload.max_requests={requests}"]
+    rate = load * sim_capacity(base)
+    if workload == "synthetic":
+        return [*base, f"workload.rate={rate:.4g}"], rate
+    return [*base, f"workload.time_scale={trace_rate(base) / rate:.4g}"], rate
+
+
+def serve(overrides: list[str], out: Path, clock: str = "real") -> dict:
+    """Serve a case on the runtime into `out` (a results folder); its summary."""
+    from dlora_gpu.cli import about, build_engine
+    from dlora_sim.cli import finish_job
+    cfg = _compose([*overrides, f"runtime.clock={clock}"])
+    engine = build_engine(cfg)
+    system = next((o.split("=", 1)[1] for o in overrides if o.startswith("system=")), "default")
+    return finish_job(cfg, out, system, overrides, engine.run, about(engine))
+
+
+def served_points(iterations_csv: Path, *, limit: int = 0) -> list[dict]:
+    """A measured-clock replay's iterations as fit points (kind `served`): the features the step was
+    priced with and its measured, drift-scaled time, with its mode-change, load and swap phases (the
+    fit subtracts them, as for the microbenchmarks). `limit` > 0 keeps that many, evenly spaced."""
+    with iterations_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "predicted_s" not in rows[0]:
+        raise ValueError(f"{iterations_csv}: not a runtime replay's iterations (no predicted_s column)")
+    if limit and len(rows) > limit:
+        rows = [rows[i * len(rows) // limit] for i in range(limit)]
+    out = []
+    for r in rows:
+        batch, decodes = int(r["batch_size"]), int(r["decode_seqs"])
+        out.append({**{c: "" for c in COLUMNS}, "kind": "served", "split": "fit", "mode": r["mode"], "batch": batch,
+                    "prefills": batch - decodes, "prefill_tokens": r["prefill_tokens"], "prefill_sq": r["prefill_sq"],
+                    "decodes": decodes, "decode_context": r["decode_context"], "distinct": r["distinct_adapters"],
+                    "rank_sum": r["rank_sum"], "token_rank": r["token_rank"],
+                    "resident_rank_sum": r["resident_rank_sum"], "wall_s": r["duration_s"],
+                    "device_s": r["duration_s"], "forward_s": r["compute_s"], "mode_s": r["switch_s"],
+                    "load_s": r["load_s"], "swap_s": r["swap_s"], "repeats": 1, "drift": ""})
+    return out
+
+
+# (workload, system, load): both policies (dLoRA's runs merged and unmerged), both workloads' shapes
+CALIBRATION_CASES = [(w, s, 0.7) for w in WORKLOADS for s in ("slora", "dlora")]
+
+
+def calibration_replays(profile: Path, out: Path, overrides: list[str], *, quick: bool = False,
+                        requests: int = 120, per_replay: int = 400) -> tuple[list[dict], list[dict]]:
+    """Serve every calibration case on the measured clock, timed against `profile` (the microbenchmarks'
+    fit: its reference probe scales the steps); (served fit points, what was served). `quick`: one
+    short synthetic replay (smoke tests)."""
+    cases = [("synthetic", "slora", 0.7)] if quick else CALIBRATION_CASES
+    points, about = [], []
+    for workload, system, load in cases:
+        extra = [*overrides, f"profile.path={profile}", *CALIBRATION_REQUESTS[workload]]
+        ov, rate = case_overrides(workload, system, load, 12 if quick else requests, extra)
+        folder = out / f"{workload}_{system}"
+        summary = serve([*ov, "charts=false"], folder, clock="measured")
+        served = served_points(folder / "iterations.csv", limit=per_replay)
+        points += served
+        about.append({"workload": workload, "system": system, "load": load, "rate_rps": round(rate, 4),
+                      "overrides": ov, "iterations": summary["num_iterations"], "points": len(served),
+                      "clock_scaling": summary.get("clock_scaling")})
+    return points, about
