@@ -8,15 +8,17 @@ clock, then simulates it (the runtime's profile and KV blocks) and compares. Tol
 never asserted. CPU timing wants an otherwise idle machine: the 1-minute load average is recorded
 before and after each case.
 
-A profile is a property of one machine: `--calibrate` first measures a fresh one with `dlora-calibrate`
-on this machine and runs every case on it (both halves), so the comparison is not of two machines.
-On a CPU a case's error moves by tens of points between runs minutes apart (the machine's speed
-drifts and the real clock cannot be scaled), so every case runs `--repeats` times and the report
-gives the median of each metric and the range of the mean E2E error. `--clocks real,measured` also
-replays each repeat on the runtime's measured clock (each step's own time, scaled on a CPU to the
-profile's reference probe, so with `--calibrate` both halves are timed at the calibration's machine
-speed), right after the real one: what is left there is the cost model's error and per-iteration
-noise, not drift, idle gaps or the host's scheduling.
+A profile is a property of one machine: `--calibrate` first measures a fresh one with
+`dlora-calibrate --replays` on this machine (microbenchmarks, then calibration replays on other
+requests whose served iterations join the fit: served steps run ~17% slower than the same batches
+microbenchmarked) and runs every case on it (both halves). On a CPU a case's real-clock error moves by
+tens of points between runs minutes apart (the machine's speed drifts and the real clock cannot be
+scaled), so every case runs `--repeats` times and the report gives the median of each metric and the
+range of the mean E2E error. `--clocks real,measured` also replays each repeat on the runtime's
+measured clock (each step's own time, scaled on a CPU to the profile's reference probe, a decode step
+of the same model, so both halves are timed at the calibration's machine speed), right after the real
+one: what is left there is the cost model's error and per-iteration noise, not drift, idle gaps or the
+host's scheduling.
 
     python benchmarks/fidelity.py [--record] [--calibrate] [--clocks real,measured] [--repeats 3] [--requests 120] [serve overrides]
 
@@ -105,12 +107,16 @@ def calibrate(work: Path, overrides: list[str]) -> tuple[list[str], str]:
     out = work / "calibrate"
     calibrate_main(["--out", str(out), "--replays", *overrides])
     fit = json.loads((out / "fit_report.json").read_text())
-    served = [b for b in fit.get("by_kind", []) if b["kind"] == "served"]
+    kinds = {(b["kind"], b["split"]): b for b in fit.get("by_kind", [])}
+    served, held = kinds.get(("served", "fit")), kinds.get(("served", "heldout"))
+    replays = sum(r.get("split", "fit") == "fit" for r in fit["measured_on"].get("replays") or [])
     line = (f"Profile measured by `dlora-calibrate --replays` on this machine just before the cases "
-            f"({fit['measured_on'].get('date')}: microbenchmarks and {served[0]['n'] if served else 0} iterations of "
-            f"{len(fit['measured_on'].get('replays') or [])} calibration replays on other requests; fit error in "
-            f"sample {fit['in_sample']['mean_abs_rel']:.1%}, held out {fit['held_out']['mean_abs_rel']:.1%} on random "
-            f"mixed batches; points.csv sha256 {fit['points_csv_sha256'][:12]}).")
+            f"({fit['measured_on'].get('date')}: microbenchmarks and {served['n'] if served else 0} iterations of "
+            f"{replays} calibration replays on other requests; fit error in sample "
+            f"{fit['in_sample']['mean_abs_rel']:.1%}, held out {fit['held_out']['mean_abs_rel']:.1%} on random mixed "
+            "batches" + (f" and {held['mean_abs_rel']:.1%} (bias in the sum {held['sum_bias']:+.1%}) on the "
+                         f"{held['n']} iterations of a held-out replay" if held else "") +
+            f"; points.csv sha256 {fit['points_csv_sha256'][:12]}).")
     return [f"profile.path={out / 'profile.yaml'}"], line
 
 

@@ -5,8 +5,8 @@ batches, its sequences' KV and adapters were touched iterations ago, and on a CP
 the tiny model depends on what ran just before. So `dlora-calibrate --replays` also serves
 calibration replays on the measured clock and fits the closed form to their iterations too (each
 iteration's features as `ReplicaState.prices` charged them, and its measured, drift-scaled time). Those
-replays use other requests than `benchmarks/fidelity.py` validates on: another seed for the synthetic
-workload, another window of the Azure trace.
+replays use other requests than `benchmarks/fidelity.py` validates on: other seeds for the synthetic
+workload, another window of the Azure trace; one more replay is held out of the fit.
 
 The load of a case is set from the runtime's capacity as the simulator sees it with the runtime's
 profile (an overloaded simulated run's completed requests per second), so both halves get the same
@@ -15,6 +15,7 @@ arrivals.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.calibrate import _compose
@@ -23,8 +24,6 @@ from calibration.microbench import COLUMNS
 AZURE = ["workload=azure_conv", "workload.num_adapters=8", "workload.rank=8",
          "cluster.replica.chunked_prefill=false"]   # the runtime prefills whole prompts
 WORKLOADS = {"synthetic": ["workload=tiny"], "azure_conv": AZURE}
-# calibration replays: other requests than the validation cases (another seed, a later trace window)
-CALIBRATION_REQUESTS = {"synthetic": ["seed=101"], "azure_conv": ["workload.start_s=1800"]}
 
 
 def sim_capacity(overrides: list[str]) -> float:
@@ -66,7 +65,7 @@ def serve(overrides: list[str], out: Path, clock: str = "real") -> dict:
     return finish_job(cfg, out, system, overrides, engine.run, about(engine))
 
 
-def served_points(iterations_csv: Path, *, limit: int = 0) -> list[dict]:
+def served_points(iterations_csv: Path, *, limit: int = 0, split: str = "fit") -> list[dict]:
     """A measured-clock replay's iterations as fit points (kind `served`): the features the step was
     priced with and its measured, drift-scaled time, with its mode-change, load and swap phases (the
     fit subtracts them, as for the microbenchmarks). `limit` > 0 keeps that many, evenly spaced."""
@@ -79,7 +78,7 @@ def served_points(iterations_csv: Path, *, limit: int = 0) -> list[dict]:
     out = []
     for r in rows:
         batch, decodes = int(r["batch_size"]), int(r["decode_seqs"])
-        out.append({**{c: "" for c in COLUMNS}, "kind": "served", "split": "fit", "mode": r["mode"], "batch": batch,
+        out.append({**{c: "" for c in COLUMNS}, "kind": "served", "split": split, "mode": r["mode"], "batch": batch,
                     "prefills": batch - decodes, "prefill_tokens": r["prefill_tokens"], "prefill_sq": r["prefill_sq"],
                     "decodes": decodes, "decode_context": r["decode_context"], "distinct": r["distinct_adapters"],
                     "rank_sum": r["rank_sum"], "token_rank": r["token_rank"],
@@ -89,25 +88,39 @@ def served_points(iterations_csv: Path, *, limit: int = 0) -> list[dict]:
     return out
 
 
-# (workload, system, load): both policies (dLoRA's runs merged and unmerged), both workloads' shapes
-CALIBRATION_CASES = [(w, s, 0.7) for w in WORKLOADS for s in ("slora", "dlora")]
+@dataclass(frozen=True)
+class Replay:
+    """A calibration replay: its iterations are fit points (split `fit`) or held out (`heldout`)."""
+
+    workload: str
+    system: str
+    load: float                  # x the simulated capacity
+    requests: tuple[str, ...]    # overrides that pick other requests than the fidelity cases validate on
+    split: str = "fit"
+
+
+SYNTHETIC, AZURE_LATER = ("seed=101",), ("workload.start_s=1800",)   # another seed; a window 30 min in
+# both policies (dLoRA's runs merged and unmerged) on both workloads' shapes, and one held-out replay
+CALIBRATION_REPLAYS = (Replay("synthetic", "slora", 0.7, SYNTHETIC), Replay("synthetic", "dlora", 0.7, SYNTHETIC),
+                       Replay("azure_conv", "slora", 0.7, AZURE_LATER), Replay("azure_conv", "dlora", 0.7, AZURE_LATER),
+                       Replay("synthetic", "dlora", 0.9, ("seed=102",), "heldout"))
 
 
 def calibration_replays(profile: Path, out: Path, overrides: list[str], *, quick: bool = False,
                         requests: int = 120, per_replay: int = 400) -> tuple[list[dict], list[dict]]:
     """Serve every calibration case on the measured clock, timed against `profile` (the microbenchmarks'
-    fit: its reference probe scales the steps); (served fit points, what was served). `quick`: one
-    short synthetic replay (smoke tests)."""
-    cases = [("synthetic", "slora", 0.7)] if quick else CALIBRATION_CASES
+    fit: its reference probe scales the steps); (served points, what was served). `quick`: one short
+    synthetic replay (smoke tests)."""
+    replays = CALIBRATION_REPLAYS[:1] if quick else CALIBRATION_REPLAYS
     points, about = [], []
-    for workload, system, load in cases:
-        extra = [*overrides, f"profile.path={profile}", *CALIBRATION_REQUESTS[workload]]
-        ov, rate = case_overrides(workload, system, load, 12 if quick else requests, extra)
-        folder = out / f"{workload}_{system}"
+    for i, rp in enumerate(replays):
+        extra = [*overrides, f"profile.path={profile}", *rp.requests]
+        ov, rate = case_overrides(rp.workload, rp.system, rp.load, 12 if quick else requests, extra)
+        folder = out / f"{i}_{rp.workload}_{rp.system}_{rp.split}"
         summary = serve([*ov, "charts=false"], folder, clock="measured")
-        served = served_points(folder / "iterations.csv", limit=per_replay)
+        served = served_points(folder / "iterations.csv", limit=per_replay, split=rp.split)
         points += served
-        about.append({"workload": workload, "system": system, "load": load, "rate_rps": round(rate, 4),
-                      "overrides": ov, "iterations": summary["num_iterations"], "points": len(served),
-                      "clock_scaling": summary.get("clock_scaling")})
+        about.append({"workload": rp.workload, "system": rp.system, "load": rp.load, "split": rp.split,
+                      "rate_rps": round(rate, 4), "overrides": ov, "iterations": summary["num_iterations"],
+                      "points": len(served), "clock_scaling": summary.get("clock_scaling")})
     return points, about
