@@ -64,11 +64,13 @@ def _median(vals: list) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def report(rows: list[dict], device: str, profile: str, calibration: str, scaling: str = "") -> str:
+def report(rows: list[dict], device: str, profile: str, calibration: str, scaling: str = "",
+           calibrated: bool = False) -> str:
     cases = _cases(rows)
     reps = max(len(v) for v in cases.values())
     clocks = list(dict.fromkeys(r.get("clock", "real") for r in rows))
-    flags = "" if clocks == ["real"] else f" --clocks {','.join(clocks)}"
+    flags = (" --calibrate" if calibrated else "") + ("" if clocks == ["real"] else f" --clocks {','.join(clocks)}")
+    flags += f" --repeats {reps}"
     lines = [f"# Fidelity: simulator vs runtime ({device}, profile `{profile}`)", "",
              f"Measured {time.strftime('%Y-%m-%d')} by `python benchmarks/fidelity.py --record{flags}`: each case "
              f"replays the same requests on the runtime ({' and '.join(clocks)} clock) and in the simulator (the runtime's profile and KV "
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"factors {min(factors):.3f} ... {max(factors):.3f}.")
     elif "measured" in clocks:
         scaling = " The measured clock was not scaled (a GPU, or a profile without a reference probe)."
-    text = report(rows, device, Path(str(profile)).name if args.calibrate else profile, calibration, scaling)
+    text = report(rows, device, Path(str(profile)).name if args.calibrate else profile, calibration, scaling,
+                  args.calibrate)
     write_report(out, f"fidelity_{slug}", rows, text)
     print(text)
     print(f"wrote {out}/fidelity_{slug}.{{csv,md}}; case folders in {work}")

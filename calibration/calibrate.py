@@ -2,14 +2,16 @@
 
     dlora-calibrate                                  # runtime=cpu_tiny, into outputs/calibrate/<stamp>/
     dlora-calibrate --record                         # also write calibration/profiles/cpu-tiny.yaml
+    dlora-calibrate --replays                        # also fit calibration replays' served iterations
     dlora-calibrate runtime=h200_7b --record         # on a GPU: calibration/profiles/h200-llama-2-7b.yaml
     dlora-calibrate --from outputs/calibrate/<stamp> # refit points measured elsewhere, without measuring
 
 Iteration terms (overhead, per sequence, weight read / per token, context, prefill attention) and the
-kernel LoRA terms are fitted together on the decode, prefill and mixed points by `calibration.fit`
-(relative error, non-negative, predictions by `CostModel.iteration_time`); merge / unmerge / switch are
-the medians measured; adapter loads and KV swaps fit a fixed cost plus bytes over bandwidth. The
-report gives in-sample error and the error on held-out random mixed batches that no fit saw.
+kernel LoRA terms are fitted together on the decode, prefill and mixed points, and with `--replays` the
+served iterations of calibration replays (`calibration.replays`), by `calibration.fit` (relative error,
+non-negative, predictions by `CostModel.iteration_time`); merge / unmerge / switch are the medians
+measured; adapter loads and KV swaps fit a fixed cost plus bytes over bandwidth. The report gives
+in-sample error, the error on held-out random mixed batches that no fit saw, and each kind's bias.
 """
 from __future__ import annotations
 
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also serve calibration replays on the measured clock and fit their iterations too "
                          "(calibration/replays.py: other requests than benchmarks/fidelity.py validates on)")
     args = ap.parse_args(argv)
+    if args.source is not None and args.replays:
+        ap.error("--replays measures: with --from the folder's points.csv (served points included) is refitted as it is")
     from dlora_sim.config import build_profile
     cfg = _compose(args.overrides)
     base = build_profile(cfg)

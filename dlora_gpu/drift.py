@@ -7,14 +7,17 @@ microbenchmarks scale every point this way (the reference: their session's media
 the fitted profile), and the runtime's `measured` clock scales every iteration to that same reference,
 so a replay and the profile it is compared with are timed at one machine speed.
 
-The probe is a real decode step of the runtime's own model on a scratch cache (`StepProbe`: two
-sequences at context 64, base weights, one cold run), so it is slowed by whatever slows the runtime's
-steps. Measured side by side (`benchmarks/drift_probe.py`, benchmarks/results/drift_probe.md): it
-leaves a third to a half of the slow drift the op chain left (block sd 0.030 / 0.044 against 0.084 /
-0.067 for the warm chain, batch-1 / batch-8 decode steps), moves about as much as the steps (slope 1.0
-/ 1.3) and reads the same after a large prefill as after a small step (0.98 / 1.02). The earlier
-probes stay for that comparison: a 384x384 matmul moves 2-3x as much as the steps (over-corrects), a
-chain of small ops shaped like a batch-1 decode (`DispatchProbe`) tracks them half as well.
+The probe is a real decode step of the runtime's own model on a scratch cache (`StepProbe`: eight
+sequences at context 128, base weights, one cold run), so it is slowed by whatever slows the runtime's
+steps. Measured side by side (`benchmarks/drift_probe.py`, benchmarks/results/drift_probe.md), against
+merged batch-1, merged batch-8 and unmerged batch-8 decode steps: it leaves a block sd of 0.023 /
+0.032 / 0.035 of their slow drift (unscaled 0.118 / 0.110 / 0.131) and moves as much as they do (slope
+0.90-0.99). The earlier references left 1.6-2.2x as much (a chain of small ops shaped like a batch-1
+decode, `DispatchProbe`, timed warm) and 2.0-3.3x (a 384x384 matmul, which also moves 2-2.6x as much
+as the steps); a 2-sequence step probe tracks batch-1 steps best but the larger steps, which dominate a
+replay's time, less (an earlier run: slope 1.3-1.5). It reads 11-13% slower right after a large
+prefill (so do the steps: 3-11%); the microbenchmarks and the measured clock both probe right before
+every timed step, so that falls on both alike.
 """
 from __future__ import annotations
 
