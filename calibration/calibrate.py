@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 from scipy.optimize import nnls
 
-from calibration.fit import Point, fit
+from calibration.fit import NOISY_PASSES, Point, fit
 from dlora_sim.errors import reported
 from dlora_sim.paths import CONF_DIR, PROFILES_DIR
 from dlora_sim.profile import Profile, load_profile, profile_from_dict
@@ -94,7 +94,7 @@ def _microbenchmarks_alone(rows: list[dict], base: Profile, held: list[Point]) -
     if not any(r["kind"] == "served" for r in rows):
         return None
     pts = [compute_point(r) for r in rows if r["kind"] in COMPUTE_KINDS and r["kind"] != "served" and r["split"] == "fit"]
-    res = fit(base.with_lora_path("kernel"), ITERATION_KEYS, pts, predict_compute, held_out=held)
+    res = fit(base.with_lora_path("kernel"), ITERATION_KEYS, pts, predict_compute, held_out=held, passes=NOISY_PASSES)
     return {"in_sample": res.in_sample.as_dict(), "held_out": res.held_out.as_dict() if res.held_out else None,
             "by_kind": bias_by_kind(res.profile, rows)}
 
@@ -103,7 +103,8 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
     """(profile dict for YAML, fit report) from measured points."""
     fit_pts = [compute_point(r) for r in rows if r["kind"] in COMPUTE_KINDS and r["split"] == "fit"]
     held = [compute_point(r) for r in rows if r["kind"] == "mixed" and r["split"] == "heldout"]   # random mixed
-    res = fit(base.with_lora_path("kernel"), ITERATION_KEYS, fit_pts, predict_compute, held_out=held)
+    res = fit(base.with_lora_path("kernel"), ITERATION_KEYS, fit_pts, predict_compute, held_out=held,
+              passes=NOISY_PASSES)
     raw = yaml.safe_load(Path(base.path).read_text())
     for key, v in res.values.items():
         node = raw

@@ -10,9 +10,11 @@ points it never saw.
 Relative to what: dividing by the *measured* time, as plain relative least squares does, biases a fit to
 noisy points low (a slow run of a point weighs less than a fast one: at a per-run spread of 20%, the
 fit lands ~8% under the mean, and timing noise is skewed slow). The simulator must charge the mean
-time of a step, since a replay's time is the sum of its steps. So the residual divides by the
-*predicted* time of the previous pass instead (iteratively reweighted, `passes` times, starting from
-the measured): still relative error, unbiased in the mean.
+time of a step, since a replay's time is the sum of its steps. So with `passes` > 1 the residual
+divides by the *predicted* time of the previous pass instead (iteratively reweighted, starting from
+the measured): still relative error, unbiased in the mean. `dlora-calibrate` fits noisy timings that
+way (`NOISY_PASSES`); one pass (the default) is plain relative least squares, which the analytic
+profiles' fit to medians of GPU kernel timings keeps.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Point:
 
 
 Predict = Callable[[CostModel, Point], float]
+NOISY_PASSES = 3   # passes for noisy timings (a CPU's): the fit charges their mean
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,10 @@ def errors(profile: Profile, points: Sequence[Point], predict: Predict, gpus: in
 
 
 def fit(base: Profile, keys: Sequence[str], points: Sequence[Point], predict: Predict, *,
-        held_out: Sequence[Point] = (), gpus: int = 1, passes: int = 3) -> FitResult:
-    """Least squares on relative error over `keys` (non-negative), starting from `base`'s values; the
-    error of each point relative to the previous pass's prediction of it (the module doc says why)."""
+        held_out: Sequence[Point] = (), gpus: int = 1, passes: int = 1) -> FitResult:
+    """Least squares on relative error over `keys` (non-negative), starting from `base`'s values; after
+    the first pass, each point's error relative to the previous pass's prediction of it (the module
+    doc says why)."""
     if not points:
         raise ValueError("no points to fit")
     if any(p.seconds <= 0 for p in points):
