@@ -3,10 +3,10 @@
 Interleaves, for `--seconds`, each candidate probe with decode steps of the cpu_tiny runtime (merged
 batch 1, merged batch 8, unmerged batch 8 over 4 adapters; fresh requests every 100 rounds, context
 300-400); every other round a large prefill runs before each probe and the step, so a probe that
-times the cache state the previous step left rather than the machine shows it (a serving run's steps
-are smaller than the microbenchmarks'). Then groups the rounds into blocks of `--block` and compares the step time's block medians with each probe's. A probe that tracks
-the drift leaves little spread in log(step / probe) between blocks; slope 1 means it moves exactly as
-much as the steps. The per-step column applies the measured clock's own scaling (the median of the
+times the cache state the previous step left rather than the machine shows it. Then groups the
+rounds into blocks of `--block` and compares the step time's block medians with each probe's. A probe
+that tracks the drift leaves little spread in log(step / probe) between blocks; slope 1 means it moves
+exactly as much as the steps. The per-step column applies the measured clock's own scaling (the median of the
 last 9 probes) to each step.
 
     python benchmarks/drift_probe.py [--seconds 240] [--record]
@@ -41,7 +41,7 @@ def _measure(seconds: float) -> dict[str, np.ndarray]:
     h = Harness(runtime_config(cfg.runtime), build_profile(cfg),
                 BenchConfig(max_kv_blocks=cfg.cluster.replica.max_kv_blocks, reference=False))
     probes = {"matmul": MatmulProbe(), "dispatch": DispatchProbe(), "dispatch_warm": DispatchProbe(warm=2),
-              "step_2x64": StepProbe(h.ex.model), "step_8x128": StepProbe(h.ex.model, seqs=8, context=128)}
+              "step_2x64": StepProbe(h.ex.model, seqs=2, context=64), "step_8x128": StepProbe(h.ex.model)}
     h.ensure_resident([0, 1, 2, 3])
 
     def fresh(n: int, mode: int | None):
@@ -128,7 +128,7 @@ def report(rows: list[dict], seconds: float, block: int, load: tuple[float, floa
              f"cpu_tiny runtime, 1 torch thread; every round times the matmul probe (384x384 float32), the "
              f"dispatch probe (2-layer 1x256 op chain) as it comes and warm (the fastest of 2 after a warm-up run), "
              f"the step probes (a decode step of the runtime's model on a scratch cache, base weights: 2 sequences "
-             f"at context 64, the reference; 8 at 128), and one decode step at context 300 of each kind (merged "
+             f"at context 64; 8 at 128, the reference), and one decode step at context 300 of each kind (merged "
              f"batch 1, merged batch 8, unmerged batch 8 over 4 adapters); every other round an untimed 256-token "
              f"prefill runs before each probe and the step. "
              f"Block = {block} rounds. 1-min load average before / after: {load[0]:.2f} / {load[1]:.2f}.", "",

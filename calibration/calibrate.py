@@ -105,6 +105,7 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
     held = [compute_point(r) for r in rows if r["kind"] == "mixed" and r["split"] == "heldout"]   # random mixed
     res = fit(base.with_lora_path("kernel"), ITERATION_KEYS, fit_pts, predict_compute, held_out=held,
               passes=NOISY_PASSES)
+    n_served = sum(r["kind"] == "served" and r["split"] == "fit" for r in rows)
     raw = yaml.safe_load(Path(base.path).read_text())
     for key, v in res.values.items():
         node = raw
@@ -137,11 +138,13 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
         report["drift"] = {"median": median(drifts), "min": min(drifts), "max": max(drifts)}
     raw["provenance"] = {
         "source": "measured", "device": meta["device"], "date": meta["date"][:10],
-        "method": (f"dlora-calibrate: {len(fit_pts)} decode/prefill/mixed points fitted by relative-error least "
-                   f"squares on the simulator's cost model (in-sample mean error {res.in_sample.mean_abs_rel:.1%}, "
-                   f"held-out {res.held_out.mean_abs_rel if res.held_out else float('nan'):.1%} on "
-                   f"{len(held)} random mixed batches); merge/unmerge/switch medians; loads and swaps a fixed cost "
-                   f"plus bytes / bandwidth"),
+        "method": (f"dlora-calibrate: {len(fit_pts)} decode/prefill/mixed points"
+                   + (f" ({n_served} of them served iterations of calibration replays)" if n_served else "")
+                   + f" fitted by relative-error least squares on the simulator's cost model, {NOISY_PASSES} "
+                   f"passes, errors relative to the previous pass's prediction (in-sample mean error "
+                   f"{res.in_sample.mean_abs_rel:.1%}, held-out {res.held_out.mean_abs_rel if res.held_out else float('nan'):.1%} "
+                   f"on {len(held)} random mixed batches); merge/unmerge/switch the mean of their runs; loads and swaps "
+                   f"a fixed cost plus bytes / bandwidth"),
         "software": (f"dlora_gpu runtime, {meta['backend']} backend, {meta['dtype']}; torch "
                      f"{meta['versions']['torch']}, triton {meta['versions']['triton']}"),
         "anchors": [f"points.csv sha256 {csv_sha256}", f"commit {meta.get('commit', '')}",
@@ -176,10 +179,10 @@ def report_md(report: dict, profile_name: str) -> str:
     if alone:
         served = "; ".join(f"{b['split']} {b['sum_bias']:+.1%} in the sum, {b['mean_abs_rel']:.1%} mean abs"
                            for b in alone["by_kind"] if b["kind"] == "served")
+        held_alone = alone["held_out"]["mean_abs_rel"] if alone["held_out"] else float("nan")
         lines += ["", f"Fitted to the microbenchmarks alone, the same closed form errs {alone['in_sample']['mean_abs_rel']:.1%} "
-                      f"in sample and {alone['held_out']['mean_abs_rel']:.1%} on the held-out random mixed batches, "
-                      f"but on the served iterations: {served} (served steps run slower than the same batches "
-                      f"microbenchmarked)."]
+                      f"in sample and {held_alone:.1%} on the held-out random mixed batches, and on the served "
+                      f"iterations: {served}."]
     for r in report["measured_on"].get("replays") or []:
         lines.append(f"\nCalibration replay {r['workload']} / {r['system']} at {r['load']:.0%} of capacity "
                      f"({r['rate_rps']} req/s, measured clock): {r['iterations']} iterations, {r['points']} "
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.replays:
             del harness   # its model and caches; each replay builds its own runtime
             from calibration.replays import calibration_replays
-            first, _ = fit_profile(read_points(points), base, "microbenchmarks only", meta)
+            first, _ = fit_profile(read_points(points), base, hashlib.sha256(points.read_bytes()).hexdigest(), meta)
             (out / "microbench").mkdir(parents=True, exist_ok=True)
             (out / "microbench" / "profile.yaml").write_text(yaml.safe_dump(first, sort_keys=False, width=110))
             served, meta["replays"] = calibration_replays(out / "microbench" / "profile.yaml", out / "replays",

@@ -12,8 +12,8 @@ On a CPU the machine's speed drifts (on a shared VM by 10-25% over seconds, and 
 so every timed run is preceded by a fixed reference probe (`dlora_gpu.drift.reference_probe`: a real
 decode step of the model on a scratch cache) and scaled by (the median of all those probes / the
 median of the last 9), as the measured clock scales a served step: a drift that slows both cancels.
-The `drift` column keeps the median
-factor applied to each point; metadata.json keeps the reference. On a GPU no scaling is applied.
+The `drift` column keeps the median factor applied to each point; metadata.json keeps the reference.
+On a GPU no scaling is applied.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class Harness:
                     r[k] = f"{float(r[k]) * c:.9f}"
             if r.get("drift") not in (None, ""):
                 r["drift"] = f"{float(r['drift']) * c:.4f}"
-        self.reference_s = session
+        self.reference_s = self._scale.reference_s = session   # later probes scale to it too
         return rows
 
     def reference(self) -> dict:

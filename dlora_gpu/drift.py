@@ -49,17 +49,14 @@ class MatmulProbe:
 
 class DispatchProbe:
     """Two decoder layers' worth of small ops (RMS norm, projections, gated MLP) on one 1 x `hidden`
-    token, float32: its time is the per-op dispatch cost more than arithmetic. `settle` > 0 first runs a
-    `settle` x `settle` matmul untimed, so the chain always starts from the cache state that leaves, not
-    the one the model's last step left. `warm` > 0 runs the chain once untimed and returns the fastest of
-    `warm` more; 0 times one run."""
+    token, float32: its time is the per-op dispatch cost more than arithmetic. `warm` > 0 runs the chain
+    once untimed and returns the fastest of `warm` more; 0 times one run (the previous reference,
+    `benchmarks/drift_probe.py` compares it)."""
 
-    def __init__(self, hidden: int = 256, intermediate: int = 688, layers: int = 2, seed: int = 0, warm: int = 0,
-                 settle: int = 0):
+    def __init__(self, hidden: int = 256, intermediate: int = 688, layers: int = 2, seed: int = 0, warm: int = 0):
         import torch
         g = torch.Generator().manual_seed(seed + 1)
         self.hidden, self.intermediate, self.layers, self.warm = hidden, intermediate, layers, warm
-        self._settle = MatmulProbe(settle, seed) if settle else None
         self._x = torch.randn(1, hidden, generator=g)
         self._attn = torch.randn(hidden, hidden, generator=g) / math.sqrt(hidden)
         self._up = torch.randn(hidden, intermediate, generator=g) / math.sqrt(hidden)
@@ -79,8 +76,6 @@ class DispatchProbe:
         return time.perf_counter() - t0
 
     def __call__(self) -> float:
-        if self._settle is not None:
-            self._settle()
         if not self.warm:
             return self._chain()
         self._chain()
@@ -88,8 +83,7 @@ class DispatchProbe:
 
     def describe(self) -> str:
         how = f"fastest of {self.warm} after a warm-up run" if self.warm else "one run"
-        after = f" after an untimed {self._settle.describe()}" if self._settle is not None else ""
-        return f"{self.layers}-layer 1x{self.hidden} float32 op chain (norm, projections, gated MLP), {how}{after}"
+        return f"{self.layers}-layer 1x{self.hidden} float32 op chain (norm, projections, gated MLP), {how}"
 
 
 class StepProbe:
@@ -98,7 +92,7 @@ class StepProbe:
     batch laid out and run as the executor runs a step; calling it returns its wall seconds (one run,
     cold). Its time moves with whatever moves the runtime's steps (interpreter, op dispatch, memory)."""
 
-    def __init__(self, model, *, seqs: int = 2, context: int = 64, backend: str = "torch"):
+    def __init__(self, model, *, seqs: int = 8, context: int = 128, backend: str = "torch"):
         import torch
 
         from dlora_gpu.kv_cache import PagedKVCache
@@ -126,7 +120,7 @@ class StepProbe:
 
 def reference_probe(model, backend: str = "torch") -> StepProbe:
     """The probe the microbenchmarks and the measured clock scale by (the module doc says why)."""
-    return StepProbe(model, seqs=8, context=128, backend=backend)
+    return StepProbe(model, backend=backend)
 
 
 class DriftScale:

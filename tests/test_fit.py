@@ -79,6 +79,27 @@ def test_fit_recovers_known_coefficients_within_5_percent(noise):
     assert raw["provenance"]["source"] == "measured"
 
 
+def test_held_out_served_iterations_stay_out_of_the_fit_and_are_reported():
+    """Served iterations of a held-out replay, however far off, leave the coefficients as they are and
+    show up in the report's bias by kind; fit ones join the fit."""
+    base = load_profile("cpu-tiny")
+    rows = _rows(set_coefficients(base, TRUTH), np.random.default_rng(0), 0.0)
+    meta = {"device": "synthetic", "date": "2026-12-01 00:00:00", "backend": "torch", "dtype": "float32",
+            "versions": {"torch": "-", "triton": "-"}}
+    _, plain = fit_profile(rows, base, "0" * 64, meta)
+    served = [{**r, "kind": "served", "split": "heldout", "wall_s": 10 * float(r["wall_s"])}
+              for r in rows if r["kind"] == "mixed"]
+    _, with_held = fit_profile(rows + served, base, "0" * 64, meta)
+    assert with_held["coefficients"] == plain["coefficients"] and with_held["fit_points"] == plain["fit_points"]
+    (held,) = [b for b in with_held["by_kind"] if b["kind"] == "served"]
+    assert held["split"] == "heldout" and held["n"] == len(served) and held["sum_bias"] == pytest.approx(-0.9, abs=0.01)
+    assert with_held["microbenchmarks_alone"]["in_sample"] == plain["in_sample"]
+    fitted = [{**r, "split": "fit"} for r in served]
+    _, with_fit = fit_profile(rows + fitted, base, "0" * 64, meta)
+    assert with_fit["fit_points"] == plain["fit_points"] + len(fitted)
+    assert with_fit["coefficients"] != plain["coefficients"]
+
+
 def test_set_coefficients_names_bad_keys():
     base = load_profile("cpu-tiny")
     with pytest.raises(KeyError, match="not a profile coefficient"):

@@ -69,6 +69,27 @@ def test_served_points_refuse_a_folder_that_is_not_a_runtime_replay(tmp_path):
         served_points(path)
 
 
+def test_served_points_carry_the_features_the_step_was_priced_with_and_its_measured_compute(tmp_path):
+    """Each column of a runtime replay's iterations.csv lands where the fit reads it: the step's time
+    less its mode-change, load and swap phases is the compute the closed form prices."""
+    from calibration.calibrate import compute_point
+    from calibration.replays import served_points
+    path = tmp_path / "iterations.csv"
+    cols = {"replica": 0, "start_s": 0.5, "duration_s": 0.010, "compute_s": 0.006, "switch_s": 0.002, "load_s": 0.001,
+            "swap_s": 0.0005, "mode": "unmerged", "merged_adapter": "", "batch_size": 5, "prefill_tokens": 40,
+            "decode_seqs": 3, "distinct_adapters": 2, "forced": 0, "decode_context": 900, "policy_s": 1e-5,
+            "predicted_s": 0.009, "prefill_sq": 820, "rank_sum": 16, "resident_rank_sum": 32, "token_rank": 344,
+            "wall_forward_s": 0.0055, "wall_load_s": 0.0009, "wall_s": 0.008, "wall_swap_s": 0.0004, "wall_switch_s": 0.0018}
+    path.write_text(",".join(cols) + "\n" + ",".join(str(v) for v in cols.values()) + "\n")
+    (row,) = served_points(path, split="heldout")
+    assert row["kind"] == "served" and row["split"] == "heldout" and row["mode"] == "unmerged"
+    p = compute_point(row)
+    assert p.seconds == pytest.approx(0.010 - 0.002 - 0.001 - 0.0005)   # the scaled step less its other phases
+    assert p.features == {"prefill_tokens": 40, "prefill_sq": 820, "decodes": 3, "decode_context": 900, "batch": 5,
+                          "rank_sum": 16, "token_rank": 344, "resident_rank_sum": 32}
+    assert row["prefills"] == 2 and row["distinct"] == "2"
+
+
 def _harness(**bench):
     from calibration.microbench import BenchConfig, Harness
     from dlora_gpu.executor import runtime_config
