@@ -1,8 +1,9 @@
 """Serving replays that calibrate and validate: workloads, loads and the runtime's served iterations.
 
-The runtime's steps in serving are not the microbenchmarks' steps: a served batch follows other
-batches, its sequences' KV and adapters were touched iterations ago, and on a CPU the step time of
-the tiny model depends on what ran just before. So `dlora-calibrate --replays` also serves
+A closed form fitted to the microbenchmarks alone priced a held-out replay's served iterations 16% low
+on the CPU (the README's calibration section: most likely the LoRA path's cost per adapter where the
+form charges per rank, with the microbenchmarks' mixed ranks and the workloads' single rank). So
+`dlora-calibrate --replays` also serves
 calibration replays on the measured clock and fits the closed form to their iterations too (each
 iteration's features as `ReplicaState.prices` charged them, and its measured, drift-scaled time). Those
 replays use other requests than `benchmarks/fidelity.py` validates on: other seeds for the synthetic
