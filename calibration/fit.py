@@ -115,11 +115,12 @@ def fit(base: Profile, keys: Sequence[str], points: Sequence[Point], predict: Pr
         cost = CostModel(set_coefficients(base, dict(zip(keys, z * scale))), gpus)
         return np.array([predict(cost, p) for p in points])
 
-    z, weight = np.ones(len(keys)), measured
-    for _ in range(passes):
-        sol = least_squares(lambda z, w=weight: (predictions(z) - measured) / w, z, bounds=(0.0, np.inf),
-                            x_scale="jac", method="trf")
-        z, weight = sol.x, np.maximum(predictions(sol.x), 1e-12)
+    weight = measured
+    for i in range(passes):
+        if i:   # relative to the previous pass's prediction
+            weight = np.maximum(predictions(sol.x), 1e-12)
+        sol = least_squares(lambda z, w=weight: (predictions(z) - measured) / w, sol.x if i else np.ones(len(keys)),
+                            bounds=(0.0, np.inf), x_scale="jac", method="trf")
     values = {k: float(f"{v:.6g}") for k, v in zip(keys, sol.x * scale)}
     prof = set_coefficients(base, values)
     return FitResult(values, prof, errors(prof, points, predict, gpus),
