@@ -35,7 +35,7 @@ from dlora_sim.profile import Profile, load_profile, profile_from_dict
 
 ITERATION_KEYS = ["iteration.overhead_s", "iteration.per_seq_s", "iteration.weight_read_s", "iteration.per_token_s",
                   "iteration.per_context_token_s", "iteration.per_prefill_sq_s", "lora.kernel.overhead_s",
-                  "lora.kernel.per_adapter_rank_s", "lora.kernel.per_token_rank_s"]
+                  "lora.kernel.per_adapter_rank_s", "lora.kernel.per_token_rank_s", "lora.kernel.per_adapter_s"]
 COMPUTE_KINDS = ("decode", "prefill", "mixed", "served")   # served: a calibration replay's iterations
 
 
@@ -47,7 +47,7 @@ def read_points(path: Path) -> list[dict]:
 def compute_point(r: dict) -> Point:
     """An iteration's compute: its wall time less the mode-change, load and swap phases."""
     f = {k: float(r[k] or 0) for k in ("prefill_tokens", "prefill_sq", "decodes", "decode_context", "batch",
-                                       "rank_sum", "token_rank", "resident_rank_sum")}
+                                       "rank_sum", "token_rank", "resident_rank_sum", "distinct")}
     secs = float(r["wall_s"]) - float(r["mode_s"] or 0) - float(r["load_s"] or 0) - float(r["swap_s"] or 0)
     return Point(f, max(secs, 1e-9))
 
@@ -56,7 +56,7 @@ def predict_compute(cost, p: Point) -> float:
     f = p.features
     return cost.iteration_time(int(f["prefill_tokens"]), int(f["prefill_sq"]), int(f["decodes"]),
                                int(f["decode_context"]), int(f["batch"]), int(f["rank_sum"]), int(f["token_rank"]),
-                               int(f["resident_rank_sum"]))
+                               int(f["resident_rank_sum"]), int(f["distinct"]))
 
 
 MAX_BANDWIDTH = 1e15   # B/s: a slope this flat means the cost is all fixed overhead at these sizes

@@ -50,31 +50,35 @@ class CostModel:
         self._lora_overhead = lo.overhead_s
         self._lora_adapter = lo.per_adapter_rank_s / g
         self._lora_token = lo.per_token_rank_s / g
+        self._lora_per_adapter = lo.per_adapter_s
         self.lora_path = profile.lora_path
         self._einsum = profile.lora_path == "einsum"
 
     def iteration_time(self, prefill_tokens: int, prefill_sq: int, decode_seqs: int, decode_context: int,
                        num_seqs: int, lora_rank_sum: int = 0, lora_token_rank: int = 0,
-                       resident_rank_sum: int = 0) -> float:
+                       resident_rank_sum: int = 0, lora_adapters: int = 0) -> float:
         """Seconds for one iteration. `lora_rank_sum` = sum of ranks of distinct adapters in an unmerged
         batch (0 in merged mode); `lora_token_rank` = sum over the batch's tokens of their adapter's rank;
         `resident_rank_sum` = sum of ranks of the adapters in GPU slots, which the einsum path prices
-        instead (every token against every resident adapter; 0 = not known, the batch's adapters)."""
+        instead (every token against every resident adapter; 0 = not known, the batch's adapters);
+        `lora_adapters` = the number of those distinct adapters (the kernel path's per-adapter term)."""
         tokens = prefill_tokens + decode_seqs
         t = (self._overhead + self._per_seq * num_seqs + max(self._weight, self._per_tok * tokens)
              + self._per_ctx * decode_context + self._per_sq * prefill_sq)
         if lora_rank_sum:
-            t += self._lora(tokens, lora_rank_sum, lora_token_rank, resident_rank_sum)
+            t += self._lora(tokens, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters)
         return t
 
-    def _lora(self, tokens: int, lora_rank_sum: int, lora_token_rank: int, resident_rank_sum: int) -> float:
+    def _lora(self, tokens: int, lora_rank_sum: int, lora_token_rank: int, resident_rank_sum: int,
+              lora_adapters: int) -> float:
         if self._einsum:
             resident = max(resident_rank_sum, lora_rank_sum)
             return self._lora_overhead + self._lora_adapter * resident + self._lora_token * tokens * resident
-        return self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
+        return (self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
+                + self._lora_per_adapter * lora_adapters)
 
     def decode_repeats(self, n: int, context: int, lo: int, hi: int, lora_rank_sum: int = 0, lora_token_rank: int = 0,
-                       resident_rank_sum: int = 0) -> list[float]:
+                       resident_rank_sum: int = 0, lora_adapters: int = 0) -> list[float]:
         """`iteration_time` of decode iterations lo..hi-1 of a repeated batch of n sequences whose total
         context starts at `context` and grows by n per iteration (the simulator's fast-forward): the same
         operations in the same order, with the terms that do not change hoisted out of the loop."""
@@ -82,7 +86,7 @@ class CostModel:
         per_ctx, sq = self._per_ctx, self._per_sq * 0
         if not lora_rank_sum:
             return [base + per_ctx * (context + i * n) + sq for i in range(lo, hi)]
-        lora = self._lora(n, lora_rank_sum, lora_token_rank, resident_rank_sum)
+        lora = self._lora(n, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters)
         return [base + per_ctx * (context + i * n) + sq + lora for i in range(lo, hi)]
 
     def decode_time(self, batch: int, context: int, merged: bool = True, distinct_adapters: int = 1,
@@ -90,7 +94,7 @@ class CostModel:
         """Convenience: a pure-decode iteration of `batch` sequences with `context` tokens each."""
         lora = 0 if merged else distinct_adapters * rank
         return self.iteration_time(0, 0, batch, batch * context, batch, lora, batch * rank if not merged else 0,
-                                   resident_adapters * rank)
+                                   resident_adapters * rank, 0 if merged else distinct_adapters)
 
     # --- mode changes, loads, swaps, transfers ---------------------------------------------------
     def mode_change_time(self, old: int | None, new: int | None, full_copy: bool = False) -> float:

@@ -85,6 +85,9 @@ class LoraCost:
     per_adapter_rank_s: float
     per_token_rank_s: float
     source: str = ""     # where these numbers come from (measured / derived / analytic, and how)
+    # kernel path: a fixed cost per distinct adapter in the batch, whatever its rank -- what a loop over
+    # adapters pays (the runtime's CPU torch backend, PEFT); 0 for batched kernels and analytic profiles
+    per_adapter_s: float = 0.0
 
 
 LORA_PATHS = ("kernel", "einsum")

@@ -37,7 +37,7 @@ class _Run:
     compute: list[float]       # s, per iteration (for the record)
     overhead: tuple[float, float, float]   # switch, load, swap seconds (first iteration only)
     planned: int = 1           # iterations this decision runs (durations are generated lazily, in chunks)
-    repeat: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)   # decode seqs, first context, rank sums of a repeat
+    repeat: tuple[int, ...] = (0, 0, 0, 0, 0, 0)   # decode seqs, first context, rank sums, adapters of a repeat
     applied: int = 0
 
 
@@ -127,18 +127,19 @@ class Replica(ReplicaState):
                 run.planned = max(min(run.planned, d.max_repeats), 1)
             unmerged = d.merged is None
             run.repeat = (n, step.decode_context, step.rank_sum if unmerged else 0,
-                          step.token_rank if unmerged else 0, step.resident_rank_sum)
+                          step.token_rank if unmerged else 0, step.resident_rank_sum,
+                          step.distinct if unmerged else 0)
             self._extend(run, _FIRST_CHUNK)
         return run
 
     def _extend(self, run: _Run, upto: int) -> None:
         """Generate the durations of repeats up to iteration `upto` (capped at the plan): a run that a
         queue change cuts short never pays for the iterations it did not reach."""
-        n, ctx, rank_sum, token_rank, resident = run.repeat
+        n, ctx, rank_sum, token_rank, resident, adapters = run.repeat
         lo, hi = len(run.durations), min(upto, run.planned)
         if hi <= lo:
             return
-        computes = self.cost.decode_repeats(n, ctx, lo, hi, rank_sum, token_rank, resident)
+        computes = self.cost.decode_repeats(n, ctx, lo, hi, rank_sum, token_rank, resident, adapters)
         durations = [to_ns(c) for c in computes]
         t = run.ends[-1]
         ends = run.ends

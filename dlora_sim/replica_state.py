@@ -360,7 +360,8 @@ class ReplicaState:
         unmerged = d.merged is None
         compute = cost.iteration_time(step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context,
                                       len(step.batch), step.rank_sum if unmerged else 0,
-                                      step.token_rank if unmerged else 0, step.resident_rank_sum)
+                                      step.token_rank if unmerged else 0, step.resident_rank_sum,
+                                      step.distinct if unmerged else 0)
         load = 0.0
         for a in d.load:
             load += cost.load_time(self.slot_bytes(self._ranks[a]))

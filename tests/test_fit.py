@@ -3,6 +3,7 @@ closed form (calibration.fit and the dlora-calibrate fit of points.csv rows)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from dlora_sim.profile import load_profile
 TRUTH = {"iteration.overhead_s": 2.0e-3, "iteration.per_seq_s": 6.0e-5, "iteration.weight_read_s": 1.5e-3,
          "iteration.per_token_s": 3.0e-5, "iteration.per_context_token_s": 4.0e-7,
          "iteration.per_prefill_sq_s": 2.0e-8, "lora.kernel.overhead_s": 8.0e-4,
-         "lora.kernel.per_adapter_rank_s": 5.0e-6, "lora.kernel.per_token_rank_s": 4.0e-7}
+         "lora.kernel.per_adapter_rank_s": 5.0e-6, "lora.kernel.per_token_rank_s": 4.0e-7,
+         "lora.kernel.per_adapter_s": 2.0e-4}
 
 
 def _rows(profile, rng, noise: float) -> list[dict]:
@@ -28,7 +30,8 @@ def _rows(profile, rng, noise: float) -> list[dict]:
         pt = sum(prefills)
         rank_sum = 0 if merged else distinct * rank
         token_rank = 0 if merged else (pt + decodes) * rank
-        t = cost.iteration_time(pt, sum(p * p for p in prefills), decodes, decodes * ctx, n, rank_sum, token_rank)
+        t = cost.iteration_time(pt, sum(p * p for p in prefills), decodes, decodes * ctx, n, rank_sum, token_rank,
+                                0, 0 if merged else distinct)
         rows.append({"kind": kind, "split": split, "mode": "merged" if merged else "unmerged", "batch": n,
                      "prefills": len(prefills), "prefill_tokens": pt, "prefill_sq": sum(p * p for p in prefills),
                      "decodes": decodes, "decode_context": decodes * ctx, "distinct": distinct, "rank": rank,
@@ -39,9 +42,9 @@ def _rows(profile, rng, noise: float) -> list[dict]:
     for n in (1, 2, 4, 8, 16, 32):
         for ctx in (32, 256, 1024):
             add("decode", "fit", [], n, ctx, 1, True)
-            for distinct in (1, 4, 8):
+            for distinct, rank in itertools.product((1, 4, 8), (8, 32)):   # two ranks: per adapter vs per rank
                 if distinct <= n:
-                    add("decode", "fit", [], n, ctx, distinct, False)
+                    add("decode", "fit", [], n, ctx, distinct, False, rank)
     for seqs in (1, 2, 4):
         for length in (16, 64, 256, 512):
             add("prefill", "fit", [length] * seqs, 0, 0, 1, False)

@@ -102,10 +102,11 @@ class DLoRAScheduler(LocalScheduler):
         self.ledger = CreditLedger(self.c_right, self.c_left)
 
     # --- cost-model estimates ---------------------------------------------------------------------------
-    def _decode_s(self, view: ReplicaView, n: int, rank_sum: int = 0, token_rank: int = 0) -> float:
+    def _decode_s(self, view: ReplicaView, n: int, rank_sum: int = 0, token_rank: int = 0,
+                  adapters: int = 0) -> float:
         c = self.ref_context
         return view.cost.iteration_time(0, 0, n, n * c, n, rank_sum, token_rank,
-                                        view.resident_rank_sum if rank_sum else 0)
+                                        view.resident_rank_sum if rank_sum else 0, adapters)
 
     def _batch_s(self, view: ReplicaView, plan: BatchPlan) -> float:
         """Unmerged decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""
@@ -113,14 +114,15 @@ class DLoRAScheduler(LocalScheduler):
         if self._rank is None:   # one rank for every adapter (the common workload): sums are products
             self._rank = ranks[0] if ranks and all(x == ranks[0] for x in ranks) else 0
         if self._rank:
-            return self._decode_s(view, n, len(plan.adapters) * self._rank, n * self._rank)
-        return self._decode_s(view, n, sum(ranks[x] for x in plan.adapters), sum(ranks[r.adapter] for r in plan.batch))
+            return self._decode_s(view, n, len(plan.adapters) * self._rank, n * self._rank, len(plan.adapters))
+        return self._decode_s(view, n, sum(ranks[x] for x in plan.adapters), sum(ranks[r.adapter] for r in plan.batch),
+                              len(plan.adapters))
 
     def iteration_ratio(self, view: ReplicaView, rank: int) -> float:
         """Merged / unmerged decode iteration time at a full batch of B and `ref_context` tokens."""
         b = view.max_num_seqs
         distinct = min(b, view.adapter_slots)
-        return self._decode_s(view, b) / self._decode_s(view, b, distinct * rank, b * rank)
+        return self._decode_s(view, b) / self._decode_s(view, b, distinct * rank, b * rank, distinct)
 
     def dwell_s(self, view: ReplicaView, old: int | None, new: int | None) -> float:
         """How long the guard waits after a mode change old -> new: its cost / switch_budget."""
@@ -131,7 +133,8 @@ class DLoRAScheduler(LocalScheduler):
         requests run, when the forced adapters' requests fit one batch (see the class docstring)."""
         b = view.max_num_seqs
         t_m = self._decode_s(view, b)
-        t_u = self._decode_s(view, b, min(b, view.adapter_slots) * rank, b * rank)
+        distinct = min(b, view.adapter_slots)
+        t_u = self._decode_s(view, b, distinct * rank, b * rank, distinct)
         iters = math.ceil(self.c_right)
         costliest = view.cost.mode_change_time(0, 1)   # a switch costs at least a merge or an unmerge
         return iters, iters * max(t_m, t_u) + costliest / self.switch_budget + costliest

@@ -86,7 +86,7 @@ def test_served_points_carry_the_features_the_step_was_priced_with_and_its_measu
     p = compute_point(row)
     assert p.seconds == pytest.approx(0.010 - 0.002 - 0.001 - 0.0005)   # the scaled step less its other phases
     assert p.features == {"prefill_tokens": 40, "prefill_sq": 820, "decodes": 3, "decode_context": 900, "batch": 5,
-                          "rank_sum": 16, "token_rank": 344, "resident_rank_sum": 32}
+                          "rank_sum": 16, "token_rank": 344, "resident_rank_sum": 32, "distinct": 2}
     assert row["prefills"] == 2 and row["distinct"] == "2"
 
 
