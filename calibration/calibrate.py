@@ -218,11 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="source", type=Path, default=None, help="refit points.csv of this folder")
     ap.add_argument("--record", action="store_true", help="write the fitted profile into calibration/profiles/")
     ap.add_argument("--quick", action="store_true", help="a few points of every kind (smoke test)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of a point in a row (default 5)")
+    ap.add_argument("--sweeps", type=int, default=3,
+                    help="sweeps over the decode, prefill and mixed points, minutes apart, averaged (default 3; --quick: 1)")
     ap.add_argument("--replays", action="store_true",
                     help="also serve calibration replays on the measured clock and fit their iterations too "
                          "(calibration/replays.py: other requests than benchmarks/fidelity.py validates on)")
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.sweeps < 1:
+        ap.error(f"--repeats and --sweeps must be >= 1, got {args.repeats} and {args.sweeps}")
     if args.source is not None and args.replays:
         ap.error("--replays measures: with --from the folder's points.csv (served points included) is refitted as it is")
     from dlora_sim.config import build_profile
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         from dlora_gpu.executor import runtime_config
         rcfg = runtime_config(cfg.runtime)
         bench = BenchConfig(quick=args.quick, repeats=2 if args.quick else args.repeats,
-                            warmup=1 if args.quick else 2)
+                            warmup=1 if args.quick else 2, sweeps=1 if args.quick else args.sweeps)
         t0 = time.perf_counter()
         harness = Harness(rcfg, base, bench)        # sets the runtime's torch threads
         meta_load = metadata(rcfg, base, bench, 0.0)

@@ -58,6 +58,7 @@ class BenchConfig:
     host_swap_bytes: int = 64 << 20
     heldout: int = 40
     seed: int = 0
+    sweeps: int = 3   # the compute points are measured in this many sweeps, minutes apart, and averaged
     quick: bool = False   # a few points of every kind (tests, dry runs)
     reference: bool = True   # scale CPU timings by a reference probe run before each (see the module doc)
 
@@ -351,19 +352,52 @@ def swap_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int]) -> list[
     return rows
 
 
-def run_all(h: Harness, b: BenchConfig) -> list[dict]:
+def compute_points(h: Harness, b: BenchConfig) -> list[dict]:
+    """One sweep over the decode, prefill and mixed points (the same points, in the same order, every time)."""
     q = b.quick
     batches = (1, 4) if q else (1, 2, 4, 8, 16, 32)
     contexts = (64,) if q else (32, 256, 1024)
+    h.set_mode(None)   # every sweep starts clean with empty slots (the resident adapters are a feature)
+    if h.state.resident:
+        h.step(Decision([], evict=tuple(h.state.resident)), allow_empty=True, scaled=False)
     rows = []
     rows += decode_points(h, b, batches, contexts, merged=True, distinct_list=(1,))
     rows += decode_points(h, b, batches, contexts, merged=False, distinct_list=(1, 2) if q else (1, 4, 8))
     rows += prefill_points(h, b, (1,) if q else (1, 2, 4), (32,) if q else (16, 64, 256, 512), merged=False)
     rows += prefill_points(h, b, (1,) if q else (1, 4), (32,) if q else (64, 512), merged=True)
     rows += mixed_points(h, b, {"fit": 3 if q else 30, "heldout": 3 if q else b.heldout})
+    return rows
+
+
+TIMED = ("wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s")
+
+
+def average_sweeps(sweeps: list[list[dict]]) -> list[dict]:
+    """Each point's mean over sweeps of the same points: the drift factor's own error (its probes are
+    noisy) and a slow or fast stretch of the machine fall on one sweep's runs together, so runs minutes
+    apart average them out where more runs in a row would not. `repeats` counts every timed run;
+    `drift` keeps the median of the sweeps' factors."""
+    out = []
+    for same in zip(*sweeps, strict=True):
+        keys = {tuple(r[c] for c in COLUMNS if c not in (*TIMED, "repeats", "drift")) for r in same}
+        if len(keys) != 1:
+            raise RuntimeError(f"sweeps measured different points: {sorted(keys)}")
+        row = dict(same[0])
+        for c in TIMED:
+            row[c] = f"{mean(float(r[c]) for r in same):.9f}"
+        row["repeats"] = sum(int(r["repeats"]) for r in same)
+        row["drift"] = f"{median(float(r['drift']) for r in same):.4f}"
+        out.append(row)
+    return out
+
+
+def run_all(h: Harness, b: BenchConfig) -> list[dict]:
+    if b.sweeps < 1:
+        raise ValueError(f"sweeps must be >= 1, got {b.sweeps}")
+    rows = average_sweeps([compute_points(h, b) for _ in range(b.sweeps)])
     rows += mode_points(h, b)
     rows += load_points(h, b)
-    rows += swap_points(h, b, (1, 4) if q else (1, 4, 16, 64))
+    rows += swap_points(h, b, (1, 4) if b.quick else (1, 4, 16, 64))
     return h.rescale(rows)
 
 

@@ -121,6 +121,22 @@ def test_timings_are_unscaled_without_the_reference():
     assert h.rescale(rows) == [{"wall_s": "0.5"}]
 
 
+def test_sweeps_measure_the_same_points_from_the_same_state_and_average_them():
+    """Each sweep starts with empty slots, so its points match the first sweep's feature for feature
+    (the resident adapters included); the averaged row keeps the mean times and counts every run."""
+    from calibration.microbench import BenchConfig, average_sweeps, compute_points
+    h = _harness(quick=True, repeats=1, warmup=0)
+    b = BenchConfig(quick=True, repeats=1, warmup=0)
+    first, second = compute_points(h, b), compute_points(h, b)
+    rows = average_sweeps([first, second])
+    assert len(rows) == len(first) > 0
+    for row, a, c in zip(rows, first, second):
+        assert row["wall_s"] == f"{(float(a['wall_s']) + float(c['wall_s'])) / 2:.9f}"
+        assert row["repeats"] == 2 and row["resident_rank_sum"] == a["resident_rank_sum"] == c["resident_rank_sum"]
+    with pytest.raises(RuntimeError, match="sweeps measured different points"):
+        average_sweeps([first, [{**first[0], "batch": 99}, *first[1:]]])
+
+
 def test_fidelity_report_states_the_cost_models_price_bias_per_run():
     from benchmarks.fidelity import price_errors
     buckets = [{"mode": "unmerged", "batch": "1-1", "n": 10, "mean_rel_err": 0.5, "mean_abs_rel_err": 0.5,
