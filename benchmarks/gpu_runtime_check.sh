@@ -32,7 +32,7 @@ if [ "${DRY:-0}" = 1 ]; then
   RANKS="8 16 32"
 else
   RUNTIME=(runtime=h200_7b)
-  CAL_ARGS=()
+  CAL_ARGS=(--sweeps 1)   # a GPU does not drift like a shared CPU: one sweep keeps the stage in its budget
   REPLAY=(workload=default workload.num_requests=300 workload.rate=12 cluster.replica.max_kv_blocks=600
           cluster.replica.max_num_seqs=32)
   TESTS=(tests/gpu)

@@ -90,3 +90,21 @@ def test_same_seed_same_bytes_from_the_cli(tmp_path, system):
     c = tmp_path / "c"
     assert _cli(c, *args[:1], "seed=4", *args[2:]).returncode == 0
     assert (a / "requests.csv").read_bytes() != (c / "requests.csv").read_bytes()
+
+
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_the_per_adapter_lora_cost_is_charged_for_each_distinct_adapter_of_a_batch(tmp_path, fast_forward):
+    """Two requests on two adapters, batched unmerged from the first iteration to the last: a per-adapter
+    LoRA cost of 5 ms makes every iteration 2 x 5 ms longer (repeated decodes included)."""
+    import yaml
+    from dlora_sim.paths import PROFILES_DIR
+    raw = yaml.safe_load((PROFILES_DIR / "a100-80gb-llama-2-7b.yaml").read_text())
+    raw["lora"]["kernel"]["per_adapter_s"] = 5e-3
+    (tmp_path / "looped.yaml").write_text(yaml.safe_dump(raw))
+    wl = Workload.from_requests([RequestSpec(0.0, 0, 20, 6), RequestSpec(0.0, 1, 20, 6)], num_adapters=2)
+    args = ("system=slora", "cluster.num_replicas=1", f"cluster.replica.fast_forward={str(fast_forward).lower()}")
+    _, plain = run_cfg(*args, workload=wl)
+    _, looped = run_cfg(*args, f"profile.path={tmp_path / 'looped.yaml'}", workload=wl)
+    assert plain.recorder.num_iterations == looped.recorder.num_iterations == 6
+    for a, b in zip(plain.requests, looped.requests):
+        assert (b.finish - a.finish) == pytest.approx(6 * 2 * 5e-3 * NS, abs=6)   # ns rounding per iteration

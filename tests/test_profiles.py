@@ -1,6 +1,8 @@
 """Profiles: the analytic generator reproduces the committed files and the published anchor."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from calibration.analytic import HARDWARE, MODELS, main as generate
@@ -67,3 +69,20 @@ def test_einsum_cost_grows_with_residents_kernel_cost_with_the_batch():
 def test_a_missing_lora_path_is_named():
     with pytest.raises(ProfileError, match="lora.einsum"):
         load_profile("cpu-tiny").with_lora_path("einsum")
+
+
+def test_a_per_adapter_lora_cost_counts_the_batchs_distinct_adapters_whatever_their_rank():
+    """`lora.kernel.per_adapter_s` (what a loop over adapters pays, the CPU runtime's torch path) adds a
+    fixed cost per distinct adapter of an unmerged batch, on the kernel path only; 0 leaves prices as they were."""
+    prof = load_profile("h200-llama-2-7b")
+    kernel = prof.lora_paths["kernel"]
+    looped = dataclasses.replace(prof, lora_paths={**prof.lora_paths,
+                                                   "kernel": dataclasses.replace(kernel, per_adapter_s=1e-3)})
+    base, per = CostModel(prof.with_lora_path("kernel")), CostModel(looped.with_lora_path("kernel"))
+    for distinct, rank in ((1, 8), (4, 8), (4, 64)):
+        extra = per.decode_time(16, 512, False, distinct, rank) - base.decode_time(16, 512, False, distinct, rank)
+        assert extra == pytest.approx(distinct * 1e-3, rel=1e-9)
+    assert per.decode_time(16, 512) == base.decode_time(16, 512)   # merged: no LoRA at all
+    assert kernel.per_adapter_s == 0.0   # the analytic profiles' batched kernels
+    einsum = CostModel(looped.with_lora_path("einsum"))
+    assert einsum.decode_time(16, 512, False, 4) == CostModel(prof.with_lora_path("einsum")).decode_time(16, 512, False, 4)
