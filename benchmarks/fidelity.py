@@ -11,7 +11,7 @@ before and after each case.
 A profile is a property of one machine: `--calibrate` first measures a fresh one with
 `dlora-calibrate --replays` on this machine (microbenchmarks, then calibration replays on other
 requests whose served iterations join the fit: a fit to the microbenchmarks alone priced a held-out
-replay's served iterations 16% low) and runs every case on it (both halves). On a CPU a case's real-clock error moves by
+replay's served iterations 4-16% low) and runs every case on it (both halves). On a CPU a case's real-clock error moves by
 tens of points between runs minutes apart (the machine's speed drifts and the real clock cannot be
 scaled), so every case runs `--repeats` times and the report gives the median of each metric and the
 range of the mean E2E error. `--clocks real,measured` also replays each repeat on the runtime's

@@ -98,16 +98,20 @@ def errors(profile: Profile, points: Sequence[Point], predict: Predict, gpus: in
 
 
 def fit(base: Profile, keys: Sequence[str], points: Sequence[Point], predict: Predict, *,
-        held_out: Sequence[Point] = (), gpus: int = 1, passes: int = 1) -> FitResult:
+        held_out: Sequence[Point] = (), gpus: int = 1, passes: int = 1,
+        weights: Sequence[float] | None = None) -> FitResult:
     """Least squares on relative error over `keys` (non-negative), starting from `base`'s values; after
     the first pass, each point's error relative to the previous pass's prediction of it (the module
-    doc says why)."""
+    doc says why). `weights` (> 0, one per point) multiply each point's squared error."""
     if not points:
         raise ValueError("no points to fit")
     if any(p.seconds <= 0 for p in points):
         raise ValueError("measured seconds must be > 0")
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
+    root = np.ones(len(points)) if weights is None else np.sqrt(np.asarray(weights, dtype=float))
+    if root.shape != (len(points),) or not (root > 0).all():
+        raise ValueError(f"weights must be {len(points)} numbers > 0, one per point")
     scale = np.array([max(coefficient(base, k), 1e-9) for k in keys])
     measured = np.array([p.seconds for p in points])
 
@@ -119,7 +123,7 @@ def fit(base: Profile, keys: Sequence[str], points: Sequence[Point], predict: Pr
     for i in range(passes):
         if i:   # relative to the previous pass's prediction
             weight = np.maximum(predictions(sol.x), 1e-12)
-        sol = least_squares(lambda z, w=weight: (predictions(z) - measured) / w, sol.x if i else np.ones(len(keys)),
+        sol = least_squares(lambda z, w=weight: (predictions(z) - measured) / w * root, sol.x if i else np.ones(len(keys)),
                             bounds=(0.0, np.inf), x_scale="jac", method="trf")
     values = {k: float(f"{v:.6g}") for k, v in zip(keys, sol.x * scale)}
     prof = set_coefficients(base, values)

@@ -3,8 +3,9 @@
 Drives `dlora_gpu.executor.ModelExecutor` through the shared `ReplicaState` with synthetic batches, so
 what is timed is exactly what `dlora-serve` runs: decode batches x context, prefills x sequences,
 mixed batches, unmerged batches with distinct adapters x ranks, merge / unmerge / switch, adapter
-loads by rank, KV swaps by blocks. Each point is warmed up and timed `repeats` times; the CSV keeps
-the mean wall time of the executor's run (perf_counter around it) and the device time of its phases
+loads by rank, KV swaps by blocks. Each point is warmed up and timed `repeats` times in a row, and the
+decode, prefill and mixed points in `sweeps` sweeps minutes apart; the CSV keeps the mean wall time of
+the executor's run (perf_counter around it) and the device time of its phases
 (CUDA events on a GPU; on a CPU both are perf_counter). A held-out set of random mixed batches, drawn
 like real traffic, is measured the same way and never used in the fit.
 

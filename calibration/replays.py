@@ -1,12 +1,13 @@
 """Serving replays that calibrate and validate: workloads, loads and the runtime's served iterations.
 
-A closed form fitted to the microbenchmarks alone priced a held-out replay's served iterations 16% low
-on the CPU (the README's calibration section: most likely the LoRA path's cost per adapter where the
-form charges per rank, with the microbenchmarks' mixed ranks and the workloads' single rank). So
-`dlora-calibrate --replays` also serves calibration replays on the measured clock and fits the closed
-form to their iterations too (each iteration's features as `ReplicaState.prices` charged them, and its
-measured, drift-scaled time). Those replays use other requests than `benchmarks/fidelity.py` validates on: other seeds for the synthetic
-workload, another window of the Azure trace; one more replay is held out of the fit.
+Served steps and microbenchmarked ones of the same features do not cost quite the same on the CPU: a
+closed form fitted to the microbenchmarks alone priced a held-out replay's served iterations 16% low
+before the closed form had a per-adapter LoRA term, and still 4% low with it (the README's calibration
+section). So `dlora-calibrate --replays` also serves calibration replays on the measured clock and fits
+the closed form to their iterations too (each iteration's features as `ReplicaState.prices` charged
+them, and its measured, drift-scaled time). Those replays use other requests than
+`benchmarks/fidelity.py` validates on: other seeds for the synthetic workload, another window of the
+Azure trace; one more replay is held out of the fit.
 
 The load of a case is set from the runtime's capacity as the simulator sees it with the runtime's
 profile (an overloaded simulated run's completed requests per second), so both halves get the same
