@@ -152,10 +152,10 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
         report["drift"] = {"median": median(drifts), "min": min(drifts), "max": max(drifts)}
     raw["provenance"] = {
         "source": "measured", "device": meta["device"], "date": meta["date"][:10],
-        "method": (f"dlora-calibrate: {len(fit_pts)} decode/prefill/mixed points"
-                   + (f" ({n_served} of them served iterations of calibration replays, the two sources weighing alike)"
+        "method": (f"dlora-calibrate: {len(fit_pts)} decode/prefill/mixed points ("
+                   + (f"{n_served} of them served iterations of calibration replays, the two sources weighing alike; "
                       if n_served else "")
-                   + f" (a microbenchmark point: the mean of {bench.get('sweeps', 1)} sweep(s) x {bench.get('repeats', '?')} runs)"
+                   + f"a microbenchmark point the mean of {bench.get('sweeps', 1)} sweep(s) x {bench.get('repeats', '?')} runs)"
                    + f" fitted by relative-error least squares on the simulator's cost model, {NOISY_PASSES} "
                    f"passes, errors relative to the previous pass's prediction (in-sample mean error "
                    f"{res.in_sample.mean_abs_rel:.1%}, held-out {res.held_out.mean_abs_rel if res.held_out else float('nan'):.1%} "

@@ -132,3 +132,24 @@ def test_a_fit_to_noisy_points_charges_their_mean_not_less():
     assert abs(total_bias(fit(base, ITERATION_KEYS, noisy, predict_compute, passes=NOISY_PASSES))) < 0.02
     with pytest.raises(ValueError, match="passes"):
         fit(base, ITERATION_KEYS, noisy, predict_compute, passes=0)
+
+
+def test_served_iterations_and_microbenchmark_points_weigh_alike_however_many_served_there_are():
+    """Served iterations 30% dearer than the microbenchmarks' points of the same features, 10 times as
+    many: weighed alike (each source's weights sum to the same), the fit prices both sources about as far
+    off, in opposite directions; unweighted, the served ones would pull it almost all the way."""
+    from calibration.calibrate import source_weights
+    base = load_profile("cpu-tiny")
+    rows = _rows(set_coefficients(base, TRUTH), np.random.default_rng(0), 0.0)
+    meta = {"device": "synthetic", "date": "2026-12-01 00:00:00", "backend": "torch", "dtype": "float32",
+            "versions": {"torch": "-", "triton": "-"}}
+    micro = [r for r in rows if r["kind"] in ("decode", "prefill", "mixed") and r["split"] == "fit"]
+    served = [{**r, "kind": "served", "wall_s": 1.3 * float(r["wall_s"])} for r in micro for _ in range(10)]
+    _, report = fit_profile(rows + served, base, "0" * 64, meta)
+    bias = {b["kind"]: b["sum_bias"] for b in report["by_kind"] if b["split"] == "fit"}
+    assert 0.10 < bias["decode"] < 0.20 and 0.10 < bias["mixed"] < 0.20
+    assert -0.15 < bias["served"] < -0.08
+    weights = source_weights(["decode", "served", "served", "mixed", "served", "served"])
+    assert weights == [2.0, 1.0, 1.0, 2.0, 1.0, 1.0] and source_weights(["decode", "mixed"]) is None
+    with pytest.raises(ValueError, match="weights must be 2 numbers > 0"):
+        fit(base, ITERATION_KEYS, [compute_point(r) for r in micro[:2]], predict_compute, weights=[1.0, 0.0])
