@@ -149,6 +149,10 @@ def test_served_iterations_and_microbenchmark_points_weigh_alike_however_many_se
     bias = {b["kind"]: b["sum_bias"] for b in report["by_kind"] if b["split"] == "fit"}
     assert 0.10 < bias["decode"] < 0.20 and 0.10 < bias["mixed"] < 0.20
     assert -0.15 < bias["served"] < -0.08
+    plain = fit(base.with_lora_path("kernel"), ITERATION_KEYS, [compute_point(r) for r in micro + served],
+                predict_compute, passes=NOISY_PASSES)   # unweighted
+    cost, pts = CostModel(plain.profile), [compute_point(r) for r in micro]
+    assert sum(predict_compute(cost, p) for p in pts) / sum(p.seconds for p in pts) - 1 > 0.22
     weights = source_weights(["decode", "served", "served", "mixed", "served", "served"])
     assert weights == [2.0, 1.0, 1.0, 2.0, 1.0, 1.0] and source_weights(["decode", "mixed"]) is None
     with pytest.raises(ValueError, match="weights must be 2 numbers > 0"):
