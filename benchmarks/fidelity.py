@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if not clocks or any(c not in ("real", "measured") for c in clocks):
         ap.error(f"--clocks must list real and/or measured, got {args.clocks!r}")
     work = Path(tempfile.mkdtemp(prefix="fidelity_"))
-    overrides, calibration = list(args.overrides), "Profile: the committed one (measured on another machine, or another day)."
+    overrides, calibration = list(args.overrides), "Profile: the committed one (measured before these cases, not for them)."
     if args.calibrate:
         extra, calibration = calibrate(work, overrides)
         overrides += extra

@@ -9,7 +9,7 @@
 Iteration terms (overhead, per sequence, weight read / per token, context, prefill attention) and the
 kernel LoRA terms are fitted together on the decode, prefill and mixed points, and with `--replays` the
 served iterations of calibration replays (`calibration.replays`), by `calibration.fit` (relative error,
-non-negative, predictions by `CostModel.iteration_time`); merge / unmerge / switch are the medians
+non-negative, predictions by `CostModel.iteration_time`; the two sources weigh alike, `source_weights`); merge / unmerge / switch are the medians
 measured; adapter loads and KV swaps fit a fixed cost plus bytes over bandwidth. The report gives
 in-sample error, the error on held-out random mixed batches that no fit saw, and each kind's bias.
 """
@@ -103,7 +103,7 @@ def source_weights(kinds: list[str]) -> list[float] | None:
     """Served iterations and microbenchmark points weigh alike in total: the served ones are many and
     cluster at the batch sizes of one load, the microbenchmarks' grid spans the batch sizes and contexts
     the replays rarely reach (unweighted, 103 grid points against 1,579 served ones priced decode
-    batches of 16 and more +12% high, and the fidelity cases' 9-16 batches +11%)."""
+    batches of 16 and more +12% high, and the fidelity cases' 9-16 batches +11-12%)."""
     served = sum(k == "served" for k in kinds)
     micro = len(kinds) - served
     if not served or not micro:

@@ -14,7 +14,8 @@ time of a step, since a replay's time is the sum of its steps. So with `passes` 
 divides by the *predicted* time of the previous pass instead (iteratively reweighted, starting from
 the measured): still relative error, unbiased in the mean. `dlora-calibrate` fits noisy timings that
 way (`NOISY_PASSES`); one pass (the default) is plain relative least squares, which the analytic
-profiles' fit to medians of GPU kernel timings keeps.
+profiles' fit to medians of GPU kernel timings keeps. Optional `weights` scale each point's squared
+error (`dlora-calibrate` weighs its two sources of points alike).
 """
 from __future__ import annotations
 

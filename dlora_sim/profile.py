@@ -207,6 +207,8 @@ def profile_from_dict(raw: Mapping[str, Any], src: str = "<dict>") -> Profile:
     if bad:
         raise ProfileError(f"{src}: unknown LoRA path(s) {', '.join(f'lora.{k}' for k in bad)}; valid: {list(LORA_PATHS)}")
     paths = {k: _build(LoraCost, v, f"lora.{k}", src) for k, v in lora.items()}
+    if "einsum" in paths and paths["einsum"].per_adapter_s:
+        raise ProfileError(f"{src}: 'lora.einsum.per_adapter_s' must be 0: the einsum path has no loop over adapters")
     prof = Profile(name=str(raw["name"]), path=src, lora_paths=paths,
                    lora_path="kernel" if "kernel" in paths else next(iter(paths)), **parts)
     if prof.provenance.source not in ("measured", "analytic"):

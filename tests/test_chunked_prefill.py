@@ -28,7 +28,7 @@ def test_a_chunked_prompt_takes_its_chunks_then_decodes(system, merged, prompt, 
     cost, prof, rank = sim.cost, sim.profile, 16
     rows = res.recorder.rows   # (replica, start, dur, compute, overhead, merged, batch, prefill, decodes, ...)
     merged = rows[0][5] is not None if merged is None else merged
-    lora = (lambda tokens: (0, 0)) if merged else (lambda tokens: (rank, tokens * rank))
+    lora = (lambda tokens: (0, 0, 0, 0)) if merged else (lambda tokens: (rank, tokens * rank, 0, 1))   # one adapter
     chunks = [BUDGET] * ((prompt - 1) // BUDGET) + [prompt - BUDGET * ((prompt - 1) // BUDGET)]
     t = _ns(cost.load_time(prof.adapter_bytes(rank)) + (cost.mode_change_time(None, 0) if merged else 0.0)
             + cost.iteration_time(chunks[0], chunks[0] ** 2, 0, 0, 1, *lora(chunks[0])))

@@ -24,7 +24,7 @@ def test_single_request_takes_prefill_plus_decodes(system, merged, prompt, outpu
     sim, res = run_cfg(f"system={system}", "cluster.num_replicas=1", "router=least_loaded", workload=wl)   # no preload
     cost, prof = sim.cost, sim.profile
     rank = 16
-    lora = (lambda tokens: (rank, tokens * rank)) if not merged else (lambda tokens: (0, 0))
+    lora = (lambda tokens: (rank, tokens * rank, 0, 1)) if not merged else (lambda tokens: (0, 0, 0, 0))   # one adapter
     # first iteration: load the adapter (not resident at start), merge if merged, prefill
     first = cost.load_time(prof.adapter_bytes(rank)) + (cost.mode_change_time(None, 0) if merged else 0.0)
     expected = _ns(first + cost.iteration_time(prompt, prompt * prompt, 0, 0, 1, *lora(prompt)))

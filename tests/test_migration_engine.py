@@ -132,7 +132,7 @@ def test_recompute_pays_prefill_of_prompt_and_generated() -> None:
     row = sim.recorder.rows[0]
     assert row[0] == 1 and row[7] == 340          # replica 1 prefilled prompt (300) + generated (40)
     rank = 16
-    expect = sim.cost.iteration_time(340, 340 * 340, 0, 0, 1, rank, 340 * rank) + sim.cost.load_time(
+    expect = sim.cost.iteration_time(340, 340 * 340, 0, 0, 1, rank, 340 * rank, 0, 1) + sim.cost.load_time(
         PROFILE.adapter_bytes(rank))               # the adapter is loaded on demand at the destination
     assert row[2] == int(round(expect * NS))
 

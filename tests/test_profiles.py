@@ -86,3 +86,13 @@ def test_a_per_adapter_lora_cost_counts_the_batchs_distinct_adapters_whatever_th
     assert kernel.per_adapter_s == 0.0   # the analytic profiles' batched kernels
     einsum = CostModel(looped.with_lora_path("einsum"))
     assert einsum.decode_time(16, 512, False, 4) == CostModel(prof.with_lora_path("einsum")).decode_time(16, 512, False, 4)
+
+
+def test_an_einsum_path_with_a_per_adapter_cost_is_rejected_with_the_key_named(tmp_path):
+    import yaml
+    raw = yaml.safe_load((PROFILES_DIR / "a100-80gb-llama-2-7b.yaml").read_text())
+    raw["lora"]["einsum"]["per_adapter_s"] = 1e-3
+    path = tmp_path / "looped.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ProfileError, match=r"looped.yaml: 'lora.einsum.per_adapter_s' must be 0"):
+        load_profile(path)
