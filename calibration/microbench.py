@@ -46,6 +46,7 @@ from dlora_sim.workload.spec import Workload
 COLUMNS = ["kind", "split", "mode", "batch", "prefills", "prefill_tokens", "prefill_sq", "decodes", "decode_context",
            "distinct", "rank", "rank_sum", "token_rank", "resident_rank_sum", "bytes", "blocks",
            "wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s", "repeats", "drift"]
+TIMED = ("wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s")   # the columns drift scaling refers
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Harness:
         session = median(self._scale.times)
         c = session / self.reference_s
         for r in rows:
-            for k in ("wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s"):
+            for k in TIMED:
                 if r.get(k) not in (None, ""):
                     r[k] = f"{float(r[k]) * c:.9f}"
             if r.get("drift") not in (None, ""):
@@ -368,9 +369,6 @@ def compute_points(h: Harness, b: BenchConfig) -> list[dict]:
     rows += prefill_points(h, b, (1,) if q else (1, 4), (32,) if q else (64, 512), merged=True)
     rows += mixed_points(h, b, {"fit": 3 if q else 30, "heldout": 3 if q else b.heldout})
     return rows
-
-
-TIMED = ("wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s")
 
 
 def average_sweeps(sweeps: list[list[dict]]) -> list[dict]:
