@@ -10,8 +10,9 @@ Iteration terms (overhead, per sequence, weight read / per token, context, prefi
 kernel LoRA terms are fitted together on the decode, prefill and mixed points, and with `--replays` the
 served iterations of calibration replays (`calibration.replays`), by `calibration.fit` (relative error,
 non-negative, predictions by `CostModel.iteration_time`; the two sources weigh alike, `source_weights`);
-merge / unmerge / switch are the means measured; adapter loads and KV swaps fit a fixed cost plus bytes over bandwidth. The report gives
-in-sample error, the error on held-out random mixed batches that no fit saw, and each kind's bias.
+merge / unmerge / switch are the means measured; adapter loads and KV swaps fit a fixed cost plus
+bytes over bandwidth. The report gives in-sample error, the error on held-out random mixed batches
+that no fit saw, and each kind's bias.
 """
 from __future__ import annotations
 
