@@ -5,6 +5,7 @@
     dlora-calibrate --replays                        # also fit calibration replays' served iterations
     dlora-calibrate runtime=h200_7b --record         # on a GPU: calibration/profiles/h200-llama-2-7b.yaml
     dlora-calibrate --from outputs/calibrate/<stamp> # refit points measured elsewhere, without measuring
+    dlora-calibrate --from calibration/profiles/cpu-tiny.points.csv   # refit the recorded points
 
 Iteration terms (overhead, per sequence, weight read / per token, context, prefill attention) and the
 kernel LoRA terms are fitted together on the decode, prefill and mixed points, and with `--replays` the
@@ -30,12 +31,13 @@ import yaml
 from scipy.optimize import nnls
 
 from calibration.fit import NOISY_PASSES, Point, fit
-from dlora_sim.errors import reported
+from dlora_sim.errors import UserError, reported
 from dlora_sim.paths import CONF_DIR, PROFILES_DIR
 from dlora_sim.profile import Profile, load_profile, profile_from_dict
 
 ITERATION_KEYS = ["iteration.overhead_s", "iteration.per_seq_s", "iteration.weight_read_s", "iteration.per_token_s",
-                  "iteration.per_context_token_s", "iteration.per_prefill_sq_s", "lora.kernel.overhead_s",
+                  "iteration.per_context_token_s", "iteration.per_prefill_sq_s", "iteration.multi_token_s",
+                  "lora.kernel.overhead_s",
                   "lora.kernel.per_adapter_rank_s", "lora.kernel.per_token_rank_s", "lora.kernel.per_adapter_s"]
 COMPUTE_KINDS = ("decode", "prefill", "mixed", "served")   # served: a calibration replay's iterations
 
@@ -219,6 +221,25 @@ def report_md(report: dict, profile_name: str) -> str:
     return "\n".join(lines)
 
 
+class SourceError(FileNotFoundError, UserError):
+    """`--from` names no points to refit."""
+
+
+def _source_files(source: Path) -> tuple[Path, Path]:
+    """(points.csv, metadata.json) of a results folder, or of a recorded profile's points
+    (`calibration/profiles/<name>.points.csv` beside `<name>.metadata.json`)."""
+    if source.is_dir():
+        points, meta = source / "points.csv", source / "metadata.json"
+    elif source.name.endswith(".points.csv"):
+        points, meta = source, source.with_name(source.name[:-len(".points.csv")] + ".metadata.json")
+    else:
+        raise SourceError(f"--from {source}: expected a results folder or a <name>.points.csv file")
+    for f in (points, meta):
+        if not f.is_file():
+            raise SourceError(f"--from {source}: {f} not found")
+    return points, meta
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -232,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="config overrides of the serve app, e.g. runtime=h200_7b")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default outputs/calibrate/<stamp>)")
-    ap.add_argument("--from", dest="source", type=Path, default=None, help="refit points.csv of this folder")
+    ap.add_argument("--from", dest="source", type=Path, default=None, help="refit the points.csv (and metadata.json) of this folder, or a recorded <name>.points.csv")
     ap.add_argument("--record", action="store_true", help="write the fitted profile into calibration/profiles/")
     ap.add_argument("--quick", action="store_true", help="a few points of every kind (smoke test)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of a point in a row (default 5)")
@@ -273,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             meta["elapsed_s"] = round(time.perf_counter() - t0, 3)
             points = write(read_points(points) + served, meta, out)
     else:
-        points, out = args.source / "points.csv", args.out or args.source
-        meta = json.loads((args.source / "metadata.json").read_text())
+        points, meta_path = _source_files(args.source)
+        out = args.out or (args.source if args.source.is_dir() else out)
+        meta = json.loads(meta_path.read_text())
     rows = read_points(points)   # the fit reads what was written, so a refit of the folder is the same fit
     sha = hashlib.sha256(points.read_bytes()).hexdigest()
     raw, report = fit_profile(rows, base, sha, meta)
@@ -290,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         dst.write_text((out / "profile.yaml").read_text())
         (PROFILES_DIR / f"{raw['name']}.fit.md").write_text(md)
         (PROFILES_DIR / f"{raw['name']}.points.csv").write_bytes(points.read_bytes())   # refit: --from
+        (PROFILES_DIR / f"{raw['name']}.metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         print(f"wrote {dst}, {dst.with_suffix('.fit.md')} and {dst.with_suffix('.points.csv')}")
     print(f"results in {out}")
     load_profile(out / "profile.yaml")

@@ -47,6 +47,7 @@ class CostModel:
         self._per_tok = it.per_token_s / g
         self._per_ctx = it.per_context_token_s / g
         self._per_sq = it.per_prefill_sq_s / g
+        self._multi = it.multi_token_s
         self._lora_overhead = lo.overhead_s
         self._lora_adapter = lo.per_adapter_rank_s / g
         self._lora_token = lo.per_token_rank_s / g
@@ -63,8 +64,9 @@ class CostModel:
         instead (every token against every resident adapter; 0 = not known, the batch's adapters);
         `lora_adapters` = the number of those distinct adapters (the kernel path's per-adapter term)."""
         tokens = prefill_tokens + decode_seqs
+        # summed in decode_repeats' order (fast-forward prices exactly what single iterations would)
         t = (self._overhead + self._per_seq * num_seqs + max(self._weight, self._per_tok * tokens)
-             + self._per_ctx * decode_context + self._per_sq * prefill_sq)
+             + (self._multi if tokens >= 2 else 0.0) + self._per_ctx * decode_context + self._per_sq * prefill_sq)
         if lora_rank_sum:
             t += self._lora(tokens, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters)
         return t
@@ -82,7 +84,8 @@ class CostModel:
         """`iteration_time` of decode iterations lo..hi-1 of a repeated batch of n sequences whose total
         context starts at `context` and grows by n per iteration (the simulator's fast-forward): the same
         operations in the same order, with the terms that do not change hoisted out of the loop."""
-        base = self._overhead + self._per_seq * n + max(self._weight, self._per_tok * n)
+        base = (self._overhead + self._per_seq * n + max(self._weight, self._per_tok * n)
+                + (self._multi if n >= 2 else 0.0))
         per_ctx, sq = self._per_ctx, self._per_sq * 0
         if not lora_rank_sum:
             return [base + per_ctx * (context + i * n) + sq for i in range(lo, hi)]

@@ -62,7 +62,7 @@ class ModelShape:
 @dataclass(frozen=True)
 class IterationCost:
     """t = overhead + per_seq*seqs + max(weight_read, per_token*tokens) + per_context_token*ctx
-    + per_prefill_sq*sum(prompt^2); plus the LoRA terms in unmerged mode."""
+    + per_prefill_sq*sum(prompt^2) + multi_token [tokens >= 2]; plus the LoRA terms in unmerged mode."""
 
     overhead_s: float
     per_seq_s: float
@@ -70,6 +70,10 @@ class IterationCost:
     per_token_s: float
     per_context_token_s: float
     per_prefill_sq_s: float
+    # a fixed cost every iteration of two or more tokens pays over a one-token one: BLAS runs a single
+    # token's projections as matrix-vector products, cheaper than the matrix-matrix kernels of any
+    # larger batch (the CPU runtime); 0 where one kernel serves every size (analytic profiles)
+    multi_token_s: float = 0.0
 
 
 @dataclass(frozen=True)

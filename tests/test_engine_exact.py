@@ -108,3 +108,36 @@ def test_the_per_adapter_lora_cost_is_charged_for_each_distinct_adapter_of_a_bat
     assert plain.recorder.num_iterations == looped.recorder.num_iterations == 6
     for a, b in zip(plain.requests, looped.requests):
         assert (b.finish - a.finish) == pytest.approx(6 * 2 * 5e-3 * NS, abs=6)   # ns rounding per iteration
+
+
+def _profile_with(tmp_path: Path, **iteration) -> Path:
+    import yaml
+    from dlora_sim.paths import PROFILES_DIR
+    raw = yaml.safe_load((PROFILES_DIR / "a100-80gb-llama-2-7b.yaml").read_text())
+    raw["iteration"].update(iteration)
+    path = tmp_path / "custom.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_the_multi_token_cost_is_charged_on_iterations_of_two_or_more_tokens(tmp_path, fast_forward):
+    """`iteration.multi_token_s` = 4 ms: one request alone pays it on its prefill only (its decodes are
+    one token each); two requests batched together pay it on all 6 iterations."""
+    path = _profile_with(tmp_path, multi_token_s=4e-3)
+    args = ("system=slora", "cluster.num_replicas=1", f"cluster.replica.fast_forward={str(fast_forward).lower()}")
+    for reqs, charged in (([RequestSpec(0.0, 0, 20, 6)], 1), ([RequestSpec(0.0, 0, 20, 6), RequestSpec(0.0, 1, 20, 6)], 6)):
+        wl = Workload.from_requests(reqs, num_adapters=2)
+        _, plain = run_cfg(*args, workload=wl)
+        _, multi = run_cfg(*args, f"profile.path={path}", workload=wl)
+        assert plain.recorder.num_iterations == multi.recorder.num_iterations == 6
+        for a, b in zip(plain.requests, multi.requests):
+            assert (b.finish - a.finish) == pytest.approx(charged * 4e-3 * NS, abs=6)
+
+
+def test_fast_forward_is_exact_with_a_multi_token_cost(tmp_path):
+    path = _profile_with(tmp_path, multi_token_s=3e-4)
+    _, on = run_cfg("system=slora", *SMALL, f"profile.path={path}", "cluster.replica.fast_forward=true")
+    _, off = run_cfg("system=slora", *SMALL, f"profile.path={path}", "cluster.replica.fast_forward=false")
+    assert requests_csv(on) == requests_csv(off)
+    assert iterations_csv(on) == iterations_csv(off)

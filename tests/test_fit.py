@@ -15,7 +15,7 @@ from dlora_sim.profile import load_profile
 
 TRUTH = {"iteration.overhead_s": 2.0e-3, "iteration.per_seq_s": 6.0e-5, "iteration.weight_read_s": 1.5e-3,
          "iteration.per_token_s": 3.0e-5, "iteration.per_context_token_s": 4.0e-7,
-         "iteration.per_prefill_sq_s": 2.0e-8, "lora.kernel.overhead_s": 8.0e-4,
+         "iteration.per_prefill_sq_s": 2.0e-8, "iteration.multi_token_s": 1.0e-3, "lora.kernel.overhead_s": 8.0e-4,
          "lora.kernel.per_adapter_rank_s": 5.0e-6, "lora.kernel.per_token_rank_s": 4.0e-7,
          "lora.kernel.per_adapter_s": 2.0e-4}
 

@@ -96,3 +96,20 @@ def test_an_einsum_path_with_a_per_adapter_cost_is_rejected_with_the_key_named(t
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ProfileError, match=r"looped.yaml: 'lora.einsum.per_adapter_s' must be 0"):
         load_profile(path)
+
+
+def test_the_multi_token_cost_is_charged_from_two_tokens_on_and_analytic_profiles_have_none():
+    """`iteration.multi_token_s`: a one-token iteration (a single decode) runs its projections as
+    matrix-vector products on a CPU; every larger one pays this fixed cost more, merged or not."""
+    prof = load_profile("a100-80gb-llama-2-7b")
+    assert prof.iteration.multi_token_s == 0.0
+    multi = dataclasses.replace(prof, iteration=dataclasses.replace(prof.iteration, multi_token_s=2e-3))
+    base, more = CostModel(prof), CostModel(multi)
+    for merged in (True, False):
+        assert more.decode_time(1, 512, merged) == base.decode_time(1, 512, merged)
+        for batch in (2, 16):
+            assert more.decode_time(batch, 512, merged) - base.decode_time(batch, 512, merged) == pytest.approx(2e-3)
+    assert more.iteration_time(2, 4, 0, 0, 1) - base.iteration_time(2, 4, 0, 0, 1) == pytest.approx(2e-3)   # a 2-token prefill
+    assert more.decode_repeats(1, 100, 0, 3) == base.decode_repeats(1, 100, 0, 3)
+    assert [b - a for a, b in zip(base.decode_repeats(4, 100, 0, 3), more.decode_repeats(4, 100, 0, 3))] == \
+        pytest.approx([2e-3] * 3)

@@ -45,6 +45,17 @@ def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
     again = tmp_path / "refit"
     assert calibrate.main(["--from", str(tmp_path), "--out", str(again)]) == 0
     assert yaml.safe_load((again / "profile.yaml").read_text()) == yaml.safe_load((tmp_path / "profile.yaml").read_text())
+    # so does a recorded profile's <name>.points.csv beside its <name>.metadata.json
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "x.points.csv").write_bytes((tmp_path / "points.csv").read_bytes())
+    (rec / "x.metadata.json").write_bytes((tmp_path / "metadata.json").read_bytes())
+    assert calibrate.main(["--from", str(rec / "x.points.csv"), "--out", str(rec / "out")]) == 0
+    assert yaml.safe_load((rec / "out" / "profile.yaml").read_text()) == yaml.safe_load((tmp_path / "profile.yaml").read_text())
+    (rec / "x.metadata.json").unlink()
+    with pytest.raises(SystemExit) as bad:
+        calibrate.main(["--from", str(rec / "x.points.csv"), "--out", str(rec / "bad")])
+    assert bad.value.code == 2 and not (rec / "bad").exists()
 
 
 def test_validate_replays_a_trace_on_both_and_reports(tmp_path):
