@@ -51,6 +51,9 @@ def compute_point(r: dict) -> Point:
     """An iteration's compute: its wall time less the mode-change, load and swap phases."""
     f = {k: float(r[k] or 0) for k in ("prefill_tokens", "prefill_sq", "decodes", "decode_context", "batch",
                                        "rank_sum", "token_rank", "resident_rank_sum", "distinct")}
+    # LoRA passes (an adapter with prefill and decode tokens counts twice); points measured before the
+    # column existed have their distinct adapters
+    f["passes"] = float(r.get("passes") or 0) or f["distinct"]
     secs = float(r["wall_s"]) - float(r["mode_s"] or 0) - float(r["load_s"] or 0) - float(r["swap_s"] or 0)
     return Point(f, max(secs, 1e-9))
 
@@ -59,7 +62,7 @@ def predict_compute(cost, p: Point) -> float:
     f = p.features
     return cost.iteration_time(int(f["prefill_tokens"]), int(f["prefill_sq"]), int(f["decodes"]),
                                int(f["decode_context"]), int(f["batch"]), int(f["rank_sum"]), int(f["token_rank"]),
-                               int(f["resident_rank_sum"]), int(f["distinct"]))
+                               int(f["resident_rank_sum"]), int(f["passes"]))
 
 
 MAX_BANDWIDTH = 1e15   # B/s: a slope this flat means the cost is all fixed overhead at these sizes

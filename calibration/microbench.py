@@ -44,7 +44,7 @@ from dlora_sim.workload.spec import Workload
 
 # the features a point carries (what CostModel.iteration_time and the transfer terms read)
 COLUMNS = ["kind", "split", "mode", "batch", "prefills", "prefill_tokens", "prefill_sq", "decodes", "decode_context",
-           "distinct", "rank", "rank_sum", "token_rank", "resident_rank_sum", "bytes", "blocks",
+           "distinct", "passes", "rank", "rank_sum", "token_rank", "resident_rank_sum", "bytes", "blocks",
            "wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s", "repeats", "drift"]
 TIMED = ("wall_s", "device_s", "forward_s", "mode_s", "load_s", "swap_s")   # the columns drift scaling refers
 
@@ -203,7 +203,8 @@ def _row(kind: str, split: str, step, wall: float, dev: float, ph: dict, repeats
     row = {"kind": kind, "split": split, "mode": "unmerged" if d.merged is None else "merged",
            "batch": len(step.batch), "prefills": sum(1 for c in step.prefill if c), "prefill_tokens": step.prefill_tokens,
            "prefill_sq": step.prefill_sq, "decodes": step.decode_seqs, "decode_context": step.decode_context,
-           "distinct": step.distinct, "rank": extra.pop("rank", ""),
+           "distinct": step.distinct, "passes": step.lora_passes if d.merged is None else 0,
+           "rank": extra.pop("rank", ""),
            "rank_sum": step.rank_sum if d.merged is None else 0,
            "token_rank": step.token_rank if d.merged is None else 0, "resident_rank_sum": step.resident_rank_sum,
            "bytes": extra.pop("bytes", ""), "blocks": extra.pop("blocks", ""),

@@ -82,6 +82,7 @@ def served_points(iterations_csv: Path, *, limit: int = 0, split: str = "fit") -
         out.append({**{c: "" for c in COLUMNS}, "kind": "served", "split": split, "mode": r["mode"], "batch": batch,
                     "prefills": batch - decodes, "prefill_tokens": r["prefill_tokens"], "prefill_sq": r["prefill_sq"],
                     "decodes": decodes, "decode_context": r["decode_context"], "distinct": r["distinct_adapters"],
+                    "passes": r.get("lora_passes", ""),
                     "rank_sum": r["rank_sum"], "token_rank": r["token_rank"],
                     "resident_rank_sum": r["resident_rank_sum"], "wall_s": r["duration_s"],
                     "device_s": r["duration_s"], "forward_s": r["compute_s"], "mode_s": r["switch_s"],

@@ -258,7 +258,8 @@ class Engine:
                                        "decode_context": step.decode_context, "prefill_sq": step.prefill_sq,
                                        "rank_sum": step.rank_sum if unmerged else 0,
                                        "token_rank": step.token_rank if unmerged else 0,
-                                       "resident_rank_sum": step.resident_rank_sum})
+                                       "resident_rank_sum": step.resident_rank_sum,
+                                       "lora_passes": step.lora_passes if unmerged else 0})
 
     def _summary_extra(self) -> dict:
         s = self.stats

@@ -3,8 +3,7 @@
 ``lora_apply(y, x, stack, slot_ids=... | segments=...)`` adds, in place, for every token t whose slot
 is >= 0: ``y[t, slice s] += scales[slot] * (x[t] @ A[slot, s, :r]^T) @ B[slot, slice s, :r]^T``.
 Decode batches pass per-token ``slot_ids`` (int32, -1 = no adapter); prefill batches pass
-``Segments`` (tokens already sorted into contiguous per-adapter runs). ``lora_apply_mixed`` serves a
-flat batch of both (prefill tokens first), as the model's forward does.
+``Segments`` (tokens already sorted into contiguous per-adapter runs).
 
 Backends:
 - ``triton``: the shrink/expand kernels in `dlora_gpu.kernels` (two launches per projection group,
@@ -71,40 +70,6 @@ def lora_apply(y: Tensor, x: Tensor, stack: LoRAStack, *, slot_ids: Tensor | Non
         groups = [(slot, slice(st, st + n)) for st, n, slot in zip(segments.starts_host, segments.lengths_host,
                                                                    segments.slots_host) if n > 0 and slot >= 0]
         _torch_apply(y, x, stack, groups)
-    return y
-
-
-def lora_apply_mixed(y: Tensor, x: Tensor, stack: LoRAStack, *, num_prefill_tokens: int,
-                     segments: Segments | None, slot_ids: Tensor | None, backend: Backend = "auto") -> Tensor:
-    """y += LoRA(x) for a flat mixed batch: the first `num_prefill_tokens` tokens in `segments`, the
-    rest one decode token each with `slot_ids` (either None: that kind has no adapter tokens).
-
-    ``triton`` launches each kind's kernels, as Punica does. ``torch`` loops once per distinct adapter
-    over both kinds together: two `lora_apply` calls would loop twice over an adapter that has
-    prefill and decode tokens in the batch, which the cost model's per-adapter term (one per distinct
-    adapter) does not charge, and which is slower."""
-    n_pre = num_prefill_tokens
-    if resolve_backend(backend, x) == "triton" or segments is None or slot_ids is None:
-        if segments is not None:
-            lora_apply(y[:n_pre], x[:n_pre], stack, segments=segments, backend=backend)
-        if slot_ids is not None:
-            lora_apply(y[n_pre:], x[n_pre:], stack, slot_ids=slot_ids, backend=backend)
-        return y
-    if x.shape[0] != y.shape[0] or segments.num_tokens != n_pre or slot_ids.shape != (x.shape[0] - n_pre,):
-        raise ValueError(f"a mixed batch of {x.shape[0]} tokens (y {y.shape[0]}) does not split into "
-                         f"{segments.num_tokens} segment tokens and {tuple(slot_ids.shape)} decode slot ids "
-                         f"at num_prefill_tokens={n_pre}")
-    decode = {slot: idx + n_pre for slot, idx in _token_groups(slot_ids)}
-    groups: list[tuple[int, Tensor | slice]] = []
-    for st, n, slot in zip(segments.starts_host, segments.lengths_host, segments.slots_host):
-        if n <= 0 or slot < 0:
-            continue
-        if slot in decode:   # both kinds: one gather of this adapter's tokens, one pass of its loop
-            prefill = torch.arange(st, st + n, device=x.device)
-            groups.append((slot, torch.cat([prefill, decode.pop(slot)])))
-        else:                # a contiguous segment: a view, no copies (see lora_apply)
-            groups.append((slot, slice(st, st + n)))
-    _torch_apply(y, x, stack, groups + list(decode.items()))
     return y
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlora_gpu.decode_attention import decode_attention
-from dlora_gpu.lora_ops import Backend, lora_apply_mixed
+from dlora_gpu.lora_ops import Backend, lora_apply
 
 if TYPE_CHECKING:
     from dlora_gpu.batch import FlatBatch, LoRABatch
@@ -280,9 +280,13 @@ class Llama(nn.Module):
         def project(x: Tensor, lw: LlamaLayer, group: str, i: int) -> Tensor:
             y = F.linear(x, getattr(lw, f"{group}_proj"))
             if lora is not None:
-                lora_apply_mixed(y, x, getattr(lora.layers[i], group), num_prefill_tokens=n_pre,
-                                 segments=lora.prefill_segments, slot_ids=lora.decode_slot_ids,
-                                 backend=lora.backend)
+                stack = getattr(lora.layers[i], group)
+                if lora.prefill_segments is not None:
+                    lora_apply(y[:n_pre], x[:n_pre], stack, segments=lora.prefill_segments,
+                               backend=lora.backend)
+                if lora.decode_slot_ids is not None:
+                    lora_apply(y[n_pre:], x[n_pre:], stack, slot_ids=lora.decode_slot_ids,
+                               backend=lora.backend)
             return y
 
         h = self.embed_tokens[batch.token_ids]

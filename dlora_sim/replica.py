@@ -128,7 +128,7 @@ class Replica(ReplicaState):
             unmerged = d.merged is None
             run.repeat = (n, step.decode_context, step.rank_sum if unmerged else 0,
                           step.token_rank if unmerged else 0, step.resident_rank_sum,
-                          step.distinct if unmerged else 0)
+                          step.lora_passes if unmerged else 0)
             self._extend(run, _FIRST_CHUNK)
         return run
 

@@ -102,6 +102,9 @@ class Step:
     rank_sum: int = 0                # ranks of the distinct adapters in the batch
     token_rank: int = 0              # sum over the batch's tokens of their adapter's rank
     distinct: int = 0                # distinct adapters in the batch
+    # distinct adapters among the prefills plus those among the decodes: the passes of a LoRA path that
+    # treats each kind apart and loops over adapters (the CPU runtime's torch path; lora.*.per_adapter_s)
+    lora_passes: int = 0
     resident_rank_sum: int = 0       # ranks of the adapters in GPU slots (the einsum path prices them all)
     swapped_in_blocks: int = 0
     swapped_out_blocks: int = 0
@@ -298,6 +301,7 @@ class ReplicaState:
         prefill_tokens = prefill_sq = decode = ctx = rank_sum = token_rank = 0
         prefill, swap_in = step.prefill, step.swap_in
         seen: set[int] = set()
+        pre_adapters: list[int] = []
         now = self._clock()
         free = self.free_blocks
         left, chunked = self.max_num_batched_tokens, self.chunked_prefill
@@ -333,6 +337,7 @@ class ReplicaState:
                 prefill_sq += c * (2 * done + c)   # causal attention of c tokens over done + c: chunks sum to n^2
                 token_rank += c * rank
                 prefill.append(c)
+                pre_adapters.append(a)
             else:
                 decode += 1
                 ctx += n
@@ -348,6 +353,9 @@ class ReplicaState:
         rec.count("swap_ins", len(swap_in))
         step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context = prefill_tokens, prefill_sq, decode, ctx
         step.rank_sum, step.token_rank, step.distinct = rank_sum, token_rank, len(seen)
+        step.lora_passes = len(seen)
+        if pre_adapters and decode:   # an adapter with prefill and decode tokens: one pass for each kind
+            step.lora_passes += len(set(pre_adapters) & {r.adapter for r in d.batch if r.state != _QUEUED})
         step.resident_rank_sum = self.resident_rank_sum
         self.running = d.batch
         if self.debug:
@@ -361,7 +369,7 @@ class ReplicaState:
         compute = cost.iteration_time(step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context,
                                       len(step.batch), step.rank_sum if unmerged else 0,
                                       step.token_rank if unmerged else 0, step.resident_rank_sum,
-                                      step.distinct if unmerged else 0)
+                                      step.lora_passes if unmerged else 0)
         load = 0.0
         for a in d.load:
             load += cost.load_time(self.slot_bytes(self._ranks[a]))

@@ -90,14 +90,16 @@ def test_served_points_carry_the_features_the_step_was_priced_with_and_its_measu
             "swap_s": 0.0005, "mode": "unmerged", "merged_adapter": "", "batch_size": 5, "prefill_tokens": 40,
             "decode_seqs": 3, "distinct_adapters": 2, "forced": 0, "decode_context": 900, "policy_s": 1e-5,
             "predicted_s": 0.009, "prefill_sq": 820, "rank_sum": 16, "resident_rank_sum": 32, "token_rank": 344,
-            "wall_forward_s": 0.0055, "wall_load_s": 0.0009, "wall_s": 0.008, "wall_swap_s": 0.0004, "wall_switch_s": 0.0018}
+            "wall_forward_s": 0.0055, "wall_load_s": 0.0009, "wall_s": 0.008, "wall_swap_s": 0.0004, "wall_switch_s": 0.0018,
+            "lora_passes": 3}
     path.write_text(",".join(cols) + "\n" + ",".join(str(v) for v in cols.values()) + "\n")
     (row,) = served_points(path, split="heldout")
     assert row["kind"] == "served" and row["split"] == "heldout" and row["mode"] == "unmerged"
     p = compute_point(row)
     assert p.seconds == pytest.approx(0.010 - 0.002 - 0.001 - 0.0005)   # the scaled step less its other phases
     assert p.features == {"prefill_tokens": 40, "prefill_sq": 820, "decodes": 3, "decode_context": 900, "batch": 5,
-                          "rank_sum": 16, "token_rank": 344, "resident_rank_sum": 32, "distinct": 2}
+                          "rank_sum": 16, "token_rank": 344, "resident_rank_sum": 32, "distinct": 2,
+                          "passes": 3}
     assert row["prefills"] == 2 and row["distinct"] == "2"
 
 
@@ -184,3 +186,35 @@ def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_
     assert "| real | +0%, +1%, +2% | b2 |" in text   # the by-batch detail of the median repeat (+2%)
     line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora | measured"))
     assert line.split("|")[6].strip() == "+4.0%" and "| measured | +0% | b0 |" in text
+
+
+def test_the_torch_lora_path_makes_as_many_passes_as_the_step_is_priced_for(monkeypatch):
+    """An unmerged batch of prefills on adapters 0 and 1 and decodes on 0, 2 and 2: the runtime's torch
+    path loops over adapters once for the prefills and once for the decodes, so 4 passes per projection
+    group and layer, where the batch has 3 distinct adapters; `Step.lora_passes` (what the per-adapter
+    cost is charged for) counts the same 4."""
+    from dlora_gpu import lora_ops
+    from dlora_sim.policies.base import Decision
+    h = _harness(reference=False)
+    h.set_mode(None)
+    h.ensure_resident([0, 1, 2])
+    dec = h.new([0, 2, 2], [30, 40, 50])
+    h.step(Decision(dec, merged=None), scaled=False)   # their prompts
+    passes: list[int] = []
+    real = lora_ops._torch_apply
+    monkeypatch.setattr(lora_ops, "_torch_apply", lambda y, x, st, groups: (passes.extend(s for s, _ in groups),
+                                                                           real(y, x, st, groups)))
+    pre = h.new([0, 1], [20, 25])
+    _, _, step = h.step(Decision(pre + dec, merged=None))
+    assert step.distinct == 3 and step.lora_passes == 4
+    per_group = len(h.ex.model.layers) * 4   # qkv, o, gate_up, down
+    assert len(passes) == per_group * step.lora_passes
+    assert h.state.prices(step).compute == h.cost.iteration_time(
+        step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context, 5, step.rank_sum, step.token_rank,
+        step.resident_rank_sum, 4) > h.cost.iteration_time(
+        step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context, 5, step.rank_sum, step.token_rank,
+        step.resident_rank_sum, 3)   # charged per pass
+    # a decode-only step: one pass per distinct adapter
+    passes.clear()
+    _, _, step = h.step(Decision(dec, merged=None))
+    assert step.lora_passes == step.distinct == 2 and len(passes) == per_group * 2

@@ -11,8 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from dlora_gpu import lora_ops  # noqa: E402
-from dlora_gpu.lora_ops import einsum_resident, gather_bmm, lora_apply, lora_apply_mixed  # noqa: E402
+from dlora_gpu.lora_ops import einsum_resident, gather_bmm, lora_apply  # noqa: E402
 from dlora_gpu.lora_stack import LoRAStack, Segments, group_by_slot  # noqa: E402
 from lora_reference import DTYPES, TOL, make_stack, reference, rel_err  # noqa: E402
 
@@ -45,37 +44,6 @@ def test_segments_with_empty_and_unassigned(dtype: torch.dtype, backend: str, de
     ref = reference(torch.zeros(len(ids), 71), x, stack, ids)
     assert rel_err(y, ref) < TOL[dtype]
     assert not y[:2].any()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_mixed_batch_one_pass_per_adapter(dtype: torch.dtype, backend: str, device: str,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prefill segments then decode tokens: slots 0 and 2 on both sides, 1 prefill only, 3 decode
-    only, -1 none. The sum matches the float64 reference; the torch path visits each adapter once."""
-    stack = make_stack([8, 4, 16, 5], 67, (45, 13, 13), 16, dtype, device, seed=2)
-    lengths, slots = [3, 6, 1, 9], [-1, 0, 1, 2]
-    dec = [2, 0, -1, 3, 0, 2]
-    ids = [s for n, s in zip(lengths, slots) for _ in range(n)] + dec
-    n_pre = sum(lengths)
-    x = torch.randn(len(ids), 67).to(dtype).to(device)
-    y0 = torch.randn(len(ids), 71).to(dtype).to(device)
-    passes: list[int] = []
-    real = lora_ops._torch_apply
-    monkeypatch.setattr(lora_ops, "_torch_apply", lambda y, x, st, groups: (passes.extend(s for s, _ in groups),
-                                                                           real(y, x, st, groups)))
-    y = lora_apply_mixed(y0.clone(), x, stack, num_prefill_tokens=n_pre,
-                         segments=Segments.from_lengths(lengths, slots, device),
-                         slot_ids=torch.tensor(dec, dtype=torch.int32, device=device), backend=backend)
-    assert rel_err(y, reference(y0, x, stack, ids)) < TOL[dtype]
-    none = torch.tensor(ids, device=device) < 0
-    assert torch.equal(y[none], y0[none])
-    if backend == "torch":
-        assert sorted(passes) == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="does not split"):
-        lora_apply_mixed(y0.clone(), x, stack, num_prefill_tokens=n_pre - 1,
-                         segments=Segments.from_lengths(lengths, slots, device),
-                         slot_ids=torch.tensor(dec, dtype=torch.int32, device=device), backend="torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
