@@ -92,13 +92,19 @@ def report(rows: list[dict], device: str, profile: str, calibration: str, scalin
     lines += ["", "Where a goal is missed: the cost model's price of the runtime's own iterations (simulator / "
               "runtime - 1, by mode and batch size) is the term-level cause; the per-iteration spread around it "
               "is timing noise (on a CPU the machine's drift, which only the measured clock scales away). "
-              "Queueing near capacity amplifies both. Per repeat:", "",
+              "Queueing near capacity amplifies both. The last column reruns the simulator with every "
+              "iteration's compute price scaled by 0.99 and 1.01 (its mean E2E / P99 E2E / mean TTFT errors then): "
+              "where 1% of price moves a metric by more than its error, the error is the policy's sensitivity "
+              "to any small difference (dLoRA's merge decisions near capacity), not a cost-model term. Per "
+              "repeat:", "",
               "| workload | load | system | clock | price bias, all iterations | by batch (mode, sizes: bias), the "
-              "median repeat | mean abs per iteration |", "|---|---|---|---|---|---|---|"]
+              "median repeat | mean abs per iteration | prices x0.99 and x1.01, the median repeat |",
+              "|---|---|---|---|---|---|---|---|"]
     for (workload, load, system, clock), rs in cases.items():
         mid = sorted(rs, key=lambda r: r["mean_latency_s"] if r["mean_latency_s"] is not None else 0)[len(rs) // 2]
         lines.append(f"| {workload} | {load} | {system} | {clock} | {', '.join(r['price_bias'] for r in rs)} | "
-                     f"{mid['price_by_batch']} | {', '.join(r['price_mean_abs'] for r in rs)} |")
+                     f"{mid['price_by_batch']} | {', '.join(r['price_mean_abs'] for r in rs)} | "
+                     f"{mid.get('price_sensitivity', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +138,16 @@ def _run_repeat(overrides: list[str], out: Path, clock: str) -> tuple[dict, dict
                "iterations_runtime": v["counts"]["num_iterations"]["runtime"],
                "iterations_sim": v["counts"]["num_iterations"]["simulator"],
                "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
-               "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"])}
+               "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"]),
+               "price_sensitivity": sensitivity_text(v.get("price_sensitivity") or {})}
+
+
+def sensitivity_text(sens: dict) -> str:
+    """The simulator's mean E2E, P99 E2E and mean TTFT errors at each price factor, in a line."""
+    def pct(e: dict, k: str) -> str:
+        return "-" if e.get(k) is None else f"{e[k]:+.1%}"
+    return "; ".join(f"{f}: {pct(e, 'mean_latency_s')} / {pct(e, 'p99_latency_s')} / {pct(e, 'mean_ttft_s')}"
+                     for f, e in sens.items()) or "-"
 
 
 def _factors(scaling: dict | None) -> list[float]:

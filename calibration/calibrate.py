@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="config overrides of the serve app, e.g. runtime=h200_7b")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default outputs/calibrate/<stamp>)")
-    ap.add_argument("--from", dest="source", type=Path, default=None, help="refit the points.csv (and metadata.json) of this folder, or a recorded <name>.points.csv")
+    ap.add_argument("--from", dest="source", type=Path, default=None,
+                    help="refit the points.csv (and metadata.json) of this folder, or a recorded <name>.points.csv")
     ap.add_argument("--record", action="store_true", help="write the fitted profile into calibration/profiles/")
     ap.add_argument("--quick", action="store_true", help="a few points of every kind (smoke test)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of a point in a row (default 5)")
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         (PROFILES_DIR / f"{raw['name']}.fit.md").write_text(md)
         (PROFILES_DIR / f"{raw['name']}.points.csv").write_bytes(points.read_bytes())   # refit: --from
         (PROFILES_DIR / f"{raw['name']}.metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        print(f"wrote {dst}, {dst.with_suffix('.fit.md')} and {dst.with_suffix('.points.csv')}")
+        print(f"wrote {dst} and its .fit.md, .points.csv and .metadata.json beside it")
     print(f"results in {out}")
     load_profile(out / "profile.yaml")
     return 0

@@ -125,6 +125,14 @@ def report_md(v: dict, runtime_dir: Path) -> str:
               f"P90 |error| {p['p90_abs']}; KS distance of the latency distributions {v['ks_latency']}.", "",
               "| count | runtime | simulator |", "|---|---|---|"]
     lines += [f"| {k} | {c['runtime']} | {c['simulator']} |" for k, c in v["counts"].items()]
+    sens = v.get("price_sensitivity") or {}
+    if sens:
+        lines += ["", "The simulator with every iteration's compute price scaled (the relative error it would "
+                      "have; where a 1% change moves a metric by more than its error, that error is the "
+                      "policy's sensitivity, not a cost-model term):", "",
+                  "| prices | " + " | ".join(lab for _, lab in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        lines += [f"| {f} | " + " | ".join("-" if e.get(k) is None else f"{e[k]:+.1%}" for k, _ in METRICS) + " |"
+                  for f, e in sens.items()]
     if v["iteration_error"]:
         lines += ["", "Cost model per iteration (runtime's measured duration vs the price it recorded):", "",
                   "| mode | batch | n | mean rel error | mean abs rel error | measured mean s | predicted mean s |",
@@ -155,22 +163,64 @@ def cdf_chart(runtime_dir: Path, sim_dir: Path, path: Path, clock: str = "real")
     plt.close(fig)
 
 
-def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) -> dict:
-    """Simulate the config a runtime folder ran with and compare; `sim_overrides` patch the config."""
-    summary = json.loads((runtime_dir / "summary.json").read_text())
+def _sim_config(summary: dict, sim_overrides: dict | None = None):
+    """The simulator's config: the one a runtime folder ran with, its KV blocks, `sim_overrides`."""
     cfg = OmegaConf.create(summary["config"])
     kv = (summary.get("runtime") or {}).get("kv_blocks")
     if kv:
         cfg.cluster.replica.max_kv_blocks = int(kv)   # exactly the runtime's blocks
     for k, v in (sim_overrides or {}).items():
         OmegaConf.update(cfg, k, v)
-    sim = build_simulation(cfg)
-    res = sim.run()
+    return cfg
+
+
+def _simulate(summary: dict, sim_overrides: dict | None = None):
+    """(config, result, summary) of the simulator on `_sim_config`."""
+    cfg = _sim_config(summary, sim_overrides)
+    res = build_simulation(cfg).run()
+    return cfg, res, {"system": summary.get("system"), **summarize(res, float(cfg.slo_s_per_token)),
+                      "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+SENSITIVITY = (0.99, 1.01)   # price factors the simulator is rerun with
+COMPUTE_COSTS = ("overhead_s", "per_seq_s", "weight_read_s", "per_token_s", "per_context_token_s", "per_prefill_sq_s",
+                 "multi_token_s", "per_adapter_rank_s", "per_token_rank_s", "per_adapter_s")
+
+
+def price_sensitivity(summary: dict, folder: Path, sim_overrides: dict | None = None,
+                      factors: tuple[float, ...] = SENSITIVITY) -> dict:
+    """The simulator's metrics (relative to the runtime's) with every iteration's compute price scaled by
+    each factor. Near a policy's decision boundary (dLoRA merging or not) a 1% price change can move a
+    metric by more than the error itself: then that error is the policy's sensitivity to any small
+    difference, which no cost model removes, not a term's bias."""
+    import yaml
+    from dlora_sim.config import build_profile
+    raw = yaml.safe_load(Path(build_profile(_sim_config(summary, sim_overrides)).path).read_text())
+    out = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in factors:
+        scaled = json.loads(json.dumps(raw))
+        for section in [scaled["iteration"], *scaled["lora"].values()]:
+            for k in COMPUTE_COSTS:
+                if k in section:
+                    section[k] = float(section[k]) * f
+        path = folder / f"profile_x{f:g}.yaml"
+        path.write_text(yaml.safe_dump(scaled, sort_keys=False))
+        _, _, sim = _simulate(summary, {**(sim_overrides or {}), "profile.path": str(path)})
+        out[f"x{f:g}"] = {key: None if not summary.get(key) or sim.get(key) is None else
+                          round((sim[key] - summary[key]) / summary[key], 6) for key, _ in METRICS}
+    return out
+
+
+def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) -> dict:
+    """Simulate the config a runtime folder ran with and compare; `sim_overrides` patch the config."""
+    summary = json.loads((runtime_dir / "summary.json").read_text())
+    cfg, res, sim_summary = _simulate(summary, sim_overrides)
+    kv = (summary.get("runtime") or {}).get("kv_blocks")
     sim_dir = out / "simulator"
-    sim_summary = {"system": summary.get("system"), **summarize(res, float(cfg.slo_s_per_token)),
-                   "config": OmegaConf.to_container(cfg, resolve=True)}
     write_results(sim_dir, res, sim_summary)
     v = compare(summary, sim_summary, runtime_dir, sim_dir)
+    v["price_sensitivity"] = price_sensitivity(summary, out / "sensitivity", sim_overrides)
     v["about"] = {"device": summary.get("device"), "clock": summary.get("clock"), "kv_blocks": kv,
                   "clock_scaling": summary.get("clock_scaling"),
                   "profile": cfg.profile.get("path") or f"{cfg.profile.get('hardware')}-{cfg.model.name}",

@@ -89,8 +89,9 @@ class LoraCost:
     per_adapter_rank_s: float
     per_token_rank_s: float
     source: str = ""     # where these numbers come from (measured / derived / analytic, and how)
-    # kernel path: a fixed cost per distinct adapter in the batch, whatever its rank -- what a loop over
-    # adapters pays (the runtime's CPU torch backend, PEFT); 0 for batched kernels and analytic profiles
+    # kernel path: a fixed cost per LoRA pass, whatever the rank -- what a loop over adapters pays (the
+    # runtime's CPU torch backend, PEFT): one pass per distinct adapter of the decodes and one per distinct
+    # adapter of the prefills (`Step.lora_passes`); 0 for batched kernels and analytic profiles
     per_adapter_s: float = 0.0
 
 

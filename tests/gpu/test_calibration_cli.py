@@ -67,6 +67,11 @@ def test_validate_replays_a_trace_on_both_and_reports(tmp_path):
     assert v["iteration_error"] and {"mode", "batch", "n", "mean_rel_err"} <= set(v["iteration_error"][0])
     assert {"runtime", "simulator"} == set(v["counts"]["num_iterations"])
     assert (tmp_path / "validation.md").exists() and (tmp_path / "validation.png").exists()
+    # the simulator rerun at prices x0.99 and x1.01: cheaper steps, shorter time per token
+    sens = v["price_sensitivity"]
+    assert set(sens) == {"x0.99", "x1.01"} and all(set(e) == set(v["relative_error"]) for e in sens.values())
+    assert sens["x0.99"]["mean_tpot_s"] < v["relative_error"]["mean_tpot_s"] < sens["x1.01"]["mean_tpot_s"]
+    assert "| x0.99 |" in (tmp_path / "validation.md").read_text()
     # a runtime folder brought back from elsewhere is compared without re-running it
     again = validate.validate(tmp_path / "runtime", tmp_path / "again")
     assert again["simulator"] == v["simulator"] and again["runtime"] == v["runtime"]
@@ -163,6 +168,14 @@ def test_fidelity_report_states_the_cost_models_price_bias_per_run():
     assert price_errors([]) == {"price_bias": "-", "price_by_batch": "-", "price_mean_abs": "-"}
 
 
+def test_fidelity_report_states_the_simulators_errors_at_scaled_prices():
+    from benchmarks.fidelity import sensitivity_text
+    sens = {"x0.99": {"mean_latency_s": -0.039, "p99_latency_s": 0.006, "mean_ttft_s": None},
+            "x1.01": {"mean_latency_s": 0.093, "p99_latency_s": 0.45, "mean_ttft_s": 0.37}}
+    assert sensitivity_text(sens) == "x0.99: -3.9% / +0.6% / -; x1.01: +9.3% / +45.0% / +37.0%"
+    assert sensitivity_text({}) == "-"
+
+
 def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_mean_e2e():
     from benchmarks.fidelity import report
     from calibration.validate import METRICS
@@ -172,7 +185,7 @@ def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_
                 **{k: 0.01 * rep for k, _ in METRICS}, "mean_latency_s": e2e, "ks_latency": 0.1 * rep,
                 "per_request_mean_abs": 0.2, "iterations_runtime": 100 + rep, "iterations_sim": 90,
                 "loadavg_before": 0.1, "loadavg_after": 0.2, "price_bias": f"+{rep}%", "price_by_batch": f"b{rep}",
-                "price_mean_abs": "9%"}
+                "price_mean_abs": "9%", "price_sensitivity": f"s{rep}"}
 
     measured = {**row(0, 0.04), "clock": "measured"}   # another clock is another case
     text = report([row(0, -0.30), row(1, 0.10), measured, row(2, 0.02)], "CPU", "cpu-tiny", "Profile: test.")
@@ -183,7 +196,8 @@ def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_
     assert cells[13] == "-30.0% ... +10.0%"         # range of mean E2E
     assert cells[14] == "0.100" and cells[16] == "100/101/102 / 90"
     assert "3 time(s)" in text and "Profile: test." in text and "--clocks real,measured" in text
-    assert "| real | +0%, +1%, +2% | b2 |" in text   # the by-batch detail of the median repeat (+2%)
+    assert "| real | +0%, +1%, +2% | b2 | 9%, 9%, 9% | s2 |" in text   # the by-batch detail and price
+    # sensitivity of the median repeat (+2%)
     line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora | measured"))
     assert line.split("|")[6].strip() == "+4.0%" and "| measured | +0% | b0 |" in text
 
