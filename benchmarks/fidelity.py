@@ -92,13 +92,13 @@ def report(rows: list[dict], device: str, profile: str, calibration: str, scalin
     lines += ["", "Where a goal is missed: the cost model's price of the runtime's own iterations (simulator / "
               "runtime - 1, by mode and batch size) is the term-level cause; the per-iteration spread around it "
               "is timing noise (on a CPU the machine's drift, which only the measured clock scales away). "
-              "Queueing near capacity amplifies both. The last column reruns the simulator with every "
-              "iteration's compute price scaled by 0.99 and 1.01 (its mean E2E / P99 E2E / mean TTFT errors then): "
-              "where 1% of price moves a metric by more than its error, the error is the policy's sensitivity "
-              "to any small difference (dLoRA's merge decisions near capacity), not a cost-model term. Per "
-              "repeat:", "",
+              "Queueing near capacity amplifies both. The last column gives the median repeat's mean E2E / "
+              "P99 E2E / mean TTFT errors (x1) and the simulator's with every iteration's compute price scaled by "
+              "0.99 and 1.01: where 1% of price moves a metric by more than its error, the case is fragile (dLoRA's "
+              "merge decisions near capacity flip on any small difference), and its error says little about "
+              "the cost model's terms. Per repeat:", "",
               "| workload | load | system | clock | price bias, all iterations | by batch (mode, sizes: bias), the "
-              "median repeat | mean abs per iteration | prices x0.99 and x1.01, the median repeat |",
+              "median repeat | mean abs per iteration | prices x1, x0.99 and x1.01, the median repeat |",
               "|---|---|---|---|---|---|---|---|"]
     for (workload, load, system, clock), rs in cases.items():
         mid = sorted(rs, key=lambda r: r["mean_latency_s"] if r["mean_latency_s"] is not None else 0)[len(rs) // 2]
@@ -139,11 +139,12 @@ def _run_repeat(overrides: list[str], out: Path, clock: str) -> tuple[dict, dict
                "iterations_sim": v["counts"]["num_iterations"]["simulator"],
                "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
                "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"]),
-               "price_sensitivity": sensitivity_text(v.get("price_sensitivity") or {})}
+               "price_sensitivity": sensitivity_text({"x1": v["relative_error"], **(v.get("price_sensitivity") or {})})}
 
 
 def sensitivity_text(sens: dict) -> str:
-    """The simulator's mean E2E, P99 E2E and mean TTFT errors at each price factor, in a line."""
+    """The simulator's mean E2E, P99 E2E and mean TTFT errors at each price factor (x1: the repeat's own
+    errors, the baseline the others move from), in a line."""
     def pct(e: dict, k: str) -> str:
         return "-" if e.get(k) is None else f"{e[k]:+.1%}"
     return "; ".join(f"{f}: {pct(e, 'mean_latency_s')} / {pct(e, 'p99_latency_s')} / {pct(e, 'mean_ttft_s')}"

@@ -7,8 +7,8 @@
     dlora-calibrate --from outputs/calibrate/<stamp> # refit points measured elsewhere, without measuring
     dlora-calibrate --from calibration/profiles/cpu-tiny.points.csv   # refit the recorded points
 
-Iteration terms (overhead, per sequence, weight read / per token, context, prefill attention) and the
-kernel LoRA terms are fitted together on the decode, prefill and mixed points, and with `--replays` the
+Iteration terms (overhead, per sequence, weight read / per token, context, prefill attention, the
+fixed cost of two or more tokens) and the kernel LoRA terms are fitted together on the decode, prefill and mixed points, and with `--replays` the
 served iterations of calibration replays (`calibration.replays`), by `calibration.fit` (relative error,
 non-negative, predictions by `CostModel.iteration_time`; the two sources weigh alike, `source_weights`);
 merge / unmerge / switch are the means measured; adapter loads and KV swaps fit a fixed cost plus
@@ -53,7 +53,7 @@ def compute_point(r: dict) -> Point:
                                        "rank_sum", "token_rank", "resident_rank_sum", "distinct")}
     # LoRA passes (an adapter with prefill and decode tokens counts twice); points measured before the
     # column existed have their distinct adapters
-    f["passes"] = float(r.get("passes") or 0) or f["distinct"]
+    f["passes"] = f["distinct"] if r.get("passes") in (None, "") else float(r["passes"])
     secs = float(r["wall_s"]) - float(r["mode_s"] or 0) - float(r["load_s"] or 0) - float(r["swap_s"] or 0)
     return Point(f, max(secs, 1e-9))
 
@@ -231,6 +231,8 @@ class SourceError(FileNotFoundError, UserError):
 def _source_files(source: Path) -> tuple[Path, Path]:
     """(points.csv, metadata.json) of a results folder, or of a recorded profile's points
     (`calibration/profiles/<name>.points.csv` beside `<name>.metadata.json`)."""
+    if not source.exists():
+        raise SourceError(f"--from {source}: not found")
     if source.is_dir():
         points, meta = source / "points.csv", source / "metadata.json"
     elif source.name.endswith(".points.csv"):

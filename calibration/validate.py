@@ -16,6 +16,7 @@ validation.md and validation.png (latency and TTFT CDFs).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import sys
@@ -128,8 +129,8 @@ def report_md(v: dict, runtime_dir: Path) -> str:
     sens = v.get("price_sensitivity") or {}
     if sens:
         lines += ["", "The simulator with every iteration's compute price scaled (the relative error it would "
-                      "have; where a 1% change moves a metric by more than its error, that error is the "
-                      "policy's sensitivity, not a cost-model term):", "",
+                      "have; where a 1% change moves a metric by more than its error, the case is fragile and "
+                      "its error says little about any one cost-model term):", "",
                   "| prices | " + " | ".join(lab for _, lab in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         lines += [f"| {f} | " + " | ".join("-" if e.get(k) is None else f"{e[k]:+.1%}" for k, _ in METRICS) + " |"
                   for f, e in sens.items()]
@@ -191,15 +192,15 @@ def price_sensitivity(summary: dict, folder: Path, sim_overrides: dict | None = 
                       factors: tuple[float, ...] = SENSITIVITY) -> dict:
     """The simulator's metrics (relative to the runtime's) with every iteration's compute price scaled by
     each factor. Near a policy's decision boundary (dLoRA merging or not) a 1% price change can move a
-    metric by more than the error itself: then that error is the policy's sensitivity to any small
-    difference, which no cost model removes, not a term's bias."""
+    metric by more than the error itself: then the case is fragile, its error set by which way a
+    decision fell, and says little about any one term's bias."""
     import yaml
     from dlora_sim.config import build_profile
     raw = yaml.safe_load(Path(build_profile(_sim_config(summary, sim_overrides)).path).read_text())
     out = {}
     folder.mkdir(parents=True, exist_ok=True)
     for f in factors:
-        scaled = json.loads(json.dumps(raw))
+        scaled = copy.deepcopy(raw)
         for section in [scaled["iteration"], *scaled["lora"].values()]:
             for k in COMPUTE_COSTS:
                 if k in section:

@@ -47,7 +47,7 @@ class CostModel:
         self._per_tok = it.per_token_s / g
         self._per_ctx = it.per_context_token_s / g
         self._per_sq = it.per_prefill_sq_s / g
-        self._multi = it.multi_token_s
+        self._multi = it.multi_token_s   # the kernel choice of a one-token batch: not split across GPUs
         self._lora_overhead = lo.overhead_s
         self._lora_adapter = lo.per_adapter_rank_s / g
         self._lora_token = lo.per_token_rank_s / g

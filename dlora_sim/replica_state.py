@@ -337,7 +337,8 @@ class ReplicaState:
                 prefill_sq += c * (2 * done + c)   # causal attention of c tokens over done + c: chunks sum to n^2
                 token_rank += c * rank
                 prefill.append(c)
-                pre_adapters.append(a)
+                if c:
+                    pre_adapters.append(a)
             else:
                 decode += 1
                 ctx += n

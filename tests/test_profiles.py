@@ -113,3 +113,18 @@ def test_the_multi_token_cost_is_charged_from_two_tokens_on_and_analytic_profile
     assert more.decode_repeats(1, 100, 0, 3) == base.decode_repeats(1, 100, 0, 3)
     assert [b - a for a, b in zip(base.decode_repeats(4, 100, 0, 3), more.decode_repeats(4, 100, 0, 3))] == \
         pytest.approx([2e-3] * 3)
+
+
+def test_fast_forward_prices_repeated_decodes_exactly_as_single_iterations():
+    """`decode_repeats` hoists the constant terms out of its loop; with every term nonzero and
+    non-round (the multi-token and per-adapter terms included) it must give the same floats, bit for
+    bit, as `iteration_time` of each iteration."""
+    prof = load_profile("cpu-tiny")
+    it, lo = prof.iteration, prof.lora
+    odd = dataclasses.replace(prof, iteration=dataclasses.replace(it, multi_token_s=4.3217e-4, overhead_s=1.23457e-3),
+                              lora_paths={**prof.lora_paths, "kernel": dataclasses.replace(lo, per_adapter_s=8.7654e-4,
+                                                                                          per_adapter_rank_s=3.1e-7)})
+    cost = CostModel(odd)
+    for n, ctx, lora in ((1, 77, (0, 0, 0, 0)), (5, 913, (24, 40, 64, 3)), (16, 4321, (0, 0, 0, 0))):
+        assert cost.decode_repeats(n, ctx, 2, 9, *lora) == [cost.iteration_time(0, 0, n, ctx + i * n, n, *lora)
+                                                            for i in range(2, 9)]
