@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -184,11 +185,14 @@ def _simulate(summary: dict, sim_overrides: dict | None = None):
 
 
 SENSITIVITY = (0.99, 1.01)   # price factors the simulator is rerun with
-COMPUTE_COSTS = ("overhead_s", "per_seq_s", "weight_read_s", "per_token_s", "per_context_token_s", "per_prefill_sq_s",
-                 "multi_token_s", "per_adapter_rank_s", "per_token_rank_s", "per_adapter_s")
 
 
-def price_sensitivity(summary: dict, folder: Path, sim_overrides: dict | None = None,
+def _cost_terms(cls: type) -> set[str]:
+    """A profile section's coefficients: its float fields (a term added to the closed form is scaled too)."""
+    return {f.name for f in dataclasses.fields(cls) if f.type == "float"}
+
+
+def price_sensitivity(summary: dict, cfg, folder: Path, sim_overrides: dict | None = None,
                       factors: tuple[float, ...] = SENSITIVITY) -> dict:
     """The simulator's metrics (relative to the runtime's) with every iteration's compute price scaled by
     each factor. Near a policy's decision boundary (dLoRA merging or not) a 1% price change can move a
@@ -196,15 +200,16 @@ def price_sensitivity(summary: dict, folder: Path, sim_overrides: dict | None = 
     decision fell, and says little about any one term's bias."""
     import yaml
     from dlora_sim.config import build_profile
-    raw = yaml.safe_load(Path(build_profile(_sim_config(summary, sim_overrides)).path).read_text())
+    from dlora_sim.profile import IterationCost, LoraCost
+    raw = yaml.safe_load(Path(build_profile(cfg).path).read_text())
     out = {}
     folder.mkdir(parents=True, exist_ok=True)
     for f in factors:
         scaled = copy.deepcopy(raw)
-        for section in [scaled["iteration"], *scaled["lora"].values()]:
-            for k in COMPUTE_COSTS:
-                if k in section:
-                    section[k] = float(section[k]) * f
+        for section, terms in [(scaled["iteration"], _cost_terms(IterationCost)),
+                               *((lora, _cost_terms(LoraCost)) for lora in scaled["lora"].values())]:
+            for k in terms & set(section):
+                section[k] = float(section[k]) * f
         path = folder / f"profile_x{f:g}.yaml"
         path.write_text(yaml.safe_dump(scaled, sort_keys=False))
         _, _, sim = _simulate(summary, {**(sim_overrides or {}), "profile.path": str(path)})
@@ -221,7 +226,7 @@ def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) ->
     sim_dir = out / "simulator"
     write_results(sim_dir, res, sim_summary)
     v = compare(summary, sim_summary, runtime_dir, sim_dir)
-    v["price_sensitivity"] = price_sensitivity(summary, out / "sensitivity", sim_overrides)
+    v["price_sensitivity"] = price_sensitivity(summary, cfg, out / "sensitivity", sim_overrides)
     v["about"] = {"device": summary.get("device"), "clock": summary.get("clock"), "kv_blocks": kv,
                   "clock_scaling": summary.get("clock_scaling"),
                   "profile": cfg.profile.get("path") or f"{cfg.profile.get('hardware')}-{cfg.model.name}",
