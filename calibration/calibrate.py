@@ -38,7 +38,8 @@ from dlora_sim.profile import Profile, load_profile, profile_from_dict
 ITERATION_KEYS = ["iteration.overhead_s", "iteration.per_seq_s", "iteration.weight_read_s", "iteration.per_token_s",
                   "iteration.per_context_token_s", "iteration.per_prefill_sq_s", "iteration.multi_token_s",
                   "lora.kernel.overhead_s",
-                  "lora.kernel.per_adapter_rank_s", "lora.kernel.per_token_rank_s", "lora.kernel.per_adapter_s"]
+                  "lora.kernel.per_adapter_rank_s", "lora.kernel.per_token_rank_s", "lora.kernel.per_adapter_s",
+                  "lora.kernel.per_call_s"]
 COMPUTE_KINDS = ("decode", "prefill", "mixed", "served")   # served: a calibration replay's iterations
 
 

@@ -52,6 +52,7 @@ class CostModel:
         self._lora_adapter = lo.per_adapter_rank_s / g
         self._lora_token = lo.per_token_rank_s / g
         self._lora_per_adapter = lo.per_adapter_s
+        self._lora_per_call = lo.per_call_s
         self.lora_path = profile.lora_path
         self._einsum = profile.lora_path == "einsum"
 
@@ -69,16 +70,17 @@ class CostModel:
         t = (self._overhead + self._per_seq * num_seqs + max(self._weight, self._per_tok * tokens)
              + (self._multi if tokens >= 2 else 0.0) + self._per_ctx * decode_context + self._per_sq * prefill_sq)
         if lora_rank_sum:
-            t += self._lora(tokens, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters)
+            t += self._lora(tokens, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters,
+                            (prefill_tokens > 0) + (decode_seqs > 0))
         return t
 
     def _lora(self, tokens: int, lora_rank_sum: int, lora_token_rank: int, resident_rank_sum: int,
-              lora_adapters: int) -> float:
+              lora_adapters: int, calls: int) -> float:
         if self._einsum:
             resident = max(resident_rank_sum, lora_rank_sum)
             return self._lora_overhead + self._lora_adapter * resident + self._lora_token * tokens * resident
         return (self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
-                + self._lora_per_adapter * lora_adapters)
+                + self._lora_per_adapter * lora_adapters + self._lora_per_call * calls)
 
     def decode_repeats(self, n: int, context: int, lo: int, hi: int, lora_rank_sum: int = 0, lora_token_rank: int = 0,
                        resident_rank_sum: int = 0, lora_adapters: int = 0) -> list[float]:
@@ -90,7 +92,7 @@ class CostModel:
         per_ctx, sq = self._per_ctx, self._per_sq * 0
         if not lora_rank_sum:
             return [base + per_ctx * (context + i * n) + sq for i in range(lo, hi)]
-        lora = self._lora(n, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters)
+        lora = self._lora(n, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters, 1)
         return [base + per_ctx * (context + i * n) + sq + lora for i in range(lo, hi)]
 
     def decode_time(self, batch: int, context: int, merged: bool = True, distinct_adapters: int = 1,

@@ -93,6 +93,9 @@ class LoraCost:
     # runtime's CPU torch backend, PEFT): one pass per distinct adapter of the decodes and one per distinct
     # adapter of the prefills (`Step.lora_passes`); 0 for batched kernels and analytic profiles
     per_adapter_s: float = 0.0
+    # kernel path: a fixed cost per LoRA call, one for the prefills and one for the decodes of a batch (the
+    # runtime's torch path calls each kind apart); 0 where one call serves the batch (analytic profiles)
+    per_call_s: float = 0.0
 
 
 LORA_PATHS = ("kernel", "einsum")
@@ -212,8 +215,10 @@ def profile_from_dict(raw: Mapping[str, Any], src: str = "<dict>") -> Profile:
     if bad:
         raise ProfileError(f"{src}: unknown LoRA path(s) {', '.join(f'lora.{k}' for k in bad)}; valid: {list(LORA_PATHS)}")
     paths = {k: _build(LoraCost, v, f"lora.{k}", src) for k, v in lora.items()}
-    if "einsum" in paths and paths["einsum"].per_adapter_s:
-        raise ProfileError(f"{src}: 'lora.einsum.per_adapter_s' must be 0: the einsum path has no loop over adapters")
+    for key in ("per_adapter_s", "per_call_s"):
+        if "einsum" in paths and getattr(paths["einsum"], key):
+            raise ProfileError(f"{src}: 'lora.einsum.{key}' must be 0: the einsum path has no loop over adapters "
+                               "and one call for the batch")
     prof = Profile(name=str(raw["name"]), path=src, lora_paths=paths,
                    lora_path="kernel" if "kernel" in paths else next(iter(paths)), **parts)
     if prof.provenance.source not in ("measured", "analytic"):

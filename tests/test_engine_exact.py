@@ -143,14 +143,15 @@ def test_fast_forward_is_exact_with_a_multi_token_cost(tmp_path):
     assert iterations_csv(on) == iterations_csv(off)
 
 
-def test_an_adapter_with_prefill_and_decode_tokens_in_one_batch_pays_two_lora_passes(tmp_path):
+@pytest.mark.parametrize("term", ["per_adapter_s", "per_call_s"])
+def test_an_adapter_with_prefill_and_decode_tokens_in_one_batch_pays_two_lora_passes(tmp_path, term):
     """A decodes on adapter 0 when B (adapter 0) arrives: their joint iteration is a prefill and a
-    decode of one adapter, two passes of a looped LoRA path. At 5 ms per pass A pays 6 x 5 ms over its
-    6 iterations and 5 ms more for that one."""
+    decode of one adapter, two passes of a looped LoRA path and two LoRA calls (one per kind). At 5 ms
+    per pass, or per call, A pays 6 x 5 ms over its 6 iterations and 5 ms more for that one."""
     import yaml
     from dlora_sim.paths import PROFILES_DIR
     raw = yaml.safe_load((PROFILES_DIR / "a100-80gb-llama-2-7b.yaml").read_text())
-    raw["lora"]["kernel"]["per_adapter_s"] = 5e-3
+    raw["lora"]["kernel"][term] = 5e-3
     (tmp_path / "looped.yaml").write_text(yaml.safe_dump(raw))
     wl = Workload.from_requests([RequestSpec(0.0, 0, 20, 6), RequestSpec(1e-6, 0, 20, 6)], num_adapters=1)
     args = ("system=slora", "cluster.num_replicas=1")

@@ -17,7 +17,7 @@ TRUTH = {"iteration.overhead_s": 2.0e-3, "iteration.per_seq_s": 6.0e-5, "iterati
          "iteration.per_token_s": 3.0e-5, "iteration.per_context_token_s": 4.0e-7,
          "iteration.per_prefill_sq_s": 2.0e-8, "iteration.multi_token_s": 1.0e-3, "lora.kernel.overhead_s": 8.0e-4,
          "lora.kernel.per_adapter_rank_s": 5.0e-6, "lora.kernel.per_token_rank_s": 4.0e-7,
-         "lora.kernel.per_adapter_s": 2.0e-4}
+         "lora.kernel.per_adapter_s": 2.0e-4, "lora.kernel.per_call_s": 5.0e-4}
 
 
 def _rows(profile, rng, noise: float) -> list[dict]:
@@ -49,6 +49,8 @@ def _rows(profile, rng, noise: float) -> list[dict]:
         for length in (16, 64, 256, 512):
             add("prefill", "fit", [length] * seqs, 0, 0, 1, False)
             add("prefill", "fit", [length] * seqs, 0, 0, 1, True)
+    for length, decodes, distinct in itertools.product((32, 256), (2, 8), (1, 3)):   # both kinds: two LoRA calls
+        add("mixed", "fit", [length], decodes, 128, distinct, False)
     for split, count in (("fit", 30), ("heldout", 40)):
         for _ in range(count):
             n = int(rng.integers(1, 17))

@@ -88,14 +88,34 @@ def test_a_per_adapter_lora_cost_counts_the_batchs_distinct_adapters_whatever_th
     assert einsum.decode_time(16, 512, False, 4) == CostModel(prof.with_lora_path("einsum")).decode_time(16, 512, False, 4)
 
 
-def test_an_einsum_path_with_a_per_adapter_cost_is_rejected_with_the_key_named(tmp_path):
+def test_an_einsum_path_with_a_per_adapter_or_per_call_cost_is_rejected_with_the_key_named(tmp_path):
     import yaml
     raw = yaml.safe_load((PROFILES_DIR / "a100-80gb-llama-2-7b.yaml").read_text())
-    raw["lora"]["einsum"]["per_adapter_s"] = 1e-3
-    path = tmp_path / "looped.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ProfileError, match=r"looped.yaml: 'lora.einsum.per_adapter_s' must be 0"):
-        load_profile(path)
+    for key in ("per_adapter_s", "per_call_s"):
+        bad = {**raw, "lora": {**raw["lora"], "einsum": {**raw["lora"]["einsum"], key: 1e-3}}}
+        path = tmp_path / "looped.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ProfileError, match=rf"looped.yaml: 'lora.einsum.{key}' must be 0"):
+            load_profile(path)
+
+
+def test_a_per_call_lora_cost_is_charged_once_per_kind_of_token_an_unmerged_batch_has():
+    """`lora.kernel.per_call_s`: the CPU runtime's torch path calls LoRA once for a batch's prefills and
+    once for its decodes, so a mixed unmerged batch pays it twice, a prefill-only or decode-only one
+    once, a merged one never; the analytic profiles have none."""
+    prof = load_profile("a100-80gb-llama-2-7b")
+    kernel = prof.lora_paths["kernel"]
+    assert kernel.per_call_s == 0.0
+    called = dataclasses.replace(prof, lora_paths={**prof.lora_paths,
+                                                   "kernel": dataclasses.replace(kernel, per_call_s=1e-3)})
+    base, per = CostModel(prof), CostModel(called)
+    lora = (32, 16 * 40, 0, 2)   # rank sum, token rank, resident, passes
+    for prefill, decodes, calls in ((30, 0, 1), (0, 10, 1), (30, 10, 2)):
+        args = (prefill, prefill * prefill, decodes, decodes * 100, decodes + (prefill > 0))
+        assert per.iteration_time(*args, *lora) - base.iteration_time(*args, *lora) == pytest.approx(calls * 1e-3)
+        assert per.iteration_time(*args) == base.iteration_time(*args)   # merged: no LoRA at all
+    assert [b - a for a, b in zip(base.decode_repeats(4, 100, 0, 3, *lora), per.decode_repeats(4, 100, 0, 3, *lora))] == \
+        pytest.approx([1e-3] * 3)
 
 
 def test_the_multi_token_cost_is_charged_from_two_tokens_on_and_analytic_profiles_have_none():
@@ -117,13 +137,14 @@ def test_the_multi_token_cost_is_charged_from_two_tokens_on_and_analytic_profile
 
 def test_fast_forward_prices_repeated_decodes_exactly_as_single_iterations():
     """`decode_repeats` hoists the constant terms out of its loop; with every term nonzero and
-    non-round (the multi-token and per-adapter terms included) it must give the same floats, bit for
+    non-round (the multi-token, per-adapter and per-call terms included) it must give the same floats, bit for
     bit, as `iteration_time` of each iteration."""
     prof = load_profile("cpu-tiny")
     it, lo = prof.iteration, prof.lora
     odd = dataclasses.replace(prof, iteration=dataclasses.replace(it, multi_token_s=4.3217e-4, overhead_s=1.23457e-3),
                               lora_paths={**prof.lora_paths, "kernel": dataclasses.replace(lo, per_adapter_s=8.7654e-4,
-                                                                                          per_adapter_rank_s=3.1e-7)})
+                                                                                          per_adapter_rank_s=3.1e-7,
+                                                                                          per_call_s=6.5432e-4)})
     cost = CostModel(odd)
     for n, ctx, lora in ((1, 77, (0, 0, 0, 0)), (5, 913, (24, 40, 64, 3)), (16, 4321, (0, 0, 0, 0))):
         assert cost.decode_repeats(n, ctx, 2, 9, *lora) == [cost.iteration_time(0, 0, n, ctx + i * n, n, *lora)

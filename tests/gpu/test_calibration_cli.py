@@ -108,6 +108,20 @@ def test_served_points_carry_the_features_the_step_was_priced_with_and_its_measu
     assert row["prefills"] == 2 and row["distinct"] == "2"
 
 
+def test_a_replays_sample_keeps_every_prefill_step_and_spaces_the_decode_only_ones_evenly():
+    """Prefill steps are few but set a replay's TTFT: a sample keeps them all (evenly spaced if they alone
+    are more than the limit), fills the rest with evenly spaced decode-only steps, in replay order."""
+    from calibration.replays import sample
+    rows = [{"i": i, "prefill_tokens": 64 if i % 10 == 3 else 0} for i in range(100)]   # 10 prefill steps
+    kept = sample(rows, 30)
+    assert [r["i"] for r in kept] == sorted(r["i"] for r in kept) and len(kept) == 30
+    assert [r["i"] for r in kept if r["prefill_tokens"]] == list(range(3, 100, 10))
+    decodes = [r["i"] for r in kept if not r["prefill_tokens"]]
+    assert len(decodes) == 20 and max(decodes) - min(decodes) > 80   # spread over the whole replay
+    assert [r["i"] for r in sample(rows, 5)] == [3, 23, 43, 63, 83]   # prefills alone, evenly spaced
+    assert sample(rows, 0) == rows and sample(rows, 100) == rows
+
+
 def _harness(**bench):
     from calibration.microbench import BenchConfig, Harness
     from dlora_gpu.executor import runtime_config
@@ -200,6 +214,37 @@ def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_
     # sensitivity of the median repeat (+2%)
     line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora | measured"))
     assert line.split("|")[6].strip() == "+4.0%" and "| measured | +0% | b0 |" in text
+
+
+def test_fidelity_report_sets_each_cases_errors_against_the_runtimes_own_spread_over_its_repeats():
+    """A miss of a minimum no larger than the runtime's own max/min - 1 over the repeats is `noise`; one
+    beyond it a `miss`; the summary counts cases by their worst verdict."""
+    from benchmarks.fidelity import report, runtime_spread, verdicts
+    from calibration.validate import METRICS
+
+    def row(system: str, rep: int, p99_err: float, rt_p99: float) -> dict:
+        return {"workload": "synthetic", "load": "high", "system": system, "repeat": rep, "rate_rps": 40.0,
+                **{k: 0.001 for k, _ in METRICS}, "p99_latency_s": p99_err,
+                **{f"runtime_{k}": 1.0 for k, _ in METRICS}, "runtime_p99_latency_s": rt_p99,
+                "ks_latency": 0.1, "per_request_mean_abs": 0.2, "iterations_runtime": 100, "iterations_sim": 90,
+                "loadavg_before": 0.1, "loadavg_after": 0.2, "price_bias": "+0%", "price_by_batch": "b",
+                "price_mean_abs": "9%", "price_sensitivity": "s"}
+
+    noisy = [row("dlora", 0, 0.20, 1.0), row("dlora", 1, 0.18, 1.25)]   # the runtime's P99 moved 25%
+    assert runtime_spread(noisy)["p99_latency_s"] == pytest.approx(0.25)
+    assert runtime_spread(noisy[:1])["p99_latency_s"] is None            # one repeat: no spread
+    spread = runtime_spread(noisy)
+    assert verdicts({"p99_latency_s": 0.19, "mean_latency_s": 0.001}, spread) == \
+        {"mean_latency_s": "goal", "p99_latency_s": "noise", "mean_ttft_s": "-", "throughput_rps": "-"}
+    assert verdicts({"p99_latency_s": 0.30}, spread)["p99_latency_s"] == "miss"
+    assert verdicts({"p99_latency_s": 0.07}, spread)["p99_latency_s"] == "minimum"
+    rows = [*noisy, row("slora", 0, 0.30, 1.0), row("slora", 1, 0.30, 1.1), row("vllm", 0, 0.0, 1.0)]
+    text = report(rows, "CPU", "cpu-tiny", "Profile: test.")
+    assert "Of 3 cases (their median errors), 1 meet every goal, 1 every minimum, 1 miss a minimum by no more " \
+           "than the runtime's own spread over the repeats, and 1 miss one by more." in text
+    assert "| synthetic | high | dlora | real | 0.0% | 25.0% | 0.0% | 0.0% | noise | P99 E2E +19.0% (noise) |" in text
+    assert "| synthetic | high | slora | real | 0.0% | 10.0% | 0.0% | 0.0% | miss | P99 E2E +30.0% |" in text
+    assert "| synthetic | high | vllm | real | - | - | - | - | goal | - |" in text
 
 
 def test_the_torch_lora_path_makes_as_many_passes_as_the_step_is_priced_for(monkeypatch):
