@@ -140,12 +140,13 @@ def report(rows: list[dict], device: str, profile: str, calibration: str, scalin
               "merge decisions near capacity flip on any small difference), and its error says little about "
               "the cost model's terms. Per repeat:", "",
               "| workload | load | system | clock | price bias, all iterations | by batch (mode, sizes: bias), the "
-              "median repeat | mean abs per iteration | prices x1, x0.99 and x1.01, the median repeat |",
-              "|---|---|---|---|---|---|---|---|"]
+              "median repeat | by step kind (mode, kind: bias of the sum), the median repeat | mean abs per "
+              "iteration | prices x1, x0.99 and x1.01, the median repeat |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for (workload, load, system, clock), rs in cases.items():
         mid = sorted(rs, key=lambda r: r["mean_latency_s"] if r["mean_latency_s"] is not None else 0)[len(rs) // 2]
         lines.append(f"| {workload} | {load} | {system} | {clock} | {', '.join(r['price_bias'] for r in rs)} | "
-                     f"{mid['price_by_batch']} | {', '.join(r['price_mean_abs'] for r in rs)} | "
+                     f"{mid['price_by_batch']} | {mid.get('price_by_kind', '-')} | {', '.join(r['price_mean_abs'] for r in rs)} | "
                      f"{mid.get('price_sensitivity', '-')} |")
     return "\n".join(lines) + "\n"
 
@@ -182,6 +183,7 @@ def _run_repeat(overrides: list[str], out: Path, clock: str) -> tuple[dict, dict
                "iterations_sim": v["counts"]["num_iterations"]["simulator"],
                "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
                "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"]),
+               "price_by_kind": kind_errors(v.get("iteration_error_by_kind") or []),
                "price_sensitivity": sensitivity_text({"x1": v["relative_error"], **(v.get("price_sensitivity") or {})})}
 
 
@@ -197,6 +199,12 @@ def sensitivity_text(sens: dict) -> str:
 def _factors(scaling: dict | None) -> list[float]:
     """The measured clock's median drift factor of one case (none when unscaled)."""
     return [scaling["factor_median"]] if scaling and scaling.get("scaled") else []
+
+
+def kind_errors(by_kind: list[dict]) -> str:
+    """The cost model's bias by mode and step kind in a line (u mixed: unmerged steps with a prefill and
+    decodes)."""
+    return "; ".join(f"{b['mode'][0]} {b['kind']}: {b['sum_bias']:+.0%} (n={b['n']})" for b in by_kind) or "-"
 
 
 def price_errors(iteration_error: list[dict]) -> dict:

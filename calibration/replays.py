@@ -98,8 +98,8 @@ def sample(rows: list[dict], limit: int) -> list[dict]:
     """At most `limit` (> 0; 0 = all) of a replay's iterations, in their order: every one with a prefill
     (evenly spaced if they alone are more), the rest evenly spaced decode-only ones. Prefills are 1-2% of
     an Azure replay's iterations but set its TTFT: sampled evenly, the four calibration replays gave the
-    fit 183 prefill steps in 1,565, and it priced the fidelity cases' Azure prefills of 512 tokens and
-    more 13-26% high."""
+    fit 183 prefill steps in 1,565, and it priced the fidelity cases' Azure prefills of 1,024 tokens and
+    more 11-26% high."""
     if not limit or len(rows) <= limit:
         return rows
     pre = [i for i, r in enumerate(rows) if int(r["prefill_tokens"]) > 0]

@@ -65,6 +65,11 @@ def test_validate_replays_a_trace_on_both_and_reports(tmp_path):
     assert set(v["relative_error"]) == {k for k, _ in validate.METRICS}
     assert set(v["goals"]) == set(validate.GOALS) and 0 <= v["ks_latency"] <= 1
     assert v["iteration_error"] and {"mode", "batch", "n", "mean_rel_err"} <= set(v["iteration_error"][0])
+    # by step kind: every iteration in one kind, each a prefill-only, decode-only or mixed step
+    by_kind = v["iteration_error_by_kind"]
+    assert {(b["mode"], b["kind"]) for b in by_kind} >= {("unmerged", "prefill"), ("unmerged", "decode")}
+    assert sum(b["n"] for b in by_kind) == sum(b["n"] for b in v["iteration_error"]) == \
+        v["counts"]["num_iterations"]["runtime"]
     assert {"runtime", "simulator"} == set(v["counts"]["num_iterations"])
     assert (tmp_path / "validation.md").exists() and (tmp_path / "validation.png").exists()
     # the simulator rerun at prices x0.99 and x1.01: cheaper steps, shorter time per token
@@ -182,6 +187,22 @@ def test_fidelity_report_states_the_cost_models_price_bias_per_run():
     assert price_errors([]) == {"price_bias": "-", "price_by_batch": "-", "price_mean_abs": "-"}
 
 
+def test_the_cost_models_bias_by_step_kind_sums_each_kinds_prices_and_times():
+    from benchmarks.fidelity import kind_errors
+    from calibration.validate import iteration_errors_by_kind
+
+    def it(mode, pre, dec, meas, pred):
+        return {"mode": mode, "prefill_tokens": pre, "decode_seqs": dec, "duration_s": meas, "predicted_s": pred}
+    rows = [it("unmerged", 0, 4, 0.010, 0.011), it("unmerged", 0, 2, 0.010, 0.010), it("unmerged", 64, 3, 0.020, 0.015),
+            it("merged", 128, 0, 0.030, 0.036)]
+    by = iteration_errors_by_kind(rows)
+    assert by == [{"mode": "merged", "kind": "prefill", "n": 1, "sum_bias": 0.2, "measured_s": 0.03},
+                  {"mode": "unmerged", "kind": "decode", "n": 2, "sum_bias": 0.05, "measured_s": 0.02},
+                  {"mode": "unmerged", "kind": "mixed", "n": 1, "sum_bias": -0.25, "measured_s": 0.02}]
+    assert kind_errors(by) == "m prefill: +20% (n=1); u decode: +5% (n=2); u mixed: -25% (n=1)"
+    assert iteration_errors_by_kind([{"mode": "merged", "duration_s": 1}]) == [] and kind_errors([]) == "-"
+
+
 def test_fidelity_report_states_the_simulators_errors_at_scaled_prices():
     from benchmarks.fidelity import sensitivity_text
     sens = {"x0.99": {"mean_latency_s": -0.039, "p99_latency_s": 0.006, "mean_ttft_s": None},
@@ -210,10 +231,10 @@ def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_
     assert cells[13] == "-30.0% ... +10.0%"         # range of mean E2E
     assert cells[14] == "0.100" and cells[16] == "100/101/102 / 90"
     assert "3 time(s)" in text and "Profile: test." in text and "--clocks real,measured" in text
-    assert "| real | +0%, +1%, +2% | b2 | 9%, 9%, 9% | s2 |" in text   # the by-batch detail and price
+    assert "| real | +0%, +1%, +2% | b2 | - | 9%, 9%, 9% | s2 |" in text   # the by-batch detail and price
     # sensitivity of the median repeat (+2%)
     line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora | measured"))
-    assert line.split("|")[6].strip() == "+4.0%" and "| measured | +0% | b0 |" in text
+    assert line.split("|")[6].strip() == "+4.0%" and "| measured | +0% | b0 | - |" in text
 
 
 def test_fidelity_report_sets_each_cases_errors_against_the_runtimes_own_spread_over_its_repeats():
