@@ -64,7 +64,9 @@ class CostModel:
         `resident_rank_sum` = sum of ranks of the adapters in GPU slots, which the einsum path prices
         instead (every token against every resident adapter; 0 = not known, the batch's adapters);
         `lora_adapters` = the LoRA passes the kernel path's per-adapter term charges: those distinct
-        adapters, an adapter with prefill and decode tokens counted twice (`Step.lora_passes`)."""
+        adapters, an adapter with prefill and decode tokens counted twice (`Step.lora_passes`). The
+        per-call term charges one LoRA call for the prefills and one for the decodes, as the runtime makes
+        them (every request of an unmerged batch has an adapter)."""
         tokens = prefill_tokens + decode_seqs
         # summed in decode_repeats' order (fast-forward prices exactly what single iterations would)
         t = (self._overhead + self._per_seq * num_seqs + max(self._weight, self._per_tok * tokens)
