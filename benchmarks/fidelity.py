@@ -87,12 +87,12 @@ def verdicts(med: dict[str, float | None], spread: dict[str, float | None]) -> d
 
 
 def report(rows: list[dict], device: str, profile: str, calibration: str, scaling: str = "",
-           calibrated: bool = False) -> str:
+           calibrated: bool = False, session_checked: bool = False) -> str:
     cases = _cases(rows)
     reps = max(len(v) for v in cases.values())
     clocks = list(dict.fromkeys(r.get("clock", "real") for r in rows))
     flags = (" --calibrate" if calibrated else "") + ("" if clocks == ["real"] else f" --clocks {','.join(clocks)}")
-    flags += f" --repeats {reps}"
+    flags += f" --repeats {reps}" + (" --session-check" if session_checked else "")
     lines = [f"# Fidelity: simulator vs runtime ({device}, profile `{profile}`)", "",
              f"Measured {time.strftime('%Y-%m-%d')} by `python benchmarks/fidelity.py --record{flags}`: each case "
              f"replays the same requests on the runtime ({' and '.join(clocks)} clock) and in the simulator (the runtime's profile and KV "
@@ -171,6 +171,43 @@ def calibrate(work: Path, overrides: list[str]) -> tuple[list[str], str]:
     return [f"profile.path={out / 'profile.yaml'}"], line
 
 
+def session_check(overrides: list[str], quick: bool = False) -> dict:
+    """The profile against one sweep of its own microbenchmark grid re-measured now, timed in the
+    profile's units (each run drift-scaled, then by the profile's reference probe over this session's):
+    what the probe does not track of the machine's speed since the calibration, per kind of point. A
+    case's price bias near these numbers is the session's, not a cost-model term's."""
+    from calibration.calibrate import _compose, bias_by_kind
+    from calibration.microbench import TIMED, BenchConfig, Harness, compute_points
+    from dlora_gpu.executor import runtime_config
+    from dlora_sim.config import build_profile
+    cfg = _compose(overrides)
+    profile = build_profile(cfg)
+    bench = BenchConfig(sweeps=1, quick=quick, repeats=2 if quick else 5, warmup=1 if quick else 2)
+    harness = Harness(runtime_config(cfg.runtime), profile, bench)
+    ref = profile.provenance.reference_probe_s
+    if not (harness.reference_s and ref):
+        return {"scaled": False, "by_kind": []}
+    rows = compute_points(harness, bench)
+    c = ref / harness.reference_s
+    for r in rows:
+        for col in TIMED:
+            if r.get(col) not in (None, ""):
+                r[col] = float(r[col]) * c
+    return {"scaled": True, "session_probe_s": harness.reference_s, "profile_probe_s": ref,
+            "by_kind": bias_by_kind(profile, rows)}
+
+
+def session_text(check: dict) -> str:
+    if not check.get("by_kind"):
+        return ""
+    kinds = ", ".join(f"{b['kind']}{'' if b['split'] == 'fit' else ' held out'} {b['sum_bias']:+.1%}"
+                      for b in check["by_kind"])
+    return (f" Session check, before the cases: the profile's price of its own microbenchmark points re-measured "
+            f"now (one sweep, in the profile's units; this session's probe {check['session_probe_s'] * 1e3:.3f} ms, "
+            f"the calibration's {check['profile_probe_s'] * 1e3:.3f} ms), bias in the sum: {kinds}. A case's "
+            "price bias near these is the machine's drift since the calibration that the probe does not track.")
+
+
 def _run_repeat(overrides: list[str], out: Path, clock: str) -> tuple[dict, dict]:
     """One replay of a case on `clock` and its validation: (validation, the report row's measurements)."""
     before = round(os.getloadavg()[0], 2)
@@ -229,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="runtime clocks, each repeat on each in turn: real (wall time), measured (each step's own "
                          "time, drift-scaled on a CPU)")
     ap.add_argument("--record", action="store_true", help="write benchmarks/results/fidelity_<device>.{csv,md}")
+    ap.add_argument("--session-check", action="store_true",
+                    help="first re-time one sweep of the profile's microbenchmark grid (CPU: ~3 minutes) and report "
+                         "its price bias: the machine's drift since the calibration that the probe does not track")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--loads", default=",".join(LOADS))
@@ -243,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate:
         extra, calibration = calibrate(work, overrides)
         overrides += extra
+    session = ""
+    if args.session_check:
+        check = session_check(overrides)
+        session = session_text(check)
+        print(json.dumps({"session_check": check}), flush=True)
     rows, device, profile, factors = [], "?", "?", []
     for workload in args.workloads.split(","):
         for load_name in args.loads.split(","):
@@ -264,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"factors {min(factors):.3f} ... {max(factors):.3f}.")
     elif "measured" in clocks:
         scaling = " The measured clock was not scaled (a GPU, or a profile without a reference probe)."
-    text = report(rows, device, Path(str(profile)).name if args.calibrate else profile, calibration, scaling,
-                  args.calibrate)
+    text = report(rows, device, Path(str(profile)).name if args.calibrate else profile, calibration,
+                  scaling + session, args.calibrate, bool(session))
     write_report(out, f"fidelity_{slug}", rows, text)
     print(text)
     print(f"wrote {out}/fidelity_{slug}.{{csv,md}}; case folders in {work}")

@@ -187,6 +187,19 @@ def test_fidelity_report_states_the_cost_models_price_bias_per_run():
     assert price_errors([]) == {"price_bias": "-", "price_by_batch": "-", "price_mean_abs": "-"}
 
 
+def test_the_session_check_prices_re_timed_microbenchmarks_in_the_profiles_units():
+    """A quick sweep of the grid, timed now and brought to the profile's reference probe: every compute
+    kind gets a bias, and the report's line names them."""
+    from benchmarks.fidelity import session_check, session_text
+    check = session_check([], quick=True)
+    assert check["scaled"] and check["profile_probe_s"] == load_profile("cpu-tiny").provenance.reference_probe_s
+    assert {b["kind"] for b in check["by_kind"]} == {"decode", "prefill", "mixed"}
+    assert all(-0.9 < b["sum_bias"] < 9 and b["n"] > 0 for b in check["by_kind"])
+    text = session_text(check)
+    assert "Session check" in text and "decode " in text and "mixed held out " in text
+    assert session_text({"scaled": False, "by_kind": []}) == ""
+
+
 def test_the_cost_models_bias_by_step_kind_sums_each_kinds_prices_and_times():
     from benchmarks.fidelity import kind_errors
     from calibration.validate import iteration_errors_by_kind
