@@ -198,6 +198,7 @@ def session_check(overrides: list[str], quick: bool = False) -> dict:
 
 
 def session_text(check: dict) -> str:
+    """The session check as a sentence of the report ("" when it could not scale: a GPU)."""
     if not check.get("by_kind"):
         return ""
     kinds = ", ".join(f"{b['kind']}{'' if b['split'] == 'fit' else ' held out'} {b['sum_bias']:+.1%}"
