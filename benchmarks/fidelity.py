@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.recording import RESULTS, write_report  # noqa: E402
 from benchmarks.kernels import name_slug  # noqa: E402
 from calibration.replays import WORKLOADS, case_overrides, serve  # noqa: E402
-from calibration.validate import GOALS, METRICS, validate  # noqa: E402
+from calibration.validate import GOALS, METRICS, tolerance, validate  # noqa: E402
 
 LOADS = {"moderate": 0.5, "high": 0.9}
 SYSTEMS = ("slora", "dlora")
@@ -79,10 +79,10 @@ def verdicts(med: dict[str, float | None], spread: dict[str, float | None]) -> d
     """Per goal metric: `goal`, `minimum` (the at-least tolerance), `noise` (beyond it, but within the
     runtime's own spread over the repeats) or `miss`."""
     out = {}
-    for key, (goal, least) in GOALS.items():
+    for key in GOALS:
         e, sp = med.get(key), spread.get(key)
-        out[key] = ("-" if e is None else "goal" if abs(e) <= goal else "minimum" if abs(e) <= least
-                    else "noise" if sp is not None and abs(e) <= sp else "miss")
+        v = tolerance(key, e)
+        out[key] = "noise" if v == "miss" and sp is not None and abs(e) <= sp else v
     return out
 
 
@@ -177,7 +177,7 @@ def session_check(overrides: list[str], quick: bool = False) -> dict:
     what the probe does not track of the machine's speed since the calibration, per kind of point. A
     case's price bias near these numbers is the session's, not a cost-model term's."""
     from calibration.calibrate import _compose, bias_by_kind
-    from calibration.microbench import TIMED, BenchConfig, Harness, compute_points
+    from calibration.microbench import BenchConfig, Harness, compute_points
     from dlora_gpu.executor import runtime_config
     from dlora_sim.config import build_profile
     cfg = _compose(overrides)
@@ -187,14 +187,9 @@ def session_check(overrides: list[str], quick: bool = False) -> dict:
     ref = profile.provenance.reference_probe_s
     if not (harness.reference_s and ref):
         return {"scaled": False, "by_kind": []}
-    rows = compute_points(harness, bench)
-    c = ref / harness.reference_s
-    for r in rows:
-        for col in TIMED:
-            if r.get(col) not in (None, ""):
-                r[col] = float(r[col]) * c
-    return {"scaled": True, "session_probe_s": harness.reference_s, "profile_probe_s": ref,
-            "by_kind": bias_by_kind(profile, rows)}
+    session = harness.reference_s   # the burst at the start, which every run's drift factor refers to
+    rows = harness.rescale(compute_points(harness, bench), to=ref)
+    return {"scaled": True, "session_probe_s": session, "profile_probe_s": ref, "by_kind": bias_by_kind(profile, rows)}
 
 
 def session_text(check: dict) -> str:

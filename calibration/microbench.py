@@ -100,12 +100,13 @@ class Harness:
         `rescale` later moves every point to the median of all the probes instead."""
         return 1.0 if self._scale is None else self._scale.factor()
 
-    def rescale(self, rows: list[dict]) -> list[dict]:
+    def rescale(self, rows: list[dict], to: float | None = None) -> list[dict]:
         """Refer every timing to the median of the probes taken between runs (a probe in a burst runs
-        with warm caches, faster than one between model runs, so the start's reference would bias)."""
+        with warm caches, faster than one between model runs, so the start's reference would bias), or
+        to `to` seconds of probe (another session's median: a profile's `reference_probe_s`)."""
         if self._scale is None or not self._scale.times:
             return rows
-        session = median(self._scale.times)
+        session = median(self._scale.times) if to is None else to
         c = session / self.reference_s
         for r in rows:
             for k in TIMED:

@@ -71,6 +71,13 @@ def iteration_errors(rows: list[dict]) -> list[dict]:
     return out
 
 
+def tolerance(key: str, err: float | None) -> str:
+    """Where a relative error of goal metric `key` falls: `goal`, `minimum` (the at-least tolerance),
+    `miss`, or `-` (no error)."""
+    goal, least = GOALS[key]
+    return "-" if err is None else "goal" if abs(err) <= goal else "minimum" if abs(err) <= least else "miss"
+
+
 STEP_KINDS = ("decode", "prefill", "mixed")   # decode-only steps, prefill-only ones, both in one step
 
 
@@ -107,11 +114,8 @@ def compare(runtime: dict, sim: dict, runtime_dir: Path, sim_dir: Path) -> dict:
     lb = np.array([float(rb[i]["latency_s"]) for i in both])
     per_req = (lb / la - 1) if both else np.array([])
     steps = _iterations(runtime_dir)
-    verdict = {}
-    for key, (goal, least) in GOALS.items():
-        e = rel.get(key)
-        verdict[key] = ("-" if e is None else "goal met" if abs(e) <= goal else
-                        "minimum met" if abs(e) <= least else "missed")
+    labels = {"goal": "goal met", "minimum": "minimum met", "miss": "missed", "-": "-"}
+    verdict = {key: labels[tolerance(key, rel.get(key))] for key in GOALS}
     return {"relative_error": rel, "runtime": {k: runtime.get(k) for k, _ in METRICS},
             "simulator": {k: sim.get(k) for k, _ in METRICS},
             "counts": {k: {"runtime": runtime.get(k), "simulator": sim.get(k)} for k in COUNTS},
