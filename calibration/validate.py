@@ -162,10 +162,17 @@ def report_md(v: dict, runtime_dir: Path) -> str:
     if sens:
         lines += ["", "The simulator with every iteration's compute price scaled (the relative error it would "
                       "have; where a 1% change moves a metric by more than its error, the case is fragile and "
-                      "its error says little about any one cost-model term):", "",
+                      "its error says little about any one cost-model term; at the runtime's price level, the "
+                      "run's overall price bias is taken out and what is left comes from the terms' shape, the "
+                      "policies' paths and noise):", "",
                   "| prices | " + " | ".join(lab for _, lab in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         lines += [f"| {f} | " + " | ".join("-" if e.get(k) is None else f"{e[k]:+.1%}" for k, _ in METRICS) + " |"
                   for f, e in sens.items()]
+        matched = v.get("price_matched") or {}
+        if matched:   # the factor that prices the runtime's own iterations, in the sum, as it measured them
+            e = matched["relative_error"]
+            lines += [f"| x{matched['factor']:.3f}: the runtime's price level | " +
+                      " | ".join("-" if e.get(k) is None else f"{e[k]:+.1%}" for k, _ in METRICS) + " |"]
     if v["iteration_error"]:
         lines += ["", "Cost model per iteration (runtime's measured duration vs the price it recorded):", "",
                   "| mode | batch | n | mean rel error | mean abs rel error | measured mean s | predicted mean s |",
@@ -255,6 +262,25 @@ def price_sensitivity(summary: dict, cfg, folder: Path, sim_overrides: dict | No
     return out
 
 
+def price_level(steps: list[dict]) -> float | None:
+    """Measured / predicted time over all of a runtime's iterations: the factor that would price them, in
+    the sum, as the runtime measured them (None without prices)."""
+    pred = sum(float(r["predicted_s"]) for r in steps if r.get("predicted_s"))
+    return sum(float(r["duration_s"]) for r in steps if r.get("predicted_s")) / pred if pred else None
+
+
+def price_matched(summary: dict, cfg, folder: Path, steps: list[dict], sim_overrides: dict | None = None) -> dict:
+    """The simulator's errors with its compute prices scaled to the runtime's price level (`price_level`):
+    the run's overall price bias (on a CPU mostly the session's drift from the calibration) taken out, so
+    what remains comes from the terms' shape, the policies' paths and per-iteration noise. A diagnostic
+    beside the errors, never instead of them."""
+    level = price_level(steps)
+    if level is None:
+        return {}
+    return {"factor": round(level, 6), "relative_error": next(iter(
+        price_sensitivity(summary, cfg, folder, sim_overrides, (round(level, 6),)).values()))}
+
+
 def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) -> dict:
     """Simulate the config a runtime folder ran with and compare; `sim_overrides` patch the config."""
     summary = json.loads((runtime_dir / "summary.json").read_text())
@@ -264,6 +290,7 @@ def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) ->
     write_results(sim_dir, res, sim_summary)
     v = compare(summary, sim_summary, runtime_dir, sim_dir)
     v["price_sensitivity"] = price_sensitivity(summary, cfg, out / "sensitivity", sim_overrides)
+    v["price_matched"] = price_matched(summary, cfg, out / "sensitivity", _iterations(runtime_dir), sim_overrides)
     v["about"] = {"device": summary.get("device"), "clock": summary.get("clock"), "kv_blocks": kv,
                   "clock_scaling": summary.get("clock_scaling"),
                   "profile": cfg.profile.get("path") or f"{cfg.profile.get('hardware')}-{cfg.model.name}",

@@ -77,6 +77,14 @@ def test_validate_replays_a_trace_on_both_and_reports(tmp_path):
     assert set(sens) == {"x0.99", "x1.01"} and all(set(e) == set(v["relative_error"]) for e in sens.values())
     assert sens["x0.99"]["mean_tpot_s"] < v["relative_error"]["mean_tpot_s"] < sens["x1.01"]["mean_tpot_s"]
     assert "| x0.99 |" in (tmp_path / "validation.md").read_text()
+    # and at the runtime's price level: the factor that prices its iterations, in the sum, as measured
+    steps = validate._iterations(tmp_path / "runtime")
+    level = sum(float(r["duration_s"]) for r in steps) / sum(float(r["predicted_s"]) for r in steps)
+    matched = v["price_matched"]
+    assert matched["factor"] == pytest.approx(level, rel=1e-5) and set(matched["relative_error"]) == set(v["relative_error"])
+    moved = matched["relative_error"]["mean_tpot_s"] - v["relative_error"]["mean_tpot_s"]
+    assert moved * (level - 1) >= 0   # dearer prices, longer time per token, and the reverse
+    assert "the runtime's price level |" in (tmp_path / "validation.md").read_text()
     # a runtime folder brought back from elsewhere is compared without re-running it
     again = validate.validate(tmp_path / "runtime", tmp_path / "again")
     assert again["simulator"] == v["simulator"] and again["runtime"] == v["runtime"]
@@ -248,6 +256,35 @@ def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_
     # sensitivity of the median repeat (+2%)
     line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora | measured"))
     assert line.split("|")[6].strip() == "+4.0%" and "| measured | +0% | b0 | - |" in text
+
+
+def test_the_price_level_is_measured_over_predicted_time_of_the_priced_iterations():
+    steps = [{"duration_s": "2", "predicted_s": "1"}, {"duration_s": "1", "predicted_s": "1"},
+             {"duration_s": "5", "predicted_s": ""}]   # an unpriced step does not count
+    assert validate.price_level(steps) == pytest.approx(1.5)
+    assert validate.price_level([{"duration_s": "1", "predicted_s": ""}]) is None
+
+
+def test_fidelity_report_counts_the_cases_at_the_runtimes_price_level_beside_their_errors():
+    """The diagnostic at the runtime's price level gets its own verdict column and count; the errors and
+    their verdicts stay the simulator's at its own prices."""
+    from benchmarks.fidelity import matched_errors, report
+    from calibration.validate import METRICS
+
+    def row(system: str, err: float, matched: float) -> dict:
+        return {"workload": "synthetic", "load": "high", "system": system, "repeat": 0, "rate_rps": 40.0,
+                **{k: err for k, _ in METRICS}, "ks_latency": 0.1, "per_request_mean_abs": 0.2,
+                "iterations_runtime": 100, "iterations_sim": 90, "loadavg_before": 0.1, "loadavg_after": 0.2,
+                "price_bias": "-5%", "price_by_batch": "b", "price_mean_abs": "9%", "price_sensitivity": "s",
+                **matched_errors({"factor": 1.05, "relative_error": {k: matched for k, _ in METRICS}})}
+
+    text = report([row("dlora", -0.20, 0.025), row("slora", 0.001, 0.001)], "CPU", "cpu-tiny", "Profile: test.")
+    assert "there 1 meet every goal and 2 every minimum:" in text
+    assert "| synthetic | high | dlora | real | - | - | - | - | miss | " in text
+    assert text.splitlines()[next(i for i, ln in enumerate(text.splitlines())
+                                  if ln.startswith("| synthetic | high | dlora | real | - |"))].endswith("| minimum |")
+    assert "| s | x1.050: +2.5% / +2.5% / +2.5% |" in text
+    assert matched_errors({}) == {"price_level": None, **{f"matched_{k}": None for k in validate.GOALS}}
 
 
 def test_fidelity_report_sets_each_cases_errors_against_the_runtimes_own_spread_over_its_repeats():
