@@ -18,7 +18,9 @@ range of the mean E2E error. `--clocks real,measured` also replays each repeat o
 measured clock (each step's own time, scaled on a CPU to the profile's reference probe, a decode step
 of the same model, so both halves are timed at the calibration's machine speed), right after the real
 one: what is left there is the cost model's error and per-iteration noise, not drift, idle gaps or the
-host's scheduling.
+host's scheduling. Beside each case's errors the report gives the runtime's spread over its repeats
+(the runtime against itself) and the simulator's errors at the runtime's own price level (the run's
+overall price bias taken out: what is left comes from the terms' shape, the policies' paths and noise).
 
     python benchmarks/fidelity.py [--record] [--calibrate] [--clocks real,measured] [--repeats 3] [--requests 120] [serve overrides]
 

@@ -7,8 +7,10 @@ the runtime's profile and its KV block count. Requests are matched by id. Report
 of mean / P50 / P90 / P99 end-to-end latency, mean and P99 TTFT, mean TPOT and throughput; the KS
 distance between the two latency distributions; counts (iterations, switches, adapter loads,
 preemptions); and, from the runtime's own iterations, the cost model's per-iteration error by mode
-and batch size (measured duration vs the `predicted_s` the runtime recorded). Writes validation.json,
-validation.md and validation.png (latency and TTFT CDFs).
+and batch size (measured duration vs the `predicted_s` the runtime recorded). Two diagnostics rerun
+the simulator with its compute prices scaled: by 0.99 and 1.01 (is the case fragile?) and to the
+runtime's own price level (what is left once the run's overall price bias is out?). Writes
+validation.json, validation.md and validation.png (latency and TTFT CDFs).
 
     dlora-validate system=dlora workload.num_requests=80            # CPU, runtime=cpu_tiny
     dlora-validate --runtime-folder path/to/runtime/results         # compare without re-running
