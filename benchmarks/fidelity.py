@@ -106,7 +106,7 @@ def report(rows: list[dict], device: str, profile: str, calibration: str, scalin
              " | mean E2E range | KS E2E | per-request mean abs | iterations rt / sim | loadavg before / after |",
              "|---|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|"]
     tally = {"goal": 0, "minimum": 0, "noise": 0, "miss": 0}
-    tally_matched = {"goal": 0, "minimum": 0, "miss": 0, "-": 0}
+    tally_matched = {"goal": 0, "minimum": 0, "noise": 0, "miss": 0, "-": 0}
     spreads = []
     for (workload, load, system, clock), rs in cases.items():
         med = {k: _median([r[k] for r in rs]) for k, _ in METRICS}
@@ -114,7 +114,8 @@ def report(rows: list[dict], device: str, profile: str, calibration: str, scalin
         ver = verdicts(med, spread)
         worst = _worst(ver.values())
         tally[worst] = tally.get(worst, 0) + 1
-        worst_matched = _worst(tolerance(k, _median([r.get(f"matched_{k}") for r in rs])) for k in GOALS)
+        worst_matched = _worst(verdicts({k: _median([r.get(f"matched_{k}") for r in rs]) for k in GOALS},
+                                        spread).values())
         tally_matched[worst_matched] += 1
         missed = "; ".join(f"{lab} {med[k]:+.1%}{' (noise)' if ver[k] == 'noise' else ''}"
                            for k, lab in METRICS if ver.get(k) in ("noise", "miss")) or "-"
@@ -128,30 +129,35 @@ def report(rows: list[dict], device: str, profile: str, calibration: str, scalin
                      f"{_median([r['ks_latency'] for r in rs]):.3f} | {_median([r['per_request_mean_abs'] for r in rs]):.3f} | "
                      f"{'/'.join(str(r['iterations_runtime']) for r in rs)} / {rs[0]['iterations_sim']} | "
                      f"{rs[0]['loadavg_before']} / {rs[-1]['loadavg_after']} |")
-    n = len(cases)
+    n, n_matched = len(cases), len(cases) - tally_matched["-"]
+    at_level = ""
+    if n_matched:
+        at_level = (f" At that level, of {n_matched} cases{' with a price level' if n_matched < n else ''}, "
+                    f"{tally_matched['goal']} meet every goal, {tally_matched['goal'] + tally_matched['minimum']} "
+                    f"every minimum, {tally_matched['noise']} miss one within the runtime's spread and "
+                    f"{tally_matched['miss']} by more.")
     lines += ["", f"Of {n} cases (their median errors), {tally['goal']} meet every goal, "
               f"{tally['goal'] + tally['minimum']} every minimum, {tally['noise']} miss a minimum by no more than the "
-              f"runtime's own spread over the repeats, and {tally['miss']} miss one by more. The runtime "
-              "against itself (max / min - 1 of its own metric over the repeats; the simulator is deterministic, "
-              "so an error within it is as close as the runtime's repeats are to each other), and each case's "
-              "worst verdict with the metrics beyond the minimum; in the last column, the worst verdict of "
-              "the simulator at the runtime's price level (each repeat rerun with its compute prices scaled so "
-              "that they price the runtime's own iterations, in the sum, as it measured them: the run's overall "
-              "price bias, on a CPU mostly the session's drift since the calibration, taken out; a diagnostic, "
-              "not the result)" + (f": there {tally_matched['goal']} meet every goal and "
-                                   f"{tally_matched['goal'] + tally_matched['minimum']} every minimum"
-                                   if tally_matched["-"] < n else "") + ":", "",
+              f"runtime's own spread over the repeats, and {tally['miss']} miss one by more. The table below gives "
+              "the runtime against itself (max / min - 1 of its own metric over the repeats; the simulator is "
+              "deterministic, so an error within it is as close as the runtime's repeats are to each other) and "
+              "each case's worst verdict with the metrics beyond the minimum. Its last column gives the worst "
+              "verdict of the simulator at the runtime's price level: each repeat rerun with its compute prices "
+              "scaled by measured / predicted time over the runtime's priced iterations, which takes out most of "
+              "the run's overall price bias (on a CPU mostly the session's drift since the calibration); a "
+              "diagnostic, not the result." + at_level, "",
               "| workload | load | system | clock | " + " | ".join(dict(METRICS)[k] for k in GOALS) +
               " | worst | beyond the minimum | at the runtime's price level |",
               "|---|---|---|---|" + "---|" * len(GOALS) + "---|---|---|", *spreads]
     lines += ["", "Where a goal is missed: the cost model's price of the runtime's own iterations (simulator / "
               "runtime - 1, by mode and batch size) is the term-level cause; the per-iteration spread around it "
               "is timing noise (on a CPU the machine's drift, which only the measured clock scales away). "
-              "Queueing near capacity amplifies both. The last column gives the median repeat's mean E2E / "
+              "Queueing near capacity amplifies both. The next-to-last column gives the median repeat's mean E2E / "
               "P99 E2E / mean TTFT errors (x1) and the simulator's with every iteration's compute price scaled by "
               "0.99 and 1.01: where 1% of price moves a metric by more than its error, the case is fragile (dLoRA's "
               "merge decisions near capacity flip on any small difference), and its error says little about "
-              "the cost model's terms. The last gives them at the runtime's price level. Per repeat:", "",
+              "the cost model's terms; the last, the same three errors at the runtime's price level (its factor "
+              "first). Per repeat:", "",
               "| workload | load | system | clock | price bias, all iterations | by batch (mode, sizes: bias), the "
               "median repeat | by step kind (mode, kind: bias of the sum), the median repeat | mean abs per "
               "iteration | prices x1, x0.99 and x1.01, the median repeat | at the runtime's price level, the "

@@ -265,17 +265,18 @@ def price_sensitivity(summary: dict, cfg, folder: Path, sim_overrides: dict | No
 
 
 def price_level(steps: list[dict]) -> float | None:
-    """Measured / predicted time over all of a runtime's iterations: the factor that would price them, in
-    the sum, as the runtime measured them (None without prices)."""
+    """Measured / predicted time over a runtime's priced iterations (None without prices): scaled by it,
+    the simulator's prices would match the runtime's measured times in the sum."""
     pred = sum(float(r["predicted_s"]) for r in steps if r.get("predicted_s"))
     return sum(float(r["duration_s"]) for r in steps if r.get("predicted_s")) / pred if pred else None
 
 
 def price_matched(summary: dict, cfg, folder: Path, steps: list[dict], sim_overrides: dict | None = None) -> dict:
-    """The simulator's errors with its compute prices scaled to the runtime's price level (`price_level`):
-    the run's overall price bias (on a CPU mostly the session's drift from the calibration) taken out, so
-    what remains comes from the terms' shape, the policies' paths and per-iteration noise. A diagnostic
-    beside the errors, never instead of them."""
+    """The simulator's errors with its compute prices scaled by the runtime's price level (`price_level`;
+    mode changes, loads and swaps, a small part of the sum, keep their prices, so the level is matched
+    closely, not exactly): the run's overall price bias (on a CPU mostly the session's drift since the
+    calibration) taken out, so what remains comes from the terms' shape, the policies' paths and
+    per-iteration noise. A diagnostic beside the errors, never instead of them."""
     level = price_level(steps)
     if level is None:
         return {}

@@ -265,6 +265,22 @@ def test_the_price_level_is_measured_over_predicted_time_of_the_priced_iteration
     assert validate.price_level([{"duration_s": "1", "predicted_s": ""}]) is None
 
 
+def test_the_price_matched_simulation_scales_the_prices_by_the_runtimes_level(monkeypatch, tmp_path):
+    seen = []
+
+    def sensitivity(summary, cfg, folder, sim_overrides, factors):
+        seen.append(factors)
+        return {f"x{factors[0]:g}": {"mean_latency_s": 0.01}}
+
+    monkeypatch.setattr(validate, "price_sensitivity", sensitivity)
+    steps = [{"duration_s": "3", "predicted_s": "2"}, {"duration_s": "1", "predicted_s": "2"},
+             {"duration_s": "2", "predicted_s": "1"}]   # measured 6 s where the model priced 5 s
+    assert validate.price_matched({}, None, tmp_path, steps) == \
+        {"factor": 1.2, "relative_error": {"mean_latency_s": 0.01}}
+    assert seen == [(1.2,)]   # dearer by measured / predicted, not its inverse
+    assert validate.price_matched({}, None, tmp_path, [{"duration_s": "1", "predicted_s": ""}]) == {}
+
+
 def test_fidelity_report_counts_the_cases_at_the_runtimes_price_level_beside_their_errors():
     """The diagnostic at the runtime's price level gets its own verdict column and count; the errors and
     their verdicts stay the simulator's at its own prices."""
@@ -278,8 +294,13 @@ def test_fidelity_report_counts_the_cases_at_the_runtimes_price_level_beside_the
                 "price_bias": "-5%", "price_by_batch": "b", "price_mean_abs": "9%", "price_sensitivity": "s",
                 **matched_errors({"factor": 1.05, "relative_error": {k: matched for k, _ in METRICS}})}
 
-    text = report([row("dlora", -0.20, 0.025), row("slora", 0.001, 0.001)], "CPU", "cpu-tiny", "Profile: test.")
-    assert "there 1 meet every goal and 2 every minimum:" in text
+    unpriced = {k: v for k, v in row("vllm", 0.001, 0.0).items() if not k.startswith(("matched_", "price_level"))}
+    text = report([row("dlora", -0.20, 0.025), row("slora", 0.001, 0.001), unpriced], "CPU", "cpu-tiny",
+                  "Profile: test.")
+    assert ("At that level, of 2 cases with a price level, 1 meet every goal, 2 every minimum, 0 miss one "
+            "within the runtime's spread and 0 by more.") in text
+    assert "| synthetic | high | vllm | real | - | - | - | - | goal | - | - |" in text
+    assert "| s | - |" in text   # no price level, no errors at it
     assert "| synthetic | high | dlora | real | - | - | - | - | miss | " in text
     assert text.splitlines()[next(i for i, ln in enumerate(text.splitlines())
                                   if ln.startswith("| synthetic | high | dlora | real | - |"))].endswith("| minimum |")
@@ -315,7 +336,8 @@ def test_fidelity_report_sets_each_cases_errors_against_the_runtimes_own_spread_
            "than the runtime's own spread over the repeats, and 1 miss one by more." in text
     assert "| synthetic | high | dlora | real | 0.0% | 25.0% | 0.0% | 0.0% | noise | P99 E2E +19.0% (noise) |" in text
     assert "| synthetic | high | slora | real | 0.0% | 10.0% | 0.0% | 0.0% | miss | P99 E2E +30.0% |" in text
-    assert "| synthetic | high | vllm | real | - | - | - | - | goal | - |" in text
+    assert "| synthetic | high | vllm | real | - | - | - | - | goal | - | - |" in text
+    assert "At that level" not in text   # no case has a price level: no count of them
 
 
 def test_the_torch_lora_path_makes_as_many_passes_as_the_step_is_priced_for(monkeypatch):
