@@ -370,3 +370,26 @@ def test_the_torch_lora_path_makes_as_many_passes_as_the_step_is_priced_for(monk
     passes.clear()
     _, _, step = h.step(Decision(dec, merged=None))
     assert step.lora_passes == step.distinct == 2 and len(passes) == per_group * 2
+
+
+def test_fidelity_interleaves_the_repeats_so_each_case_samples_the_machine_across_the_recording(monkeypatch):
+    """Every case once, then every case again: a case's repeats do not share one stretch of a drifting
+    machine."""
+    from benchmarks import fidelity
+    from calibration.validate import METRICS
+    runs = []
+
+    def run_repeat(overrides, out, clock):
+        runs.append(out.name)
+        about = {"device": "CPU", "profile": "cpu-tiny", "clock_scaling": None}
+        return {"about": about}, {**{k: 0.0 for k, _ in METRICS}, "ks_latency": 0.1, "per_request_mean_abs": 0.1,
+                                  "iterations_runtime": 10, "iterations_sim": 10, "loadavg_before": 0.1,
+                                  "loadavg_after": 0.1, "price_bias": "+0%", "price_by_batch": "b",
+                                  "price_mean_abs": "1%", "price_sensitivity": "s"}
+
+    monkeypatch.setattr(fidelity, "case_overrides", lambda workload, system, load, requests, extra: ([], 1.0))
+    monkeypatch.setattr(fidelity, "_run_repeat", run_repeat)
+    assert fidelity.main(["--workloads", "synthetic", "--loads", "moderate,high", "--systems", "slora",
+                          "--repeats", "2", "--clocks", "measured"]) == 0
+    assert runs == ["synthetic_moderate_slora_measured_0", "synthetic_high_slora_measured_0",
+                    "synthetic_moderate_slora_measured_1", "synthetic_high_slora_measured_1"]
