@@ -183,8 +183,7 @@ def _worst(verdicts_: Iterable[str]) -> str:
 def _matched_text(row: dict) -> str:
     if not row.get("price_level"):
         return "-"
-    return (f"x{float(row['price_level']):.3f}: " +
-            sensitivity_text({"": {k: row.get(f"matched_{k}") for k in GOALS}}).removeprefix(": "))
+    return f"x{float(row['price_level']):.3f}: " + three_errors({k: row.get(f"matched_{k}") for k in GOALS})
 
 
 def calibrate(work: Path, overrides: list[str]) -> tuple[list[str], str]:
@@ -264,13 +263,16 @@ def matched_errors(matched: dict) -> dict:
     return {"price_level": matched.get("factor"), **{f"matched_{k}": errs.get(k) for k in GOALS}}
 
 
+def three_errors(e: dict) -> str:
+    """Mean E2E / P99 E2E / mean TTFT errors of one simulation, `-` where one is missing."""
+    return " / ".join("-" if e.get(k) is None else f"{e[k]:+.1%}"
+                      for k in ("mean_latency_s", "p99_latency_s", "mean_ttft_s"))
+
+
 def sensitivity_text(sens: dict) -> str:
     """The simulator's mean E2E, P99 E2E and mean TTFT errors at each price factor (x1: the repeat's own
     errors, the baseline the others move from), in a line."""
-    def pct(e: dict, k: str) -> str:
-        return "-" if e.get(k) is None else f"{e[k]:+.1%}"
-    return "; ".join(f"{f}: {pct(e, 'mean_latency_s')} / {pct(e, 'p99_latency_s')} / {pct(e, 'mean_ttft_s')}"
-                     for f, e in sens.items()) or "-"
+    return "; ".join(f"{f}: {three_errors(e)}" for f, e in sens.items()) or "-"
 
 
 def _factors(scaling: dict | None) -> list[float]:

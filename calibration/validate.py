@@ -105,7 +105,8 @@ def iteration_errors_by_kind(rows: list[dict]) -> list[dict]:
     return out
 
 
-def compare(runtime: dict, sim: dict, runtime_dir: Path, sim_dir: Path) -> dict:
+def compare(runtime: dict, sim: dict, runtime_dir: Path, sim_dir: Path, steps: list[dict]) -> dict:
+    """The simulator's summary against the runtime's; `steps`: the runtime's iterations (`_iterations`)."""
     rel = {}
     for key, _ in METRICS:
         a, b = runtime.get(key), sim.get(key)
@@ -115,7 +116,6 @@ def compare(runtime: dict, sim: dict, runtime_dir: Path, sim_dir: Path) -> dict:
     la = np.array([float(ra[i]["latency_s"]) for i in both])
     lb = np.array([float(rb[i]["latency_s"]) for i in both])
     per_req = (lb / la - 1) if both else np.array([])
-    steps = _iterations(runtime_dir)
     labels = {"goal": "goal met", "minimum": "minimum met", "miss": "missed", "-": "-"}
     verdict = {key: labels[tolerance(key, rel.get(key))] for key in GOALS}
     return {"relative_error": rel, "runtime": {k: runtime.get(k) for k, _ in METRICS},
@@ -168,13 +168,11 @@ def report_md(v: dict, runtime_dir: Path) -> str:
                       "run's overall price bias is taken out and what is left comes from the terms' shape, the "
                       "policies' paths and noise):", "",
                   "| prices | " + " | ".join(lab for _, lab in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-        lines += [f"| {f} | " + " | ".join("-" if e.get(k) is None else f"{e[k]:+.1%}" for k, _ in METRICS) + " |"
-                  for f, e in sens.items()]
         matched = v.get("price_matched") or {}
         if matched:   # the factor that prices the runtime's own iterations, in the sum, as it measured them
-            e = matched["relative_error"]
-            lines += [f"| x{matched['factor']:.3f}: the runtime's price level | " +
-                      " | ".join("-" if e.get(k) is None else f"{e[k]:+.1%}" for k, _ in METRICS) + " |"]
+            sens = {**sens, f"x{matched['factor']:.3f}: the runtime's price level": matched["relative_error"]}
+        lines += [f"| {f} | " + " | ".join("-" if e.get(k) is None else f"{e[k]:+.1%}" for k, _ in METRICS) + " |"
+                  for f, e in sens.items()]
     if v["iteration_error"]:
         lines += ["", "Cost model per iteration (runtime's measured duration vs the price it recorded):", "",
                   "| mode | batch | n | mean rel error | mean abs rel error | measured mean s | predicted mean s |",
@@ -291,9 +289,10 @@ def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) ->
     kv = (summary.get("runtime") or {}).get("kv_blocks")
     sim_dir = out / "simulator"
     write_results(sim_dir, res, sim_summary)
-    v = compare(summary, sim_summary, runtime_dir, sim_dir)
+    steps = _iterations(runtime_dir)
+    v = compare(summary, sim_summary, runtime_dir, sim_dir, steps)
     v["price_sensitivity"] = price_sensitivity(summary, cfg, out / "sensitivity", sim_overrides)
-    v["price_matched"] = price_matched(summary, cfg, out / "sensitivity", _iterations(runtime_dir), sim_overrides)
+    v["price_matched"] = price_matched(summary, cfg, out / "sensitivity", steps, sim_overrides)
     v["about"] = {"device": summary.get("device"), "clock": summary.get("clock"), "kv_blocks": kv,
                   "clock_scaling": summary.get("clock_scaling"),
                   "profile": cfg.profile.get("path") or f"{cfg.profile.get('hardware')}-{cfg.model.name}",
