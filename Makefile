@@ -20,7 +20,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-## The main job: every system on the embedded default workload, a table and a chart.
+## The main job: five systems (conf/experiment/compare.yaml) on the embedded default workload, a table and a chart.
 run: $(VENV)/.installed
 	$(BIN)/dlora-sim --multirun experiment=compare
 

@@ -8,12 +8,11 @@ reruns). Prints the report; `--record` writes benchmarks/results/adapter_scaling
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from benchmarks.recording import output_dir, write_rows, wrote  # noqa: E402
+from benchmarks.recording import report_main, write_rows  # noqa: E402
 
 from dlora_sim.compare import load_summaries
 
@@ -94,20 +93,17 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep", type=Path)
-    ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
-    args = ap.parse_args(argv)
-    rows = load(args.sweep)
-    text = report(rows, args.sweep)
+def write(rows: list[dict], out: Path, sweep: Path) -> list[str]:
+    text = report(rows, sweep)
     print(text)
-    out = output_dir(args.record, "adapter_scaling")
     write_rows(out / "adapter_scaling.csv", rows)
     (out / "adapter_scaling.md").write_text(text)
     chart(rows, out / "adapter_scaling.png")
-    print(wrote(out, "adapter_scaling", args.record))
-    return 0
+    return ["adapter_scaling.csv", "adapter_scaling.md", "adapter_scaling.png"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return report_main("adapter_scaling", __doc__.splitlines()[0], load, write, argv)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ benchmarks/results/capacity.{csv,md} and capacity_probes.csv, and copies the swe
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from benchmarks.recording import output_dir, write_rows, wrote  # noqa: E402
+from benchmarks.recording import report_main, write_rows  # noqa: E402
 
 SYSTEMS = {"vllm": "vLLM (replicated)", "peft": "PEFT", "slora": "S-LoRA-style", "dlora": "dLoRA"}
 
@@ -77,22 +76,19 @@ def report(rows: list[dict], sweep: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep", type=Path)
-    ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
-    args = ap.parse_args(argv)
-    rows = load(args.sweep)
-    text = report(rows, args.sweep)
+def write(rows: list[dict], out: Path, sweep: Path) -> list[str]:
+    text = report(rows, sweep)
     print(text)
-    out = output_dir(args.record, "capacity")
     write_rows(out / "capacity.csv", rows)
     (out / "capacity.md").write_text(text)
     for name in ("capacity.png", "capacity_probes.csv"):
-        if (args.sweep / name).exists():
-            shutil.copyfile(args.sweep / name, out / name)
-    print(wrote(out, "capacity", args.record))
-    return 0
+        if (sweep / name).exists():
+            shutil.copyfile(sweep / name, out / name)
+    return ["capacity.csv", "capacity.md", "capacity.png", "capacity_probes.csv"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return report_main("capacity", __doc__.splitlines()[0], load, write, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.recording import output_dir, write_report, wrote  # noqa: E402
+from benchmarks.recording import finish, output_dir, write_report  # noqa: E402
 
 
 PROBES = ("matmul", "dispatch", "dispatch_warm", "step_2x64", "step_8x128")
@@ -31,13 +31,13 @@ STEPS = {"merged 1": (1, 0), "merged 8": (8, 0), "unmerged 8x4": (8, None)}   # 
 
 
 def _measure(seconds: float) -> dict[str, np.ndarray]:
-    from calibration.calibrate import _compose
+    from dlora_sim.core.config import compose
     from calibration.microbench import BenchConfig, Harness
     from dlora_gpu.drift import DispatchProbe, MatmulProbe, StepProbe
     from dlora_gpu.executor import runtime_config
-    from dlora_sim.config import build_profile
-    from dlora_sim.policies.base import Decision
-    cfg = _compose([])
+    from dlora_sim.core.config import build_profile
+    from dlora_sim.core.contracts import Decision
+    cfg = compose([], "serve")
     h = Harness(runtime_config(cfg.runtime), build_profile(cfg),
                 BenchConfig(max_kv_blocks=cfg.cluster.replica.max_kv_blocks, reference=False))
     probes = {"matmul": MatmulProbe(), "dispatch": DispatchProbe(), "dispatch_warm": DispatchProbe(warm=2),
@@ -162,7 +162,7 @@ def main() -> None:
     out = output_dir(a.record, "drift_probe")
     write_report(out, "drift_probe", rows, text)
     print(text)
-    print(wrote(out, "drift_probe", a.record, "csv,md"))
+    print(finish(out, ["drift_probe.csv", "drift_probe.md"], a.record))
 
 
 if __name__ == "__main__":

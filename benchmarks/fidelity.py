@@ -11,12 +11,12 @@ before and after each case.
 A profile is a property of one machine: `--calibrate` first measures a fresh one with
 `dlora-calibrate --replays` on this machine (microbenchmarks, then calibration replays on other
 requests whose served iterations join the fit: a fit to the microbenchmarks alone priced a held-out
-replay's served iterations 4-16% low) and runs every case on it (both halves). On a CPU a case's real-clock error moves by
+replay's served iterations low, see calibration/replays.py) and runs every case on it (both halves). On a CPU a case's real-clock error moves by
 tens of points between runs minutes apart (the machine's speed drifts and the real clock cannot be
 scaled), so every case runs `--repeats` times and the report gives the median of each metric and the
 range of the mean E2E error. The repeats are interleaved (every case once, then every case again), so a
 case's repeats sample the machine across the recording, not one stretch of it: run back to back, a
-case's repeats shared their stretch's drift (priced -3.8%, -2.9% and -0.9% in one recording), which
+case's repeats shared their stretch's drift (their price biases moved together), which
 their median could not average out. `--clocks real,measured` also replays each repeat on the runtime's
 measured clock (each step's own time, scaled on a CPU to the profile's reference probe, a decode step
 of the same model, so both halves are timed at the calibration's machine speed), right after the real
@@ -44,7 +44,7 @@ from typing import Iterable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.recording import RESULTS, write_report  # noqa: E402
+from benchmarks.recording import RESULTS, finish, write_report  # noqa: E402
 from benchmarks.kernels import name_slug  # noqa: E402
 from calibration.replays import WORKLOADS, case_overrides, serve  # noqa: E402
 from calibration.validate import GOALS, METRICS, tolerance, validate  # noqa: E402
@@ -92,15 +92,12 @@ def verdicts(med: dict[str, float | None], spread: dict[str, float | None]) -> d
     return out
 
 
-def report(rows: list[dict], device: str, profile: str, calibration: str, scaling: str = "",
-           calibrated: bool = False, session_checked: bool = False) -> str:
+def report(rows: list[dict], device: str, profile: str, calibration: str, scaling: str = "") -> str:
     cases = _cases(rows)
     reps = max(len(v) for v in cases.values())
     clocks = list(dict.fromkeys(r.get("clock", "real") for r in rows))
-    flags = (" --calibrate" if calibrated else "") + ("" if clocks == ["real"] else f" --clocks {','.join(clocks)}")
-    flags += f" --repeats {reps}" + (" --session-check" if session_checked else "")
     lines = [f"# Fidelity: simulator vs runtime ({device}, profile `{profile}`)", "",
-             f"Measured {time.strftime('%Y-%m-%d')} by `python benchmarks/fidelity.py --record{flags}`: each case "
+             f"Measured {time.strftime('%Y-%m-%d')} (the command above): each case "
              f"replays the same requests on the runtime ({' and '.join(clocks)} clock) and in the simulator (the runtime's profile and KV "
              f"blocks), {reps} time(s); relative error = simulator / runtime - 1, the median over the repeats "
              "(the mean E2E column also gives its range). Goals (at least): " +
@@ -211,11 +208,12 @@ def session_check(overrides: list[str], quick: bool = False) -> dict:
     profile's units (each run drift-scaled, then by the profile's reference probe over this session's):
     what the probe does not track of the machine's speed since the calibration, per kind of point. A
     case's price bias near these numbers is the session's, not a cost-model term's."""
-    from calibration.calibrate import _compose, bias_by_kind
+    from calibration.calibrate import bias_by_kind
+    from dlora_sim.core.config import compose
     from calibration.microbench import BenchConfig, Harness, compute_points
     from dlora_gpu.executor import runtime_config
-    from dlora_sim.config import build_profile
-    cfg = _compose(overrides)
+    from dlora_sim.core.config import build_profile
+    cfg = compose(overrides, "serve")
     profile = build_profile(cfg)
     bench = BenchConfig(sweeps=1, quick=quick, repeats=2 if quick else 5, warmup=1 if quick else 2)
     harness = Harness(runtime_config(cfg.runtime), profile, bench)
@@ -353,10 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     elif "measured" in clocks:
         scaling = " The measured clock was not scaled (a GPU, or a profile without a reference probe)."
     text = report(rows, device, Path(str(profile)).name if args.calibrate else profile, calibration,
-                  scaling + session, args.calibrate, bool(session))
+                  scaling + session)
     write_report(out, f"fidelity_{slug}", rows, text)
     print(text)
-    print(f"wrote {out}/fidelity_{slug}.{{csv,md}}; case folders in {work}")
+    print(finish(out, [f"fidelity_{slug}.csv", f"fidelity_{slug}.md"], args.record))
+    print(f"case folders in {work}")
     return 0
 
 

@@ -260,7 +260,7 @@ def bench_merge(layer: Layer, timer: Timer, rank: int, dtype: torch.dtype, devic
         cases.append(("merge_fused", "torch", fused(0, "torch")))
     out = {"floor": floor_us}
     for method, be, fn in cases:
-        t, mode = timer([fn])  # graphs too: 7 launches of ~25 us each could starve on the host
+        t, mode = timer([fn])  # graphs too: 7 short launches in a row could starve on the host
         out[f"{method}/{be}"] = t
         emit(dict(section="merge", method=method, backend=be, rank=rank, time_us=t,
                   bytes=floor_b, gbps=floor_b / t / 1e3, frac_copy_bw=floor_b / t / 1e3 / copy_bw,

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from benchmarks.recording import output_dir  # noqa: E402
+from benchmarks.recording import finish, output_dir  # noqa: E402
 
 from dlora_sim.compare import load_summaries
 
@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate-sweep", type=Path, default=ROOT / "outputs/migration_ablation/rate")
     ap.add_argument("--length-sweep", type=Path, default=ROOT / "outputs/migration_ablation/length")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the report (default: a temporary one)")
     ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
     args = ap.parse_args(argv)
-    args.out = output_dir(args.record, "migration_ablation")
+    args.out = output_dir(args.record, "migration_ablation", args.out)
     rate_rows = load(args.rate_sweep)
     len_rows = load(args.length_sweep) if args.length_sweep.exists() else None
     args.out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     (args.out / "migration_ablation.md").write_text(text)
     print(text)
+    files = ["migration_ablation_rate.csv", "migration_ablation_length.csv", "migration_ablation_solver.csv",
+             "migration_ablation.md", "migration_ablation.png"]
+    print(finish(args.out, files, args.record, None if argv is None else [sys.argv[0], *argv]))
     return 0 if ok_delay and ok_solver else 1
 
 

@@ -24,20 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.recording import RESULTS, write_report  # noqa: E402
+from benchmarks.recording import RESULTS, finish, write_report  # noqa: E402
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from dlora_sim.paths import CONF_DIR
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["progress=false", "keep_iterations=false", *overrides])
+    from dlora_sim.core.config import compose
+    return compose(["keep_iterations=false", *overrides])
 
 
 def one_point(system: str, replicas: int, rate: float, requests: int, seed: int, stream_to: str = "") -> dict:
     """One run; with `stream_to`, requests.csv is streamed into that folder as requests finish (what
     `dlora-sim` does from 100k requests on), so memory holds only the requests in flight."""
-    from dlora_sim.config import build_simulation
+    from dlora_sim.des.engine import build_simulation
     cfg = _compose([f"system={system}", f"cluster.num_replicas={replicas}", f"workload.rate={rate}",
                     f"workload.num_requests={requests}", f"seed={seed}",
                     f"stream_requests={'true' if stream_to else 'false'}"])
@@ -61,7 +59,7 @@ def one_point(system: str, replicas: int, rate: float, requests: int, seed: int,
 
 def capacity(system: str, seed: int) -> float:
     """Completed requests per simulated second of one overloaded replica."""
-    from dlora_sim.config import build_simulation
+    from dlora_sim.des.engine import build_simulation
     cfg = _compose([f"system={system}", "cluster.num_replicas=1", "workload.rate=1000", "workload.num_requests=1500",
                     f"seed={seed}"])
     res = build_simulation(cfg).run()
@@ -175,7 +173,7 @@ def _write(a, out: Path, rows: list[dict], title: str, note: str) -> None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(out.parent, out.name, rows, "\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
+    print(finish(out.parent, [f"{out.name}.csv", f"{out.name}.md"], out.parent == RESULTS))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from benchmarks.recording import output_dir, write_rows, wrote  # noqa: E402
+from benchmarks.recording import finish, output_dir, write_rows  # noqa: E402
 
 from dlora_sim.compare import load_summaries
 
@@ -171,30 +171,35 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write(name: str, path: str, all_rows: list[dict], rows: list[dict], text: str, table: Table, out: Path) -> None:
-    """CSV of every seed's rows; chart and modes charts of the first seed."""
+def write(name: str, path: str, all_rows: list[dict], rows: list[dict], text: str, table: Table,
+          out: Path) -> list[str]:
+    """CSV of every seed's rows; chart and modes charts of the first seed. Returns the files' names."""
     write_rows(out / f"{name}.csv", all_rows)
     (out / f"{name}.md").write_text(text)
     wl = next(iter(table.values()))["dlora"]["config"]["workload"]
     chart(rows, out / f"{name}.png", f"one replica, {wl['num_adapters']} adapters (Zipf s), {wl['num_requests']} "
                                      f"requests, A100-80GB / Llama-2-7B, unmerged LoRA cost: {path}")
     from dlora_sim.plots import mode_threshold_chart
+    files = [f"{name}.csv", f"{name}.md", f"{name}.png"]
     for load_name, skew in MODES_CHART.items():
         run = table.get((load_name, skew), {}).get("dlora")
         if LOADS[load_name][0] != path:
             continue
         if run is not None and (Path(run["folder"]) / "iterations.csv").exists():
             png = mode_threshold_chart(Path(run["folder"]))
-            shutil.copyfile(png, out / f"skew_sweep_{load_name.split('_', 1)[1]}_s{skew:g}_modes.png")
+            files.append(f"skew_sweep_{load_name.split('_', 1)[1]}_s{skew:g}_modes.png")
+            shutil.copyfile(png, out / files[-1])
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep", type=Path, help="folder of a skew_sweep multirun (holds */summary.json)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the report (default: a temporary one)")
     ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
     args = ap.parse_args(argv)
     seeds = load(args.sweep)
-    out = output_dir(args.record, "skew_sweep")
+    out = output_dir(args.record, "skew_sweep", args.out)
     failed = False
     for path in PATHS:
         by_seed = {seed: split(t)[path] for seed, t in seeds.items() if path in split(t)}
@@ -206,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         text = report(path, checked, args.sweep, by_seed[first], enforced)
         print(text)
         name = "skew_sweep" if path == "einsum" else f"skew_sweep_{path}"
-        write(name, path, [r for rs, _ in checked.values() for r in rs], checked[first][0], text, by_seed[first], out)
+        files = write(name, path, [r for rs, _ in checked.values() for r in rs], checked[first][0], text,
+                      by_seed[first], out)
         failed |= enforced and any(f for _, f in checked.values())
-        print(wrote(out, name, args.record))
+        print(finish(out, files, args.record, None if argv is None else [sys.argv[0], *argv]))
     return 1 if failed else 0
 
 

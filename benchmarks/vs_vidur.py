@@ -9,8 +9,7 @@ synthetic Poisson one (our generator), each sized and paced per replica count; r
 to prompt + output <= 4,096 tokens first, so Vidur's own clipping changes nothing. Each simulator runs
 as its own process (wall time and peak RSS by /usr/bin/time), `--repeats` times, best wall reported.
 
-Installs nothing here: Vidur runs from its own venv with its profiling data (see
-../shared/vidur/README.md), e.g.
+Installs nothing here: Vidur runs from its own venv with its profiling data (`--vidur-cache`), e.g.
 
     python benchmarks/vs_vidur.py --vidur-python /path/vidur-venv/bin/python --vidur-cache /path/vidur-cache [--record]
 
@@ -46,9 +45,7 @@ DATE = "2023-08-21"      # Vidur's trace replay keeps rows of one date
 
 def _requests(kind: str, replicas: int) -> list[tuple[float, int, int]]:
     """(arrival_s, prompt, output) for the case, filtered to prompt + output <= MAX_TOKENS."""
-    from dlora_sim.config import build_workload
-    from hydra import compose, initialize_config_dir
-    from dlora_sim.paths import CONF_DIR
+    from dlora_sim.core.config import build_workload, compose
     n, rate = PER_REPLICA_REQUESTS * replicas, PER_REPLICA_RPS * replicas
     if kind == "azure_conv":
         ov = ["workload=azure_conv", "workload.num_adapters=1", f"workload.max_requests={int(n * 1.05)}"]
@@ -57,8 +54,7 @@ def _requests(kind: str, replicas: int) -> list[tuple[float, int, int]]:
               f"workload.rate={rate}", "workload.prompt.kind=uniform", "workload.prompt.low=16",
               "workload.prompt.high=2048", "workload.output.kind=uniform", "workload.output.low=16",
               "workload.output.high=512"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        wl = build_workload(compose("config", overrides=ov))
+    wl = build_workload(compose(ov))
     rows = [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in wl.requests
             if r.prompt_tokens + r.output_tokens <= MAX_TOKENS][:n]
     if kind == "azure_conv":   # pace the window to the target rate

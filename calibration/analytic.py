@@ -9,7 +9,7 @@ software terms (fixed per-iteration overhead, LoRA launch overhead) and the merg
 anchor and carry them to other models (scaled by layer count) and to other GPUs (the same runtime, so
 the same software overheads; bandwidth- and FLOP-bound terms follow the datasheet).
 
-Unmerged LoRA has two priced paths (dlora_sim.profile.LoraCost): `einsum`, the anchor's (every token
+Unmerged LoRA has two priced paths (dlora_sim.core.profile.LoraCost): `einsum`, the anchor's (every token
 against the 8 resident adapters it assumes), and `kernel`, our batched Triton kernels: their terms are
 fitted by `calibration.fit` to the per-layer H200 measurements in benchmarks/results/kernels_h200.csv
 (measured for H200 / Llama-2-7B; for 13B scaled by the adapter elements per layer; for the A100
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,8 +28,9 @@ from pathlib import Path
 import yaml
 
 from calibration.fit import Point, fit
-from dlora_sim.paths import PROFILES_DIR
-from dlora_sim.profile import profile_from_dict
+from dlora_sim.core.model_shape import SHAPES, ModelShape
+from dlora_sim.core.paths import PROFILES_DIR
+from dlora_sim.core.profile import profile_from_dict
 
 KERNELS_CSV = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "kernels_h200.csv"
 KERNEL_HW, KERNEL_MODEL = "h200", "llama-2-7b"   # what kernels_h200.csv measured (one layer)
@@ -55,43 +57,6 @@ class HardwareSheet:
     source: str
 
 
-@dataclass(frozen=True)
-class ModelSheet:
-    name: str
-    num_layers: int
-    hidden: int
-    intermediate: int
-    num_heads: int
-    num_kv_heads: int
-    vocab: int
-    dtype_bytes: int = 2
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.num_heads
-
-    @property
-    def linear_params_per_layer(self) -> int:
-        kv = self.num_kv_heads * self.head_dim
-        attn = self.hidden * self.hidden * 2 + self.hidden * kv * 2      # q, o, k, v
-        mlp = 3 * self.hidden * self.intermediate                          # gate, up, down
-        return attn + mlp
-
-    @property
-    def params(self) -> int:
-        return self.num_layers * self.linear_params_per_layer + 2 * self.vocab * self.hidden
-
-    @property
-    def lora_elems_per_rank_per_layer(self) -> int:
-        """A (r x in) + B (out x r) for q, k, v, o, gate, up, down, per unit of rank."""
-        h, i, kv = self.hidden, self.intermediate, self.num_kv_heads * self.head_dim
-        return (h + h) * 2 + (h + kv) * 2 + (h + i) * 3
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
-
-
 GIB = 1 << 30
 HARDWARE = {
     "a100-80gb": HardwareSheet("A100-80GB-SXM", 80 * GIB, 2.039e12, 312e12, 32 * GIB, 25e9, 25e9,
@@ -101,13 +66,10 @@ HARDWARE = {
                           "NVIDIA H200 datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense bf16; PCIe 5.0 x16; "
                           "400 Gb/s between replicas"),
 }
-MODELS = {
-    "llama-2-7b": ModelSheet("llama-2-7b", 32, 4096, 11008, 32, 32, 32000),
-    "llama-2-13b": ModelSheet("llama-2-13b", 40, 5120, 13824, 40, 40, 32000),
-}
+MODELS = {name: SHAPES[name] for name in ("llama-2-7b", "llama-2-13b")}
 
 
-def _roofline(hw: HardwareSheet, m: ModelSheet) -> dict:
+def _roofline(hw: HardwareSheet, m: ModelShape) -> dict:
     weight_bytes = m.params * m.dtype_bytes
     bw = hw.hbm_bytes_per_s * BW_EFF
     return dict(
@@ -156,8 +118,9 @@ def _kernel_point(r: dict) -> Point:
 
 def _lora_part(cost, p: Point) -> float:
     b = p.features["batch"]
-    return (cost.iteration_time(0, 0, b, 0, b, p.features["rank_sum"], p.features["token_rank"])
-            - cost.iteration_time(0, 0, b, 0, b))
+    return (cost.iteration_time(decode_seqs=b, num_seqs=b, lora_rank_sum=p.features["rank_sum"],
+                                lora_token_rank=p.features["token_rank"])
+            - cost.iteration_time(decode_seqs=b, num_seqs=b))
 
 
 @lru_cache(maxsize=1)
@@ -240,12 +203,7 @@ def _profile_dict(hardware: str, model: str, kernel: dict, date: str | None) -> 
         },
         "hardware": {"name": hw.name, "gpu_bytes": hw.gpu_bytes, "hbm_bytes_per_s": hw.hbm_bytes_per_s,
                      "peak_flops": hw.peak_flops},
-        "model": {"name": m.name, "num_layers": m.num_layers, "hidden": m.hidden, "intermediate": m.intermediate,
-                  "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "vocab": m.vocab,
-                  "dtype_bytes": m.dtype_bytes, "weight_bytes": m.params * m.dtype_bytes,
-                  "kv_bytes_per_token": m.kv_bytes_per_token,
-                  "adapter_bytes_per_rank": m.lora_elems_per_rank_per_layer * m.num_layers * m.dtype_bytes,
-                  "merge_bytes": m.num_layers * m.linear_params_per_layer * m.dtype_bytes},
+        "model": dataclasses.asdict(m),
         "iteration": {"overhead_s": _r(a["overhead_per_layer_s"] * m.num_layers), "per_seq_s": PER_SEQ_S,
                       "weight_read_s": _r(r["weight_read_s"]), "per_token_s": _r(r["per_token_s"]),
                       "per_context_token_s": _r(r["per_context_token_s"]),

@@ -31,9 +31,10 @@ import yaml
 from scipy.optimize import nnls
 
 from calibration.fit import NOISY_PASSES, Point, fit
-from dlora_sim.errors import UserError, reported
-from dlora_sim.paths import CONF_DIR, PROFILES_DIR
-from dlora_sim.profile import Profile, load_profile, profile_from_dict
+from dlora_sim.core.config import compose
+from dlora_sim.core.errors import UserError, reported
+from dlora_sim.core.paths import PROFILES_DIR
+from dlora_sim.core.profile import Profile, load_profile, profile_from_dict
 
 ITERATION_KEYS = ["iteration.overhead_s", "iteration.per_seq_s", "iteration.weight_read_s", "iteration.per_token_s",
                   "iteration.per_context_token_s", "iteration.per_prefill_sq_s", "iteration.multi_token_s",
@@ -61,9 +62,11 @@ def compute_point(r: dict) -> Point:
 
 def predict_compute(cost, p: Point) -> float:
     f = p.features
-    return cost.iteration_time(int(f["prefill_tokens"]), int(f["prefill_sq"]), int(f["decodes"]),
-                               int(f["decode_context"]), int(f["batch"]), int(f["rank_sum"]), int(f["token_rank"]),
-                               int(f["resident_rank_sum"]), int(f["passes"]))
+    return cost.iteration_time(prefill_tokens=int(f["prefill_tokens"]), prefill_sq=int(f["prefill_sq"]),
+                               decode_seqs=int(f["decodes"]), decode_context=int(f["decode_context"]),
+                               num_seqs=int(f["batch"]), lora_rank_sum=int(f["rank_sum"]),
+                               lora_token_rank=int(f["token_rank"]), resident_rank_sum=int(f["resident_rank_sum"]),
+                               lora_passes=int(f["passes"]))
 
 
 MAX_BANDWIDTH = 1e15   # B/s: a slope this flat means the cost is all fixed overhead at these sizes
@@ -80,7 +83,7 @@ def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def bias_by_kind(profile: Profile, rows: list[dict]) -> list[dict]:
     """The fitted cost model against each kind and split of compute points: its bias in the sum
     (predicted / measured total - 1, what a replay's time follows) and its mean absolute error."""
-    from dlora_sim.cost_model import CostModel
+    from dlora_sim.core.cost_model import CostModel
     cost = CostModel(profile.with_lora_path("kernel"))
     out = []
     for kind in COMPUTE_KINDS:
@@ -109,8 +112,8 @@ def _microbenchmarks_alone(rows: list[dict], base: Profile, held: list[Point]) -
 def source_weights(kinds: list[str]) -> list[float] | None:
     """Served iterations and microbenchmark points weigh alike in total: the served ones are many and
     cluster at the batch sizes of one load, the microbenchmarks' grid spans the batch sizes and contexts
-    the replays rarely reach (unweighted, 103 grid points against 1,579 served ones priced decode
-    batches of 16 and more +12% high, and the fidelity cases' 9-16 batches +11-12%)."""
+    the replays rarely reach (unweighted, the served points outnumber the grid and pull the fit to
+    their batch sizes, pricing larger decode batches high; docs/calibration.md)."""
     served = sum(k == "served" for k in kinds)
     micro = len(kinds) - served
     if not served or not micro:
@@ -246,14 +249,6 @@ def _source_files(source: Path) -> tuple[Path, Path]:
     return points, meta
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("serve", overrides=["progress=false", *overrides])
-
-
 @reported("dlora-calibrate")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -274,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--repeats and --sweeps must be >= 1, got {args.repeats} and {args.sweeps}")
     if args.source is not None and args.replays:
         ap.error("--replays measures: with --from the folder's points.csv (served points included) is refitted as it is")
-    from dlora_sim.config import build_profile
-    cfg = _compose(args.overrides)
+    from dlora_sim.core.config import build_profile
+    cfg = compose(args.overrides, "serve")
     base = build_profile(cfg)
     out = args.out or Path("outputs/calibrate") / time.strftime("%Y-%m-%d_%H-%M-%S")
     if args.source is None:

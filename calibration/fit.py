@@ -26,8 +26,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy.optimize import least_squares
 
-from dlora_sim.cost_model import CostModel
-from dlora_sim.profile import LoraCost, Profile
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.profile import LoraCost, Profile
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ the executor's run (perf_counter around it) and the device time of its phases
 (CUDA events on a GPU; on a CPU both are perf_counter). A held-out set of random mixed batches, drawn
 like real traffic, is measured the same way and never used in the fit.
 
-On a CPU the machine's speed drifts (on a shared VM by 10-25% over seconds, and more between runs),
+On a CPU the machine's speed drifts (on a shared VM over seconds, and more between runs; see dlora_gpu.drift),
 so every timed run is preceded by a fixed reference probe (`dlora_gpu.drift.reference_probe`: a real
 decode step of the model on a scratch cache) and scaled by (the median of all those probes / the
 median of the last 9), as the measured clock scales a served step: a drift that slows both cancels.
@@ -33,14 +33,15 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from dlora_gpu.drift import DriftScale, reference_probe
-from dlora_sim.config import Parts
-from dlora_sim.cost_model import CostModel
-from dlora_sim.metrics import Recorder
-from dlora_sim.policies.base import Decision
-from dlora_sim.profile import Profile
-from dlora_sim.replica_state import ReplicaConfig, ReplicaState
-from dlora_sim.request import Request
-from dlora_sim.workload.spec import Workload
+from dlora_sim.core.config import Parts
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.results import Recorder
+from dlora_sim.core.contracts import Decision
+from dlora_sim.core.profile import Profile
+from dlora_sim.core.replica_config import ClusterConfig, ReplicaConfig
+from dlora_sim.core.replica_state import ReplicaState
+from dlora_sim.core.request import Request
+from dlora_sim.core.workload import Workload
 
 # the features a point carries (what CostModel.iteration_time and the transfer terms read)
 COLUMNS = ["kind", "split", "mode", "batch", "prefills", "prefill_tokens", "prefill_sq", "decodes", "decode_context",
@@ -75,7 +76,6 @@ class Harness:
         cfg = ReplicaConfig(max_num_seqs=4096, max_num_batched_tokens=1 << 20, gpu_adapter_slots=bench.slots,
                             max_kv_blocks=bench.max_kv_blocks, host_swap_bytes=bench.host_swap_bytes, watermark=0.0,
                             merge="pristine_gpu", chunked_prefill=False)
-        from dlora_sim.engine import ClusterConfig
         parts = Parts(profile, ClusterConfig(1, 1, cfg), wl, lambda: None, None, None)   # type: ignore[arg-type]
         self.cost = CostModel(profile, 1, cfg.merge)
         self.state = ReplicaState(0, cfg, self.cost, ranks, Recorder(keep_iterations=False), lambda r: None,
@@ -182,8 +182,8 @@ class Harness:
 def _means(runs: list[tuple[float, object, object, float]]) -> tuple[float, float, dict, object]:
     """(wall, device s, phase means with the median drift factor, last step) of timed (wall, times,
     step, drift) runs. Means, not medians: the simulator charges a step's expected time (a replay's
-    time is the sum of its steps), and timing noise is skewed slow (a median sits 5-9% under the mean
-    of a CPU step's runs)."""
+    time is the sum of its steps), and timing noise is skewed slow (a median sits under the mean of a
+    CPU step's runs)."""
     ph = {k: mean(getattr(t, k) for _, t, _, _ in runs) for k in ("forward", "mode", "load", "swap")}
     ph["drift"] = median(d for *_, d in runs)
     return mean(w for w, *_ in runs), mean(t.total for _, t, _, _ in runs), ph, runs[-1][2]

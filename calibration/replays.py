@@ -1,10 +1,9 @@
 """Serving replays that calibrate and validate: workloads, loads and the runtime's served iterations.
 
 Served steps and microbenchmarked ones of the same features do not cost quite the same on the CPU: a
-closed form fitted to the microbenchmarks alone priced a held-out replay's served iterations 16% low
-before the closed form had a per-adapter LoRA term, and still 4% low with it (the README's calibration
-section). So `dlora-calibrate --replays` also serves calibration replays on the measured clock and fits
-the closed form to their iterations too (each iteration's features as `ReplicaState.prices` charged
+closed form fitted to the microbenchmarks alone priced a held-out replay's served iterations low, less
+so once it had a per-adapter LoRA term (docs/calibration.md). So `dlora-calibrate --replays` also serves calibration replays on the measured clock and fits
+the closed form to their iterations too (each iteration's features as `CostModel.price` charged
 them, and its measured, drift-scaled time). Those replays use other requests than
 `benchmarks/fidelity.py` validates on: other seeds for the synthetic workload, another window of the
 Azure trace; one more replay is held out of the fit.
@@ -19,7 +18,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration.calibrate import _compose
+from dlora_sim.core.config import compose
 from calibration.microbench import COLUMNS
 
 AZURE = ["workload=azure_conv", "workload.num_adapters=8", "workload.rank=8",
@@ -29,9 +28,9 @@ WORKLOADS = {"synthetic": ["workload=tiny"], "azure_conv": AZURE}
 
 def sim_capacity(overrides: list[str]) -> float:
     """Completed requests per second of an overloaded simulated run (the same requests at 50x the rate)."""
-    from dlora_sim.config import build_simulation
-    from dlora_sim.metrics import summarize
-    cfg = _compose([*overrides, "charts=false"])
+    from dlora_sim.des.engine import build_simulation
+    from dlora_sim.core.results import summarize
+    cfg = compose([*overrides, "charts=false"], "serve")
     if cfg.workload.get("rate") is not None:
         cfg.workload.rate = float(cfg.workload.rate) * 50
     else:
@@ -40,8 +39,8 @@ def sim_capacity(overrides: list[str]) -> float:
 
 
 def trace_rate(overrides: list[str]) -> float:
-    from dlora_sim.config import build_workload
-    wl = build_workload(_compose(overrides))
+    from dlora_sim.core.config import build_workload
+    wl = build_workload(compose(overrides, "serve"))
     return len(wl.requests) / wl.duration_s
 
 
@@ -60,7 +59,7 @@ def serve(overrides: list[str], out: Path, clock: str = "real") -> dict:
     """Serve a case on the runtime into `out` (a results folder); its summary."""
     from dlora_gpu.cli import about, build_engine
     from dlora_sim.cli import finish_job
-    cfg = _compose([*overrides, f"runtime.clock={clock}"])
+    cfg = compose([*overrides, f"runtime.clock={clock}"], "serve")
     engine = build_engine(cfg)
     system = next((o.split("=", 1)[1] for o in overrides if o.startswith("system=")), "default")
     return finish_job(cfg, out, system, overrides, engine.run, about(engine))
@@ -96,10 +95,9 @@ def _spaced(rows: list, k: int) -> list:
 
 def sample(rows: list[dict], limit: int) -> list[dict]:
     """At most `limit` (> 0; 0 = all) of a replay's iterations, in their order: every one with a prefill
-    (evenly spaced if they alone are more), the rest evenly spaced decode-only ones. Prefills are 1-2% of
-    an Azure replay's iterations but set its TTFT: sampled evenly, the four calibration replays gave the
-    fit 183 prefill steps in 1,565, and it priced the fidelity cases' Azure prefills of 1,024 tokens and
-    more 11-26% high."""
+    (evenly spaced if they alone are more), the rest evenly spaced decode-only ones. Prefills are a small
+    share of an Azure replay's iterations but set its TTFT: sampled evenly, too few of them reached the
+    fit, and it priced the fidelity cases' long Azure prefills high (docs/calibration.md)."""
     if not limit or len(rows) <= limit:
         return rows
     pre = [i for i, r in enumerate(rows) if int(r["prefill_tokens"]) > 0]

@@ -30,9 +30,9 @@ import numpy as np
 from omegaconf import OmegaConf
 from scipy.stats import ks_2samp
 
-from dlora_sim.config import build_simulation
-from dlora_sim.errors import reported
-from dlora_sim.metrics import summarize, write_results
+from dlora_sim.des.engine import build_simulation
+from dlora_sim.core.errors import reported
+from dlora_sim.core.results import summarize, write_results
 
 METRICS = [("mean_latency_s", "mean E2E"), ("p50_latency_s", "P50 E2E"), ("p90_latency_s", "P90 E2E"),
            ("p99_latency_s", "P99 E2E"), ("mean_ttft_s", "mean TTFT"), ("p99_ttft_s", "P99 TTFT"),
@@ -243,8 +243,8 @@ def price_sensitivity(summary: dict, cfg, folder: Path, sim_overrides: dict | No
     metric by more than the error itself: then the case is fragile, its error set by which way a
     decision fell, and says little about any one term's bias."""
     import yaml
-    from dlora_sim.config import build_profile
-    from dlora_sim.profile import IterationCost, LoraCost
+    from dlora_sim.core.config import build_profile
+    from dlora_sim.core.profile import IterationCost, LoraCost
     raw = yaml.safe_load(Path(build_profile(cfg).path).read_text())
     out = {}
     folder.mkdir(parents=True, exist_ok=True)

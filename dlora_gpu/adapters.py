@@ -33,7 +33,7 @@ from dlora_gpu.lora_stack import LoRAStack
 from dlora_gpu.merge import Delta
 from dlora_gpu.model import GROUP_OF, GROUPS, PROJECTIONS, LlamaConfig, hf_module_path
 from dlora_gpu.weights import read_json
-from dlora_sim.errors import UserError
+from dlora_sim.core.errors import UserError
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"

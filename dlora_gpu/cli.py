@@ -13,10 +13,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from dlora_sim.cli import finish_job, hydra_job
-from dlora_sim.config import ConfigError, build_parts, keep_iterations, show_progress
-from dlora_sim.errors import reported
-from dlora_sim.paths import CONF_DIR
+from dlora_sim.core.config import ConfigError, build_parts, keep_iterations, show_progress
+from dlora_sim.core.errors import reported
+from dlora_sim.core.jobs import finish_job, hydra_job
+from dlora_sim.core.paths import CONF_DIR
 
 log = logging.getLogger("dlora_gpu")
 
@@ -34,6 +34,11 @@ def build_engine(cfg: DictConfig, workload=None):
                       progress=show_progress(cfg), keep_iterations=keep_iterations(cfg, len(parts.workload.requests)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def charts(out) -> None:
+    from dlora_sim.plots import run_charts
+    run_charts(out)
 
 
 def about(engine) -> dict:
@@ -55,7 +60,7 @@ def _main(cfg: DictConfig) -> float:
     if skipped is not None:
         return skipped
     engine = build_engine(cfg)
-    s = finish_job(cfg, out, system, overrides, engine.run, about(engine))
+    s = finish_job(cfg, out, system, overrides, engine.run, about(engine), charts=charts)
     log.info("%s on %s (%s clock): %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, wall %.1f s -> %s",
              system, s["device"], s["clock"], s["completed"], s["num_requests"], s["throughput_rps"],
              s["mean_latency_s"], s["p99_latency_s"], s["sim_wall_s"], out)

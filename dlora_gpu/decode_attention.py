@@ -43,7 +43,7 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     """Each sequence against exactly its own context, one at a time. Padding every sequence to the
     batch's longest context (one batched einsum) made the cost follow batch x longest context, not
     the sum of contexts that the paged kernel and the simulator's cost model charge: on the CPU
-    runtime it put the fitted profile 20-45% low on decode batches of mixed lengths."""
+    runtime it made a fitted profile price decode batches of mixed lengths too low."""
     s, h, d = q.shape
     h_kv, bs = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty(s, h, d, dtype=torch.float32, device=q.device)

@@ -1,6 +1,6 @@
 """The CPU's speed drift, measured by a fixed reference probe.
 
-A shared CPU VM changes speed by 10-30% over seconds and more between runs. A fixed piece of work timed
+A shared CPU VM changes speed over seconds and more between runs (benchmarks/results/drift_probe.md). A fixed piece of work timed
 just before a run of the model tells how fast the machine is at that moment; scaling the run's time by
 (a reference probe time / this probe time) refers it to the speed of the reference. The
 microbenchmarks scale every point this way (the reference: their session's median probe, written into
@@ -9,15 +9,13 @@ so a replay and the profile it is compared with are timed at one machine speed.
 
 The probe is a real decode step of the runtime's own model on a scratch cache (`StepProbe`: eight
 sequences at context 128, base weights, one cold run), so it is slowed by whatever slows the runtime's
-steps. Measured side by side (`benchmarks/drift_probe.py`, benchmarks/results/drift_probe.md), against
-merged batch-1, merged batch-8 and unmerged batch-8 decode steps: it leaves a block sd of 0.023 /
-0.032 / 0.035 of their slow drift (unscaled 0.118 / 0.110 / 0.131) and moves as much as they do (slope
-0.90-0.99). The earlier references left 1.6-2.2x as much (a chain of small ops shaped like a batch-1
-decode, `DispatchProbe`, timed warm) and 2.0-3.3x (a 384x384 matmul, which also moves 2-2.6x as much
-as the steps); a 2-sequence step probe tracks batch-1 steps best but the larger steps, which dominate a
-replay's time, less (an earlier run: slope 1.3-1.5). It reads 11-13% slower right after a large
-prefill (so do the steps: 3-11%); the microbenchmarks and the measured clock both probe right before
-every timed step, so that falls on both alike.
+steps. `benchmarks/drift_probe.py` compares it side by side with the earlier references (a warm chain of
+small ops shaped like a batch-1 decode, `DispatchProbe`, and a 384x384 matmul) against merged batch-1,
+merged batch-8 and unmerged batch-8 decode steps: it leaves less of their slow drift than those and moves
+about as much as they do (benchmarks/results/drift_probe.md). A 2-sequence step probe tracks batch-1
+steps best but the larger steps, which dominate a replay's time, less. Like the steps, it reads slower
+right after a large prefill; the microbenchmarks and the measured clock both probe right before every
+timed step, so that falls on both alike.
 """
 from __future__ import annotations
 
@@ -125,7 +123,7 @@ def reference_probe(model, backend: str = "torch") -> StepProbe:
 
 class DriftScale:
     """Factors that refer timings to `reference_s`: each call probes once and divides the reference by
-    the median of the last `window` probes (one probe is noisy; the drift is correlated over ~10
+    the median of the last `window` probes (one probe is noisy; the drift changes slowly, over several
     iterations). The microbenchmarks and the measured clock both scale this way, so a profile and a
     replay are referred to the reference alike. `times` keeps every probe and `factors` every factor
     applied, for the summaries."""

@@ -1,8 +1,9 @@
-"""The serving loop: arrivals, dispatch and one replica's iterations over the shared replica state.
+"""The serving loop: one replica's iterations on a device, over the serving core's `Cluster`.
 
-The loop asks the same policy objects as the simulator (a local scheduler reading a `ReplicaState`, a
-router placing adapters and dispatching), applies each decision through `ReplicaState.begin` and has
-an executor run it on real kernels. Three clocks:
+The cluster front end (requests, dispatch, placement, the end of the run) and the replica state are
+the simulator's own (`dlora_sim.core`); this loop adds only a device and a clock. It asks the same
+policy objects as the simulator, applies each decision through `ReplicaState.begin` and has an
+executor run it on real kernels. Three clocks:
 - `real`: wall time. Requests arrive when the wall clock passes their trace time, are admitted
   between iterations, and every timestamp is what a user would measure.
 - `measured`: the clock advances by each step's measured wall time (its bookkeeping and the
@@ -20,20 +21,19 @@ an executor run it on real kernels. Three clocks:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from tqdm import tqdm
 
 from dlora_gpu.drift import DriftScale, reference_probe
 from dlora_gpu.executor import CLOCKS, PhaseTimes
-from dlora_sim.config import Parts
-from dlora_sim.cost_model import CostModel
-from dlora_sim.engine import DemandEstimate, SimulationError, workload_demand
-from dlora_sim.metrics import Recorder, SimResult
-from dlora_sim.policies.base import PolicyError
-from dlora_sim.replica_state import ReplicaState, Step, reject_reason, resolve_chunked_prefill
-from dlora_sim.request import NS, Request, State, to_ns
+from dlora_sim.core.cluster import Cluster
+from dlora_sim.core.config import Parts
+from dlora_sim.core.contracts import PolicyError
+from dlora_sim.core.replica_state import ReplicaState
+from dlora_sim.core.request import NS, Request, to_ns
+from dlora_sim.core.results import SimResult
+from dlora_sim.core.step import LoraFeatures, Step
 
 
 class Executor(Protocol):
@@ -94,28 +94,20 @@ class Engine:
     def __init__(self, parts: Parts, make_executor: Callable[[ReplicaState], Executor], clock: Clock, *,
                  progress: bool = False, keep_iterations: bool = True):
         self._refuse(parts)
-        parts = replace(parts, cluster=replace(parts.cluster, replica=resolve_chunked_prefill(
-            parts.cluster.replica, parts.workload.longest_prompt)))   # as the simulation resolves it
-        self.workload, self.profile, self.cluster_cfg = parts.workload, parts.profile, parts.cluster
-        self.cost = CostModel(parts.profile, parts.cluster.gpus_per_replica, parts.cluster.replica.merge)
-        self.adapters = parts.workload.adapters
-        self.router, self.migrator, self.clock = parts.router, parts.migrator, clock
-        self.recorder = Recorder(keep_iterations=keep_iterations)
-        self.requests = [Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
-                         for i, s in enumerate(parts.workload.requests)]
-        self.scheduler = parts.scheduler_factory()
-        self.replica = ReplicaState(0, parts.cluster.replica, self.cost, [a.rank for a in self.adapters],
-                                    self.recorder, self._done, clock.now, merges=self.scheduler.merges)
-        self.replicas = [self.replica]          # ClusterView
-        self.hosts: dict[int, tuple[int, ...]] = {}
-        self.arrivals = DemandEstimate(len(self.adapters))
-        self.workload_demand = workload_demand(parts.workload)
+        # one replica: a migrator has nothing to move and is not run (summary.json says so)
+        self.cluster = Cluster(parts.workload, parts.profile, parts.cluster, parts.scheduler_factory, parts.router,
+                               None, clock.now, keep_iterations=keep_iterations)
+        self.migrator, self.clock, self.profile = parts.migrator, clock, parts.profile
+        self.recorder = self.cluster.recorder
+        self.replica, self.scheduler = self.cluster.replicas[0], self.cluster.schedulers[0]
         self.executor = make_executor(self.replica)
         self.stats = ServingStats()
-        self._remaining = len(self.requests)
         self._progress = progress
-        self._bar: tqdm | None = None
         self._drift, self._drift_why = self._drift_scale(clock, parts.profile)
+
+    @property
+    def requests(self) -> list[Request]:
+        return self.cluster.requests
 
     def _drift_scale(self, clock: Clock, profile) -> tuple[DriftScale | None, str]:
         """The measured clock's drift scaling on a CPU (see the module doc), or None and why not."""
@@ -142,54 +134,26 @@ class Engine:
         """What one runtime process cannot serve yet, named by its config key."""
         if parts.cluster.num_replicas != 1:
             raise ValueError(f"cluster.num_replicas={parts.cluster.num_replicas}: dlora-serve runs one replica per "
-                             "process (see the README for several replicas as Ray actors); use cluster.num_replicas=1")
+                             "process (docs/runtime.md); use cluster.num_replicas=1")
         if parts.cluster.replica.weights != "lora":
             raise ValueError("cluster.replica.weights=full_copy: the runtime keeps one base model with LoRA slots "
                              "(vLLM-replicated whole-model copies are simulator-only)")
 
-    # --- ClusterView -----------------------------------------------------------------------------------
-    @property
-    def now(self) -> float:
-        return self.clock.now() / NS
-
-    @property
-    def demand(self) -> tuple[float, ...]:
-        return self.arrivals.share()
-
-    def _done(self, r: Request) -> None:
-        self._remaining -= 1
-        if self._bar is not None:
-            self._bar.update(1)
-
     def _dispatch(self, r: Request) -> None:
-        self.arrivals.observe(r.adapter)
-        reason = reject_reason(r, self.cluster_cfg.replica, self.replica.total_blocks)
-        if reason:
-            r.state, r.reject_reason = State.REJECTED, reason
-            self._done(r)
-            return
-        j = self.router.dispatch(r, self)
-        if j != 0:
-            raise PolicyError(f"router returned replica {j}; the runtime serves replica 0 only")
         # virtual, measured: dispatched at its arrival, as in the simulator; real: when the loop admitted it
-        r.dispatch = r.arrival if self.clock.stepped else max(self.clock.now(), r.arrival)
-        self.replica.enqueue(r)
+        self.cluster.dispatch(r, r.arrival if self.clock.stepped else max(self.clock.now(), r.arrival))
 
     # --- the loop --------------------------------------------------------------------------------------
     def run(self) -> SimResult:
         wall0 = time.perf_counter()
-        placement = self.router.place(self)
-        self.hosts = {a: tuple(h) for a, h in placement.hosts.items()}
-        preload = placement.preload.get(0, [])
-        self.replica.preload(preload)
-        self.executor.preload(preload)
+        cluster = self.cluster
+        self.executor.preload(cluster.place().get(0, []))
         clock, state, reqs = self.clock, self.replica, self.requests
         clock.start()
         n, i = len(reqs), 0
-        with tqdm(total=n, disable=not self._progress, unit="req", mininterval=0.5, leave=False,
-                  desc=f"serving ({clock.kind} clock)") as bar:
-            self._bar = bar
-            while self._remaining:
+        with cluster.progress(self._progress, f"serving ({clock.kind} clock)") as bar:
+            cluster.bar = bar
+            while cluster.remaining:
                 now = clock.now()
                 while i < n and reqs[i].arrival <= now:
                     t0 = time.perf_counter()
@@ -213,12 +177,8 @@ class Engine:
                     clock.wait_until(reqs[i].arrival)
                     continue
                 self._iterate(d, policy_s)
-            self._bar = None
-        stuck = [r for r in reqs if not r.done]
-        if stuck:
-            raise SimulationError(f"{len(stuck)} request(s) never finished, e.g. request {stuck[0].id} "
-                                  f"({stuck[0].state.name}); the local policy stalled")
-        return SimResult(reqs, self.recorder, clock.now() / NS, time.perf_counter() - wall0, 1, self._summary_extra())
+            cluster.bar = None
+        return cluster.result(clock.now(), wall0, self._summary_extra())
 
     def _iterate(self, d, policy_s: float) -> None:
         clock, state = self.clock, self.replica
@@ -231,7 +191,7 @@ class Engine:
         wall = time.perf_counter() - t0
         self.stats.executor_s += wall
         self.stats.iterations += 1
-        price = state.prices(step)   # the simulator's price of this step, recorded on every clock
+        price = state.cost.price(step)   # the simulator's price of this step, recorded on every clock
         if clock.virtual:
             dur = price.total_ns()
             clock.advance(dur)
@@ -247,24 +207,22 @@ class Engine:
         end = start + dur
         prefill_tokens, prefills = state.complete(step, end, dur)
         self.executor.release(state.end_run(step.batch, end))
-        n, unmerged = len(step.batch), d.merged is None
-        self.recorder.iteration(0, start, dur, compute, overhead, d, n, prefill_tokens, n - prefills, step.distinct,
+        n, lora = len(step.batch), LoraFeatures.of(step)
+        self.recorder.iteration(0, start, dur, compute, overhead, d, batch_size=n, prefill_tokens=prefill_tokens,
+                                decode_seqs=n - prefills, distinct=step.distinct,
                                 extra={"predicted_s": round(price.total_ns() / NS, 9),
                                        "wall_s": round(wall, 9), "policy_s": round(policy_s, 9),
                                        "wall_forward_s": round(times.forward, 9), "wall_switch_s": round(times.mode, 9),
                                        "wall_load_s": round(times.load, 9), "wall_swap_s": round(times.swap, 9),
-                                       # the cost model's features as `prices` charged them (no LoRA terms when
-                                       # merged): a served iteration is a fit point
+                                       # the cost model's features as `price` charged them: a served
+                                       # iteration is a fit point
                                        "decode_context": step.decode_context, "prefill_sq": step.prefill_sq,
-                                       "rank_sum": step.rank_sum if unmerged else 0,
-                                       "token_rank": step.token_rank if unmerged else 0,
-                                       "resident_rank_sum": step.resident_rank_sum,
-                                       "lora_passes": step.lora_passes if unmerged else 0})
+                                       "rank_sum": lora.rank_sum, "token_rank": lora.token_rank,
+                                       "resident_rank_sum": step.resident_rank_sum, "lora_passes": lora.passes})
 
     def _summary_extra(self) -> dict:
         s = self.stats
-        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra,
-                 **self.router.stats()}
+        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra}
         if self.clock.kind == "measured":
             extra["clock_scaling"] = self._drift.summary() if self._drift is not None else {
                 "scaled": False, "why": self._drift_why}

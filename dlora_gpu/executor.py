@@ -25,9 +25,10 @@ from dlora_gpu.kv_cache import PagedKVCache
 from dlora_gpu.merge import DriftFreeMerger, InPlaceMerger
 from dlora_gpu.model import Llama, LlamaConfig
 from dlora_gpu.weights import load_checkpoint, random_weights
-from dlora_sim.config import Parts
-from dlora_sim.replica_state import ReplicaState, Step
-from dlora_sim.request import Request, State
+from dlora_sim.core.config import Parts
+from dlora_sim.core.replica_state import ReplicaState
+from dlora_sim.core.step import Step
+from dlora_sim.core.request import Request, State
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "triton", "auto")
@@ -91,7 +92,7 @@ class PhaseTimes:
 
 
 def runtime_config(node) -> RuntimeConfig:
-    from dlora_sim.config import ConfigError, dataclass_from
+    from dlora_sim.core.config import ConfigError, dataclass_from
     if node is None:
         raise ConfigError("runtime: missing (choose runtime=cpu_tiny or runtime=h200_7b)")
     return dataclass_from(RuntimeConfig, node, "runtime")
@@ -183,8 +184,7 @@ class ModelExecutor:
     def _check_shape(cfg: LlamaConfig, parts: Parts) -> None:
         """The profile prices the model that runs: same layers, widths, heads and vocabulary."""
         m = parts.profile.model
-        ours = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size)
-        theirs = (m.num_layers, m.hidden, m.intermediate, m.num_heads, m.num_kv_heads, m.vocab)
+        ours, theirs = cfg.architecture, m.architecture
         if ours != theirs:
             raise ValueError(f"profile {parts.profile.path or parts.profile.name} describes model {m.name} {theirs} "
                              f"(layers, hidden, intermediate, heads, kv heads, vocab) but the runtime's model is {ours}")

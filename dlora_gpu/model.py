@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from dlora_gpu.decode_attention import decode_attention
 from dlora_gpu.lora_ops import Backend, lora_apply
+from dlora_sim.core.model_shape import SHAPES, ModelShape
 
 if TYPE_CHECKING:
     from dlora_gpu.batch import FlatBatch, LoRABatch
@@ -85,15 +86,22 @@ class LlamaConfig:
 
     @classmethod
     def preset(cls, name: str) -> "LlamaConfig":
-        presets = {
-            "tiny": cls(vocab_size=512, hidden_size=256, intermediate_size=688, num_layers=2,
-                        num_heads=4, num_kv_heads=2),
-            "llama-2-7b": cls(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                              num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5),
-        }
-        if name not in presets:
-            raise KeyError(f"unknown preset {name!r}; known: {sorted(presets)}")
-        return presets[name]
+        """A model the serving core knows by name (`dlora_sim.core.model_shape.SHAPES`)."""
+        if name not in SHAPES:
+            raise KeyError(f"unknown preset {name!r}; known: {sorted(SHAPES)}")
+        return cls.from_shape(SHAPES[name])
+
+    @classmethod
+    def from_shape(cls, shape: ModelShape) -> "LlamaConfig":
+        """The runtime's config of a profile's model (rotary and norm constants: Llama's defaults)."""
+        return cls(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                   num_layers=shape.num_layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads)
+
+    @property
+    def architecture(self) -> tuple[int, int, int, int, int, int]:
+        """As `ModelShape.architecture`: (layers, hidden, intermediate, heads, kv heads, vocab)."""
+        return (self.num_layers, self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
+                self.vocab_size)
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":

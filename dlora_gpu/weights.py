@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from dlora_gpu.model import Llama, LlamaConfig
-from dlora_sim.errors import UserError
+from dlora_sim.core.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -7,11 +7,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from dlora_sim.core.jobs import UNCOMPARED
+
 # fixed colours per system, so one system has one colour in every chart the project makes
 SYSTEM_COLORS = {"dlora": "tab:green", "slora": "tab:blue", "merged": "tab:orange", "peft": "tab:purple",
                  "vllm": "tab:red", "vllm_grouped": "tab:brown", "vllm_lora": "tab:pink"}
 _SPARE = ["tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "teal"]
-IGNORED = {"charts", "progress", "resume"}   # overrides that change no result (cli.UNCOMPARED too)
+IGNORED = UNCOMPARED   # overrides that change no result
 
 
 def color(name: str, others: Sequence[str] = ()) -> str:

@@ -10,11 +10,12 @@ import yaml
 
 from sim_helpers import compose_cfg
 from dlora_sim.cli import run_job
-from dlora_sim.config import ConfigError, build_simulation
-from dlora_sim.policies.base import PolicyError
+from dlora_sim.core.config import ConfigError
+from dlora_sim.des.engine import build_simulation
+from dlora_sim.core.contracts import PolicyError
 from dlora_sim.policies.unmerged import UnmergedOnly
-from dlora_sim.profile import ProfileError, load_profile
-from dlora_sim.paths import PROFILES_DIR
+from dlora_sim.core.profile import ProfileError, load_profile
+from dlora_sim.core.paths import PROFILES_DIR
 from dlora_sim.workload.trace_csv import TraceError, read_canonical_csv
 
 
@@ -130,7 +131,7 @@ def test_unknown_profile_lists_available():
 
 def test_rejected_requests_count_as_slo_misses():
     from sim_helpers import run_cfg
-    from dlora_sim.metrics import summarize
+    from dlora_sim.core.results import summarize
     _, res = run_cfg("system=slora", "workload.num_requests=60", "cluster.replica.max_num_batched_tokens=256",
                      "cluster.replica.chunked_prefill=false")
     s = summarize(res, 0.5)

@@ -1,27 +1,24 @@
 """The shared batching rules on constructed replica states."""
 from __future__ import annotations
 
-import simpy
-
 from dlora_util import PROFILE
-from dlora_sim.cost_model import CostModel
-from dlora_sim.metrics import Recorder
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.replica_config import ReplicaConfig
+from dlora_sim.core.replica_state import ReplicaState
+from dlora_sim.core.request import Request, State, blocks_for
+from dlora_sim.core.results import Recorder
 from dlora_sim.policies.batching import fill_batch
-from dlora_sim.policies.unmerged import UnmergedOnly
-from dlora_sim.replica import Replica
-from dlora_sim.replica_state import ReplicaConfig
-from dlora_sim.request import Request, State
 
 
-def _replica(blocks: int) -> Replica:
+def _replica(blocks: int) -> ReplicaState:
     cfg = ReplicaConfig(max_num_seqs=8, max_kv_blocks=blocks, watermark=0.0, chunked_prefill=False)
-    return Replica(0, simpy.Environment(), cfg, CostModel(PROFILE), UnmergedOnly(), [16], Recorder(), lambda r: None)
+    return ReplicaState(0, cfg, CostModel(PROFILE), [16], Recorder(), lambda r: None, lambda: 0)
 
 
-def _resident(rep: Replica, i: int, context: int) -> Request:
+def _resident(rep: ReplicaState, i: int, context: int) -> Request:
     """A decoding request whose KV holds context - 1 tokens; its next iteration writes token `context`."""
     r = Request(i, 0, i, context - 1, 100, generated=1, state=State.RESIDENT)
-    r.kv_blocks = -(-(r.context_len - 1) // rep.block_size)
+    r.kv_blocks = blocks_for(r.context_len - 1, rep.block_size)
     rep.free_blocks -= r.kv_blocks
     rep.enqueue(r)
     return r

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from sim_helpers import SYSTEMS, requests_csv, run_cfg
-from dlora_sim.config import ConfigError
-from dlora_sim.request import NS, Request, State, prefill_chunks
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.core.config import ConfigError
+from dlora_sim.core.request import NS, Request, State, prefill_chunks
+from dlora_sim.core.workload import RequestSpec, Workload
 from test_engine_invariants import check_invariants
 
 BUDGET = 2048
@@ -25,25 +25,26 @@ def test_a_chunked_prompt_takes_its_chunks_then_decodes(system, merged, prompt, 
     wl = Workload.from_requests([RequestSpec(0.0, 0, prompt, output)], num_adapters=1)
     sim, res = run_cfg(f"system={system}", "cluster.num_replicas=1", "router=least_loaded", *CHUNKED, workload=wl)
     (r,) = res.requests
-    cost, prof, rank = sim.cost, sim.profile, 16
-    rows = res.recorder.rows   # (replica, start, dur, compute, overhead, merged, batch, prefill, decodes, ...)
-    merged = rows[0][5] is not None if merged is None else merged
-    lora = (lambda tokens: (0, 0, 0, 0)) if merged else (lambda tokens: (rank, tokens * rank, 0, 1))   # one adapter
+    cost, prof, rank = sim.cluster.cost, sim.cluster.profile, 16
+    rows = res.recorder.rows
+    merged = rows[0].merged is not None if merged is None else merged
+    lora = (lambda tokens: dict(lora_rank_sum=0, lora_token_rank=0, lora_passes=0)) if merged else (lambda tokens: dict(lora_rank_sum=rank, lora_token_rank=tokens * rank, lora_passes=1))   # one adapter
     chunks = [BUDGET] * ((prompt - 1) // BUDGET) + [prompt - BUDGET * ((prompt - 1) // BUDGET)]
     t = _ns(cost.load_time(prof.adapter_bytes(rank)) + (cost.mode_change_time(None, 0) if merged else 0.0)
-            + cost.iteration_time(chunks[0], chunks[0] ** 2, 0, 0, 1, *lora(chunks[0])))
+            + cost.iteration_time(prefill_tokens=chunks[0], prefill_sq=chunks[0] ** 2, num_seqs=1,
+                                **lora(chunks[0])))
     done = chunks[0]
     for c in chunks[1:]:
-        t += _ns(cost.iteration_time(c, c * (2 * done + c), 0, 0, 1, *lora(c)))
+        t += _ns(cost.iteration_time(prefill_tokens=c, prefill_sq=c * (2 * done + c), num_seqs=1, **lora(c)))
         done += c
     assert sum(c * (2 * p + c) for c, p in zip(chunks, [0, *[sum(chunks[:i + 1]) for i in range(len(chunks))]])) \
         == prompt ** 2
     assert r.first_token == t
     for g in range(1, output):
-        t += _ns(cost.iteration_time(0, 0, 1, prompt + g, 1, *lora(1)))
+        t += _ns(cost.iteration_time(decode_seqs=1, decode_context=prompt + g, num_seqs=1, **lora(1)))
     assert r.finish == t
     assert res.recorder.num_iterations == len(chunks) + output - 1
-    assert [row[7] for row in rows[:len(chunks)]] == chunks   # prefill_tokens per iteration
+    assert [row.prefill_tokens for row in rows[:len(chunks)]] == chunks   # prefill_tokens per iteration
     assert res.recorder.counters["prefill_chunks"] == len(chunks) - 1
     assert r.state == State.FINISHED and r.kv_blocks == 0 and r.prefilled == 0
 
@@ -54,10 +55,10 @@ def test_a_chunk_shares_the_budget_with_decodes_and_holds_its_kv():
                                  RequestSpec(0.5, 1, 9000, 2)], num_adapters=2)
     sim, res = run_cfg("system=slora", "cluster.num_replicas=1", *CHUNKED, workload=wl)
     long = res.requests[2]
-    mixed = [row for row in res.recorder.rows if row[7] and row[8]]   # prefill tokens and decodes together
-    assert sum(row[7] for row in res.recorder.rows if row[1] >= 0.5 * NS) >= 9000
-    assert mixed and all(row[7] + row[8] <= BUDGET for row in res.recorder.rows)
-    assert any(row[7] == BUDGET - 2 and row[8] == 2 for row in mixed)
+    mixed = [row for row in res.recorder.rows if row.prefill_tokens and row.decode_seqs]   # prefill tokens and decodes together
+    assert sum(row.prefill_tokens for row in res.recorder.rows if row.start >= 0.5 * NS) >= 9000
+    assert mixed and all(row.prefill_tokens + row.decode_seqs <= BUDGET for row in res.recorder.rows)
+    assert any(row.prefill_tokens == BUDGET - 2 and row.decode_seqs == 2 for row in mixed)
     check_invariants(sim, res)
     assert long.first_token > long.first_scheduled
 
@@ -77,8 +78,8 @@ def test_prefill_priority_runs_prefills_alone_without_chunking():
     wl = Workload.from_requests([RequestSpec(0.0, 0, 50, 200), RequestSpec(0.3, 0, 50, 5)], num_adapters=1)
     _, plain = run_cfg("system=slora", "cluster.num_replicas=1", workload=wl)
     _, prio = run_cfg("system=slora", "cluster.num_replicas=1", "cluster.replica.prefill_priority=true", workload=wl)
-    second = lambda res: [row for row in res.recorder.rows if row[7]][1]   # the second request's prefill
-    assert second(plain)[8] == 1 and second(prio)[8] == 0
+    second = lambda res: [row for row in res.recorder.rows if row.prefill_tokens][1]   # the second request's prefill
+    assert second(plain).decode_seqs == 1 and second(prio).decode_seqs == 0
     assert prio.requests[1].first_token < plain.requests[1].first_token   # a shorter iteration, no decode in it
 
 
@@ -94,7 +95,7 @@ def test_long_prompts_run_chunked_on_every_system(system):
                            "cluster.replica.max_kv_blocks=500", "cluster.replica.max_num_seqs=8", workload=wl)
         check_invariants(sim, res)
         assert res.recorder.counters["prefill_chunks"] > 0
-        assert all(row[7] + row[8] <= 1024 for row in res.recorder.rows)
+        assert all(row.prefill_tokens + row.decode_seqs <= 1024 for row in res.recorder.rows)
 
 
 def test_without_chunking_a_long_prompt_is_rejected_naming_the_option():

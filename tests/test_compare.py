@@ -9,7 +9,7 @@ import pytest
 from sim_helpers import compose_cfg
 from dlora_sim.cli import run_job
 from dlora_sim.compare import main as compare_main
-from dlora_sim.metrics import json_text
+from dlora_sim.core.results import json_text
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from dlora_util import add, make_replica
 from dlora_sim.policies.credits import RESOLUTION, CreditLedger
 from dlora_sim.policies.dlora import DLoRAScheduler
-from dlora_sim.request import Request
+from dlora_sim.core.request import Request
 
 
 def sched(**kw) -> DLoRAScheduler:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from sim_helpers import SMALL, SYSTEMS, compose_cfg, iterations_csv, requests_csv, run_cfg
-from dlora_sim.config import build_simulation
-from dlora_sim.request import NS
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.des.engine import build_simulation
+from dlora_sim.core.request import NS
+from dlora_sim.core.workload import RequestSpec, Workload
 
 
 def _ns(s: float) -> int:
@@ -22,18 +22,18 @@ def _ns(s: float) -> int:
 def test_single_request_takes_prefill_plus_decodes(system, merged, prompt, output):
     wl = Workload.from_requests([RequestSpec(0.0, 0, prompt, output)], num_adapters=1)
     sim, res = run_cfg(f"system={system}", "cluster.num_replicas=1", "router=least_loaded", workload=wl)   # no preload
-    cost, prof = sim.cost, sim.profile
+    cost, prof = sim.cluster.cost, sim.cluster.profile
     rank = 16
-    lora = (lambda tokens: (rank, tokens * rank, 0, 1)) if not merged else (lambda tokens: (0, 0, 0, 0))   # one adapter
+    lora = (lambda tokens: dict(lora_rank_sum=rank, lora_token_rank=tokens * rank, lora_passes=1)) if not merged else (lambda tokens: dict(lora_rank_sum=0, lora_token_rank=0, lora_passes=0))   # one adapter
     # first iteration: load the adapter (not resident at start), merge if merged, prefill
     first = cost.load_time(prof.adapter_bytes(rank)) + (cost.mode_change_time(None, 0) if merged else 0.0)
-    expected = _ns(first + cost.iteration_time(prompt, prompt * prompt, 0, 0, 1, *lora(prompt)))
+    expected = _ns(first + cost.iteration_time(prefill_tokens=prompt, prefill_sq=prompt * prompt, num_seqs=1, **lora(prompt)))
     for g in range(1, output):
-        expected += _ns(cost.iteration_time(0, 0, 1, prompt + g, 1, *lora(1)))
+        expected += _ns(cost.iteration_time(decode_seqs=1, decode_context=prompt + g, num_seqs=1, **lora(1)))
     (r,) = res.requests
     assert r.finish - r.arrival == expected
     assert res.recorder.num_iterations == output
-    assert r.first_token == _ns(first + cost.iteration_time(prompt, prompt * prompt, 0, 0, 1, *lora(prompt)))
+    assert r.first_token == _ns(first + cost.iteration_time(prefill_tokens=prompt, prefill_sq=prompt * prompt, num_seqs=1, **lora(prompt)))
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
@@ -64,11 +64,11 @@ def test_fast_forward_skips_policy_calls():
     """Fast-forward asks the policy less often than it iterates (and, above, changes nothing)."""
     calls = {"n": 0}
     sim = build_simulation(compose_cfg("system=slora", *SMALL))
-    for rep in sim.replicas:
-        def counted(view, _orig=rep.scheduler.schedule):
+    for scheduler in sim.cluster.schedulers:
+        def counted(view, _orig=scheduler.schedule):
             calls["n"] += 1
             return _orig(view)
-        rep.scheduler.schedule = counted
+        scheduler.schedule = counted
     res = sim.run()
     assert calls["n"] < res.recorder.num_iterations / 2
 
@@ -97,7 +97,7 @@ def test_the_per_adapter_lora_cost_is_charged_for_each_distinct_adapter_of_a_bat
     """Two requests on two adapters, batched unmerged from the first iteration to the last: a per-adapter
     LoRA cost of 5 ms makes every iteration 2 x 5 ms longer (repeated decodes included)."""
     import yaml
-    from dlora_sim.paths import PROFILES_DIR
+    from dlora_sim.core.paths import PROFILES_DIR
     raw = yaml.safe_load((PROFILES_DIR / "a100-80gb-llama-2-7b.yaml").read_text())
     raw["lora"]["kernel"]["per_adapter_s"] = 5e-3
     (tmp_path / "looped.yaml").write_text(yaml.safe_dump(raw))
@@ -112,7 +112,7 @@ def test_the_per_adapter_lora_cost_is_charged_for_each_distinct_adapter_of_a_bat
 
 def _profile_with(tmp_path: Path, **iteration) -> Path:
     import yaml
-    from dlora_sim.paths import PROFILES_DIR
+    from dlora_sim.core.paths import PROFILES_DIR
     raw = yaml.safe_load((PROFILES_DIR / "a100-80gb-llama-2-7b.yaml").read_text())
     raw["iteration"].update(iteration)
     path = tmp_path / "custom.yaml"
@@ -149,7 +149,7 @@ def test_an_adapter_with_prefill_and_decode_tokens_in_one_batch_pays_two_lora_pa
     decode of one adapter, two passes of a looped LoRA path and two LoRA calls (one per kind). At 5 ms
     per pass, or per call, A pays 6 x 5 ms over its 6 iterations and 5 ms more for that one."""
     import yaml
-    from dlora_sim.paths import PROFILES_DIR
+    from dlora_sim.core.paths import PROFILES_DIR
     raw = yaml.safe_load((PROFILES_DIR / "a100-80gb-llama-2-7b.yaml").read_text())
     raw["lora"]["kernel"][term] = 5e-3
     (tmp_path / "looped.yaml").write_text(yaml.safe_dump(raw))

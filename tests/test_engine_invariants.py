@@ -8,13 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sim_helpers import SYSTEMS, run_cfg
-from dlora_sim.request import State
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.core.request import State
+from dlora_sim.core.workload import RequestSpec, Workload
 
 
 def check_invariants(sim, res) -> None:
     ids = [r.id for r in res.requests]
-    assert len(ids) == len(set(ids)) == len(sim.workload.requests)
+    assert len(ids) == len(set(ids)) == len(sim.cluster.workload.requests)
     for r in res.requests:
         assert r.state in (State.FINISHED, State.REJECTED)
         if r.state == State.REJECTED:
@@ -23,14 +23,14 @@ def check_invariants(sim, res) -> None:
         assert r.generated == r.output_tokens
         assert r.arrival <= r.dispatch <= r.first_scheduled <= r.first_token <= r.finish
         assert r.kv_blocks == 0
-    for rep in sim.replicas:
+    for rep in sim.cluster.replicas:
         assert not rep.queue
         assert rep.free_blocks == rep.total_blocks
         assert rep.host_free_blocks == rep.host_total_blocks
         assert len(rep.resident) <= rep.adapter_slots
     last_end: dict[int, int] = {}
     for row in res.recorder.rows:
-        replica, start, dur = row[0], row[1], row[2]
+        replica, start, dur = row.replica, row.start, row.duration
         assert dur > 0
         assert start >= last_end.get(replica, 0), "iterations overlap on one replica"
         last_end[replica] = start + dur
@@ -89,7 +89,7 @@ def test_random_workloads_keep_invariants_with_chunked_prefill(system):
                            "profile.hardware=a100-80gb", "cluster.replica.watermark=0.0",
                            f"cluster.replica.max_kv_blocks={kv}", workload=wl)
         check_invariants(sim, res)
-        assert all(row[7] + row[8] <= 256 for row in res.recorder.rows)   # prefill tokens + decodes
+        assert all(row.prefill_tokens + row.decode_seqs <= 256 for row in res.recorder.rows)   # prefill tokens + decodes
         paths.update(res.recorder.counters)
 
     one()

@@ -10,8 +10,8 @@ import pytest
 
 from calibration.calibrate import ITERATION_KEYS, compute_point, fit_profile, predict_compute
 from calibration.fit import NOISY_PASSES, Point, coefficient, fit, set_coefficients
-from dlora_sim.cost_model import CostModel
-from dlora_sim.profile import load_profile
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.profile import load_profile
 
 TRUTH = {"iteration.overhead_s": 2.0e-3, "iteration.per_seq_s": 6.0e-5, "iteration.weight_read_s": 1.5e-3,
          "iteration.per_token_s": 3.0e-5, "iteration.per_context_token_s": 4.0e-7,
@@ -30,8 +30,9 @@ def _rows(profile, rng, noise: float) -> list[dict]:
         pt = sum(prefills)
         rank_sum = 0 if merged else distinct * rank
         token_rank = 0 if merged else (pt + decodes) * rank
-        t = cost.iteration_time(pt, sum(p * p for p in prefills), decodes, decodes * ctx, n, rank_sum, token_rank,
-                                0, 0 if merged else distinct)
+        t = cost.iteration_time(prefill_tokens=pt, prefill_sq=sum(p * p for p in prefills), decode_seqs=decodes,
+                                decode_context=decodes * ctx, num_seqs=n, lora_rank_sum=rank_sum,
+                                lora_token_rank=token_rank, lora_passes=0 if merged else distinct)
         rows.append({"kind": kind, "split": split, "mode": "merged" if merged else "unmerged", "batch": n,
                      "prefills": len(prefills), "prefill_tokens": pt, "prefill_sq": sum(p * p for p in prefills),
                      "decodes": decodes, "decode_context": decodes * ctx, "distinct": distinct, "rank": rank,

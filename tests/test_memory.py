@@ -6,16 +6,17 @@ import math
 import pytest
 
 from sim_helpers import compose_cfg
-from dlora_sim.config import ConfigError, build_simulation
-from dlora_sim.cost_model import CostModel
-from dlora_sim.profile import load_profile
+from dlora_sim.core.config import ConfigError
+from dlora_sim.des.engine import build_simulation
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.profile import load_profile
 
 PROFILE = load_profile("a100-80gb-llama-2-7b")
 GIB = 1 << 30
 
 
 def _replica(*overrides: str):
-    return build_simulation(compose_cfg("cluster=single", *overrides)).replicas[0]
+    return build_simulation(compose_cfg("cluster=single", *overrides)).cluster.replicas[0]
 
 
 def test_auto_slots_hold_every_adapter_when_the_budget_allows_and_cost_kv_blocks():

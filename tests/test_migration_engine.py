@@ -7,17 +7,18 @@ import dataclasses
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dlora_sim.engine import ClusterConfig, Simulation
-from dlora_sim.metrics import request_rows
-from dlora_sim.paths import PROFILES_DIR
-from dlora_sim.policies.base import MigrationPlan, PolicyError, RequestMove
+from dlora_sim.core.replica_config import ClusterConfig
+from dlora_sim.des.engine import Simulation
+from dlora_sim.core.results import request_rows
+from dlora_sim.core.paths import PROFILES_DIR
+from dlora_sim.core.contracts import MigrationPlan, PolicyError, RequestMove
 from dlora_sim.policies.dlora_migration import DLoRAMigrator
 from dlora_sim.policies.dlora_router import DLoRARouter
 from dlora_sim.policies.unmerged import UnmergedOnly
-from dlora_sim.profile import load_profile
-from dlora_sim.replica_state import ReplicaConfig
-from dlora_sim.request import NS, State, blocks_for
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.core.profile import load_profile
+from dlora_sim.core.replica_config import ReplicaConfig
+from dlora_sim.core.request import NS, State, blocks_for
+from dlora_sim.core.workload import RequestSpec, Workload
 from dlora_sim.workload.synthetic import SyntheticWorkload
 from dlora_sim.workload.lengths import LengthDist
 
@@ -41,12 +42,12 @@ def check_locations(sim: Simulation):
     while True:
         yield sim.env.timeout(NS // 20)
         where: dict[int, int] = {}
-        for rep in sim.replicas:
+        for rep in sim.cluster.replicas:
             for r in rep.queue:
                 where[r.id] = where.get(r.id, 0) + 1
-        for rid in sim.in_transit:
+        for rid in sim.cluster.in_transit:
             where[rid] = where.get(rid, 0) + 1
-        for r in sim.requests:
+        for r in sim.cluster.requests:
             if r.dispatch >= 0 and not r.done:
                 assert where.get(r.id, 0) == 1, f"request {r.id} is in {where.get(r.id, 0)} places"
             elif r.done:
@@ -67,8 +68,8 @@ def test_no_request_lost_or_duplicated(seed, n, adapters, replicas, rate, mode, 
     assert all(r.state == State.FINISHED for r in res.requests)
     assert len(res.requests) == n and all(r.finish >= r.arrival for r in res.requests)
     assert sum(r.migrations for r in res.requests) == res.recorder.counters["migrations"]
-    assert not sim.in_transit
-    for rep in sim.replicas:   # every KV block came back: nothing leaked by remove/receive
+    assert not sim.cluster.in_transit
+    for rep in sim.cluster.replicas:   # every KV block came back: nothing leaked by remove/receive
         assert rep.free_blocks == rep.total_blocks and rep.host_free_blocks == rep.host_total_blocks
         assert not rep.queue
     # generated tokens are exactly the output lengths (no request ran twice or lost progress)
@@ -86,8 +87,8 @@ def test_aggressive_migration_actually_moves_requests() -> None:
 def _one_request_sim(generated: int, state: State):
     wl = Workload((RequestSpec(0.0, 0, 300, 100),), (Workload_adapter(),))
     sim = make_sim(wl, 2)
-    r = sim.requests[0]
-    rep0 = sim.replicas[0]
+    r = sim.cluster.requests[0]
+    rep0 = sim.cluster.replicas[0]
     r.generated, r.state = generated, state
     r.kv_blocks = blocks_for(r.context_len, rep0.block_size)
     if state == State.RESIDENT:
@@ -100,46 +101,47 @@ def _one_request_sim(generated: int, state: State):
 
 
 def Workload_adapter():
-    from dlora_sim.workload.spec import AdapterSpec
+    from dlora_sim.core.workload import AdapterSpec
     return AdapterSpec(0, 16)
 
 
 @pytest.mark.parametrize("state", [State.RESIDENT, State.SWAPPED])
 def test_transfer_delay_is_kv_transfer_time(state: State) -> None:
     sim, r = _one_request_sim(40, state)
-    rep0, rep1 = sim.replicas
-    delay = sim.cost.kv_transfer_time(340)
+    rep0, rep1 = sim.cluster.replicas
+    delay = sim.cluster.cost.kv_transfer_time(340)
     assert delay == pytest.approx(340 * PROFILE.model.kv_bytes_per_token / PROFILE.transfers.kv_transfer_bytes_per_s)
     sim.apply_migration(MigrationPlan([RequestMove(r, 1, "transfer")]))
     assert rep0.free_blocks == rep0.total_blocks and rep0.host_free_blocks == rep0.host_total_blocks
-    assert r.id in sim.in_transit and not rep0.queue and not rep1.queue and r.migrations == 1
+    assert r.id in sim.cluster.in_transit and not rep0.queue and not rep1.queue and r.migrations == 1
     arrive = int(round(delay * NS))
     sim.env.run(until=arrive)          # not yet: the delivery is scheduled at exactly `arrive`
-    assert r.id in sim.in_transit
+    assert r.id in sim.cluster.in_transit
     sim.env.run(until=arrive + 1)
     assert rep1.queue == [r] and r.state == State.RESIDENT and r.replica == 1
     assert rep1.free_blocks == rep1.total_blocks - blocks_for(340, rep1.block_size)
-    assert sim.recorder.counters["migrations"] == 1
+    assert sim.cluster.recorder.counters["migrations"] == 1
 
 
 def test_recompute_pays_prefill_of_prompt_and_generated() -> None:
     sim, r = _one_request_sim(40, State.RESIDENT)
-    rep1 = sim.replicas[1]
+    rep1 = sim.cluster.replicas[1]
     sim.apply_migration(MigrationPlan([RequestMove(r, 1, "recompute")]))
-    assert rep1.queue == [r] and r.state == State.QUEUED and r.kv_blocks == 0 and not sim.in_transit
+    assert rep1.queue == [r] and r.state == State.QUEUED and r.kv_blocks == 0 and not sim.cluster.in_transit
     rep1.start()
     sim.env.run(until=int(0.5 * NS))
-    row = sim.recorder.rows[0]
-    assert row[0] == 1 and row[7] == 340          # replica 1 prefilled prompt (300) + generated (40)
+    row = sim.cluster.recorder.rows[0]
+    assert row.replica == 1 and row.prefill_tokens == 340          # replica 1 prefilled prompt (300) + generated (40)
     rank = 16
-    expect = sim.cost.iteration_time(340, 340 * 340, 0, 0, 1, rank, 340 * rank, 0, 1) + sim.cost.load_time(
+    expect = sim.cluster.cost.iteration_time(
+        prefill_tokens=340, prefill_sq=340 * 340, num_seqs=1, lora_rank_sum=rank, lora_token_rank=340 * rank, lora_passes=1) + sim.cluster.cost.load_time(
         PROFILE.adapter_bytes(rank))               # the adapter is loaded on demand at the destination
-    assert row[2] == int(round(expect * NS))
+    assert row.duration == int(round(expect * NS))
 
 
 def test_transfer_without_room_lands_in_host_swap_or_recomputes() -> None:
     sim, r = _one_request_sim(40, State.RESIDENT)
-    rep1 = sim.replicas[1]
+    rep1 = sim.cluster.replicas[1]
     rep1.free_blocks = 0
     sim.apply_migration(MigrationPlan([RequestMove(r, 1, "transfer")]))
     sim.env.run(until=int(NS))
@@ -152,7 +154,7 @@ def test_invalid_plans_are_rejected() -> None:
         sim.apply_migration(MigrationPlan([RequestMove(r, 5)]))
     with pytest.raises(PolicyError):
         sim.apply_migration(MigrationPlan([RequestMove(r, 1), RequestMove(r, 1)]))
-    sim.hosts = {0: (0,)}
+    sim.cluster.hosts = {0: (0,)}
     with pytest.raises(PolicyError):
         sim.apply_migration(MigrationPlan([RequestMove(r, 1)]))
 

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from calibration.analytic import HARDWARE, MODELS, main as generate
-from dlora_sim.cost_model import CostModel
-from dlora_sim.paths import PROFILES_DIR
-from dlora_sim.profile import ProfileError, load_profile
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.paths import PROFILES_DIR
+from dlora_sim.core.profile import ProfileError, load_profile
 
 
 def test_committed_analytic_profiles_are_regenerated_exactly(tmp_path):
@@ -59,7 +59,7 @@ def test_einsum_cost_grows_with_residents_kernel_cost_with_the_batch():
     assert kernel.decode_time(32, 512, False, 32) > kernel.decode_time(32, 512, False, 1)
     assert kernel.decode_time(64, 512, False, 1) - kernel.decode_time(64, 512) > \
         kernel.decode_time(8, 512, False, 1) - kernel.decode_time(8, 512)
-    # the measured kernels: batch 64, 64 distinct rank-16 adapters, 32 layers ~ 2.5 ms (kernels_h200.csv: 78.5 us/layer)
+    # the measured kernels: batch 64, 64 distinct rank-16 adapters, 32 layers x the per-layer time in kernels_h200.csv
     lora = kernel.decode_time(64, 512, False, 64) - kernel.decode_time(64, 512)
     assert lora == pytest.approx(32 * 78.464e-6, rel=0.15)
     assert "measured" in prof.lora_paths["kernel"].source and "derived" in \
@@ -109,12 +109,13 @@ def test_a_per_call_lora_cost_is_charged_once_per_kind_of_token_an_unmerged_batc
     called = dataclasses.replace(prof, lora_paths={**prof.lora_paths,
                                                    "kernel": dataclasses.replace(kernel, per_call_s=1e-3)})
     base, per = CostModel(prof), CostModel(called)
-    lora = (32, 16 * 40, 0, 2)   # rank sum, token rank, resident, passes
+    lora = dict(lora_rank_sum=32, lora_token_rank=16 * 40, lora_passes=2)
     for prefill, decodes, calls in ((30, 0, 1), (0, 10, 1), (30, 10, 2)):
-        args = (prefill, prefill * prefill, decodes, decodes * 100, decodes + (prefill > 0))
-        assert per.iteration_time(*args, *lora) - base.iteration_time(*args, *lora) == pytest.approx(calls * 1e-3)
-        assert per.iteration_time(*args) == base.iteration_time(*args)   # merged: no LoRA at all
-    assert [b - a for a, b in zip(base.decode_repeats(4, 100, 0, 3, *lora), per.decode_repeats(4, 100, 0, 3, *lora))] == \
+        args = dict(prefill_tokens=prefill, prefill_sq=prefill * prefill, decode_seqs=decodes,
+                    decode_context=decodes * 100, num_seqs=decodes + (prefill > 0))
+        assert per.iteration_time(**args, **lora) - base.iteration_time(**args, **lora) == pytest.approx(calls * 1e-3)
+        assert per.iteration_time(**args) == base.iteration_time(**args)   # merged: no LoRA at all
+    assert [b - a for a, b in zip(base.decode_repeats(4, 100, 0, 3, **lora), per.decode_repeats(4, 100, 0, 3, **lora))] == \
         pytest.approx([1e-3] * 3)
 
 
@@ -129,7 +130,8 @@ def test_the_multi_token_cost_is_charged_from_two_tokens_on_and_analytic_profile
         assert more.decode_time(1, 512, merged) == base.decode_time(1, 512, merged)
         for batch in (2, 16):
             assert more.decode_time(batch, 512, merged) - base.decode_time(batch, 512, merged) == pytest.approx(2e-3)
-    assert more.iteration_time(2, 4, 0, 0, 1) - base.iteration_time(2, 4, 0, 0, 1) == pytest.approx(2e-3)   # a 2-token prefill
+    prefill2 = dict(prefill_tokens=2, prefill_sq=4, num_seqs=1)
+    assert more.iteration_time(**prefill2) - base.iteration_time(**prefill2) == pytest.approx(2e-3)   # a 2-token prefill
     assert more.decode_repeats(1, 100, 0, 3) == base.decode_repeats(1, 100, 0, 3)
     assert [b - a for a, b in zip(base.decode_repeats(4, 100, 0, 3), more.decode_repeats(4, 100, 0, 3))] == \
         pytest.approx([2e-3] * 3)
@@ -146,6 +148,7 @@ def test_fast_forward_prices_repeated_decodes_exactly_as_single_iterations():
                                                                                           per_adapter_rank_s=3.1e-7,
                                                                                           per_call_s=6.5432e-4)})
     cost = CostModel(odd)
-    for n, ctx, lora in ((1, 77, (0, 0, 0, 0)), (5, 913, (24, 40, 64, 3)), (16, 4321, (0, 0, 0, 0))):
-        assert cost.decode_repeats(n, ctx, 2, 9, *lora) == [cost.iteration_time(0, 0, n, ctx + i * n, n, *lora)
-                                                            for i in range(2, 9)]
+    unmerged = dict(lora_rank_sum=24, lora_token_rank=40, resident_rank_sum=64, lora_passes=3)
+    for n, ctx, lora in ((1, 77, {}), (5, 913, unmerged), (16, 4321, {})):
+        assert cost.decode_repeats(n, ctx, 2, 9, **lora) == [
+            cost.iteration_time(decode_seqs=n, decode_context=ctx + i * n, num_seqs=n, **lora) for i in range(2, 9)]

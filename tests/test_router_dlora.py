@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from sim_helpers import compose_cfg
-from dlora_sim.config import build_simulation
-from dlora_sim.cost_model import CostModel
-from dlora_sim.paths import PROFILES_DIR
+from dlora_sim.des.engine import build_simulation
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.paths import PROFILES_DIR
 from dlora_sim.policies.dlora_router import DLoRARouter
 from dlora_sim.policies.placement import greedy_placement
 from dlora_sim.policies.proactive import ProactiveRouter
-from dlora_sim.profile import load_profile
-from dlora_sim.request import Request, State
-from dlora_sim.workload.spec import AdapterSpec, RequestSpec, Workload
+from dlora_sim.core.profile import load_profile
+from dlora_sim.core.request import Request, State
+from dlora_sim.core.workload import AdapterSpec, RequestSpec, Workload
 
 COST = CostModel(load_profile(PROFILES_DIR / "a100-80gb-llama-2-7b.yaml"))
 
@@ -75,7 +75,7 @@ def test_dispatch_counts_seconds_of_work_not_requests() -> None:
     cl = _cluster([q0, q1], {0: (0, 1)})
     assert router.dispatch(req(20, 0), cl) == 0
     c0, c1 = router.replica_cost(0, req(21, 0), cl), router.replica_cost(1, req(21, 0), cl)
-    assert 0 < c0 < c1   # light replicas do not tie at zero (§6 defect 5)
+    assert 0 < c0 < c1   # light replicas do not tie at zero (seconds, no integer division)
 
 
 def test_dispatch_only_to_hosts() -> None:
@@ -149,7 +149,7 @@ def test_more_adapters_than_gpu_slots_preload_within_slots() -> None:
         sim, res = run_cfg("system=slora", f"router={router}", "workload.num_adapters=64",
                            "workload.num_requests=200")
         assert all(r.finish >= 0 for r in res.requests)
-        assert all(len(rep.resident) <= rep.adapter_slots for rep in sim.replicas)
+        assert all(len(rep.resident) <= rep.adapter_slots for rep in sim.cluster.replicas)
 
 
 def test_placement_accepts_vanishing_demand() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from dlora_sim.cli import run_job
-from dlora_sim.config import build_simulation
-from dlora_sim.metrics import RESULT_FILES, RequestStream
+from dlora_sim.des.engine import build_simulation
+from dlora_sim.core.results import RESULT_FILES, RequestStream
 
 from sim_helpers import compose_cfg
 
@@ -34,7 +34,7 @@ def test_streamed_results_match_held_results(tmp_path, migrate):
 
 def test_stream_holds_only_requests_in_flight(tmp_path):
     sim = build_simulation(compose_cfg(*RUN, "stream_requests=true"), out=tmp_path)
-    assert sim.requests is None
+    assert sim.cluster.requests is None
     res = sim.run()
     res.streamed.close()
     # the reorder buffer holds requests finished before an older one, never most of the run

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from dlora_sim.core.config import compose
 
-from dlora_sim.paths import CONF_DIR
 from dlora_sim.sweep_progress import sweep_size
 
 SWEEP = ["system=slora,dlora", "workload.num_requests=30", "charts=false"]
@@ -42,9 +41,8 @@ def test_a_rerun_sweep_skips_complete_jobs_and_reruns_changed_ones(tmp_path):
 
 
 def test_sweep_size_counts_the_experiments_jobs():
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=skew_sweep"], return_hydra_config=True)
-        assert sweep_size(cfg) == 8 * 3 * 6 * 5
+    cfg = compose(["experiment=skew_sweep"], hydra_config=True)
+    assert sweep_size(cfg) == 8 * 3 * 6 * 5
     cfg.hydra.overrides.task = ["experiment=skew_sweep", "seed=0,1", "system=dlora"]
     assert sweep_size(cfg) == 8 * 1 * 6 * 2            # command-line values replace the config's sweeps
 

@@ -6,7 +6,7 @@ import pytest
 
 from dlora_sim.workload.lengths import LengthDist
 from dlora_sim.workload.popularity import popularity_weights, powerlaw_weights, zipf_weights
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.core.workload import RequestSpec, Workload
 from dlora_sim.workload.synthetic import SyntheticWorkload
 
 

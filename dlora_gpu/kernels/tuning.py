@@ -20,19 +20,19 @@ from typing import Any
 # of a cross-warp reduction per iteration), `partials` (split-K partial sums stored to their own
 # slabs and summed by expand, instead of fp32 atomics into a zeroed buffer: no memset launch).
 SHRINK_DECODE: list[tuple[int | None, int | None, dict[str, Any]]] = [
-    # batch 1: wide programs (8 warps) -- 14.2 us vs 18.4 for the old 256/4/512/atomic params
+    # batch 1: wide programs (8 warps), faster than the old 256/4/512/atomic params (kernels_tune_h200.log)
     (1, None, dict(block_k=128, block_r=16, num_warps=8, num_stages=3, target_programs=1056,
                    late_sum=False, partials=True)),
-    # everything else: many small programs; within 1% of each measured case's best (batch 16/64/256
-    # x rank 16/64, 1 or distinct adapters); 38.7 us vs 46.8 old at batch 64 x 64 adapters, rank 16
+    # everything else: many small programs; close to each measured case's best (batch 16/64/256
+    # x rank 16/64, 1 or distinct adapters) and faster than the old params (kernels_tune_h200.log)
     (None, None, dict(block_k=128, block_r=16, num_warps=2, num_stages=3, target_programs=2112,
                       late_sum=False, partials=True)),
 ]
 # Measured and not chosen: late_sum (no barrier in the loop, but the redundant x tile loads cost
-# more: 58 vs 47 us at the headline); num_stages 1-4 (within noise: the loop has no dot to pipeline).
+# more at the headline case, kernels_tune_h200.csv); num_stages 1-4 (within noise: the loop has no dot to pipeline).
 
 # Expand: BLOCK_N output columns per program, Triton num_warps. Rank <= 16: 256/2 is the best or
-# within 4% of it in every measured rank-16 case; rank 64 keeps 128/4 (0.4% off the best there).
+# close to it in every measured rank-16 case; rank 64 keeps 128/4, about the best there (kernels_tune_h200.csv).
 EXPAND_DECODE: list[tuple[int | None, int | None, dict[str, Any]]] = [
     (1, None, dict(block_n=128, num_warps=8)),
     (None, 16, dict(block_n=256, num_warps=2)),

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping, Sequence
 
-from dlora_sim.request import Request
+from dlora_sim.core.request import Request
 
 RESOLUTION = 1000   # integer credit units per displaced request-iteration
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlora_sim.policies.base import ClusterView, Placement, Router
-from dlora_sim.request import Request
+from dlora_sim.core.contracts import ClusterView, Placement, Router
+from dlora_sim.core.request import Request
 
 
 @dataclass

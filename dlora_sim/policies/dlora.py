@@ -1,4 +1,5 @@
-"""dLoRA's credit-based dynamic batching (dlora-algorithm.md section 2, with the fixes of 6.3 and 6.4).
+"""dLoRA's credit-based dynamic batching (docs/algorithm.md): AIMD thresholds priced by the replica's cost
+model, and credits counted in displaced request-iterations so a displaced adapter is forced in time.
 
 Each iteration, on the FCFS-sorted queue Q with FCFS batch F (what unmerged FCFS would run under the
 replica's limits):
@@ -25,11 +26,11 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from dlora_sim.policies.base import Decision, LocalScheduler, PolicyError, ReplicaView
+from dlora_sim.core.contracts import Decision, LocalScheduler, PolicyError, ReplicaView
 from dlora_sim.policies.batching import BatchPlan, batch_adapter_slots, fill_batch, plan_adapter_slots
 from dlora_sim.policies.credits import CreditLedger
 from dlora_sim.policies.thresholds import IterationStats, ThresholdTuner
-from dlora_sim.request import Request, to_ns
+from dlora_sim.core.request import Request, to_ns
 
 
 @dataclass
@@ -43,8 +44,8 @@ class DLoRAScheduler(LocalScheduler):
     requests run in the episode's first iteration unless other forced adapters fill the batch
     (then it waits their turns; each lasts at least one dwell). `starvation_bound(view)` returns
     (c_right iterations, that wait in seconds) for the replica's profile: W = c_right x the slowest
-    full-batch decode iteration + dwell_max + one mode change. A100-80GB / Llama-2-7B analytic profile,
-    B = 32, defaults: 48 iterations, 5.1 s (4.0 s of it the dwell). An adapter served ahead of FCFS
+    full-batch decode iteration + dwell_max + one mode change. At the defaults the dwell is most of it
+    (tests/test_dlora_sim.py checks the bound on the A100-80GB / Llama-2-7B profile). An adapter served ahead of FCFS
     (credit c < 0, a hot adapter the mode decision merged on) waits c_right - c iterations: exactly the
     service it got ahead of the others.
 
@@ -105,8 +106,10 @@ class DLoRAScheduler(LocalScheduler):
     def _decode_s(self, view: ReplicaView, n: int, rank_sum: int = 0, token_rank: int = 0,
                   adapters: int = 0) -> float:
         c = self.ref_context
-        return view.cost.iteration_time(0, 0, n, n * c, n, rank_sum, token_rank,
-                                        view.resident_rank_sum if rank_sum else 0, adapters)
+        return view.cost.iteration_time(decode_seqs=n, decode_context=n * c, num_seqs=n, lora_rank_sum=rank_sum,
+                                        lora_token_rank=token_rank,
+                                        resident_rank_sum=view.resident_rank_sum if rank_sum else 0,
+                                        lora_passes=adapters)
 
     def _batch_s(self, view: ReplicaView, plan: BatchPlan) -> float:
         """Unmerged decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""

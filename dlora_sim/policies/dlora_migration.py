@@ -1,4 +1,4 @@
-"""dLoRA's periodic request–adapter co-migration (§3) as a Migrator.
+"""dLoRA's periodic request–adapter co-migration (docs/algorithm.md) as a Migrator.
 
 Every `interval_s`: trigger when the replica with the most demanded KV blocks is above `kv_trigger` of
 its blocks while the least is below, or when the replica with the most requests has `count_trigger`
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dlora_sim.policies.base import ClusterView, MigrationPlan, Migrator, RequestMove
+from dlora_sim.core.contracts import ClusterView, MigrationPlan, Migrator, RequestMove
 from dlora_sim.policies.estimates import WorkModel
-from dlora_sim.policies.placement import hosting_capacity
+from dlora_sim.core.replica_config import hosting_capacity
 from dlora_sim.policies.migration_ilp import MigrationInstance, replica_loads, solve, stay
-from dlora_sim.request import State, blocks_for
+from dlora_sim.core.request import State, blocks_for
 
 
 @dataclass

@@ -1,13 +1,15 @@
-"""dLoRA's global dispatch (§3): greedy adapter placement, then each request to the host of its adapter
-with the least outstanding work, in seconds (§6 defect 5: no integer division, no mixing of units)."""
+"""dLoRA's global dispatch (docs/algorithm.md): greedy adapter placement, then each request to the host of its adapter
+with the least outstanding work, in seconds (no integer division, no mixing of units: lightly loaded
+replicas must not all tie at zero)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlora_sim.policies.base import ClusterView, Placement, Router
+from dlora_sim.core.contracts import ClusterView, Placement, Router
 from dlora_sim.policies.estimates import WorkModel
-from dlora_sim.policies.placement import greedy_placement, hosting_capacity
-from dlora_sim.request import Request
+from dlora_sim.core.replica_config import hosting_capacity
+from dlora_sim.policies.placement import greedy_placement
+from dlora_sim.core.request import Request
 
 
 DEMAND_SOURCES = ("online", "oracle")

@@ -1,9 +1,9 @@
 """Seconds of outstanding work, shared by the dLoRA router and the co-migration ILP.
 
-Both global policies must rank replicas in the same unit (seconds; §6 defect 5), and both need each
+Both global policies must rank replicas in the same unit (seconds, with no integer division), and both need each
 request's *expected* remaining time. Output lengths are unknown at dispatch, so a request's remaining
-decode tokens come from a per-adapter running mean of the output lengths observed so far (§6 defect 2:
-per-adapter estimates, indexed by the request's own adapter); `lengths="oracle"` uses the true length
+decode tokens come from a per-adapter running mean of the output lengths observed so far (looked up
+by the request's own adapter, not one estimate shared by all adapters); `lengths="oracle"` uses the true length
 (an upper bound on what estimation can buy). Every time is taken from the cost model of the profile.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
-from dlora_sim.request import Request, State, blocks_for
+from dlora_sim.core.request import Request, State, blocks_for
 
 if TYPE_CHECKING:
-    from dlora_sim.cost_model import CostModel
-    from dlora_sim.policies.base import ReplicaView
+    from dlora_sim.core.cost_model import CostModel
+    from dlora_sim.core.contracts import ReplicaView
 
 
 @dataclass
@@ -81,8 +81,9 @@ class WorkModel:
         if v is None:
             _, cost, b, _, _ = self._bound
             ctx = b * self.ref_context
-            v = max(0.0, cost.iteration_time(tokens, tokens * tokens, b, ctx, b + 1)
-                    - cost.iteration_time(0, 0, b, ctx, b))
+            v = max(0.0, cost.iteration_time(prefill_tokens=tokens, prefill_sq=tokens * tokens, decode_seqs=b,
+                                             decode_context=ctx, num_seqs=b + 1)
+                    - cost.iteration_time(decode_seqs=b, decode_context=ctx, num_seqs=b))
             self._prefill_cache[tokens] = v
         return v
 

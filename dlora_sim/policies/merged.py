@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dlora_sim.policies.base import Decision, LocalScheduler, ReplicaView
+from dlora_sim.core.contracts import Decision, LocalScheduler, ReplicaView
 from dlora_sim.policies.batching import fill_batch, plan_adapter_slots
 
 

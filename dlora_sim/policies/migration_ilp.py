@@ -1,4 +1,4 @@
-"""Request–adapter co-migration as an integer program (dLoRA §3, with §6 fixes 1 and 2).
+"""Request–adapter co-migration as an integer program (after dLoRA's co-migration program; docs/algorithm.md).
 
 Pure functions on plain arrays so the model can be checked against brute force. Variables:
 x[i, j] binary (request i on replica j), y[k, j] binary (adapter k hosted on replica j), o[j] >= 0

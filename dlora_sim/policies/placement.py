@@ -1,4 +1,4 @@
-"""dLoRA's greedy initial adapter placement (§3): memory per unit of demand, then replication.
+"""dLoRA's greedy initial adapter placement (docs/algorithm.md): memory per unit of demand, then replication.
 
 Phase 1 places every adapter once, most demanded first, on the replica with the most KV memory per
 unit of demand after adding it, with at most ceil(adapters / replicas) adapters per replica so counts
@@ -30,12 +30,6 @@ def _loads(hosts: list[list[int]], demand: Sequence[float], m: int) -> list[floa
         for j in hs:
             load[j] += demand[k] / len(hs)
     return load
-
-
-def hosting_capacity(adapter_slots: int, num_adapters: int, num_replicas: int) -> int:
-    """Adapters a replica may host: its GPU slots, or more when the slots of all replicas cannot hold
-    every adapter once (then hosted adapters beyond the slots swap in from host memory on demand)."""
-    return max(adapter_slots, math.ceil(num_adapters / max(num_replicas, 1)))
 
 
 def greedy_placement(demand: Sequence[float], kv_blocks: Sequence[int], slots: Sequence[int],

@@ -1,4 +1,4 @@
-"""The "proactive" baseline (dLoRA §3/§4): dLoRA's placement and cost dispatch, plus dispatch-time
+"""The "proactive" baseline (from the dLoRA paper; docs/algorithm.md): dLoRA's placement and cost dispatch, plus dispatch-time
 substitution — a request may also go to a replica that does not host its adapter if an idle, replicated
 adapter there can be swapped out for it; that replica's cost then includes the adapter's load time.
 
@@ -6,7 +6,7 @@ Substitution changes the placement for good, so it must clearly pay: the other r
 the load must undercut the best host's by `min_gain_s` seconds and by `min_gain` of that cost, and a
 replica that took part in a substitution (either side) sits out for `cooldown_s` (hysteresis). A
 substitution that fired on any small cost difference kept moving the hottest adapters around and left
-replicas idle once their adapters were taken (measured: 3 of 8 replicas half-idle).
+replicas idle once their adapters were taken.
 
 The router owns the placement it adapts, so it declares every replica allowed to the engine (empty
 `Placement.hosts`) and keeps its own host sets; the replica's local scheduler loads the adapter on demand.
@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from dlora_sim.policies.base import ClusterView, Placement
+from dlora_sim.core.contracts import ClusterView, Placement
 from dlora_sim.policies.dlora_router import DLoRARouter, placement_for, preload_for
-from dlora_sim.request import Request
+from dlora_sim.core.request import Request
 
 
 @dataclass

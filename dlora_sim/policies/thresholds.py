@@ -8,7 +8,7 @@ each starting from the mode the replica was in before the phase:
   paying a switch whenever m changes;
 - unmerged-only: every iteration running the FCFS batch F unmerged.
 Iteration and switch times come from the replica's cost model (the profile of the model and hardware in
-use; dlora-algorithm.md section 6.3), for decode iterations at `ref_context` tokens per sequence.
+use, not constants fixed for one GPU), for decode iterations at `ref_context` tokens per sequence.
 After a merged phase: merged-only better -> theta_right -= step (merge sooner), else theta_right *= factor.
 After an unmerged phase: unmerged-only better -> theta_left += step (unmerge sooner), else
 theta_left /= factor. theta_left < theta_right always.
@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlora_sim.cost_model import CostModel
-from dlora_sim.request import NS, Request, to_ns
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.request import NS, Request, to_ns
 
 
 @dataclass(slots=True)

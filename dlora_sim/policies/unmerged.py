@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlora_sim.policies.base import Decision, LocalScheduler, ReplicaView
+from dlora_sim.core.contracts import Decision, LocalScheduler, ReplicaView
 from dlora_sim.policies.batching import batch_adapter_slots, fill_batch
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import takewhile
 
-from dlora_sim.policies.base import Decision, ReplicaView
+from dlora_sim.core.contracts import Decision, ReplicaView
 from dlora_sim.policies.merged import MergedOnly
 
 

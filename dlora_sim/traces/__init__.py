@@ -4,6 +4,6 @@ Loaders (azure_llm, mooncake, servegen, azure_functions) parse; mapping assigns 
 fills token counts a trace lacks; transform windows and scales; workloads wires these into the
 classes Hydra `workload` configs instantiate; registry finds and fetches files; stats describes them.
 """
-from dlora_sim.traces.errors import TraceFormatError, TraceNotFoundError
+from dlora_sim.core.errors import TraceFormatError, TraceNotFoundError
 
 __all__ = ["TraceFormatError", "TraceNotFoundError"]

@@ -8,7 +8,7 @@ import csv
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dlora_sim.traces.errors import TraceFormatError
+from dlora_sim.core.errors import TraceFormatError
 
 
 def open_text(path: Path):

@@ -16,7 +16,7 @@ import numpy as np
 
 from dlora_sim.traces._parse import csv_rows, to_float, to_int
 from dlora_sim.traces.arrivals import cumulative_round, gamma_gaps, spread_in_windows
-from dlora_sim.traces.errors import TraceFormatError
+from dlora_sim.core.errors import TraceFormatError
 from dlora_sim.traces.raw import RawRequests
 
 MINUTES = 1440

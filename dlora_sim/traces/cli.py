@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dlora_sim.errors import UserError
+from dlora_sim.core.errors import UserError
 from dlora_sim.traces import registry
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dlora_sim.traces._parse import csv_rows, to_int
-from dlora_sim.traces.errors import TraceFormatError
+from dlora_sim.core.errors import TraceFormatError
 from dlora_sim.workload.popularity import popularity_weights
 
 KEYED = ("identity", "map_stride", "explicit")

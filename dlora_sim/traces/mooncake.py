@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dlora_sim.traces._parse import open_text
-from dlora_sim.traces.errors import TraceFormatError
+from dlora_sim.core.errors import TraceFormatError
 from dlora_sim.traces.raw import RawRequests
 
 FIELDS = ("timestamp", "input_length", "output_length")

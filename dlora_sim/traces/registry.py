@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from dlora_sim.errors import UserError
-from dlora_sim.traces.errors import TraceNotFoundError
+from dlora_sim.core.errors import UserError
+from dlora_sim.core.errors import TraceNotFoundError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from dlora_sim.traces._parse import open_text, to_float
 from dlora_sim.traces.arrivals import cumulative_round, spread_in_windows
-from dlora_sim.traces.errors import TraceFormatError
+from dlora_sim.core.errors import TraceFormatError
 from dlora_sim.traces.lengths import LengthSource
 from dlora_sim.traces.raw import RawRequests
 

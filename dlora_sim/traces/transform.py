@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.core.workload import RequestSpec, Workload
 
 
 def _arrays(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from dlora_sim.traces.lengths import LengthSource
 from dlora_sim.traces.mapping import AdapterMapping
 from dlora_sim.traces.raw import RawRequests
 from dlora_sim.traces.transform import scale_rate, time_scale
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.core.workload import RequestSpec, Workload
 
 # Purposes of the RNG streams derived from the seed (fixed so results never depend on call order).
 _MAPPING, _LENGTHS, _RATE = 1, 2, 3

@@ -12,7 +12,7 @@ import numpy as np
 
 from dlora_sim.workload.lengths import LengthDist
 from dlora_sim.workload.popularity import popularity_weights
-from dlora_sim.workload.spec import RequestArrays, Workload
+from dlora_sim.core.workload import RequestArrays, Workload
 
 
 @dataclass

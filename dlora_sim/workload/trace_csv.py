@@ -8,8 +8,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlora_sim.traces.errors import TraceFormatError, TraceNotFoundError
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.core.errors import TraceFormatError, TraceNotFoundError
+from dlora_sim.core.workload import RequestSpec, Workload
 
 COLUMNS = ("arrival_s", "adapter", "prompt_tokens", "output_tokens")
 TraceError = TraceFormatError   # one error type for every malformed trace, canonical or not

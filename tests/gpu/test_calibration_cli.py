@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from calibration import calibrate, validate
-from dlora_sim.profile import load_profile
+from dlora_sim.core.profile import load_profile
 
 
 def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
@@ -138,8 +138,8 @@ def test_a_replays_sample_keeps_every_prefill_step_and_spaces_the_decode_only_on
 def _harness(**bench):
     from calibration.microbench import BenchConfig, Harness
     from dlora_gpu.executor import runtime_config
-    from dlora_sim.config import build_profile
-    cfg = calibrate._compose([])
+    from dlora_sim.core.config import build_profile, compose
+    cfg = compose([], "serve")
     return Harness(runtime_config(cfg.runtime), build_profile(cfg), BenchConfig(**bench))
 
 
@@ -251,7 +251,7 @@ def test_fidelity_report_gives_each_cases_median_over_repeats_and_the_spread_of_
     assert cells[6] == "+1.0%"                      # P50: median of 0, 1, 2 %
     assert cells[13] == "-30.0% ... +10.0%"         # range of mean E2E
     assert cells[14] == "0.100" and cells[16] == "100/101/102 / 90"
-    assert "3 time(s)" in text and "Profile: test." in text and "--clocks real,measured" in text
+    assert "3 time(s)" in text and "Profile: test." in text and "real and measured clock" in text
     assert "| real | +0%, +1%, +2% | b2 | - | 9%, 9%, 9% | s2 |" in text   # the by-batch detail and price
     # sensitivity of the median repeat (+2%)
     line = next(ln for ln in text.splitlines() if ln.startswith("| synthetic | high | slora | measured"))
@@ -346,7 +346,7 @@ def test_the_torch_lora_path_makes_as_many_passes_as_the_step_is_priced_for(monk
     group and layer, where the batch has 3 distinct adapters; `Step.lora_passes` (what the per-adapter
     cost is charged for) counts the same 4."""
     from dlora_gpu import lora_ops
-    from dlora_sim.policies.base import Decision
+    from dlora_sim.core.contracts import Decision
     h = _harness(reference=False)
     h.set_mode(None)
     h.ensure_resident([0, 1, 2])
@@ -361,11 +361,11 @@ def test_the_torch_lora_path_makes_as_many_passes_as_the_step_is_priced_for(monk
     assert step.distinct == 3 and step.lora_passes == 4
     per_group = len(h.ex.model.layers) * 4   # qkv, o, gate_up, down
     assert len(passes) == per_group * step.lora_passes
-    assert h.state.prices(step).compute == h.cost.iteration_time(
-        step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context, 5, step.rank_sum, step.token_rank,
-        step.resident_rank_sum, 4) > h.cost.iteration_time(
-        step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context, 5, step.rank_sum, step.token_rank,
-        step.resident_rank_sum, 3)   # charged per pass
+    features = dict(prefill_tokens=step.prefill_tokens, prefill_sq=step.prefill_sq, decode_seqs=step.decode_seqs,
+                    decode_context=step.decode_context, num_seqs=5, lora_rank_sum=step.rank_sum,
+                    lora_token_rank=step.token_rank, resident_rank_sum=step.resident_rank_sum)
+    assert h.cost.price(step).compute == h.cost.iteration_time(**features, lora_passes=4) > \
+        h.cost.iteration_time(**features, lora_passes=3)   # charged per pass
     # a decode-only step: one pass per distinct adapter
     passes.clear()
     _, _, step = h.step(Decision(dec, merged=None))

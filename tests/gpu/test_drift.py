@@ -25,9 +25,9 @@ def test_a_warm_probe_discards_its_first_run_and_returns_the_fastest_of_the_rest
 def test_the_reference_probe_is_a_step_of_the_runtimes_own_model_on_a_cache_of_its_own():
     """It runs the model the executor serves with (its shape named in the description, which a profile
     records), on scratch sequences: the serving cache's blocks and the replica state are untouched."""
-    from calibration.calibrate import _compose
+    from dlora_sim.core.config import compose
     from dlora_gpu.cli import build_engine
-    engine = build_engine(_compose(["system=slora", "workload.num_requests=2"]))
+    engine = build_engine(compose(["system=slora", "workload.num_requests=2"], "serve"))
     ex = engine.executor
     free, seqs = ex.kv.num_free(), ex.kv.sequences()
     probe = drift.reference_probe(ex.model, ex.backend)

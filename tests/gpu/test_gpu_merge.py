@@ -59,7 +59,7 @@ def test_fused_merge_rounds_to_nearest(dtype: torch.dtype, rank: int, device: st
         assert ((out.double().cpu() - exact).abs() <= bound).all()
     # Same math, different fp32 summation order: both stay within the bound of each other; rounding to a
     # 16-bit output hides the order, so there disagreements must be rare. An fp32 output keeps the order's
-    # last bits (on an H200, 48% of elements differed by ~1 ulp at rank 16), so only the bound applies.
+    # last bits (on a GPU many elements differ by an ulp), so only the bound applies.
     diff = (out_t.double().cpu() - out_c.double().cpu()).abs()
     assert (diff <= 2 * bound).all()
     if dtype != torch.float32:
@@ -77,7 +77,7 @@ def switch_cycle(n_switches: int) -> list[int]:
     return seq
 
 
-# Under the Triton interpreter a launch costs ~15-20 ms of Python, so there the Triton kernel does
+# Under the Triton interpreter every launch is slow Python, so there the Triton kernel does
 # 250 switches (its job is to show the kernel is deterministic); the torch path and the real GPU do
 # the full 1000.
 @pytest.mark.parametrize("backend", ["torch", "triton"])

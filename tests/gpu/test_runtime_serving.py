@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from dlora_gpu.cli import build_engine
-from dlora_sim.config import ConfigError, build_simulation
-from dlora_sim.metrics import REQUEST_COLUMNS, _csv_text, request_rows
-from dlora_sim.paths import CONF_DIR
-from dlora_sim.request import State, to_ns
+from dlora_sim.core.config import ConfigError, compose
+from dlora_sim.des.engine import build_simulation
+from dlora_sim.core.results import REQUEST_COLUMNS, _csv_text, request_rows
+from dlora_sim.core.request import State, to_ns
 
 # 8 adapters in 4 slots (loads), 40 KV blocks of 16 tokens and a little host swap (swap-outs, swap-ins
 # and recomputes), arrivals fast enough that the batch is full.
@@ -27,9 +25,7 @@ PRESSURE = ["cluster.replica.max_kv_blocks=40", "cluster.replica.host_swap_bytes
 
 
 def _cfg(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("serve", overrides=["progress=false", "charts=false", *overrides])
+    return compose(["charts=false", *overrides], "serve")
 
 
 def _csv(res) -> str:
@@ -110,7 +106,7 @@ def test_the_real_clock_starts_when_serving_starts_not_when_the_engine_is_built(
     engine = build_engine(_cfg("system=slora", "workload.num_requests=4"))
     time.sleep(0.3)
     res = engine.run()
-    first = min(start for _, start, *_ in res.recorder.rows)
+    first = min(row.start for row in res.recorder.rows)
     assert first < to_ns(0.3) and all(r.done for r in res.requests)
 
 
@@ -122,7 +118,7 @@ def _profile_with_reference(tmp_path, reference_s: float, probe: str | None = No
     from dlora_gpu.weights import random_weights
     probe = (reference_probe(random_weights(LlamaConfig.preset("tiny"), 0, torch.float32)).describe() if probe is None
              else probe)
-    from dlora_sim.paths import PROFILES_DIR
+    from dlora_sim.core.paths import PROFILES_DIR
     raw = yaml.safe_load((PROFILES_DIR / "cpu-tiny.yaml").read_text())
     raw["provenance"]["reference_probe_s"] = reference_s
     raw["provenance"]["reference_probe"] = probe
@@ -143,12 +139,12 @@ def test_measured_clock_advances_by_each_steps_own_time_scaled_to_the_profiles_r
     assert all(r.dispatch == r.arrival <= r.first_scheduled <= r.first_token <= r.finish for r in res.requests)
     scaling = engine._summary_extra()["clock_scaling"]
     assert scaling["scaled"] and scaling["factor_median"] == scaling["factor_min"] == scaling["factor_max"] == 2.0
-    rows = res.recorder.rows   # (replica, start ns, duration ns, ..., info with the executor's wall_s)
+    rows = res.recorder.rows
     assert scaling["factors"] == len(rows) > 0
     end = 0
-    for _, start, dur, *_, info in rows:
-        assert start >= end and dur >= to_ns(2.0 * info["wall_s"]) - 1
-        end = start + dur
+    for row in rows:
+        assert row.start >= end and row.duration >= to_ns(2.0 * row.info["wall_s"]) - 1
+        end = row.start + row.duration
 
 
 def test_measured_clock_without_a_reference_is_unscaled_and_says_why(tmp_path):

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from dlora_sim.traces.arrivals import cumulative_round
 from dlora_sim.traces.transform import scale_rate, time_scale, window
-from dlora_sim.workload.spec import RequestSpec, Workload
+from dlora_sim.core.workload import RequestSpec, Workload
 
 
 def _workload(seed: int, n: int = 400, adapters: int = 5) -> Workload:

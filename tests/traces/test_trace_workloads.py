@@ -2,26 +2,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import trace_files as tf
+from dlora_sim.core.config import compose
 from dlora_sim.traces import servegen
 from dlora_sim.traces.lengths import FixedLengths, UniformLengths
 from dlora_sim.traces.workloads import (AzureLLMWorkload, MAF2019Workload, MAF2021Workload,
                                         ServeGenWorkload)
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 NAMES = ["azure_conv", "azure_code", "mooncake", "servegen_large", "servegen_small", "maf2019", "maf2021"]
 
 
 def _compose(name: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose(overrides=[f"+workload={name}", *overrides]).workload
+    return compose([f"workload={name}", *overrides]).workload
 
 
 @pytest.mark.parametrize("name", NAMES)

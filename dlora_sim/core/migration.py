@@ -1,4 +1,4 @@
-"""Mechanics of applying a migration plan (the engine's side; the decisions come from a Migrator).
+"""Mechanics of applying a migration plan (the cluster's side; the decisions come from a Migrator).
 
 Invariant: every unfinished request is in exactly one place, one replica's queue or `in_transit`.
 A move takes the request out of its source queue (freeing its GPU or host KV blocks), and delivers
@@ -10,19 +10,24 @@ prefill of prompt + generated tokens pays the cost. Adapter moves update the hos
 destination's local scheduler loads an adapter when a request needs it (paying the profile's load time
 through its Decision), so GPU slots are never exceeded and no load is paid for an adapter nobody uses.
 Stale moves (the request finished, is in the batch in flight, or already moved) are skipped.
+The executor delivers a request whose KV travels (`Deliver`): the simulator after a SimPy timeout,
+the runtime once its clock has passed the transfer's end.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from dlora_sim.policies.placement import hosting_capacity
-from dlora_sim.policies.base import MigrationPlan, PolicyError
-from dlora_sim.request import UNSET, Request, State, to_ns
+from dlora_sim.core.contracts import MigrationPlan, PolicyError
+from dlora_sim.core.replica_config import hosting_capacity
+from dlora_sim.core.request import UNSET, Request, State, to_ns
 
 if TYPE_CHECKING:
-    from dlora_sim.engine import Simulation
+    from dlora_sim.core.cluster import Cluster
+
+# the executor's delivery of a request whose KV travels: (request, destination replica, delay in ns)
+Deliver = Callable[[Request, int, int], None]
 
 MODES = ("transfer", "recompute")
 
@@ -59,15 +64,15 @@ class MigrationStats:
                 "migration_applied": dict(sorted(self.applied.items())), "migration_log": self.log}
 
 
-def apply_plan(sim: "Simulation", plan: MigrationPlan) -> dict[str, int]:
+def apply_plan(cluster: "Cluster", plan: MigrationPlan, deliver: Deliver) -> dict[str, int]:
     """Validate and apply `plan` at the current instant. Policy bugs raise PolicyError."""
-    reps = sim.replicas
+    reps = cluster.replicas
     nrep = len(reps)
     counts: Counter = Counter()
     if plan.adapter_hosts is not None:
-        hosts = dict(sim.hosts)
+        hosts = dict(cluster.hosts)
         for a, hs in plan.adapter_hosts.items():
-            if not 0 <= a < len(sim.adapters):
+            if not 0 <= a < len(cluster.adapters):
                 raise PolicyError(f"migration plan names unknown adapter {a}")
             hs = tuple(sorted(set(hs)))
             if not hs or any(not 0 <= j < nrep for j in hs):
@@ -76,13 +81,13 @@ def apply_plan(sim: "Simulation", plan: MigrationPlan) -> dict[str, int]:
             hosts[a] = hs
         per = Counter(j for hs in hosts.values() for j in hs)
         for j, c in per.items():
-            cap = hosting_capacity(reps[j].adapter_slots, len(sim.adapters), nrep)
+            cap = hosting_capacity(reps[j].adapter_slots, len(cluster.adapters), nrep)
             if c > cap:
                 raise PolicyError(f"migration plan hosts {c} adapters on replica {j}, which may host {cap}")
-        sim.hosts = hosts
+        cluster.hosts = hosts
     seen: set[int] = set()
     link_free: dict[tuple[int, int], int] = {}
-    now = sim.env.now
+    now = cluster.clock()
     for mv in plan.moves:
         r = mv.request
         if id(r) in seen:
@@ -92,11 +97,11 @@ def apply_plan(sim: "Simulation", plan: MigrationPlan) -> dict[str, int]:
             raise PolicyError(f"migration mode {mv.mode!r}; valid: {MODES}")
         if not 0 <= mv.dst < nrep:
             raise PolicyError(f"migration plan sends request {r.id} to replica {mv.dst}; valid 0..{nrep - 1}")
-        hs = sim.hosts.get(r.adapter)
+        hs = cluster.hosts.get(r.adapter)
         if hs is not None and mv.dst not in hs:
             raise PolicyError(f"migration plan sends request {r.id} (adapter {r.adapter}) to replica {mv.dst}, "
                               f"not a host {hs}")
-        if r.done or r.id in sim.in_transit or r.replica == mv.dst or r.replica == UNSET:
+        if r.done or r.id in cluster.in_transit or r.replica == mv.dst or r.replica == UNSET:
             counts["skipped_stale"] += 1
             continue
         src = reps[r.replica]
@@ -111,7 +116,7 @@ def apply_plan(sim: "Simulation", plan: MigrationPlan) -> dict[str, int]:
             r.state = State.QUEUED   # recompute: re-prefill prompt + generated tokens at the destination
             counts["recompute"] += 1
         r.migrations += 1
-        sim.recorder.count("migrations", 1)
+        cluster.recorder.count("migrations", 1)
         counts["moved"] += 1
         if not with_kv:
             reps[mv.dst].receive(r, with_kv=False)
@@ -119,19 +124,17 @@ def apply_plan(sim: "Simulation", plan: MigrationPlan) -> dict[str, int]:
         counts["transfer"] += 1
         key = (src.id, mv.dst)
         start = max(now, link_free.get(key, now))
-        end = start + to_ns(sim.cost.kv_transfer_time(tokens))
+        end = start + to_ns(cluster.cost.kv_transfer_time(tokens))
         link_free[key] = end
         r.replica = UNSET
-        sim.in_transit[r.id] = r
-        sim.env.process(_deliver(sim, r, mv.dst, end - now, counts_into=sim._mig_stats.applied))
-    sim._mig_stats.applied.update(counts)
+        cluster.in_transit[r.id] = r
+        deliver(r, mv.dst, end - now)
+    cluster.migration_stats.applied.update(counts)
     return dict(counts)
 
 
-def _deliver(sim: "Simulation", r: Request, dst: int, delay_ns: int, counts_into: Counter):
-    if delay_ns > 0:
-        yield sim._urgent_timeout(delay_ns)
-    sim.sync()
-    del sim.in_transit[r.id]
-    state = sim.replicas[dst].receive(r, with_kv=True)
-    counts_into[f"arrived_{state.name.lower()}"] += 1
+def arrive(cluster: "Cluster", r: Request, dst: int) -> None:
+    """A request in transit reaches `dst` with its KV (see `ReplicaState.receive` for where it lands)."""
+    del cluster.in_transit[r.id]
+    state = cluster.replicas[dst].receive(r, with_kv=True)
+    cluster.migration_stats.applied[f"arrived_{state.name.lower()}"] += 1

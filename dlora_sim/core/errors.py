@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from os import PathLike
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -33,3 +34,19 @@ def reported(prog: str) -> Callable[[F], F]:
                 raise SystemExit(2) from None
         return run  # type: ignore[return-value]
     return wrap
+
+
+class TraceFormatError(ValueError, UserError):
+    """A malformed trace row or file; the message names the file, the line and the column/key."""
+
+    def __init__(self, path: str | PathLike, line: int | None, message: str, column: str | None = None):
+        self.path = str(path)
+        self.line = line
+        self.column = column
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f" (column {column!r})" if column is not None else ""
+        super().__init__(f"{where}{what}: {message}")
+
+
+class TraceNotFoundError(FileNotFoundError, UserError):
+    """A trace file that is in none of the places we look; the message lists them and how to fetch it."""

@@ -1,7 +1,7 @@
 """One replica as a SimPy process: ask the local policy, apply its decision, advance simulated time.
 
-The rules that apply a decision live in `ReplicaState` (replica_state.py), shared with the GPU
-runtime; this class adds only time: each step is priced by the cost model and waited out.
+The rules that apply a decision live in the replica's `ReplicaState` (dlora_sim/core), shared with
+the GPU runtime; this process adds only time: each step is priced by the cost model and waited out.
 
 Fast-forward: when a policy marks its decision `stable` and the batch is all decodes with nothing to
 load, switch, swap or preempt, the replica runs up to k identical iterations (until the first request finishes,
@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
 
 import simpy
 
-from dlora_sim.cost_model import CostModel
-from dlora_sim.policies.base import Decision, LocalScheduler, PolicyError
-from dlora_sim.replica_state import ReplicaConfig, ReplicaState, Step
-from dlora_sim.request import Request, to_ns
-
-if TYPE_CHECKING:
-    from dlora_sim.metrics import Recorder
+from dlora_sim.core.contracts import Decision, LocalScheduler, PolicyError
+from dlora_sim.core.replica_state import ReplicaState
+from dlora_sim.core.request import to_ns
+from dlora_sim.core.step import Step
 
 
 @dataclass(slots=True)
@@ -37,16 +33,16 @@ class _Run:
     compute: list[float]       # s, per iteration (for the record)
     overhead: tuple[float, float, float]   # switch, load, swap seconds (first iteration only)
     planned: int = 1           # iterations this decision runs (durations are generated lazily, in chunks)
-    repeat: tuple[int, ...] = (0, 0, 0, 0, 0, 0)   # decode seqs, first context, rank sums, adapters of a repeat
     applied: int = 0
 
 
-class Replica(ReplicaState):
-    def __init__(self, rid: int, env: simpy.Environment, cfg: ReplicaConfig, cost: CostModel,
-                 scheduler: LocalScheduler, ranks: Sequence[int], recorder: "Recorder",
-                 on_done: Callable[[Request], None]):
-        super().__init__(rid, cfg, cost, ranks, recorder, on_done, lambda: env.now, merges=scheduler.merges)
-        self.env, self.scheduler = env, scheduler
+class Replica:
+    """The process that drives one `ReplicaState` with its local scheduler in simulated time."""
+
+    def __init__(self, state: ReplicaState, scheduler: LocalScheduler, env: simpy.Environment):
+        self.state, self.scheduler, self.env = state, scheduler, env
+        self.id = state.id
+        state.on_queue_change = self.queue_changed
         self._wake: simpy.Event | None = None     # set while idle
         self._repeating = False                     # waiting out repeats of a stable decision
         self._interrupted = False
@@ -66,10 +62,10 @@ class Replica(ReplicaState):
         return self._proc
 
     def process(self):
-        env = self.env
+        env, state = self.env, self.state
         while True:
-            if self.queue:
-                decision = self.scheduler.schedule(self)
+            if state.queue:
+                decision = self.scheduler.schedule(state)
                 if decision.batch:
                     run = self._begin(decision)
                     yield from self._execute(run)
@@ -113,33 +109,29 @@ class Replica(ReplicaState):
 
     # --- applying a decision ------------------------------------------------------------------------
     def _begin(self, d: Decision) -> _Run:
-        step = self.begin(d)
-        price = self.prices(step)
+        state = self.state
+        step = state.begin(d)
+        price = state.cost.price(step)
         first = price.total_ns()
         now = self.env.now
         run = self._run = _Run(step, [first], [now + first], [price.compute], price.overhead)
         n = len(d.batch)
         # a preemption leaves a request waiting that the next decision may admit: not a repeatable state
-        if (self.cfg.fast_forward and d.stable and step.decode_seqs == n and not d.recompute and not d.swap_out
+        if (state.cfg.fast_forward and d.stable and step.decode_seqs == n and not d.recompute and not d.swap_out
                 and price.switch + price.load + price.swap == 0.0):
-            run.planned = self.repeatable(d.batch)
+            run.planned = state.repeatable(d.batch)
             if d.max_repeats is not None:
                 run.planned = max(min(run.planned, d.max_repeats), 1)
-            unmerged = d.merged is None
-            run.repeat = (n, step.decode_context, step.rank_sum if unmerged else 0,
-                          step.token_rank if unmerged else 0, step.resident_rank_sum,
-                          step.lora_passes if unmerged else 0)
             self._extend(run, _FIRST_CHUNK)
         return run
 
     def _extend(self, run: _Run, upto: int) -> None:
         """Generate the durations of repeats up to iteration `upto` (capped at the plan): a run that a
         queue change cuts short never pays for the iterations it did not reach."""
-        n, ctx, rank_sum, token_rank, resident, adapters = run.repeat
         lo, hi = len(run.durations), min(upto, run.planned)
         if hi <= lo:
             return
-        computes = self.cost.decode_repeats(n, ctx, lo, hi, rank_sum, token_rank, resident, adapters)
+        computes = self.state.cost.repeat_prices(run.step, lo, hi)
         durations = [to_ns(c) for c in computes]
         t = run.ends[-1]
         ends = run.ends
@@ -157,31 +149,33 @@ class Replica(ReplicaState):
         i = run.applied
         if upto <= i:
             return
-        step, rec = run.step, self.recorder
+        state = self.state
+        step, rec = run.step, state.recorder
         batch, n, d = step.batch, len(step.batch), step.decision
         if i == 0:
             end, dur = run.ends[0], run.durations[0]
-            prefill_tokens, prefills = self.complete(step, end, dur)
-            rec.iteration(self.id, end - dur, dur, run.compute[0], run.overhead, d, n, prefill_tokens,
-                          n - prefills, step.distinct)
+            prefill_tokens, prefills = state.complete(step, end, dur)
+            rec.iteration(self.id, end - dur, dur, run.compute[0], run.overhead, d, batch_size=n,
+                          prefill_tokens=prefill_tokens, decode_seqs=n - prefills, distinct=step.distinct)
             i = 1
         last = upto == run.planned
         if upto > i:
             total = sum(run.durations[i:upto])
             m = upto - i
-            self.complete_repeats(batch, m, total, grow=not last)
+            state.complete_repeats(batch, m, total, grow=not last)
             if rec.keep_iterations:
                 for k in range(i, upto):
                     rec.iteration(self.id, run.ends[k] - run.durations[k], run.durations[k], run.compute[k],
-                                  _NO_OVERHEAD, d, n, 0, n, step.distinct)
+                                  _NO_OVERHEAD, d, batch_size=n, prefill_tokens=0, decode_seqs=n,
+                                  distinct=step.distinct)
             else:
                 rec.num_iterations += m
                 rec.busy_ns += total
         run.applied = upto
         if last:
-            self.end_run(batch, run.ends[-1])
+            state.end_run(batch, run.ends[-1])
         elif upto == i:   # only the first iteration completed; the one now in flight needs KV to grow
-            self.grow_in_flight(batch)
+            state.grow_in_flight(batch)
 
 
 _NO_OVERHEAD = (0.0, 0.0, 0.0)

@@ -1,27 +1,38 @@
 """From a Hydra/OmegaConf config to the parts of a run (profile, cluster, workload, policies): the only
-place config keys are interpreted, for the simulator and the runtime alike."""
+place config keys are interpreted, for the simulator and the runtime alike; and `compose()`, the one
+way every app, test and benchmark builds a config outside a Hydra app."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dlora_sim.engine import ClusterConfig, Simulation
-from dlora_sim.errors import UserError
-from dlora_sim.metrics import RequestStream
-from dlora_sim.paths import PROFILES_DIR
-from dlora_sim.policies.base import LocalScheduler, Migrator, Router
-from dlora_sim.profile import Profile, ProfileError, load_profile
-from dlora_sim.replica_state import ReplicaConfig
-from dlora_sim.workload.spec import Workload
+from dlora_sim.core.contracts import LocalScheduler, Migrator, Router
+from dlora_sim.core.errors import UserError
+from dlora_sim.core.paths import CONF_DIR, PROFILES_DIR
+from dlora_sim.core.profile import Profile, ProfileError, load_profile
+from dlora_sim.core.replica_config import ClusterConfig, ReplicaConfig
+from dlora_sim.core.workload import Workload
 
 
 class ConfigError(ValueError, UserError):
     """A config key is missing, unknown or has an impossible value; the message names the key."""
+
+
+def compose(overrides: Sequence[str] = (), app: str = "config", *, hydra_config: bool = False) -> DictConfig:
+    """The config an app (`config` for dlora-sim, `serve` for dlora-serve) would run with these overrides,
+    composed from conf/ outside a Hydra app (tests, benchmarks, calibration). Progress bars are off
+    unless an override turns them on. `hydra_config` keeps the `hydra` node (sweeps, launchers)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()   # a composition left initialised (by a test, a benchmark) would refuse this one
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(app, overrides=["progress=false", *overrides], return_hydra_config=hydra_config)
 
 
 def dataclass_from(cls: type, raw: Any, where: str):
@@ -98,7 +109,7 @@ def build_parts(cfg: DictConfig, workload: Workload | None = None) -> Parts:
 LARGE_RUN = 100_000   # requests: from here on, `auto` streams requests.csv and skips iterations.csv
 
 
-def _auto_flag(cfg: DictConfig, key: str, num_requests: int, large: bool) -> bool:
+def auto_flag(cfg: DictConfig, key: str, num_requests: int, large: bool) -> bool:
     """A true/false/auto key; `auto` is `large` for runs of LARGE_RUN requests or more."""
     value = cfg.get(key, "auto")
     if value == "auto":
@@ -122,14 +133,4 @@ def show_progress(cfg: DictConfig) -> bool:
 
 
 def keep_iterations(cfg: DictConfig, num_requests: int) -> bool:
-    return _auto_flag(cfg, "keep_iterations", num_requests, large=False)
-
-
-def build_simulation(cfg: DictConfig, workload: Workload | None = None, out: Path | None = None) -> Simulation:
-    """With `out`, large runs (`stream_requests`) write requests.csv there while they run."""
-    p = build_parts(cfg, workload)
-    n = len(p.workload.requests)
-    stream = RequestStream(out, n) if out is not None and _auto_flag(cfg, "stream_requests", n, large=True) else None
-    return Simulation(p.workload, p.profile, p.cluster, p.scheduler_factory, p.router, p.migrator,
-                      progress=show_progress(cfg), keep_iterations=keep_iterations(cfg, n),
-                      stream=stream)
+    return auto_flag(cfg, "keep_iterations", num_requests, large=False)

@@ -10,11 +10,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Collection, Literal, Mapping, Protocol, Sequence
 
-from dlora_sim.request import Request
+from dlora_sim.core.request import Request
 
 if TYPE_CHECKING:
-    from dlora_sim.cost_model import CostModel
-    from dlora_sim.workload.spec import AdapterSpec
+    from dlora_sim.core.cost_model import CostModel
+    from dlora_sim.core.workload import AdapterSpec
 
 
 class PolicyError(RuntimeError):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dlora_sim.profile import Profile
+from dlora_sim.core.profile import Profile
+from dlora_sim.core.step import LoraFeatures, Prices, Step
 
 
 @dataclass(frozen=True)
@@ -56,36 +57,61 @@ class CostModel:
         self.lora_path = profile.lora_path
         self._einsum = profile.lora_path == "einsum"
 
-    def iteration_time(self, prefill_tokens: int, prefill_sq: int, decode_seqs: int, decode_context: int,
-                       num_seqs: int, lora_rank_sum: int = 0, lora_token_rank: int = 0,
-                       resident_rank_sum: int = 0, lora_adapters: int = 0) -> float:
-        """Seconds for one iteration. `lora_rank_sum` = sum of ranks of distinct adapters in an unmerged
-        batch (0 in merged mode); `lora_token_rank` = sum over the batch's tokens of their adapter's rank;
-        `resident_rank_sum` = sum of ranks of the adapters in GPU slots, which the einsum path prices
-        instead (every token against every resident adapter; 0 = not known, the batch's adapters);
-        `lora_adapters` = the LoRA passes the kernel path's per-adapter term charges: those distinct
-        adapters, an adapter with prefill and decode tokens counted twice (`Step.lora_passes`). The
-        per-call term charges one LoRA call for the prefills and one for the decodes, as the runtime makes
-        them (every request of an unmerged batch has an adapter)."""
+    def iteration_time(self, *, prefill_tokens: int = 0, prefill_sq: int = 0, decode_seqs: int = 0,
+                       decode_context: int = 0, num_seqs: int, lora_rank_sum: int = 0, lora_token_rank: int = 0,
+                       resident_rank_sum: int = 0, lora_passes: int = 0) -> float:
+        """Seconds for one iteration of a batch described by its features (named: a policy prices
+        batches it has not built). `lora_rank_sum` = sum of ranks of the distinct adapters of an
+        unmerged batch (0 in merged mode: no LoRA term at all); `lora_token_rank` = sum over the
+        batch's tokens of their adapter's rank; `resident_rank_sum` = ranks of the adapters in GPU slots,
+        which the einsum path prices instead (every token against every resident adapter; 0 = not known,
+        the batch's adapters); `lora_passes` = the LoRA passes the per-adapter term charges (`Step.lora_passes`).
+        The per-call term charges one LoRA call for the prefills and one for the decodes, as the runtime
+        makes them (every request of an unmerged batch has an adapter)."""
+        return self._compute(prefill_tokens, prefill_sq, decode_seqs, decode_context, num_seqs, lora_rank_sum,
+                             lora_token_rank, resident_rank_sum, lora_passes)
+
+    def _compute(self, prefill_tokens: int, prefill_sq: int, decode_seqs: int, decode_context: int,
+                 num_seqs: int, lora_rank_sum: int, lora_token_rank: int, resident_rank_sum: int,
+                 lora_passes: int) -> float:
         tokens = prefill_tokens + decode_seqs
         # summed in decode_repeats' order (fast-forward prices exactly what single iterations would)
         t = (self._overhead + self._per_seq * num_seqs + max(self._weight, self._per_tok * tokens)
              + (self._multi if tokens >= 2 else 0.0) + self._per_ctx * decode_context + self._per_sq * prefill_sq)
         if lora_rank_sum:
-            t += self._lora(tokens, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters,
+            t += self._lora(tokens, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_passes,
                             (prefill_tokens > 0) + (decode_seqs > 0))
         return t
 
+    def price(self, step: Step) -> Prices:
+        """What a step costs: compute (no LoRA terms when merged), mode change, adapter loads, KV swaps."""
+        lora = LoraFeatures.of(step)
+        compute = self._compute(step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context,
+                                len(step.batch), lora.rank_sum, lora.token_rank, step.resident_rank_sum, lora.passes)
+        load = 0.0
+        for nbytes in step.load_bytes:
+            load += self.load_time(nbytes)
+        return Prices(compute, self.mode_change_time(step.mode_from, step.decision.merged, step.full_copy), load,
+                      self.swap_time(step.swapped_in_blocks + step.swapped_out_blocks, step.block_bytes))
+
+    def repeat_prices(self, step: Step, lo: int, hi: int) -> list[float]:
+        """Compute seconds of iterations lo..hi-1 of a decode-only step repeated unchanged (fast-forward):
+        every sequence's context grows by one token per iteration."""
+        lora = LoraFeatures.of(step)
+        return self.decode_repeats(step.decode_seqs, step.decode_context, lo, hi, lora_rank_sum=lora.rank_sum,
+                                   lora_token_rank=lora.token_rank, resident_rank_sum=step.resident_rank_sum,
+                                   lora_passes=lora.passes)
+
     def _lora(self, tokens: int, lora_rank_sum: int, lora_token_rank: int, resident_rank_sum: int,
-              lora_adapters: int, calls: int) -> float:
+              lora_passes: int, calls: int) -> float:
         if self._einsum:
             resident = max(resident_rank_sum, lora_rank_sum)
             return self._lora_overhead + self._lora_adapter * resident + self._lora_token * tokens * resident
         return (self._lora_overhead + self._lora_adapter * lora_rank_sum + self._lora_token * lora_token_rank
-                + self._lora_per_adapter * lora_adapters + self._lora_per_call * calls)
+                + self._lora_per_adapter * lora_passes + self._lora_per_call * calls)
 
-    def decode_repeats(self, n: int, context: int, lo: int, hi: int, lora_rank_sum: int = 0, lora_token_rank: int = 0,
-                       resident_rank_sum: int = 0, lora_adapters: int = 0) -> list[float]:
+    def decode_repeats(self, n: int, context: int, lo: int, hi: int, *, lora_rank_sum: int = 0,
+                       lora_token_rank: int = 0, resident_rank_sum: int = 0, lora_passes: int = 0) -> list[float]:
         """`iteration_time` of decode iterations lo..hi-1 of a repeated batch of n sequences whose total
         context starts at `context` and grows by n per iteration (the simulator's fast-forward): the same
         operations in the same order, with the terms that do not change hoisted out of the loop."""
@@ -94,15 +120,17 @@ class CostModel:
         per_ctx, sq = self._per_ctx, self._per_sq * 0
         if not lora_rank_sum:
             return [base + per_ctx * (context + i * n) + sq for i in range(lo, hi)]
-        lora = self._lora(n, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_adapters, 1)
+        lora = self._lora(n, lora_rank_sum, lora_token_rank, resident_rank_sum, lora_passes, 1)
         return [base + per_ctx * (context + i * n) + sq + lora for i in range(lo, hi)]
 
     def decode_time(self, batch: int, context: int, merged: bool = True, distinct_adapters: int = 1,
                     rank: int = 16, resident_adapters: int = 0) -> float:
         """Convenience: a pure-decode iteration of `batch` sequences with `context` tokens each."""
-        lora = 0 if merged else distinct_adapters * rank
-        return self.iteration_time(0, 0, batch, batch * context, batch, lora, batch * rank if not merged else 0,
-                                   resident_adapters * rank, 0 if merged else distinct_adapters)
+        return self.iteration_time(decode_seqs=batch, decode_context=batch * context, num_seqs=batch,
+                                   lora_rank_sum=0 if merged else distinct_adapters * rank,
+                                   lora_token_rank=0 if merged else batch * rank,
+                                   resident_rank_sum=resident_adapters * rank,
+                                   lora_passes=0 if merged else distinct_adapters)
 
     # --- mode changes, loads, swaps, transfers ---------------------------------------------------
     def mode_change_time(self, old: int | None, new: int | None, full_copy: bool = False) -> float:

@@ -13,8 +13,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from dlora_sim.errors import UserError
-from dlora_sim.paths import PROFILES_DIR
+from dlora_sim.core.errors import UserError
+from dlora_sim.core.model_shape import ModelShape
+from dlora_sim.core.paths import PROFILES_DIR
 
 
 class ProfileError(ValueError, UserError):
@@ -41,22 +42,6 @@ class Hardware:
     gpu_bytes: int
     hbm_bytes_per_s: float
     peak_flops: float
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    num_layers: int
-    hidden: int
-    intermediate: int
-    num_heads: int
-    num_kv_heads: int
-    vocab: int
-    dtype_bytes: int
-    weight_bytes: int
-    kv_bytes_per_token: int
-    adapter_bytes_per_rank: int  # all seven projections, every layer
-    merge_bytes: int             # weights a merge touches (the seven projections): a pristine copy's size
 
 
 @dataclass(frozen=True)

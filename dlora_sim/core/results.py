@@ -14,12 +14,12 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from dlora_sim.policies.base import Decision
-from dlora_sim.request import NS, Request, State
+from dlora_sim.core.contracts import Decision
+from dlora_sim.core.request import NS, Request, State
 
 ITERATION_COLUMNS = ["replica", "start_s", "duration_s", "compute_s", "switch_s", "load_s", "swap_s", "mode",
                      "merged_adapter", "batch_size", "prefill_tokens", "decode_seqs", "distinct_adapters", "forced"]
@@ -28,12 +28,31 @@ REQUEST_COLUMNS = ["id", "adapter", "replica", "status", "arrival_s", "dispatch_
                    "exec_s", "queueing_delay_s", "s_per_token", "migrated", "preempted", "reject_reason"]
 
 
+class IterationRecord(NamedTuple):
+    """One iteration of one replica, as iterations.csv writes it (times in ns, prices in s)."""
+
+    replica: int
+    start: int                 # ns
+    duration: int              # ns
+    compute: float             # s: the forward pass (priced, or measured by the runtime)
+    switch: float              # s: merge / unmerge / switch before it
+    load: float                # s: adapter loads before it
+    swap: float                # s: KV swaps before it
+    merged: int | None         # the adapter merged into the weights, None = unmerged
+    batch_size: int
+    prefill_tokens: int
+    decode_seqs: int
+    distinct_adapters: int
+    forced: bool
+    info: Mapping[str, float] | None   # the policy's and the executor's extra columns
+
+
 @dataclass
 class Recorder:
     """Collects what the engine does; cheap to call from the hot path."""
 
     keep_iterations: bool = True
-    rows: list[tuple] = field(default_factory=list)
+    rows: list[IterationRecord] = field(default_factory=list)
     counters: Counter = field(default_factory=Counter)
     num_iterations: int = 0
     busy_ns: int = 0           # sum of iteration durations over all replicas
@@ -45,9 +64,10 @@ class Recorder:
             self.counters[key] += n
 
     def iteration(self, replica: int, start: int, dur: int, compute: float, overhead: tuple[float, float, float],
-                  d: Decision, batch: int, prefill_tokens: int, decode_seqs: int, distinct: int,
+                  d: Decision, *, batch_size: int, prefill_tokens: int, decode_seqs: int, distinct: int,
                   extra: Mapping[str, float] | None = None) -> None:
-        """One iteration; `extra` adds executor columns (the runtime's wall-clock phases) to d.info's."""
+        """One iteration of `d` on `replica`, from `start` for `dur` ns; `overhead` is (switch, load, swap)
+        seconds; `extra` adds executor columns (the runtime's wall-clock phases) to d.info's."""
         self.num_iterations += 1
         self.busy_ns += dur
         self.switch_s += overhead[0]
@@ -56,8 +76,8 @@ class Recorder:
         info = d.info if not extra else {**(d.info or {}), **extra}
         if info:
             self.info_keys.update(info)
-        self.rows.append((replica, start, dur, compute, overhead, d.merged, batch, prefill_tokens, decode_seqs,
-                          distinct, d.forced, info))
+        self.rows.append(IterationRecord(replica, start, dur, compute, *overhead, d.merged, batch_size, prefill_tokens,
+                                         decode_seqs, distinct, d.forced, info))
 
 
 @dataclass
@@ -183,8 +203,8 @@ def iteration_rows(rec: Recorder) -> tuple[list[str], Iterable[list]]:
 
     def rows():
         # by (start, replica): fast-forwarded iterations are recorded late, all at once
-        for (rep, start, dur, compute, (sw, ld, sp), merged, batch, ptok, decode, distinct, forced, info) in sorted(
-                rec.rows, key=lambda row: (row[1], row[0])):
+        for (rep, start, dur, compute, sw, ld, sp, merged, batch, ptok, decode, distinct, forced, info) in sorted(
+                rec.rows, key=lambda row: (row.start, row.replica)):
             yield [rep, _t(start), _fmt(dur / NS), _fmt(compute), _fmt(sw), _fmt(ld), _fmt(sp),
                    "unmerged" if merged is None else "merged", "" if merged is None else merged, batch, ptok,
                    decode, distinct, int(bool(forced)),

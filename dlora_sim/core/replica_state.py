@@ -12,129 +12,16 @@ memory layout, so they have the same blocks, and reject the same requests (`reje
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from dlora_sim.cost_model import MERGE_STRATEGIES, CostModel
-from dlora_sim.policies.base import Decision, PolicyError
-from dlora_sim.request import NS, Request, State, blocks_for, prefill_chunks, to_ns
+from dlora_sim.core.contracts import Decision, PolicyError
+from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots
+from dlora_sim.core.request import NS, Request, State, blocks_for, prefill_chunks
+from dlora_sim.core.step import Step
 
 if TYPE_CHECKING:
-    from dlora_sim.metrics import Recorder
-
-GIB = 1 << 30
-
-
-@dataclass(frozen=True)
-class ReplicaConfig:
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 4096
-    block_size: int = 16
-    watermark: float = 0.01          # fraction of KV blocks kept free when admitting prefills
-    host_swap_bytes: int = 16 * GIB  # per replica
-    gpu_adapter_slots: int | str = "auto"   # adapters resident on the GPU at once, or "auto": by memory
-    adapter_memory_fraction: float = 0.05   # with "auto": the share of usable GPU memory for adapter slots
-    weights: str = "lora"            # "lora" | "full_copy" (a whole merged model per adapter)
-    merge: str = "inplace"           # how merged weights are kept: inplace | pristine_gpu | pristine_host
-    fast_forward: bool = True
-    max_kv_blocks: int | None = None # cap on KV blocks (a smaller KV budget than the GPU allows)
-    chunked_prefill: bool | str = "auto"   # Sarathi-style: prompts split across iterations; "auto": only
-                                           # if some prompt exceeds the token budget (see resolve_chunked_prefill)
-    prefill_priority: bool = False   # vLLM's default: admissible prefills go first (alone, unless chunked)
-
-    def __post_init__(self) -> None:
-        if self.weights not in ("lora", "full_copy"):
-            raise ValueError(f"cluster.replica.weights must be 'lora' or 'full_copy', got {self.weights!r}")
-        if self.merge not in MERGE_STRATEGIES:
-            raise ValueError(f"cluster.replica.merge must be one of {list(MERGE_STRATEGIES)}, got {self.merge!r}")
-        if self.gpu_adapter_slots == "auto":
-            if self.weights == "full_copy":
-                raise ValueError("cluster.replica.gpu_adapter_slots must be a number of model copies with "
-                                 "weights=full_copy, not 'auto'")
-        elif isinstance(self.gpu_adapter_slots, str) or isinstance(self.gpu_adapter_slots, bool) \
-                or self.gpu_adapter_slots < 1:
-            raise ValueError(f"cluster.replica.gpu_adapter_slots must be >= 1 or 'auto', got {self.gpu_adapter_slots!r}")
-        if not 0 < self.adapter_memory_fraction < 1:
-            raise ValueError(f"cluster.replica.adapter_memory_fraction must be in (0, 1), "
-                             f"got {self.adapter_memory_fraction}")
-        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"cluster.replica.{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_kv_blocks is not None and self.max_kv_blocks < 1:
-            raise ValueError(f"cluster.replica.max_kv_blocks must be >= 1 or null, got {self.max_kv_blocks}")
-        if not 0 <= self.watermark < 1:
-            raise ValueError(f"cluster.replica.watermark must be in [0, 1), got {self.watermark}")
-        if not (isinstance(self.chunked_prefill, bool) or self.chunked_prefill == "auto"):
-            raise ValueError(f"cluster.replica.chunked_prefill must be true, false or auto, got {self.chunked_prefill!r}")
-
-
-def resolve_chunked_prefill(cfg: ReplicaConfig, longest_prompt: int) -> ReplicaConfig:
-    """`auto` becomes true only when some prompt exceeds max_num_batched_tokens (it would be rejected
-    otherwise), so a workload whose prompts all fit runs exactly as the paper's vLLM did, unchunked."""
-    if cfg.chunked_prefill != "auto":
-        return cfg
-    return replace(cfg, chunked_prefill=longest_prompt > cfg.max_num_batched_tokens)
-
-
-def reject_reason(r: Request, cfg: ReplicaConfig, kv_blocks: int) -> str:
-    """Why no replica can ever serve `r` ('' if one can); reasons are categories (summary.json counts
-    them), the request's own numbers are in requests.csv."""
-    if r.prompt_tokens > cfg.max_num_batched_tokens and not cfg.chunked_prefill:
-        return f"prompt longer than max_num_batched_tokens ({cfg.max_num_batched_tokens}) without chunked prefill"
-    if blocks_for(r.prompt_tokens + r.output_tokens, cfg.block_size) > kv_blocks:
-        return f"prompt + output need more KV blocks than a replica has ({kv_blocks})"
-    return ""
-
-
-@dataclass(slots=True)
-class Step:
-    """One iteration as `begin` applied it: what runs and the features executors price or run."""
-
-    batch: list[Request]
-    decision: Decision
-    prefill: list[int]               # per batch request: prompt tokens it prefills (0: one decode token)
-    swap_in: list[Request]           # batch requests whose KV came back from host memory
-    mode_from: int | None            # merged adapter before the iteration (None = clean weights)
-    prefill_tokens: int = 0
-    prefill_sq: int = 0              # sum of squared prefill lengths (attention)
-    decode_seqs: int = 0
-    decode_context: int = 0          # sum of decode sequences' context lengths
-    rank_sum: int = 0                # ranks of the distinct adapters in the batch
-    token_rank: int = 0              # sum over the batch's tokens of their adapter's rank
-    distinct: int = 0                # distinct adapters in the batch
-    # distinct adapters among the prefills plus those among the decodes: the passes of a LoRA path that
-    # treats each kind apart and loops over adapters (the CPU runtime's torch path; lora.*.per_adapter_s)
-    lora_passes: int = 0
-    resident_rank_sum: int = 0       # ranks of the adapters in GPU slots (the einsum path prices them all)
-    swapped_in_blocks: int = 0
-    swapped_out_blocks: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Prices:
-    """Seconds the cost model charges for a step (the simulator's time, the runtime's virtual clock)."""
-
-    compute: float
-    switch: float
-    load: float
-    swap: float
-
-    @property
-    def overhead(self) -> tuple[float, float, float]:
-        return (self.switch, self.load, self.swap)
-
-    def total_ns(self) -> int:
-        return to_ns(self.compute + self.switch + self.load + self.swap)   # this order: bit-stable
-
-
-def adapter_slots(cfg: ReplicaConfig, cost: CostModel, ranks: Sequence[int], slot_bytes: int) -> int:
-    """GPU adapter slots: the configured number, or with "auto" as many as `adapter_memory_fraction` of
-    the usable memory holds (vLLM's max_loras, LoRAX's adapter memory fraction), at most one per adapter."""
-    if cfg.gpu_adapter_slots != "auto":
-        return int(cfg.gpu_adapter_slots)
-    fit = int(cfg.adapter_memory_fraction * cost.usable_bytes() // slot_bytes)
-    return max(1, min(len(ranks), fit))
-
+    from dlora_sim.core.results import Recorder
 
 class ReplicaState:
     def __init__(self, rid: int, cfg: ReplicaConfig, cost: CostModel, ranks: Sequence[int], recorder: "Recorder",
@@ -172,6 +59,9 @@ class ReplicaState:
         self._members = 0                                  # bumped when the queue's membership changes
         self._grouped: tuple[int, dict[int, list[Request]]] = (-1, {})
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
+        # called when the queue changes from outside (an arrival, a migration): an executor that waits
+        # for work (the simulator's replica process) wakes up here
+        self.on_queue_change: Callable[[], None] = _nothing
 
     def slot_bytes(self, rank: int) -> int:
         """Bytes an adapter occupies on the GPU (and loads over PCIe): its A and B, or a whole model copy."""
@@ -213,16 +103,13 @@ class ReplicaState:
         self._members += 1
 
     # --- queue changes from the cluster ------------------------------------------------------------
-    def queue_changed(self) -> None:
-        """Hook: executors that wait for work (the simulator's process) wake up here."""
-
     def enqueue(self, r: Request) -> None:
         r.replica = self.id
         bisect.insort(self.queue, r, key=Request.sort_key)
         bisect.insort(self._by_adapter.setdefault(r.adapter, []), r, key=Request.sort_key)
         self._members += 1
         self.version += 1
-        self.queue_changed()
+        self.on_queue_change()
 
     def remove(self, r: Request) -> None:
         i = bisect.bisect_left(self.queue, r.sort_key(), key=Request.sort_key)
@@ -242,7 +129,7 @@ class ReplicaState:
             r.prefilled = 0
         r.kv_blocks = 0
         self.version += 1
-        self.queue_changed()
+        self.on_queue_change()
 
     def receive(self, r: Request, with_kv: bool) -> State:
         """Admit a migrated request. With its KV cache: on the GPU if blocks are free (above the
@@ -272,7 +159,7 @@ class ReplicaState:
         self._validate(d)
         self.version += 1
         rec, bs = self.recorder, self.block_size
-        step = Step(d.batch, d, [], [], self.merged)
+        step = Step(d.batch, d, [], [], self.merged, block_bytes=self.layout.block_bytes, full_copy=self.full_copy)
         for r in d.recompute:
             self.free_blocks += r.kv_blocks
             r.kv_blocks, r.state, r.prefilled = 0, State.QUEUED, 0
@@ -293,6 +180,7 @@ class ReplicaState:
         for a in d.load:
             self.resident[a] = None
             self.resident_rank_sum += ranks[a]
+            step.load_bytes.append(self.slot_bytes(ranks[a]))
         rec.count("adapter_loads", len(d.load))
         if d.merged != self.merged:
             if not self.full_copy:
@@ -315,9 +203,9 @@ class ReplicaState:
                     c = left
                     rec.count("prefill_chunks", 1)   # a partial chunk: the prompt continues next iteration
                 left -= c
-                need = -(-(done + c) // bs)
+                need = blocks_for(done + c, bs)
             else:
-                need = -(-n // bs)
+                need = blocks_for(n, bs)
                 left -= 1
             if state == _SWAPPED:
                 swap_in.append(r)
@@ -363,20 +251,6 @@ class ReplicaState:
             self.check_accounting()
         return step
 
-    def prices(self, step: Step) -> Prices:
-        """What the cost model charges for `step`: compute, mode change, adapter loads, KV swaps."""
-        cost, d = self.cost, step.decision
-        unmerged = d.merged is None
-        compute = cost.iteration_time(step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context,
-                                      len(step.batch), step.rank_sum if unmerged else 0,
-                                      step.token_rank if unmerged else 0, step.resident_rank_sum,
-                                      step.lora_passes if unmerged else 0)
-        load = 0.0
-        for a in d.load:
-            load += cost.load_time(self.slot_bytes(self._ranks[a]))
-        return Prices(compute, cost.mode_change_time(step.mode_from, d.merged, self.full_copy), load,
-                      cost.swap_time(step.swapped_in_blocks + step.swapped_out_blocks, self.layout.block_bytes))
-
     def complete(self, step: Step, end: int, dur: int) -> tuple[int, int]:
         """The step's (first) iteration ended at `end` ns after `dur` ns: every request gains a token.
         Returns (prefill tokens, prefilled requests) for the record."""
@@ -414,7 +288,7 @@ class ReplicaState:
             r.exec_ns += total
             if g >= r.output_tokens:
                 raise AssertionError("a request finished inside a fast-forwarded run")
-            need = -(-(r.prompt_tokens + g) // bs)
+            need = blocks_for(r.prompt_tokens + g, bs)
             free -= need - r.kv_blocks
             r.kv_blocks = need
         self.free_blocks = free
@@ -436,7 +310,7 @@ class ReplicaState:
             if r.generated >= r.output_tokens:
                 done.append(r)
                 continue
-            need = -(-(r.prompt_tokens + r.generated - 1) // bs)
+            need = blocks_for(r.prompt_tokens + r.generated - 1, bs)
             free -= need - r.kv_blocks
             r.kv_blocks = need
         self.free_blocks = free
@@ -458,7 +332,7 @@ class ReplicaState:
         bs, free = self.block_size, self.free_blocks
 
         def extra(m: int) -> int:   # blocks the iterations 2..m need beyond what the first holds
-            return sum(-(-(r.prompt_tokens + r.generated + m - 1) // bs) - r.kv_blocks for r in batch)
+            return sum(blocks_for(r.prompt_tokens + r.generated + m - 1, bs) - r.kv_blocks for r in batch)
 
         if k <= 1 or extra(k) <= free:
             return max(k, 1)
@@ -558,3 +432,7 @@ class ReplicaState:
 
 
 _QUEUED, _RESIDENT, _SWAPPED, _FINISHED = State.QUEUED, State.RESIDENT, State.SWAPPED, State.FINISHED
+
+
+def _nothing() -> None:
+    pass

@@ -1,0 +1,1 @@
+"""Simulated time: the SimPy processes that drive the serving core (arrivals, replicas, migration)."""
