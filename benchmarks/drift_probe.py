@@ -14,7 +14,6 @@ last 9 probes) to each step.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

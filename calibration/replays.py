@@ -57,12 +57,10 @@ def case_overrides(workload: str, system: str, load: float, requests: int,
 
 def serve(overrides: list[str], out: Path, clock: str = "real") -> dict:
     """Serve a case on the runtime into `out` (a results folder); its summary."""
-    from dlora_gpu.cli import about, build_engine
-    from dlora_sim.cli import finish_job
+    from dlora_gpu.cli import serve_job
     cfg = compose([*overrides, f"runtime.clock={clock}"], "serve")
-    engine = build_engine(cfg)
     system = next((o.split("=", 1)[1] for o in overrides if o.startswith("system=")), "default")
-    return finish_job(cfg, out, system, overrides, engine.run, about(engine))
+    return serve_job(cfg, out, system, overrides)
 
 
 def served_points(iterations_csv: Path, *, limit: int = 0, split: str = "fit") -> list[dict]:

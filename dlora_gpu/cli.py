@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -36,7 +37,7 @@ def build_engine(cfg: DictConfig, workload=None):
         raise ConfigError(str(e)) from None
 
 
-def charts(out) -> None:
+def charts(out: Path) -> None:
     from dlora_sim.plots import run_charts
     run_charts(out)
 
@@ -53,14 +54,19 @@ def about(engine) -> dict:
                          "cuda": torch.version.cuda}}
 
 
+def serve_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
+    """Serve a composed config into the results folder `out`; its summary."""
+    engine = build_engine(cfg)
+    return finish_job(cfg, out, system, overrides, engine.run, about(engine), charts=charts)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
 @reported("dlora-serve")
 def _main(cfg: DictConfig) -> float:
     out, system, overrides, skipped = hydra_job(cfg)
     if skipped is not None:
         return skipped
-    engine = build_engine(cfg)
-    s = finish_job(cfg, out, system, overrides, engine.run, about(engine), charts=charts)
+    s = serve_job(cfg, out, system, overrides)
     log.info("%s on %s (%s clock): %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, wall %.1f s -> %s",
              system, s["device"], s["clock"], s["completed"], s["num_requests"], s["throughput_rps"],
              s["mean_latency_s"], s["p99_latency_s"], s["sim_wall_s"], out)

@@ -15,9 +15,25 @@ from sim_helpers import compose_cfg, iterations_csv, requests_csv
 PROFILE = load_profile(PROFILES_DIR / "a100-80gb-llama-2-7b.yaml")
 
 
+class ManualClock:
+    """A replica's clock that a test sets by hand (ns)."""
+
+    def __init__(self) -> None:
+        self.ns = 0
+
+    def __call__(self) -> int:
+        return self.ns
+
+
 def make_replica(sched: DLoRAScheduler, *, seqs: int = 8, slots: int = 4, adapters: int = 4) -> ReplicaState:
     return ReplicaState(0, ReplicaConfig(max_num_seqs=seqs, gpu_adapter_slots=slots, chunked_prefill=False),
-                        CostModel(PROFILE), [16] * adapters, Recorder(), lambda r: None, lambda: 0, merges=sched.merges)
+                        CostModel(PROFILE), [16] * adapters, Recorder(), lambda r: None, ManualClock(),
+                        merges=sched.merges)
+
+
+def set_time(rep: ReplicaState, ns: int) -> None:
+    """Move a `make_replica` replica's clock to `ns`."""
+    rep._clock.ns = ns
 
 
 def add(rep: ReplicaState, adapters: list[int], *, start: int = 0, decoding: bool = True) -> list[Request]:
@@ -42,4 +58,4 @@ def run(*overrides: str, workload=None, wrap=None):
     return sim, sim.run()
 
 
-__all__ = ["NS", "add", "compose_cfg", "iterations_csv", "make_replica", "requests_csv", "run"]
+__all__ = ["NS", "add", "compose_cfg", "iterations_csv", "make_replica", "requests_csv", "run", "set_time"]

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from dlora_util import add, make_replica
+from dlora_util import add, make_replica, set_time
 from dlora_sim.policies.credits import RESOLUTION, CreditLedger
 from dlora_sim.policies.dlora import DLoRAScheduler
 from dlora_sim.core.request import Request
@@ -128,7 +128,7 @@ def test_guard_waits_a_dwell_after_a_mode_change():
     _rich(s, 0, 1, s.c_right)
     rep.merged = 1
     assert not s.schedule(rep).forced               # credit at c_right, but the merge is not amortised
-    rep.env.run(until=round(dwell * 1e9))
+    set_time(rep, round(dwell * 1e9))
     d = s.schedule(rep)
     assert d.forced and d.merged is None
 
@@ -140,7 +140,7 @@ def test_hysteresis_and_guard_off():
     _rich(s, 0, 1, (s.c_left + s.c_right) / 2)     # between c_left and c_right, never forced yet
     assert not s.schedule(rep).forced
     rep.merged = 1
-    rep.env.run(until=10 * 10**9)                   # long after that merge
+    set_time(rep, 10 * 10**9)                      # long after that merge
     assert not s.schedule(rep).forced
     s.ledger.forced.add(0)                          # ... but inside an episode it stays forced
     assert s.schedule(rep).forced

@@ -61,7 +61,7 @@ def test_guard_episodes_end_and_do_not_thrash_under_overload():
                    EINSUM)
     rows = res.recorder.rows
     busy = sum(r.duration for r in rows)
-    switching = sum(r[4][0] for r in rows) * 1e9
+    switching = sum(r.switch for r in rows) * 1e9
     forced = [r.forced for r in rows]
     assert any(forced) and not all(forced[len(forced) // 2:])     # episodes happen, and they end
     assert switching / busy < 0.03, switching / busy

@@ -128,14 +128,15 @@ def test_recompute_pays_prefill_of_prompt_and_generated() -> None:
     rep1 = sim.cluster.replicas[1]
     sim.apply_migration(MigrationPlan([RequestMove(r, 1, "recompute")]))
     assert rep1.queue == [r] and r.state == State.QUEUED and r.kv_blocks == 0 and not sim.cluster.in_transit
-    rep1.start()
+    sim.processes[1].start()
     sim.env.run(until=int(0.5 * NS))
     row = sim.cluster.recorder.rows[0]
     assert row.replica == 1 and row.prefill_tokens == 340          # replica 1 prefilled prompt (300) + generated (40)
     rank = 16
-    expect = sim.cluster.cost.iteration_time(
-        prefill_tokens=340, prefill_sq=340 * 340, num_seqs=1, lora_rank_sum=rank, lora_token_rank=340 * rank, lora_passes=1) + sim.cluster.cost.load_time(
-        PROFILE.adapter_bytes(rank))               # the adapter is loaded on demand at the destination
+    cost = sim.cluster.cost
+    expect = cost.iteration_time(prefill_tokens=340, prefill_sq=340 * 340, num_seqs=1, lora_rank_sum=rank,
+                                 lora_token_rank=340 * rank, lora_passes=1) \
+        + cost.load_time(PROFILE.adapter_bytes(rank))   # the adapter is loaded on demand at the destination
     assert row.duration == int(round(expect * NS))
 
 

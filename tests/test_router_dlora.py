@@ -173,7 +173,7 @@ def test_placement_at_t0_cannot_see_later_requests(router):
     def placed(hot: int, demand: str):
         sim = build_simulation(compose_cfg("cluster=eight", f"router={router}", f"router.demand={demand}"),
                                _skewed_later(hot))
-        return sim.router.place(sim)
+        return sim.cluster.router.place(sim.cluster)
 
     a, b = placed(hot=0, demand="online"), placed(hot=7, demand="online")
     assert a.hosts == b.hosts and a.preload == b.preload      # the future differs, the placement does not
@@ -191,7 +191,7 @@ def test_cached_queue_prices_equal_fresh_ones_at_every_dispatch() -> None:
                       "workload.rate=40", "workload.num_requests=600", "migration.always=true", "charts=false",
                       "progress=false")
     sim = build_simulation(cfg)
-    router, checked = sim.router, []
+    router, checked = sim.cluster.router, []
     dispatch = router.dispatch
 
     def checking(request, cluster):

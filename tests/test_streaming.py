@@ -39,14 +39,14 @@ def test_stream_holds_only_requests_in_flight(tmp_path):
     res.streamed.close()
     # the reorder buffer holds requests finished before an older one, never most of the run
     assert 0 < res.streamed.peak_buffered < 1200 // 4
-    assert res.stats.num == 1200 and not sim._live
+    assert res.stats.num == 1200 and not sim.cluster._live
 
 
 def test_auto_streams_only_large_runs(tmp_path):
     small = build_simulation(compose_cfg(*RUN), out=tmp_path)
-    assert small.stream is None and small.recorder.keep_iterations
+    assert small.stream is None and small.cluster.recorder.keep_iterations
     large = build_simulation(compose_cfg(*RUN[:1], "workload.num_requests=100000", "charts=false"), out=tmp_path)
-    assert large.stream is not None and not large.recorder.keep_iterations
+    assert large.stream is not None and not large.cluster.recorder.keep_iterations
     large.stream.abort()
     with pytest.raises(Exception, match="stream_requests must be true, false or auto"):
         build_simulation(compose_cfg(*RUN, "stream_requests=sometimes"), out=tmp_path)

@@ -2,12 +2,12 @@
 
 The state *is* the `ReplicaView` a local policy reads: the FCFS queue, KV blocks, host swap, resident
 adapters and the merged adapter, and a clock. `begin(decision)` validates a decision against capacity
-(so a buggy policy fails loudly) and applies it to memory in the order every executor follows:
-recompute, swap-out, evict, load, mode change, swap-in, then the batch's KV growth. It returns a
-`Step` with the iteration's features; the simulator prices them with the cost model and advances
-simulated time, the GPU runtime runs kernels for them. `complete*` / `end_run` then apply what an
+(`validation.py`: a buggy policy fails loudly) and applies it to memory in the order every executor
+follows: recompute, swap-out, evict, load, mode change, swap-in, then the batch's KV growth. It returns
+a `Step` with the iteration's features; the simulator prices it (`CostModel.price`) and advances
+simulated time, the GPU runtime runs kernels for it. `complete*` / `end_run` then apply what an
 iteration produced (a token per request, KV growth, finishing). Both executors size KV from the same
-memory layout, so they have the same blocks, and reject the same requests (`reject_reason`).
+memory layout, so they have the same blocks (and `Cluster` rejects the same requests).
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from dlora_sim.core.contracts import Decision, PolicyError
 from dlora_sim.core.cost_model import CostModel
 from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots
-from dlora_sim.core.request import NS, Request, State, blocks_for, prefill_chunks
+from dlora_sim.core.request import NS, Request, State, blocks_for
 from dlora_sim.core.step import Step
+from dlora_sim.core.validation import check_accounting, validate
 
 if TYPE_CHECKING:
     from dlora_sim.core.results import Recorder
@@ -156,7 +157,7 @@ class ReplicaState:
     # --- applying a decision ------------------------------------------------------------------------
     def begin(self, d: Decision) -> Step:
         """Validate `d` and apply it to memory; the batch is then in flight until `end_run`."""
-        self._validate(d)
+        validate(self, d)
         self.version += 1
         rec, bs = self.recorder, self.block_size
         step = Step(d.batch, d, [], [], self.merged, block_bytes=self.layout.block_bytes, full_copy=self.full_copy)
@@ -346,20 +347,8 @@ class ReplicaState:
         return lo
 
     def check_accounting(self) -> None:
-        """Every block is owned by exactly one request; nothing exceeds capacity."""
-        flight = {id(r) for r in self.running}
-        gpu = sum(r.kv_blocks for r in self.queue if r.state != State.SWAPPED or id(r) in flight)
-        host = sum(r.kv_blocks for r in self.queue if r.state == State.SWAPPED)
-        if gpu != self.total_blocks - self.free_blocks or not 0 <= self.free_blocks <= self.total_blocks:
-            raise AssertionError(f"replica {self.id}: KV accounting {gpu} used vs {self.total_blocks - self.free_blocks}")
-        if host != self.host_total_blocks - self.host_free_blocks or self.host_free_blocks < 0:
-            raise AssertionError(f"replica {self.id}: host swap accounting {host} vs "
-                                 f"{self.host_total_blocks - self.host_free_blocks}")
-        if any(r.kv_blocks != blocks_for(r.prefilled, self.block_size)
-               for r in self.queue if r.state == State.QUEUED and id(r) not in flight):
-            raise AssertionError(f"replica {self.id}: a queued request holds KV beyond its prefilled chunks")
-        if len(self.resident) > self.adapter_slots:
-            raise AssertionError(f"replica {self.id}: {len(self.resident)} adapters in {self.adapter_slots} slots")
+        """Every block is owned by exactly one request; nothing exceeds capacity (debug and tests)."""
+        check_accounting(self)
 
     def _finish(self, r: Request, t: int) -> None:
         self.free_blocks += r.kv_blocks
@@ -370,66 +359,6 @@ class ReplicaState:
         del self.queue[i]
         self._unlist(r)
         self._on_done(r)
-
-    def _validate(self, d: Decision) -> None:
-        """Reject a decision that breaks a capacity or consistency rule (one pass over the batch)."""
-        cfg, batch = self.cfg, d.batch
-        if len(batch) > cfg.max_num_seqs:
-            raise PolicyError(f"replica {self.id}: batch of {len(batch)} exceeds max_num_seqs {cfg.max_num_seqs}")
-        members = set(batch)   # requests hash by identity
-        if len(members) != len(batch):
-            raise PolicyError(f"replica {self.id}: a request appears twice in the batch")
-        tokens, rid, swap_in = 0, self.id, False
-        adapters: set[int] = set()
-        for r in batch:
-            state = r.state
-            if r.replica != rid or state >= _FINISHED:
-                raise PolicyError(f"replica {self.id}: request {r.id} is not runnable here")
-            tokens += r.prompt_tokens + r.generated - r.prefilled if state == _QUEUED else 1
-            swap_in = swap_in or state == _SWAPPED
-            adapters.add(r.adapter)
-        if self.chunked_prefill:
-            chunks, left = prefill_chunks(batch, cfg.max_num_batched_tokens, True)
-            if left < 0 or (chunks and min(chunks) < 1):
-                raise PolicyError(f"replica {self.id}: the batch's decodes and prefill chunks exceed "
-                                  f"max_num_batched_tokens {cfg.max_num_batched_tokens} (a prefill gets no token)")
-        elif tokens > cfg.max_num_batched_tokens and len(batch) > 1:
-            raise PolicyError(f"replica {self.id}: {tokens} tokens exceed max_num_batched_tokens")
-        for r in d.swap_out:
-            if r.state != State.RESIDENT or r in members or r.replica != self.id:
-                raise PolicyError(f"replica {self.id}: cannot preempt request {r.id} ({r.state.name})")
-        for r in d.recompute:   # a resident request, or a prompt part-way through chunked prefill
-            if not (r.state == State.RESIDENT or (r.state == State.QUEUED and r.kv_blocks)) or r in members \
-                    or r.replica != self.id:
-                raise PolicyError(f"replica {self.id}: cannot preempt request {r.id} ({r.state.name})")
-        if d.swap_out and swap_in:
-            raise PolicyError(f"replica {self.id}: swap-in and swap-out in the same iteration")
-        resident = self.resident
-        if d.evict or d.load:
-            resident = dict(resident)
-            for a in d.evict:
-                if a not in resident:
-                    raise PolicyError(f"replica {self.id}: evicting adapter {a}, which is not resident")
-                del resident[a]
-            for a in d.load:
-                if a in resident:
-                    raise PolicyError(f"replica {self.id}: loading adapter {a}, which is already resident")
-                resident[a] = None
-            if len(resident) > self.adapter_slots:
-                raise PolicyError(f"replica {self.id}: {len(resident)} resident adapters exceed "
-                                  f"{self.adapter_slots} slots")
-        if d.merged is not None:
-            if d.merged not in resident:
-                raise PolicyError(f"replica {self.id}: merging adapter {d.merged}, which is not resident")
-            if adapters - {d.merged}:
-                raise PolicyError(f"replica {self.id}: merged on {d.merged} but the batch has other adapters")
-        else:
-            if self.full_copy:
-                raise PolicyError(f"replica {self.id}: full-copy replicas run merged only")
-            missing = [a for a in adapters if a not in resident]
-            if missing:
-                raise PolicyError(f"replica {self.id}: unmerged batch uses non-resident adapters {sorted(missing)}")
-
 
 _QUEUED, _RESIDENT, _SWAPPED, _FINISHED = State.QUEUED, State.RESIDENT, State.SWAPPED, State.FINISHED
 
