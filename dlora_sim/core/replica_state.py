@@ -194,7 +194,9 @@ class ReplicaState:
         now = self._clock()
         free = self.free_blocks
         left, chunked = self.max_num_batched_tokens, self.chunked_prefill
-        for r in d.batch:   # hot loop: plain attribute arithmetic (prefill_chunks' rule inlined)
+        # hot loop: plain attribute arithmetic, with prefill_chunks' rule and blocks_for inlined (a call per
+        # request slowed whole runs measurably, side by side with benchmarks/sim_speed.py's workload)
+        for r in d.batch:
             n = r.prompt_tokens + r.generated
             state = r.state
             if state == _QUEUED:
@@ -204,9 +206,9 @@ class ReplicaState:
                     c = left
                     rec.count("prefill_chunks", 1)   # a partial chunk: the prompt continues next iteration
                 left -= c
-                need = blocks_for(done + c, bs)
+                need = -(-(done + c) // bs)
             else:
-                need = blocks_for(n, bs)
+                need = -(-n // bs)
                 left -= 1
             if state == _SWAPPED:
                 swap_in.append(r)
@@ -289,7 +291,7 @@ class ReplicaState:
             r.exec_ns += total
             if g >= r.output_tokens:
                 raise AssertionError("a request finished inside a fast-forwarded run")
-            need = blocks_for(r.prompt_tokens + g, bs)
+            need = -(-(r.prompt_tokens + g) // bs)   # blocks_for, inlined: once per request per repeat
             free -= need - r.kv_blocks
             r.kv_blocks = need
         self.free_blocks = free
@@ -311,7 +313,7 @@ class ReplicaState:
             if r.generated >= r.output_tokens:
                 done.append(r)
                 continue
-            need = blocks_for(r.prompt_tokens + r.generated - 1, bs)
+            need = -(-(r.prompt_tokens + r.generated - 1) // bs)   # blocks_for, inlined: per request per step
             free -= need - r.kv_blocks
             r.kv_blocks = need
         self.free_blocks = free
@@ -333,7 +335,8 @@ class ReplicaState:
         bs, free = self.block_size, self.free_blocks
 
         def extra(m: int) -> int:   # blocks the iterations 2..m need beyond what the first holds
-            return sum(blocks_for(r.prompt_tokens + r.generated + m - 1, bs) - r.kv_blocks for r in batch)
+            # blocks_for, inlined: called per bisection step over the whole batch
+            return sum(-(-(r.prompt_tokens + r.generated + m - 1) // bs) - r.kv_blocks for r in batch)
 
         if k <= 1 or extra(k) <= free:
             return max(k, 1)

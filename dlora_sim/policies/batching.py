@@ -82,7 +82,7 @@ def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, lim
         if state == _RESIDENT:
             if tokens < 1:
                 continue
-            need = blocks_for(n, bs) - r.kv_blocks
+            need = -(-n // bs) - r.kv_blocks   # blocks_for, inlined (the policies' hot loop)
             if need > free:
                 if victims is None:
                     victims = [v for v in view.queue if _holds_gpu_kv(v)]
@@ -104,7 +104,7 @@ def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, lim
         elif state == _SWAPPED:
             if plan.swap_out or tokens < 1:
                 continue
-            need = blocks_for(n, bs)
+            need = -(-n // bs)   # blocks_for, inlined
             if need > free:
                 blocked = blocked or r
                 continue
@@ -117,7 +117,7 @@ def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, lim
                 c = n - r.prefilled
                 if c > tokens:
                     c = tokens
-                need = blocks_for(r.prefilled + c, bs) - r.kv_blocks
+                need = -(-(r.prefilled + c) // bs) - r.kv_blocks   # blocks_for, inlined
                 if c < 1 or free - need < watermark:
                     admit_prefill = False  # FCFS among prefills
                     if c >= 1:
@@ -125,7 +125,7 @@ def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, lim
                     continue
                 tokens -= c
             else:
-                need = blocks_for(n, bs)
+                need = -(-n // bs)   # blocks_for, inlined
                 if (n > tokens and batch) or free - need < watermark:
                     admit_prefill = False  # FCFS among prefills: nobody jumps the first that does not fit
                     if n <= tokens or not batch:
