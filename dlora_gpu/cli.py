@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from dlora_sim.core.config import ConfigError, build_parts, keep_iterations, show_progress
 from dlora_sim.core.errors import reported
-from dlora_sim.core.jobs import finish_job, hydra_job
+from dlora_sim.core.jobs import finish_job, run_app
 from dlora_sim.core.paths import CONF_DIR
 
 log = logging.getLogger("dlora_gpu")
@@ -63,14 +63,7 @@ def serve_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> 
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
 @reported("dlora-serve")
 def _main(cfg: DictConfig) -> float:
-    out, system, overrides, skipped = hydra_job(cfg)
-    if skipped is not None:
-        return skipped
-    s = serve_job(cfg, out, system, overrides)
-    log.info("%s on %s (%s clock): %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, wall %.1f s -> %s",
-             system, s["device"], s["clock"], s["completed"], s["num_requests"], s["throughput_rps"],
-             s["mean_latency_s"], s["p99_latency_s"], s["sim_wall_s"], out)
-    return s["mean_s_per_token"] or 0.0
+    return run_app(cfg, serve_job, log, lambda s: f" on {s['device']} ({s['clock']} clock)")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dlora_sim.core.errors import reported
-from dlora_sim.core.jobs import finish_job, hydra_job
+from dlora_sim.core.jobs import finish_job, run_app
 from dlora_sim.core.paths import CONF_DIR
 from dlora_sim.des.engine import build_simulation
 
@@ -33,14 +33,7 @@ def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> di
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 @reported("dlora-sim")
 def _main(cfg: DictConfig) -> float:
-    out, system, overrides, skipped = hydra_job(cfg)
-    if skipped is not None:
-        return skipped
-    s = run_job(cfg, out, system, overrides)
-    log.info("%s: %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s, SLO %.1f%%, wall %.1f s -> %s",
-             system, s["completed"], s["num_requests"], s["throughput_rps"], s["mean_latency_s"], s["p99_latency_s"],
-             100 * s["slo_attainment"], s["sim_wall_s"], out)
-    return s["mean_s_per_token"] or 0.0
+    return run_app(cfg, run_job, log)
 
 
 def main() -> None:

@@ -48,6 +48,24 @@ def hydra_job(cfg: DictConfig) -> tuple[Path, str, list[str], float | None]:
     return out, system, list(hc.overrides.task), None if done is None else (done["mean_s_per_token"] or 0.0)
 
 
+Job = Callable[[DictConfig, Path, str, list[str]], dict]   # (config, folder, system, overrides) -> summary
+
+
+def run_app(cfg: DictConfig, job: Job, logger: logging.Logger, what: Callable[[dict], str] = lambda s: "") -> float:
+    """The body of every app's Hydra main: skip a complete run of this config, else run `job` into the
+    job's folder and log one line of its summary (`what` adds the app's own facts). Returns the sweep
+    objective (mean s/token)."""
+    out, system, overrides, skipped = hydra_job(cfg)
+    if skipped is not None:
+        return skipped
+    s = job(cfg, out, system, overrides)
+    slo = f", SLO {100 * s['slo_attainment']:.1f}%" if s.get("slo_attainment") is not None else ""
+    logger.info("%s%s: %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s%s, wall %.1f s -> %s", system,
+             what(s), s["completed"], s["num_requests"], s["throughput_rps"], s["mean_latency_s"], s["p99_latency_s"],
+             slo, s["sim_wall_s"], out)
+    return s["mean_s_per_token"] or 0.0
+
+
 def finish_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], run: Callable[[], SimResult],
                about: dict | None = None, charts: Callable[[Path], object] | None = None) -> dict:
     """Run, then write the results folder (summary.json last) and, if `charts` is on, its charts; a
