@@ -2,8 +2,12 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Where no NVIDIA GPU is found, torch comes from PyTorch's CPU wheels (as PyTorch's install guide does it):
+# the torch pin alone would resolve to a CUDA build and its nvidia-* packages.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX := $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url $(TORCH_CPU_INDEX))
 
-.PHONY: run test install install-dev bench clean
+.PHONY: run test install install-dev install-runtime bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,14 +17,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,gpu,ref]'
+$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[gpu]' $(TORCH_INDEX)
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,gpu,ref]' $(TORCH_INDEX)
+	touch $@ $(VENV)/.installed $(VENV)/.installed-runtime
+
 install: $(VENV)/.installed
+## The runtime (dlora-serve, dlora-calibrate, dlora-validate): the gpu extra, CPU torch where no GPU is found.
+install-runtime: $(VENV)/.installed-runtime
 install-dev: $(VENV)/.installed-dev
 
-## The main job: five systems (conf/experiment/compare.yaml) on the embedded default workload, a table and a chart.
+## The main job: does merging pay? five systems, four cases (conf/experiment/compare.yaml), a verdict per case.
 run: $(VENV)/.installed
 	$(BIN)/dlora-sim --multirun experiment=compare
 

@@ -21,9 +21,9 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-PY=python3
+# the project's venv when there is one (make install-dev), else the machine's python3 (a GPU machine)
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 if [ "${DRY:-0}" = 1 ]; then
-  PY="${PYTHON:-python3}"
   RUNTIME=(runtime=cpu_tiny)
   CAL_ARGS=(--quick)
   REPLAY=(workload.num_requests=24 cluster.replica.max_kv_blocks=40 cluster.replica.host_swap_bytes=200000
@@ -51,17 +51,18 @@ fi
 # 2-3. PEFT adapters of the model's shapes (ranks cycling as the harness expects), microbenchmarks, fit
 timeout 60 $PY - "$WORK/adapters" "${RUNTIME[0]}" $RANKS <<'PY' > "$OUT/replay.log" 2>&1
 import sys
-from calibration.calibrate import _compose
 from calibration.microbench import BenchConfig
+from dlora_sim.core.config import compose
 from dlora_gpu.adapters import write_peft_adapter
 from dlora_gpu.model import LlamaConfig
 folder, runtime, ranks = sys.argv[1], sys.argv[2], [int(r) for r in sys.argv[3:]]
-cfg = _compose([runtime])
+cfg = compose([runtime], "serve")
 model = LlamaConfig.preset(cfg.model.name)
 for i in range(BenchConfig().num_adapters):
     write_peft_adapter(f"{folder}/adapter-{i}", model, ranks[i % len(ranks)], 2 * ranks[i % len(ranks)], seed=i)
 print("wrote", BenchConfig().num_adapters, "PEFT adapters to", folder)
 PY
+echo "adapters rc=$?" >> "$OUT/replay.log"
 timeout 240 $PY -m calibration.calibrate "${RUNTIME[@]}" "runtime.adapters_dir=$WORK/adapters" "${CAL_ARGS[@]}" \
   --out "$WORK/calibrate" >> "$OUT/replay.log" 2>&1
 echo "calibrate rc=$?" >> "$OUT/replay.log"
@@ -76,3 +77,8 @@ for system in slora dlora; do
   cp "$WORK/validate_$system/validation.md" "$OUT/validation_$system.md" 2>/dev/null
 done
 grep -E "rc=" "$OUT/tests.log" "$OUT/replay.log"
+# any stage that failed fails the script
+if grep -hE "rc=[1-9]" "$OUT/tests.log" "$OUT/replay.log" >/dev/null; then
+  echo "gpu_runtime_check: a stage failed (rc lines above)" >&2
+  exit 1
+fi

@@ -136,8 +136,10 @@ def report(path: str, checked: dict[int, tuple[list[dict], list[str]]], sweep: P
     for sd, (rs, fails) in checked.items():
         q = [r for r in rs if LOADS[r["load"]][1] != "overload"]
         o = [r for r in rs if LOADS[r["load"]][1] == "overload"]
-        lines.append(f"| {sd} | {max(r['mean_vs_best'] for r in q):.3f} | {max(r['p90_vs_best'] for r in q):.3f} | "
-                     f"{min(r['tput_vs_best'] for r in o):.3f} | {max(r['dlora_switching_share'] for r in rs):.2%} | "
+        def worst(f, key, rows) -> str:   # a partial sweep may lack one kind of load
+            return f"{f(r[key] for r in rows):.3f}" if rows else "-"
+        lines.append(f"| {sd} | {worst(max, 'mean_vs_best', q)} | {worst(max, 'p90_vs_best', q)} | "
+                     f"{worst(min, 'tput_vs_best', o)} | {max(r['dlora_switching_share'] for r in rs):.2%} | "
                      f"{'met' if not fails else 'NOT met: ' + '; '.join(fails)} |")
     return "\n".join(lines) + "\n"
 

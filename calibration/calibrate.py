@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--repeats and --sweeps must be >= 1, got {args.repeats} and {args.sweeps}")
     if args.source is not None and args.replays:
         ap.error("--replays measures: with --from the folder's points.csv (served points included) is refitted as it is")
+    if args.source is None:
+        from dlora_gpu import require_runtime
+        require_runtime("dlora-calibrate")   # measuring needs the runtime; refitting (--from) does not
     from dlora_sim.core.config import build_profile
     cfg = compose(args.overrides, "serve")
     base = build_profile(cfg)

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from scipy.stats import ks_2samp
 
 from dlora_sim.des.engine import build_simulation
-from dlora_sim.core.errors import reported
+from dlora_sim.core.errors import UserError, reported
 from dlora_sim.core.results import summarize, write_results
 
 METRICS = [("mean_latency_s", "mean E2E"), ("p50_latency_s", "P50 E2E"), ("p90_latency_s", "P90 E2E"),
@@ -143,7 +143,12 @@ def _scaling_note(scaling: dict | None) -> str:
 
 
 def report_md(v: dict, runtime_dir: Path) -> str:
+    about = v["about"]
+    machine = about.get("machine_vs_calibration") or {}
     lines = ["# dlora-validate: simulator vs runtime", "",
+             *([f"Command: `{about['command']}`", ""] if about.get("command") else []),
+             *([f"This machine against the profile's calibration: {machine['why']} (factor {machine['factor']}).", ""]
+               if machine.get("factor") is not None else []),
              f"Runtime results: `{runtime_dir}` ({v['about'].get('device')}, {v['about'].get('clock')} clock); "
              f"simulator with the runtime's profile `{v['about'].get('profile')}` and its {v['about'].get('kv_blocks')} "
              f"KV blocks. {v['matched_requests']} requests matched by id.{_scaling_note(v['about'].get('clock_scaling'))}", "",
@@ -282,8 +287,9 @@ def price_matched(summary: dict, cfg, folder: Path, steps: list[dict], sim_overr
         price_sensitivity(summary, cfg, folder, sim_overrides, (round(level, 6),)).values()))}
 
 
-def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) -> dict:
-    """Simulate the config a runtime folder ran with and compare; `sim_overrides` patch the config."""
+def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None, machine: dict | None = None) -> dict:
+    """Simulate the config a runtime folder ran with and compare; `sim_overrides` patch the config;
+    `machine`: this machine's speed against the profile's calibration (`probe_machine`)."""
     summary = json.loads((runtime_dir / "summary.json").read_text())
     cfg, res, sim_summary = _simulate(summary, sim_overrides)
     kv = (summary.get("runtime") or {}).get("kv_blocks")
@@ -296,13 +302,56 @@ def validate(runtime_dir: Path, out: Path, sim_overrides: dict | None = None) ->
     v["about"] = {"device": summary.get("device"), "clock": summary.get("clock"), "kv_blocks": kv,
                   "clock_scaling": summary.get("clock_scaling"),
                   "profile": cfg.profile.get("path") or f"{cfg.profile.get('hardware')}-{cfg.model.name}",
-                  "runtime_dir": str(runtime_dir),
+                  "runtime_dir": str(runtime_dir), "machine_vs_calibration": machine,
+                  "command": "dlora-validate " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "dlora-validate"
+                  else None,
                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.mkdir(parents=True, exist_ok=True)
     (out / "validation.json").write_text(json.dumps(v, indent=2) + "\n")
     (out / "validation.md").write_text(report_md(v, runtime_dir))
     cdf_chart(runtime_dir, sim_dir, out / "validation.png", str(summary.get("clock") or "real"))
     return v
+
+
+class FolderError(ValueError, UserError):
+    """--runtime-folder names something that is not a runtime's complete results folder."""
+
+
+def check_runtime_folder(folder: Path) -> None:
+    """A runtime's complete results folder (dlora-serve's, or a load generator's against a server), not a
+    simulator's: comparing the simulator with itself would meet every goal and mean nothing."""
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        raise FolderError(f"--runtime-folder {folder}: no summary.json there (not a complete results folder)")
+    try:
+        about = json.loads(summary.read_text())
+    except ValueError:
+        raise FolderError(f"--runtime-folder {summary}: not valid JSON") from None
+    if not about.get("executor"):
+        raise FolderError(f"--runtime-folder {folder}: a simulator's results (summary.json names no executor); "
+                          "give the folder of a dlora-serve run")
+
+
+def probe_machine(overrides: list[str], clock: str) -> dict:
+    """The machine's speed against the profile's calibration (the reference probe), warned about on stderr
+    when it is more than 10% off: on the real clock that difference lands in every error."""
+    try:
+        from dlora_gpu.cli import build_engine
+        from dlora_gpu.drift import machine_factor
+    except ImportError:
+        return {"factor": None, "why": "the runtime is not installed here (make install-runtime)"}
+    from dlora_sim.core.config import build_profile, compose
+    cfg = compose([*overrides, "workload.num_requests=1"], "serve")
+    profile = build_profile(cfg)
+    if not profile.provenance.reference_probe_s > 0:   # before building a model: a GPU profile records none
+        return {"factor": None, "why": f"profile {profile.name} records no reference probe"}
+    engine = build_engine(cfg)
+    factor, how = machine_factor(engine.executor.model, engine.profile, engine.executor.backend)
+    if factor is not None and abs(factor - 1) > 0.10 and clock == "real":
+        print(f"dlora-validate: this machine runs {1 / factor:.2f}x the speed of the profile's calibration ({how}): "
+              "real-clock errors include that; --clock measured scales the runtime's steps to the calibration's "
+              "speed", file=sys.stderr)
+    return {"factor": None if factor is None else round(factor, 4), "why": how}
 
 
 @reported("dlora-validate")
@@ -316,11 +365,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = args.out or Path("outputs/validate") / time.strftime("%Y-%m-%d_%H-%M-%S")
     runtime_dir = args.runtime_folder
+    if runtime_dir is not None:
+        check_runtime_folder(runtime_dir)
+    else:
+        from dlora_gpu import require_runtime
+        require_runtime("dlora-validate")
+    speed = probe_machine(args.overrides, args.clock)
     if runtime_dir is None:
         from calibration.replays import serve
         runtime_dir = out / "runtime"
         serve(args.overrides, runtime_dir, args.clock)
-    validate(runtime_dir, out)
+    validate(runtime_dir, out, machine=speed)
     print((out / "validation.md").read_text())
     print(f"results in {out}")
     return 0

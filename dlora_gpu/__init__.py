@@ -1,10 +1,22 @@
 """Real GPU runtime for multi-LoRA serving: Triton kernels, a pure-torch fallback, drift-free merging,
 and the model they serve (a request's path: model, weights, adapters, kv_cache, batch).
 
-Nothing here imports triton at package import time, so the torch path (and the simulator) works on
-machines without triton; `dlora_gpu.kernels` is imported lazily by the triton backend.
+Importing the package imports nothing heavy: its apps check first that the `gpu` extra is installed
+(`require_runtime`), and `dlora_gpu.kernels` is imported lazily by the triton backend.
 """
+from __future__ import annotations
 
-from dlora_gpu.lora_stack import LoRAStack, Segments
+import importlib.util
+import sys
 
-__all__ = ["LoRAStack", "Segments"]
+RUNTIME_MODULES = ("torch", "triton", "safetensors")   # the `gpu` extra
+
+
+def require_runtime(prog: str) -> None:
+    """Exit with one line naming the install command when the `gpu` extra is missing."""
+    missing = [m for m in RUNTIME_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{prog}: the runtime needs {', '.join(missing)} (the `gpu` extra), not installed here: run "
+              "`make install-runtime` (PyTorch's CPU build where no NVIDIA GPU is found; docs/runtime.md)",
+              file=sys.stderr)
+        raise SystemExit(2)

@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from dlora_gpu import require_runtime
 from dlora_sim.core.config import ConfigError, build_parts, keep_iterations, show_progress
 from dlora_sim.core.errors import reported
 from dlora_sim.core.jobs import finish_job, run_app
@@ -63,11 +64,22 @@ def serve_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> 
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
 @reported("dlora-serve")
 def _main(cfg: DictConfig) -> float:
-    return run_app(cfg, serve_job, log, lambda s: f" on {s['device']} ({s['clock']} clock)")
+    return run_app(cfg, serve_job, log, lambda s: (
+        f" on {s['device']} ({s['clock']} clock): mean TTFT {_ms(s['mean_ttft_s'])}, mean TPOT {_ms(s['mean_tpot_s'])}, "
+        f"{s['output_tokens_per_s']:.1f} output tokens/s"))
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f} ms"
 
 
 def main() -> None:
-    sys.exit(_main())
+    require_runtime("dlora-serve")
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:
+        from dlora_sim.sweep_progress import interrupted
+        sys.exit(interrupted("dlora-serve"))
 
 
 if __name__ == "__main__":

@@ -151,3 +151,23 @@ class DriftScale:
                 "window": self._recent.maxlen, "factors": len(f),
                 "factor_median": round(median(f), 4) if f else None,
                 "factor_min": round(f[0], 4) if f else None, "factor_max": round(f[-1], 4) if f else None}
+
+
+def machine_factor(model, profile, backend: str = "torch", runs: int = 30) -> tuple[float | None, str]:
+    """This machine's speed now against the profile's calibration: the reference probe's median now over
+    its median then (> 1: slower now), or None and why it cannot be told (a GPU, no recorded probe, a
+    probe of another model)."""
+    import statistics
+
+    ref, desc = profile.provenance.reference_probe_s, profile.provenance.reference_probe
+    if getattr(getattr(model, "device", None), "type", "cpu") != "cpu":
+        return None, "a GPU's speed does not drift like a shared CPU's"
+    if not ref > 0:
+        return None, f"profile {profile.name} records no reference probe"
+    probe = reference_probe(model, backend)
+    if desc != probe.describe():
+        return None, f"profile {profile.name}'s reference probe is of another model or probe ({desc or 'unnamed'})"
+    for _ in range(10):
+        probe()
+    now = statistics.median(probe() for _ in range(runs))
+    return now / ref, f"reference probe {now * 1e3:.2f} ms now, {ref * 1e3:.2f} ms at the calibration"

@@ -37,7 +37,11 @@ def _main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    sys.exit(_main())
+    try:
+        sys.exit(_main())
+    except KeyboardInterrupt:
+        from dlora_sim.sweep_progress import interrupted
+        sys.exit(interrupted("dlora-sim"))
 
 
 if __name__ == "__main__":

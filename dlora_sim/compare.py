@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dlora_sim.chart_layout import common_description, layout
+from dlora_sim.verdict import verdict_chart, verdicts
 
 COLUMNS = [("label", "run", "{}"), ("throughput_rps", "req/s", "{:.3f}"), ("mean_latency_s", "mean lat s", "{:.2f}"),
            ("p99_latency_s", "p99 lat s", "{:.2f}"), ("mean_ttft_s", "TTFT s", "{:.2f}"),
@@ -141,6 +142,17 @@ def compare(*folders: Path, out: Path | None = None, log: bool = False) -> Path 
         for s in rows:
             w.writerow([s.get(k) for k, _, _ in COLUMNS] + [s["folder"]])
     chart = comparison_chart(rows, out / "comparison.png", log=log)
+    found = verdicts(rows)
+    if found:
+        lines = [v.line() for v in found]
+        print("\n".join(lines))
+        (out / "verdicts.md").write_text("# Verdicts: dlora against the best other system, per case\n\n"
+                                         + "".join(f"- {ln.removeprefix('verdict ')}\n" for ln in lines))
+        print(f"verdicts: {(out / 'verdicts.md').resolve()}")
+        png = verdict_chart(rows, out / "verdicts.png")
+        if png is not None:
+            print(f"verdict chart: {png.resolve()}")
+    print(f"comparison table: {(out / 'comparison.csv').resolve()}")
     print(f"comparison chart: {chart.resolve()}")
     return chart
 

@@ -30,6 +30,15 @@ def _summary(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+CLOCKS = {"real": "wall-clock time (s, real clock)", "measured": "time (s, measured clock: the steps' own times)",
+          "virtual": "time (s, virtual clock: the cost model's prices)"}
+
+
+def time_axis(summary: dict) -> str:
+    """The x label of a time axis: simulated time, or the runtime's clock by name."""
+    return CLOCKS.get(str(summary.get("clock")), "simulated time (s)")
+
+
 def run_charts(folder: Path) -> list[Path]:
     """latency.png (CDFs of latency, TTFT and s/token, the SLO marked), timeline.png (batch size and
     mode per replica) and, for dlora, modes.png; titled from the folder's summary.json."""
@@ -101,7 +110,7 @@ def _timeline(folder: Path, it: dict[str, list[str]], title: str) -> Path:
         ax.set_ylabel(f"replica {j}\nbatch", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(loc="upper right", markerscale=4, fontsize=7)
-    axes[-1, 0].set_xlabel("simulated time (s)")
+    axes[-1, 0].set_xlabel(time_axis(_summary(folder)))
     return _save(fig, folder / "timeline.png", title, shown, len(reps))
 
 
@@ -166,7 +175,7 @@ def mode_threshold_chart(folder: Path, it: dict[str, list[str]] | None = None, t
         ax2.set_ylim(*theta_lim)
         ax2.step(start[m], left[m], where="post", color="tab:purple", label="theta_left (stay merged)")
         ax2.step(start[m], right[m], where="post", color="tab:green", label="theta_right (merge)")
-        ax2.set_xlabel("simulated time (s)")
+        ax2.set_xlabel(time_axis(_summary(folder)))
         for ax in (ax0, ax1, ax2):
             ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("share of\niterations", fontsize=8)

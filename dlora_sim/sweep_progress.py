@@ -36,10 +36,41 @@ def complete_jobs(sweep_dir: Path) -> int:
     return sum(1 for _ in sweep_dir.glob("*/summary.json"))
 
 
+def check_before_launch(config: DictConfig) -> None:
+    """Stop a sweep within seconds, with one line, when its workload needs a trace this machine lacks
+    (before Hydra composes and launches any job)."""
+    from dlora_sim.core.config import ConfigError, instantiated
+    from dlora_sim.core.errors import UserError
+    from dlora_sim.traces.workloads import require_traces
+
+    try:
+        require_traces(instantiated(config.workload, "workload"))
+    except (UserError, ConfigError) as e:
+        print(f"dlora-sim: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+RUNNING: dict[str, Path] = {}   # the sweep folder of the multirun in this process (for an interrupt's hint)
+
+
+def interrupted(prog: str) -> int:
+    """One line after Ctrl-C: what was kept and how to finish; the exit status to use (130)."""
+    sweep = RUNNING.get("sweep")
+    if sweep is not None:
+        print(f"{prog}: interrupted; {complete_jobs(sweep)} finished job(s) kept in {sweep}; run the same command "
+              f"with hydra.sweep.dir={sweep} to finish the rest (finished jobs are skipped)", file=sys.stderr)
+    else:
+        print(f"{prog}: interrupted; a run writes its results when it ends, so nothing of this one was kept",
+              file=sys.stderr)
+    return 130
+
+
 class SweepProgress(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_before_launch(config)
         total = sweep_size(config)
         sweep_dir = Path(config.hydra.sweep.dir)
+        RUNNING["sweep"] = sweep_dir
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / TOTAL_FILE).write_text("" if total is None else str(total))
         done = complete_jobs(sweep_dir)

@@ -44,3 +44,23 @@ def test_results_json_has_no_bare_nan(runs):
     json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in summary.json"))
     strict = json_text({"a": math.nan, "b": [math.inf, 1.0], "c": {"d": -math.inf}})
     assert json.loads(strict) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
+
+
+def test_the_main_job_gives_a_verdict_per_case_naming_the_winner(tmp_path):
+    """`make run`'s sweep (fewer requests): one verdict per case, each naming the winner or a tie, with
+    the best baseline, the change in % and why; verdicts.md and verdicts.png in the sweep folder."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "dlora_sim", "--multirun", "experiment=compare",
+                          "workload.num_requests=160", f"hydra.sweep.dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("verdict [")]
+    assert len(lines) == 4   # {einsum, kernel} x {uniform, Zipf 2}
+    systems = ("vllm", "peft", "merged", "slora", "dlora")
+    for ln in lines:
+        best = ln.split("best baseline ", 1)[1].split(":", 1)[0]
+        assert best in systems[:-1]
+        assert "-> dlora wins" in ln or f"-> {best} wins" in ln or f"-> tie (dlora and {best})" in ln
+        assert "mean s/token " in ln and "%" in ln and "unmerged LoRA adds" in ln
+    assert (tmp_path / "verdicts.md").read_text().count("\n- ") == 4 and (tmp_path / "verdicts.png").exists()

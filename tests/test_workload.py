@@ -49,7 +49,7 @@ def test_lengths_and_validation():
     assert u.min() >= 8 and u.max() < 12
     with pytest.raises(ValueError, match="low < high"):
         LengthDist("uniform", low=5, high=5)
-    with pytest.raises(ValueError, match="unknown popularity"):
+    with pytest.raises(ValueError, match="workload.popularity: unknown"):
         popularity_weights("pareto", 4)
     with pytest.raises(ValueError, match="sorted by arrival"):
         Workload(requests=(RequestSpec(1.0, 0, 1, 1), RequestSpec(0.5, 0, 1, 1)),

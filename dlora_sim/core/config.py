@@ -43,6 +43,7 @@ def dataclass_from(cls: type, raw: Any, where: str):
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; valid: {sorted(valid)}")
+    _check_types(cls, data, where)
     try:
         return cls(**data)
     except (TypeError, ValueError) as e:
@@ -68,18 +69,72 @@ def build_profile(cfg: DictConfig) -> Profile:
     return prof.with_lora_path(p.get("lora") or prof.lora_path)
 
 
-def build_workload(cfg: DictConfig) -> Workload:
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_types(cls: Any, values: Any, where: str) -> None:
+    """A value of the wrong type for a typed parameter of `cls` (`workload.rate=abc`) is a ConfigError
+    naming the key, before the class sees it."""
+    import inspect
+    import typing
+
     try:
-        source = instantiate(cfg.workload, _convert_="all")
-    except Exception as e:  # Hydra wraps constructor errors; keep the key in the message
-        raise ConfigError(f"workload: {e}") from None
-    return source.build(int(cfg.seed))
+        hints = typing.get_type_hints(cls if dataclasses.is_dataclass(cls) else cls.__init__)
+        if not dataclasses.is_dataclass(cls):
+            hints = {k: v for k, v in hints.items() if k in inspect.signature(cls.__init__).parameters}
+    except Exception:   # no hints to check against
+        return
+    for key, value in values.items():
+        want = hints.get(str(key))
+        if want not in _KINDS or value is None or str(key).startswith("_"):
+            continue
+        ok = isinstance(value, bool) if want is bool else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and (want is float or isinstance(value, int))
+            if want in (int, float) else isinstance(value, str))
+        if not ok:
+            raise ConfigError(f"{where}.{key} must be {_KINDS[want]}, got {value!r}")
+
+
+def instantiated(node: DictConfig, where: str) -> Any:
+    """Build a config node's `_target_`; a bad value is one ConfigError naming the key, not Hydra's
+    multi-line instantiation error."""
+    from hydra._internal.utils import _locate
+    from hydra.errors import InstantiationException
+
+    try:
+        cls = _locate(str(node._target_))
+    except Exception:   # an unknown target is reported by instantiate itself
+        cls = None
+    if cls is not None:
+        _check_types(cls, node, where)
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e.__context__
+        msg = str(cause) if cause is not None else str(e).splitlines()[0]
+        raise ConfigError(msg if f"{where}." in msg or msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def build_workload(cfg: DictConfig) -> Workload:
+    source = instantiated(cfg.workload, "workload")
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    try:
+        workload = source.build(seed)
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise ConfigError(str(e) if str(e).startswith("workload") else f"workload: {e}") from None
+    if not workload.requests:
+        raise ConfigError("workload: no requests to serve (an empty trace, or a window or filter that keeps none)")
+    return workload
 
 
 def _policy(node: DictConfig, where: str):
     if node is None or "_target_" not in node:
         raise ConfigError(f"{where}: needs a _target_ naming a policy class (see conf/{where}/)")
-    return instantiate(node, _convert_="all")
+    return instantiated(node, where)
 
 
 @dataclass(frozen=True)
@@ -103,6 +158,9 @@ def build_parts(cfg: DictConfig, workload: Workload | None = None) -> Parts:
     router = _policy(cfg.router, "router")
     mig = cfg.get("migration")
     migrator = _policy(mig, "migration") if mig is not None and "_target_" in mig else None
+    slo = cfg.get("slo_s_per_token", 0.5)
+    if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not slo > 0:
+        raise ConfigError(f"slo_s_per_token must be a number > 0, got {slo!r}")
     return Parts(profile, cluster, workload, lambda: instantiate(scheduler_cfg, _convert_="all"), router, migrator)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import sys
 from os import PathLike
+from pathlib import Path
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -21,19 +23,41 @@ class UserError(Exception):
 
 
 def reported(prog: str) -> Callable[[F], F]:
-    """Run `fn`; a UserError becomes `prog: message` on stderr and exit status 2."""
+    """Run `fn`; a UserError becomes `prog: message` on stderr and exit status 2, and the folder Hydra
+    made for the refused job goes too (a refused command leaves no folder behind)."""
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def run(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except UserError as e:
+                discard_job_folder()
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 print(f"{prog}: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
         return run  # type: ignore[return-value]
     return wrap
+
+
+def discard_job_folder() -> None:
+    """Remove the running Hydra job's folder if it holds only what Hydra put there (.hydra/, its log),
+    and the parents this leaves empty (outputs/<date>/<time>): nothing of a refused run stays."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        if not HydraConfig.initialized():
+            return
+        out = Path(HydraConfig.get().runtime.output_dir).resolve()
+    except Exception:
+        return
+    if not out.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in out.iterdir()):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in out.parents:
+        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 class TraceFormatError(ValueError, UserError):

@@ -60,9 +60,10 @@ def run_app(cfg: DictConfig, job: Job, logger: logging.Logger, what: Callable[[d
         return skipped
     s = job(cfg, out, system, overrides)
     slo = f", SLO {100 * s['slo_attainment']:.1f}%" if s.get("slo_attainment") is not None else ""
-    logger.info("%s%s: %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s%s, wall %.1f s -> %s", system,
-             what(s), s["completed"], s["num_requests"], s["throughput_rps"], s["mean_latency_s"], s["p99_latency_s"],
-             slo, s["sim_wall_s"], out)
+    label = system + (f" [arm {cfg.arm}]" if cfg.get("arm") else "")
+    logger.info("%s%s: %d/%d done, throughput %.3f req/s, mean latency %s s, p99 %s s%s, wall %.1f s -> %s", label,
+                what(s), s["completed"], s["num_requests"], s["throughput_rps"], s["mean_latency_s"],
+                s["p99_latency_s"], slo, s["sim_wall_s"], out)
     return s["mean_s_per_token"] or 0.0
 
 

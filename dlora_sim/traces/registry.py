@@ -5,8 +5,9 @@ package, which works for the editable install the project uses; set `$DLORA_TRAC
 another file (e.g. with a non-editable install).
 
 A trace file is looked up, in order: an explicit path; `$DLORA_TRACE_DIR/<folder>/<file>`; the user
-cache (`$XDG_CACHE_HOME/dlora/traces` or `~/.cache/dlora/traces`); `$DLORA_SHARED_TRACES/<folder>/<file>`;
-and the repository's sibling `../shared/traces/<folder>/<file>`. `dlora-trace fetch NAME` downloads
+cache (`$XDG_CACHE_HOME/dlora/traces` or `~/.cache/dlora/traces`); then `$DLORA_SHARED_TRACES/<folder>/<file>`
+if that is set (empty: nowhere else, as in a fresh clone), else the repository's sibling
+`../shared/traces/<folder>/<file>`. `dlora-trace fetch NAME` downloads
 into the first of `$DLORA_TRACE_DIR` / user cache, verifying each file's sha256; a file is written to
 a temporary name and renamed only once its checksum matches, so nothing half-written is ever read.
 """
@@ -121,9 +122,11 @@ def search_dirs() -> list[Path]:
     if os.environ.get("DLORA_TRACE_DIR"):
         dirs.append(Path(os.environ["DLORA_TRACE_DIR"]))
     dirs.append(user_cache_dir())
-    if os.environ.get("DLORA_SHARED_TRACES"):
-        dirs.append(Path(os.environ["DLORA_SHARED_TRACES"]))
-    dirs.append(REPO_ROOT.parent / "shared" / "traces")
+    shared = os.environ.get("DLORA_SHARED_TRACES")
+    if shared is None:   # set but empty: no shared folder at all (a fresh clone, as a user has it)
+        dirs.append(REPO_ROOT.parent / "shared" / "traces")
+    elif shared:
+        dirs.append(Path(shared))
     return dirs
 
 
@@ -148,8 +151,8 @@ def resolve(name: str, relpath: str | None = None, path: str | os.PathLike | Non
         tried.append(str(cand))
     unverified = " --allow-unverified" if any(f.sha256 is None for f in entry.files) else ""
     raise TraceNotFoundError(
-        f"trace {name!r} not found; looked in:\n  " + "\n  ".join(tried)
-        + f"\nRun `dlora-trace fetch {name}{unverified}` (or set $DLORA_TRACE_DIR, or give the workload a path).")
+        f"trace {name!r} not found (looked in {', '.join(tried)}): run `dlora-trace fetch {name}{unverified}`, "
+        "or set $DLORA_TRACE_DIR to a folder that holds it, or give the workload a path")
 
 
 def is_present(name: str) -> bool:

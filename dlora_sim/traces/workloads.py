@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dlora_sim.traces import registry
-from dlora_sim.traces.lengths import LengthSource
+from dlora_sim.traces.lengths import LengthSource, TraceLengths
 from dlora_sim.traces.mapping import AdapterMapping
 from dlora_sim.traces.raw import RawRequests
 from dlora_sim.traces.transform import scale_rate, time_scale
@@ -213,3 +213,17 @@ class MAF2021Workload(TraceWorkload):
         path = registry.resolve("maf2021", relpath="AzureFunctionsInvocationTraceForTwoWeeksJan2021.txt",
                                 path=self.path)
         return self._finish(load_maf2021(path), seed, "maf2021", path=str(path))
+
+
+def require_traces(source) -> None:
+    """Raise TraceNotFoundError (one line: which trace, how to fetch it or point at it) if a trace this
+    workload source reads is not on this machine: checked before a sweep launches anything."""
+    needed = []
+    if getattr(source, "trace_name", "") and getattr(source, "path", None) is None:
+        entry = registry.get_entry(source.trace_name)
+        needed.append((source.trace_name, entry.root if isinstance(source, ServeGenWorkload) else None))
+    lengths = getattr(source, "lengths", None)
+    if isinstance(lengths, TraceLengths) and lengths.path is None:
+        needed.append((lengths.trace, None))
+    for name, rel in needed:
+        registry.resolve(name, rel)

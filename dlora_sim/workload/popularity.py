@@ -38,7 +38,7 @@ def popularity_weights(kind: str, n: int, param: float = 1.0) -> np.ndarray:
     table = {"uniform": lambda: uniform_weights(n), "zipf": lambda: zipf_weights(n, param),
              "powerlaw": lambda: powerlaw_weights(n, param)}
     if kind not in table:
-        raise ValueError(f"unknown popularity {kind!r}; valid: {sorted(table)}")
+        raise ValueError(f"workload.popularity: unknown {kind!r}; valid: {sorted(table)}")
     return table[kind]()
 
 

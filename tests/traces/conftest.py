@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # trace_files.py helpers, whatev
 
 def trace_dirs() -> list[Path]:
     """Every folder the registry looks in, in its order: $DLORA_TRACE_DIR, the user cache (where
-    `dlora-trace fetch` puts traces), $DLORA_SHARED_TRACES and <repo>/../shared/traces."""
+    `dlora-trace fetch` puts traces), $DLORA_SHARED_TRACES or else <repo>/../shared/traces."""
     from dlora_sim.traces.registry import search_dirs
     return [d for d in search_dirs() if d.is_dir()]
 
