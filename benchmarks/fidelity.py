@@ -48,6 +48,7 @@ from benchmarks.recording import RESULTS, finish, write_report  # noqa: E402
 from benchmarks.kernels import name_slug  # noqa: E402
 from calibration.replays import WORKLOADS, case_overrides, serve  # noqa: E402
 from calibration.validate import GOALS, METRICS, tolerance, validate  # noqa: E402
+from dlora_sim.core.errors import reported  # noqa: E402
 
 LOADS = {"moderate": 0.5, "high": 0.9}
 SYSTEMS = ("slora", "dlora")
@@ -296,6 +297,15 @@ def price_errors(iteration_error: list[dict]) -> dict:
     return {"price_bias": f"{pred / meas - 1:+.1%}", "price_by_batch": by, "price_mean_abs": f"{mean_abs:.1%}"}
 
 
+def require_traces(workloads: Iterable[str], overrides: list[str]) -> None:
+    """Stop before the first case, with one line, when a workload's trace is not on this machine."""
+    from dlora_sim.core.config import compose, instantiated
+    from dlora_sim.traces.workloads import require_traces as require
+    for w in workloads:
+        require(instantiated(compose([*overrides, *WORKLOADS[w]], "serve").workload, "workload"))
+
+
+@reported("fidelity.py")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="serve overrides (e.g. runtime=h200_7b)")
@@ -318,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     clocks = args.clocks.split(",")
     if not clocks or any(c not in ("real", "measured") for c in clocks):
         ap.error(f"--clocks must list real and/or measured, got {args.clocks!r}")
+    unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS))
+    if unknown:
+        ap.error(f"--workloads: unknown {unknown}; valid: {sorted(WORKLOADS)}")
+    require_traces(args.workloads.split(","), list(args.overrides))
     work = Path(tempfile.mkdtemp(prefix="fidelity_"))
     overrides, calibration = list(args.overrides), "Profile: the committed one (measured before these cases, not for them)."
     if args.calibrate:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def _main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    # an interrupted parallel sweep's worker pool leaves semaphores its tracker warns about: not the user's
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     try:
         sys.exit(_main())
     except KeyboardInterrupt:
