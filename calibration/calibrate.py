@@ -285,7 +285,24 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         harness = Harness(rcfg, base, bench)        # sets the runtime's torch threads
         meta_load = metadata(rcfg, base, bench, 0.0)
-        rows = run_all(harness, bench)
+        clock0 = time.perf_counter()
+
+        def stage(what: str, done: list[dict]) -> None:   # progress, and what an interrupt keeps
+            write(done, {**meta_load, "partial": what}, out / "partial")
+            print(f"dlora-calibrate: {what} done ({len(done)} points, {time.perf_counter() - clock0:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+        print(f"dlora-calibrate: measuring into {out} ({bench.sweeps} sweep(s) of the compute points, then mode "
+              "changes, adapter loads and KV swaps)", file=sys.stderr, flush=True)
+        try:
+            rows = run_all(harness, bench, stage)
+        except KeyboardInterrupt:
+            kept = out / "partial" / "points.csv"
+            print(f"dlora-calibrate: interrupted; the points finished so far are in {kept} (a partial set: "
+                  "rerun dlora-calibrate to measure them all)", file=sys.stderr)
+            raise SystemExit(130) from None
+        import shutil
+        shutil.rmtree(out / "partial", ignore_errors=True)
         meta = {**meta_load, "elapsed_s": round(time.perf_counter() - t0, 3), "reference": harness.reference()}
         points = write(rows, meta, out)
         if args.replays:

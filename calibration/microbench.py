@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, median
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -392,13 +392,20 @@ def average_sweeps(sweeps: list[list[dict]]) -> list[dict]:
     return out
 
 
-def run_all(h: Harness, b: BenchConfig) -> list[dict]:
+def run_all(h: Harness, b: BenchConfig, stage: Callable[[str, list[dict]], None] = lambda what, rows: None) -> list[dict]:
+    """Every point of the microbenchmarks; `stage(what, rows so far)` after each stage (progress, and what
+    an interrupted calibration keeps)."""
     if b.sweeps < 1:
         raise ValueError(f"sweeps must be >= 1, got {b.sweeps}")
-    rows = average_sweeps([compute_points(h, b) for _ in range(b.sweeps)])
-    rows += mode_points(h, b)
-    rows += load_points(h, b)
-    rows += swap_points(h, b, (1, 4) if b.quick else (1, 4, 16, 64))
+    sweeps: list[list[dict]] = []
+    for i in range(b.sweeps):
+        sweeps.append(compute_points(h, b))
+        stage(f"compute points, sweep {i + 1}/{b.sweeps}", [r for s in sweeps for r in s])
+    rows = average_sweeps(sweeps)
+    for what, points in (("mode changes", mode_points), ("adapter loads", load_points),
+                         ("KV swaps", lambda h, b: swap_points(h, b, (1, 4) if b.quick else (1, 4, 16, 64)))):
+        rows += points(h, b)
+        stage(what, rows)
     return h.rescale(rows)
 
 
