@@ -6,7 +6,6 @@ folder of results folders. It only reads summary.json files.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -130,17 +129,17 @@ def comparison_chart(rows: Sequence[dict[str, Any]], path: Path, *, log: bool = 
 def compare(*folders: Path, out: Path | None = None, log: bool = False) -> Path | None:
     """Table, comparison.csv and comparison.png of the runs in `folders` (run or sweep folders), written
     into `out` (default: the folder, when there is one)."""
+    from dlora_sim.api import sweep_frame
+
     rows = load_summaries(*folders)
     if not rows:
         return None
     out = Path(out) if out is not None else Path(folders[0])
     out.mkdir(parents=True, exist_ok=True)
-    print(format_table(rows))
-    with (out / "comparison.csv").open("w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow([k for k, _, _ in COLUMNS] + ["folder"])
-        for s in rows:
-            w.writerow([s.get(k) for k, _, _ in COLUMNS] + [s["folder"]])
+    frame = sweep_frame(rows)   # the table is the Python API's sweep frame (dlora_sim.load_sweep)
+    cols = [k for k, _, _ in COLUMNS if k in frame] + ["folder"]
+    print(format_table(frame[cols].astype(object).where(frame[cols].notna(), None).to_dict("records")))
+    frame.reindex(columns=[k for k, _, _ in COLUMNS] + ["folder"]).to_csv(out / "comparison.csv", index=False)
     chart = comparison_chart(rows, out / "comparison.png", log=log)
     found = verdicts(rows)
     if found:
