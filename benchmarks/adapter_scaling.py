@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from benchmarks.recording import report_main, write_rows  # noqa: E402
 
-from dlora_sim.compare import load_summaries
+from dlora_sim.api import load_summaries
 
 SYSTEMS = {"vllm": "vLLM (replicated)", "peft": "PEFT", "slora": "S-LoRA-style", "dlora": "dLoRA"}
 PATHS = ("einsum", "kernel")

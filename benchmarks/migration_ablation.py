@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from benchmarks.recording import finish, output_dir  # noqa: E402
 
-from dlora_sim.compare import load_summaries
+from dlora_sim.api import load_summaries
 
 ARMS = ("rr", "proactive", "dlora")
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from benchmarks.recording import finish, output_dir, write_rows  # noqa: E402
 
-from dlora_sim.compare import load_summaries
+from dlora_sim.api import load_summaries
 
 SYSTEMS = {"slora": "unmerged-only", "merged": "merged-only", "dlora": "dlora"}
 PATHS = {"einsum": "the dLoRA artifact's unmerged cost (einsum over resident adapters)",

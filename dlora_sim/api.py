@@ -126,7 +126,6 @@ def simulate(system: str = "dlora", workload: str | None = None, overrides: Sequ
 def load_sweep(folder: str | Path) -> "pd.DataFrame":
     """One row per job of a sweep folder (or per run folder given): the swept keys as columns (numbers
     where they parse), every scalar of summary.json, `label` and `folder`. What `dlora-compare` tabulates."""
-    from dlora_sim.compare import load_summaries
     return sweep_frame(load_summaries(Path(folder)))
 
 
@@ -146,6 +145,27 @@ def sweep_frame(summaries: Sequence[dict[str, Any]]) -> "pd.DataFrame":
     if "system" in df:
         df["system"] = df["system"].astype("category")
     return df
+
+
+def summary_files(folder: Path) -> list[Path]:
+    """A run folder's summary.json, or every run's of a sweep folder (in job order)."""
+    folder = Path(folder)
+    if (folder / "summary.json").exists():
+        return [folder / "summary.json"]
+    return sorted(folder.glob("*/summary.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+
+
+def load_summaries(*folders: Path) -> list[dict[str, Any]]:
+    rows = []
+    for f in (f for folder in folders for f in summary_files(folder)):
+        s = json.loads(f.read_text())
+        s["folder"] = str(f.parent)
+        rows.append(s)
+    # label each run by the overrides that differ between runs (all of them if there is one run)
+    common = set.intersection(*(set(s.get("overrides") or []) for s in rows)) if len(rows) > 1 else set()
+    for s in rows:
+        s["label"] = " ".join(o for o in (s.get("overrides") or []) if o not in common) or s.get("system", "run")
+    return rows
 
 
 def _number(v: str) -> Any:

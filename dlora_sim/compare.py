@@ -6,7 +6,6 @@ folder of results folders. It only reads summary.json files.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,6 +13,7 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dlora_sim.api import load_summaries, sweep_frame
 from dlora_sim.chart_layout import common_description, layout
 from dlora_sim.verdict import verdict_chart, verdicts
 
@@ -22,27 +22,6 @@ COLUMNS = [("label", "run", "{}"), ("throughput_rps", "req/s", "{:.3f}"), ("mean
            ("mean_s_per_token", "s/token", "{:.4f}"), ("p90_s_per_token", "p90 s/tok", "{:.4f}"),
            ("slo_attainment", "SLO", "{:.1%}"), ("num_switches", "switches", "{}"),
            ("completed", "done", "{}"), ("rejected", "rejected", "{}"), ("rejected_share", "rej %", "{:.1%}")]
-
-
-def summary_files(folder: Path) -> list[Path]:
-    """A run folder's summary.json, or every run's of a sweep folder (in job order)."""
-    folder = Path(folder)
-    if (folder / "summary.json").exists():
-        return [folder / "summary.json"]
-    return sorted(folder.glob("*/summary.json"), key=lambda p: (len(p.parent.name), p.parent.name))
-
-
-def load_summaries(*folders: Path) -> list[dict[str, Any]]:
-    rows = []
-    for f in (f for folder in folders for f in summary_files(folder)):
-        s = json.loads(f.read_text())
-        s["folder"] = str(f.parent)
-        rows.append(s)
-    # label each run by the overrides that differ between runs (all of them if there is one run)
-    common = set.intersection(*(set(s.get("overrides") or []) for s in rows)) if len(rows) > 1 else set()
-    for s in rows:
-        s["label"] = " ".join(o for o in (s.get("overrides") or []) if o not in common) or s.get("system", "run")
-    return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -129,8 +108,6 @@ def comparison_chart(rows: Sequence[dict[str, Any]], path: Path, *, log: bool = 
 def compare(*folders: Path, out: Path | None = None, log: bool = False) -> Path | None:
     """Table, comparison.csv and comparison.png of the runs in `folders` (run or sweep folders), written
     into `out` (default: the folder, when there is one)."""
-    from dlora_sim.api import sweep_frame
-
     rows = load_summaries(*folders)
     if not rows:
         return None
