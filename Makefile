@@ -2,10 +2,12 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Where no NVIDIA GPU is found, torch comes from PyTorch's CPU wheels (as PyTorch's install guide does it):
-# the torch pin alone would resolve to a CUDA build and its nvidia-* packages.
+# Where no NVIDIA GPU is found, torch comes first from PyTorch's CPU wheels (as PyTorch's install guide
+# does it), and the extras then keep it: the pin alone would resolve to a CUDA build and its nvidia-*
+# packages. TORCH is the pin of pyproject.toml's extras (tests/test_docs.py checks they agree).
+TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-TORCH_INDEX := $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url $(TORCH_CPU_INDEX))
+CPU_TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),@true,$(BIN)/pip install -q --retries 1 "$(TORCH)" --extra-index-url $(TORCH_CPU_INDEX))
 
 .PHONY: run test install install-dev install-runtime bench clean
 
@@ -18,11 +20,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[gpu]' $(TORCH_INDEX)
+	$(CPU_TORCH)
+	$(BIN)/pip install -q -e '.[gpu]'
 	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,gpu,ref]' $(TORCH_INDEX)
+	$(CPU_TORCH)
+	$(BIN)/pip install -q -e '.[dev,gpu,ref]'
 	touch $@ $(VENV)/.installed $(VENV)/.installed-runtime
 
 install: $(VENV)/.installed

@@ -56,3 +56,12 @@ def test_no_code_cites_a_spec_outside_the_repository():
             for p in (REPO / root).rglob("*") if p.suffix in (".py", ".yaml")
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, hits
+
+
+def test_the_makefiles_torch_pin_is_pyprojects():
+    """`make install-runtime` installs CPU torch first by the Makefile's pin; the extras must ask for the same."""
+    import tomllib
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = {d for deps in extras.values() for d in deps if d.startswith("torch")}
+    make = re.search(r"^TORCH := (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert pins == {make}
