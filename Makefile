@@ -2,12 +2,12 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Where no NVIDIA GPU is found, torch comes first from PyTorch's CPU wheels (as PyTorch's install guide
-# does it), and the extras then keep it: the pin alone would resolve to a CUDA build and its nvidia-*
-# packages. TORCH is the pin of pyproject.toml's extras (tests/test_docs.py checks they agree).
+# Where no NVIDIA GPU is found, torch comes first from PyTorch's CPU wheel index (--index-url, as PyTorch's
+# install guide gives it; its dependencies then come from PyPI with the extras, which keep this build): the
+# pin alone would resolve to a CUDA build and its nvidia-* packages. TORCH is the pin of pyproject.toml's extras (tests/test_docs.py checks they agree).
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-CPU_TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),@true,$(BIN)/pip install -q --retries 1 "$(TORCH)" --extra-index-url $(TORCH_CPU_INDEX))
+CPU_TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),@true,$(BIN)/pip install -q --no-deps "$(TORCH)" --index-url $(TORCH_CPU_INDEX))
 
 .PHONY: run test install install-dev install-runtime bench clean
 
@@ -19,12 +19,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-runtime: pyproject.toml Makefile | $(BIN)/python
 	$(CPU_TORCH)
 	$(BIN)/pip install -q -e '.[gpu]'
 	touch $@ $(VENV)/.installed
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
 	$(CPU_TORCH)
 	$(BIN)/pip install -q -e '.[dev,gpu,ref]'
 	touch $@ $(VENV)/.installed $(VENV)/.installed-runtime

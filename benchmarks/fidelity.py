@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                          "time, drift-scaled on a CPU)")
     ap.add_argument("--record", action="store_true", help="write benchmarks/results/fidelity_<device>.{csv,md}")
     ap.add_argument("--session-check", action="store_true",
-                    help="first re-time one sweep of the profile's microbenchmark grid (CPU: ~3 minutes) and report "
+                    help="first re-time one sweep of the profile's microbenchmark grid (minutes on a CPU) and report "
                          "its price bias: the machine's drift since the calibration that the probe does not track")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))

@@ -318,7 +318,7 @@ class FolderError(ValueError, UserError):
 
 
 def check_runtime_folder(folder: Path) -> None:
-    """A runtime's complete results folder (dlora-serve's, or a load generator's against a server), not a
+    """A runtime's complete results folder (dlora-serve's), not a
     simulator's: comparing the simulator with itself would meet every goal and mean nothing."""
     summary = folder / "summary.json"
     if not summary.is_file():
@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from dlora_gpu import require_runtime
         require_runtime("dlora-validate")
-    speed = probe_machine(args.overrides, args.clock)
+    speed = None   # a folder brought from elsewhere ran on another machine (or this one, earlier)
     if runtime_dir is None:
+        speed = probe_machine(args.overrides, args.clock)
         from calibration.replays import serve
         runtime_dir = out / "runtime"
         serve(args.overrides, runtime_dir, args.clock)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-RUNTIME_MODULES = ("torch", "triton", "safetensors")   # the `gpu` extra
+RUNTIME_MODULES = ("torch", "safetensors")   # the `gpu` extra (triton: only for runtime.backend=triton, Linux)
 
 
 def require_runtime(prog: str) -> None:

@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dlora_gpu import require_runtime
+from dlora_sim.run_charts import draw_run_charts
 from dlora_sim.core.config import ConfigError, build_parts, keep_iterations, show_progress
 from dlora_sim.core.errors import reported
 from dlora_sim.core.jobs import finish_job, run_app
@@ -38,27 +39,21 @@ def build_engine(cfg: DictConfig, workload=None):
         raise ConfigError(str(e)) from None
 
 
-def charts(out: Path) -> None:
-    from dlora_sim.plots import run_charts
-    run_charts(out)
-
-
 def about(engine) -> dict:
     """What ran: executor, device, clock, versions."""
     import torch
-    import triton
 
     ex = engine.executor
     return {"executor": "dlora_gpu", "device": ex.device_name, "clock": engine.clock.kind,
             "runtime": ex.describe(),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
                          "cuda": torch.version.cuda}}
 
 
 def serve_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
     """Serve a composed config into the results folder `out`; its summary."""
     engine = build_engine(cfg)
-    return finish_job(cfg, out, system, overrides, engine.run, about(engine), charts=charts)
+    return finish_job(cfg, out, system, overrides, engine.run, about(engine), charts=draw_run_charts)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")
@@ -67,6 +62,14 @@ def _main(cfg: DictConfig) -> float:
     return run_app(cfg, serve_job, log, lambda s: (
         f" on {s['device']} ({s['clock']} clock): mean TTFT {_ms(s['mean_ttft_s'])}, mean TPOT {_ms(s['mean_tpot_s'])}, "
         f"{s['output_tokens_per_s']:.1f} output tokens/s"))
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _ms(seconds: float | None) -> str:

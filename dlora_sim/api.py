@@ -36,11 +36,11 @@ ITERATION_DTYPES = {"replica": "int64", "start_s": "float64", "duration_s": "flo
                     "merged_adapter": "Int64", "batch_size": "int64", "prefill_tokens": "int64",
                     "decode_seqs": "int64", "distinct_adapters": "int64", "forced": "bool"}
 STATUSES = ["finished", "rejected", "unfinished"]
+MODES = ["merged", "unmerged"]
 
 
 class ResultsFolderError(FileNotFoundError, UserError):
     """A folder that holds no complete results (no summary.json)."""
-MODES = ["merged", "unmerged"]
 
 
 class Results:
@@ -94,43 +94,42 @@ class Results:
 
 
 def load(folder: str | Path) -> Results:
-    """The results of any folder we write (simulator, runtime, load generator); frames load on access."""
+    """The results of any folder we write (simulator or runtime); frames load on access."""
     return Results(folder)
 
 
 def simulate(system: str = "dlora", workload: str | None = None, overrides: Sequence[str] = (), seed: int = 0,
              out: str | Path | None = None, charts: bool = False) -> Results:
     """Run `dlora-sim` in-process: the config of `system=<system> [workload=<workload>] seed=<seed>
-    <overrides>`, results written to `out` (default: a fresh temporary folder) and loaded from there."""
-    from dlora_sim.core.config import compose
-    from dlora_sim.core.jobs import finish_job
-    from dlora_sim.des.engine import build_simulation
+    <overrides>`, results written to `out` (default: a fresh temporary folder, left for you to keep or
+    delete) and loaded from there."""
+    from hydra.errors import HydraException
 
-    args = [f"system={system}", *([f"workload={workload}"] if workload else []), f"seed={seed}",
-            f"charts={str(charts).lower()}", *overrides]
-    cfg = compose(args)
-    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"dlora_{system}_"))
-    sim = build_simulation(cfg, out=folder)
-    charts_fn = None
-    if charts:
-        from dlora_sim.plots import run_charts
-        charts_fn = run_charts
+    from dlora_sim.core.config import ConfigError, compose
+    from dlora_sim.des.engine import run_job
+
+    given = [f"system={system}", *([f"workload={workload}"] if workload else []),
+             *([f"seed={seed}"] if seed else []), *overrides]   # as a command line would give them
     try:
-        finish_job(cfg, folder, system, list(args), sim.run, charts=charts_fn)
-    finally:
-        if sim.stream is not None:
-            sim.stream.abort()   # a no-op once the stream was closed into requests.csv
+        cfg = compose([*given, f"seed={seed}", f"charts={str(charts).lower()}"])
+    except HydraException as e:   # an unknown option or key, as Hydra words it
+        raise ConfigError(str(e).splitlines()[0]) from None
+    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"dlora_{system}_"))
+    run_job(cfg, folder, system, given, charts=charts)
     return Results(folder)
 
 
 def load_sweep(folder: str | Path) -> "pd.DataFrame":
     """One row per job of a sweep folder (or per run folder given): the swept keys as columns (numbers
     where they parse), every scalar of summary.json, `label` and `folder`. What `dlora-compare` tabulates."""
-    return sweep_frame(load_summaries(Path(folder)))
+    rows = load_summaries(Path(folder))
+    if not rows:
+        raise ResultsFolderError(f"{folder}: no summary.json in it or its subfolders (not a sweep's folder)")
+    return sweep_frame(rows)
 
 
 def sweep_frame(summaries: Sequence[dict[str, Any]]) -> "pd.DataFrame":
-    """`load_sweep`'s frame from summaries already read (`dlora_sim.compare.load_summaries`)."""
+    """`load_sweep`'s frame from summaries already read (`load_summaries`)."""
     import pandas as pd
 
     rows = []

@@ -16,6 +16,7 @@ _SPARE = ["tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "teal"]
 IGNORED = UNCOMPARED   # overrides that change no result
 
 
+
 def color(name: str, others: Sequence[str] = ()) -> str:
     if name in SYSTEM_COLORS:
         return SYSTEM_COLORS[name]

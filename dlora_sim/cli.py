@@ -4,31 +4,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from dlora_sim.core.errors import reported
-from dlora_sim.core.jobs import finish_job, run_app
+from dlora_sim.core.jobs import run_app
 from dlora_sim.core.paths import CONF_DIR
-from dlora_sim.des.engine import build_simulation
+from dlora_sim.des.engine import run_job
 
 log = logging.getLogger("dlora_sim")
-
-
-def charts(out: Path) -> None:
-    from dlora_sim.plots import run_charts
-    run_charts(out)
-
-
-def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
-    sim = build_simulation(cfg, out=out)
-    try:
-        return finish_job(cfg, out, system, overrides, sim.run, charts=charts)
-    finally:
-        if sim.stream is not None:
-            sim.stream.abort()   # a no-op once the stream was closed into requests.csv
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

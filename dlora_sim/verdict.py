@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-TIE = 0.01   # within 1% of mean s/token: a tie (seeds move runs by about that much)
+TIE = 0.01   # within 1% of mean s/token: a tie (the skew sweep's seeds move single runs by comparable amounts)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sim_helpers import compose_cfg
-from dlora_sim.cli import run_job
+from dlora_sim.des.engine import run_job
 from dlora_sim.core.config import ConfigError
 from dlora_sim.des.engine import build_simulation
 from dlora_sim.core.contracts import PolicyError

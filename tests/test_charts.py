@@ -6,7 +6,7 @@ import pytest
 
 import dlora_sim.plots as plots
 from dlora_sim.chart_layout import SYSTEM_COLORS, color, common_description, describe, layout
-from dlora_sim.cli import run_job
+from dlora_sim.des.engine import run_job
 from dlora_sim.compare import compare
 from sim_helpers import compose_cfg
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sim_helpers import compose_cfg
-from dlora_sim.cli import run_job
+from dlora_sim.des.engine import run_job
 from dlora_sim.compare import main as compare_main
 from dlora_sim.core.results import json_text
 

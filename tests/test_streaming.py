@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlora_sim.cli import run_job
+from dlora_sim.des.engine import run_job
 from dlora_sim.des.engine import build_simulation
 from dlora_sim.core.results import RESULT_FILES, RequestStream
 

@@ -50,14 +50,18 @@ def discard_job_folder() -> None:
         out = Path(HydraConfig.get().runtime.output_dir).resolve()
     except Exception:
         return
-    if not out.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in out.iterdir()):
-        return
-    shutil.rmtree(out, ignore_errors=True)
     cwd = Path.cwd().resolve()
-    for parent in out.parents:
-        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+    if out == cwd or not out.is_dir() or cwd not in out.parents:
+        return
+    job_log = out / f"{HydraConfig.get().job.name}.log"
+    if any(p.name != ".hydra" and p != job_log for p in out.iterdir()):
+        return   # anything else there (a user's files, an earlier run) stays
+    shutil.rmtree(out / ".hydra", ignore_errors=True)
+    job_log.unlink(missing_ok=True)
+    for folder in (out, *out.parents):
+        if folder == cwd or any(folder.iterdir()):
             break
-        parent.rmdir()
+        folder.rmdir()
 
 
 class TraceFormatError(ValueError, UserError):

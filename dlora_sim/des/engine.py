@@ -124,6 +124,20 @@ class Simulation:
         return cluster.result(self.env.now, wall0)
 
 
+def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], charts: bool = True) -> dict:
+    """Simulate a composed config into the results folder `out` (charts too, if `charts` and the config's
+    `charts` key say so); its summary. What `dlora-sim` and `dlora_sim.simulate` run."""
+    from dlora_sim.run_charts import draw_run_charts
+    from dlora_sim.core.jobs import finish_job
+
+    sim = build_simulation(cfg, out=out)
+    try:
+        return finish_job(cfg, out, system, overrides, sim.run, charts=draw_run_charts if charts else None)
+    finally:
+        if sim.stream is not None:
+            sim.stream.abort()   # a no-op once the stream was closed into requests.csv
+
+
 def build_simulation(cfg: DictConfig, workload: Workload | None = None, out: Path | None = None) -> Simulation:
     """The simulation of a composed config. With `out`, large runs (`stream_requests`) write
     requests.csv there while they run."""
