@@ -57,20 +57,24 @@ def lora_share(config: dict[str, Any]) -> float | None:
 
 
 def _why(winner: str, dlora: dict[str, Any], best: dict[str, Any], share: float | None) -> str:
+    """Why, from what the runs recorded: the LoRA cost here, and how much dlora merged and switched."""
     cost = f"unmerged LoRA adds {share:.0%} to a full batch here" if share is not None else "unmerged LoRA cost unknown"
     switches = dlora.get("num_switches", 0)
+    merged = dlora.get("merged_iteration_share")
+    ran = (f"dlora ran {merged:.0%} of its iterations merged ({switches} mode switches)" if merged is not None
+           else f"dlora switched mode {switches} times")
     if winner == "dlora":
-        return f"{cost}, and merging the queue's dominant adapters saved more than its {switches} mode switches cost"
+        if merged:
+            return f"{cost}; {ran}: merging the queue's dominant adapters saved more than the switches cost"
+        return f"{cost}; {ran}: its dispatch and batching, not merging, made the difference"
     if winner == "tie":
-        if _uniform(dlora.get("config") or {}):
-            reason = "at uniform popularity no adapter dominates the queue, so a merged batch would hold few of its requests"
-        elif share is not None and share < 0.2:
-            reason = "too little for merging to pay"
-        else:
-            reason = "merging and its switches about cancel out"
-        return f"{cost}; {reason}: dlora mostly ran unmerged ({switches} mode switches) and served like {best['system']}"
-    return (f"{cost}; dlora's {switches} mode switches and merged-only batches cost more than they saved "
-            f"against {best['system']}")
+        if merged is not None and merged < 0.1:
+            uniform = _uniform(dlora.get("config") or {})
+            reason = ("at uniform popularity no adapter dominates the queue" if uniform
+                      else "merging rarely paid here")
+            return f"{cost}; {ran}: {reason}, so it served like {best['system']}"
+        return f"{cost}; {ran}: what merging saved about cancelled what it cost"
+    return f"{cost}; {ran}: {best['system']} did better; dlora's mode choices cost more than they saved"
 
 
 def verdicts(rows: Sequence[dict[str, Any]]) -> list[Verdict]:

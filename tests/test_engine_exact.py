@@ -159,3 +159,17 @@ def test_an_adapter_with_prefill_and_decode_tokens_in_one_batch_pays_two_lora_pa
     _, looped = run_cfg(*args, f"profile.path={tmp_path / 'looped.yaml'}", workload=wl)
     a_plain, a_looped = (next(r for r in res.requests if r.id == 0) for res in (plain, looped))
     assert a_looped.finish - a_plain.finish == pytest.approx(7 * 5e-3 * NS, abs=8)
+
+
+def test_merged_iterations_are_counted_alike_with_or_without_kept_rows_and_fast_forward():
+    """summary.json's merged_iteration_share counts what iterations.csv shows, whether repeats are kept,
+    skipped (keep_iterations=false) or not fast-forwarded at all."""
+    skewed = ["system=dlora", "cluster=single", "workload.num_adapters=4", "workload.popularity_param=2",
+              "workload.num_requests=200", "workload.rate=6", "profile.lora=einsum"]
+    counts = set()
+    for extra in (["keep_iterations=true"], ["keep_iterations=false"], ["cluster.replica.fast_forward=false"]):
+        res = build_simulation(compose_cfg(*skewed, *extra)).run()
+        if res.recorder.rows:
+            assert res.recorder.merged_iterations == sum(r.merged is not None for r in res.recorder.rows)
+        counts.add((res.recorder.merged_iterations, res.recorder.num_iterations))
+    assert len(counts) == 1 and next(iter(counts))[0] > 0

@@ -55,6 +55,7 @@ class Recorder:
     rows: list[IterationRecord] = field(default_factory=list)
     counters: Counter = field(default_factory=Counter)
     num_iterations: int = 0
+    merged_iterations: int = 0   # ... of which ran merged
     busy_ns: int = 0           # sum of iteration durations over all replicas
     switch_s: float = 0.0      # ... of which merge / unmerge / switch time
     info_keys: set[str] = field(default_factory=set)
@@ -71,6 +72,8 @@ class Recorder:
         self.num_iterations += 1
         self.busy_ns += dur
         self.switch_s += overhead[0]
+        if d.merged is not None:
+            self.merged_iterations += 1
         if not self.keep_iterations:
             return
         info = d.info if not extra else {**(d.info or {}), **extra}
@@ -244,6 +247,8 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
         "num_swap_outs": c["swap_outs"], "num_swap_ins": c["swap_ins"], "num_migrations": c["migrations"],
         "num_partial_prefill_chunks": c["prefill_chunks"],
         "num_iterations": res.recorder.num_iterations, "num_replicas": res.num_replicas,
+        "merged_iteration_share": (round(res.recorder.merged_iterations / res.recorder.num_iterations, 6)
+                                   if res.recorder.num_iterations else 0.0),
         "busy_s": round(res.recorder.busy_ns / NS, 6), "switch_s": round(res.recorder.switch_s, 6),
         "switching_share": round(res.recorder.switch_s * NS / res.recorder.busy_ns, 6) if res.recorder.busy_ns else 0.0,
         "sim_time_s": round(res.sim_end_s, 6), "sim_wall_s": round(res.wall_s, 3),

@@ -171,6 +171,8 @@ class Replica:
             else:
                 rec.num_iterations += m
                 rec.busy_ns += total
+                if d.merged is not None:
+                    rec.merged_iterations += m
         run.applied = upto
         if last:
             state.end_run(batch, run.ends[-1])
