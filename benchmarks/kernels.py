@@ -418,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     if timer.graph_error:
         print(f"note: some timings are eager because graph capture failed: {timer.graph_error}")
     fh.close()
-    print(f"\nwrote {path} in {time.time() - t_start:.0f} s")
+    from benchmarks.recording import finish
+    print(f"\n{time.time() - t_start:.0f} s")
+    print(finish(path.parent, [path.name], args.record and not args.out))
     return 0
 
 

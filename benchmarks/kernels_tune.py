@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         del stacks, sets, ys, v_ref, y_ref
         torch.cuda.empty_cache()
     fh.close()
-    print(f"\nwrote {path} in {time.time() - t0:.0f} s")
+    from benchmarks.recording import finish
+    print(f"\n{time.time() - t0:.0f} s")
+    print(finish(path.parent, [path.name], args.record and not args.out))
     return 0
 
 

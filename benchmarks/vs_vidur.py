@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.recording import RESULTS, write_report  # noqa: E402
+from benchmarks.recording import RESULTS, finish, write_report  # noqa: E402
 
 MAX_TOKENS = 4096
 BATCH_CAP, KV_BLOCKS = 64, 7277
@@ -155,7 +155,7 @@ def report(rows: list[dict], system: str = "merged") -> str:
     lines = [f"# Side by side with Vidur (A100 / Llama-2-7B, vLLM scheduling, round-robin; ours: system={system})", "",
              f"Measured {time.strftime('%Y-%m-%d')} on this machine by `python benchmarks/vs_vidur.py --record"
              f"{'' if system == 'merged' else ' --system ' + system}` "
-             "(vidur 0.0.26 from its own venv, profiling data of ../shared/vidur). Wall and peak RSS are whole "
+             "(vidur 0.0.26 from its own venv, its own profiling data). Wall and peak RSS are whole "
              "processes (start-up included; ours also reports the simulation alone); best of the repeats. "
              "Metric columns: ours / Vidur - 1 on the same requests.", "",
              "| workload | replicas | requests | ours wall s (sim) | Vidur wall s | wall ratio | ours MiB | Vidur MiB | "
@@ -177,7 +177,7 @@ def report(rows: list[dict], system: str = "merged") -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vidur-python", required=True, help="python of a venv with vidur==0.0.26")
-    ap.add_argument("--vidur-cache", required=True, help="writable copy of ../shared/vidur/cache")
+    ap.add_argument("--vidur-cache", required=True, help="a writable copy of Vidur's profiling cache")
     ap.add_argument("--replicas", default="1,4,8")
     ap.add_argument("--workloads", default="azure_conv,poisson")
     ap.add_argument("--repeats", type=int, default=3)
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     write_report(dest, name, [{k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()}
                               for r in out_rows], text)
     print(text)
-    print(f"wrote {dest}/{name}.{{csv,md}}; runs in {work}")
+    print(finish(dest, [f"{name}.csv", f"{name}.md"], args.record))
+    print(f"runs in {work}")
     return 0
 
 

@@ -36,6 +36,7 @@ def test_cpu_kernel_benchmark_writes_a_temporary_device_named_file(git_status):
                            "tiny", "--reps", "1", "--max-seconds", "2"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    wrote = Path(proc.stdout.strip().splitlines()[-1].split()[1])
+    wrote = Path(next(ln for ln in proc.stdout.splitlines() if ln.startswith("wrote ")).split()[1])
+    assert "(not recorded: --record writes benchmarks/results/)" in proc.stdout
     assert wrote.name == "kernels_cpu.csv" and ROOT not in wrote.parents and wrote.stat().st_size > 0
     assert _status() == git_status
