@@ -93,7 +93,7 @@ def chart(rate_rows: list[dict], len_rows: list[dict] | None, path: Path) -> Non
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("global scheduling: 8 replicas, 32 adapters (Zipf 1), dLoRA's local scheduler in every arm",
+    fig.suptitle("global scheduling: 8 replicas, 32 adapters (Zipf 1)\ndLoRA's local scheduler in every arm",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
