@@ -153,20 +153,31 @@ class DriftScale:
                 "factor_min": round(f[0], 4) if f else None, "factor_max": round(f[-1], 4) if f else None}
 
 
-def machine_factor(model, profile, backend: str = "torch", runs: int = 30) -> tuple[float | None, str]:
-    """This machine's speed now against the profile's calibration: the reference probe's median now over
-    its median then (> 1: slower now), or None and why it cannot be told (a GPU, no recorded probe, a
-    probe of another model)."""
-    import statistics
-
+def calibrated_probe(model, profile, backend: str = "torch") -> tuple[StepProbe | None, str]:
+    """The reference probe of `model` if the profile's calibration recorded this same probe (then timings
+    can be referred to the calibration's machine speed), else None and why not."""
     ref, desc = profile.provenance.reference_probe_s, profile.provenance.reference_probe
     if getattr(getattr(model, "device", None), "type", "cpu") != "cpu":
         return None, "a GPU's speed does not drift like a shared CPU's"
     if not ref > 0:
-        return None, f"profile {profile.name} records no reference probe"
+        return None, f"profile {profile.name} records no reference probe (provenance.reference_probe_s)"
     probe = reference_probe(model, backend)
     if desc != probe.describe():
-        return None, f"profile {profile.name}'s reference probe is of another model or probe ({desc or 'unnamed'})"
+        return None, (f"profile {profile.name}'s reference probe is of {desc or 'an unnamed probe'!r} "
+                      f"(provenance.reference_probe), this runtime probes with {probe.describe()!r}: "
+                      "re-run dlora-calibrate to scale to it")
+    return probe, ""
+
+
+def machine_factor(model, profile, backend: str = "torch", runs: int = 30) -> tuple[float | None, str]:
+    """This machine's speed now against the profile's calibration: the reference probe's median now over
+    its median then (> 1: slower now), or None and why it cannot be told (`calibrated_probe`)."""
+    import statistics
+
+    probe, why = calibrated_probe(model, profile, backend)
+    if probe is None:
+        return None, why
+    ref = profile.provenance.reference_probe_s
     for _ in range(10):
         probe()
     now = statistics.median(probe() for _ in range(runs))

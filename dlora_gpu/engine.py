@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 
-from dlora_gpu.drift import DriftScale, reference_probe
+from dlora_gpu.drift import DriftScale, calibrated_probe
 from dlora_gpu.executor import CLOCKS, PhaseTimes
 from dlora_sim.core.cluster import Cluster
 from dlora_sim.core.config import Parts
@@ -113,21 +113,11 @@ class Engine:
         """The measured clock's drift scaling on a CPU (see the module doc), or None and why not."""
         if clock.kind != "measured":
             return None, ""
-        device = getattr(self.executor, "device", None)
-        if getattr(device, "type", "cpu") != "cpu":
-            return None, "a GPU's speed does not drift like a shared CPU's"
-        ref = profile.provenance.reference_probe_s
-        if not ref > 0:
-            return None, f"profile {profile.name} records no reference probe (provenance.reference_probe_s)"
         model = getattr(self.executor, "model", None)
         if model is None:
             return None, "the executor has no model to probe"
-        probe = reference_probe(model, getattr(self.executor, "backend", "torch"))
-        if profile.provenance.reference_probe != probe.describe():
-            return None, (f"profile {profile.name}'s reference probe is of {profile.provenance.reference_probe or 'an unnamed probe'!r} "
-                          f"(provenance.reference_probe), this runtime probes with {probe.describe()!r}: "
-                          "re-run dlora-calibrate to scale to it")
-        return DriftScale(ref, probe), ""
+        probe, why = calibrated_probe(model, profile, getattr(self.executor, "backend", "torch"))
+        return (None, why) if probe is None else (DriftScale(profile.provenance.reference_probe_s, probe), "")
 
     @staticmethod
     def _refuse(parts: Parts) -> None:

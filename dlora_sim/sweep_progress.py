@@ -39,13 +39,13 @@ def complete_jobs(sweep_dir: Path) -> int:
 def check_before_launch(config: DictConfig) -> None:
     """Stop a sweep within seconds, with one line, when its workload needs a trace this machine lacks
     (before Hydra composes and launches any job)."""
-    from dlora_sim.core.config import ConfigError, instantiated
+    from dlora_sim.core.config import instantiated
     from dlora_sim.core.errors import UserError
     from dlora_sim.traces.workloads import require_traces
 
     try:
         require_traces(instantiated(config.workload, "workload"))
-    except (UserError, ConfigError) as e:
+    except UserError as e:   # a ConfigError too
         print(f"dlora-sim: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
