@@ -13,7 +13,6 @@ from dlora_sim.core.jobs import UNCOMPARED
 SYSTEM_COLORS = {"dlora": "tab:green", "slora": "tab:blue", "merged": "tab:orange", "peft": "tab:purple",
                  "vllm": "tab:red", "vllm_grouped": "tab:brown", "vllm_lora": "tab:pink"}
 _SPARE = ["tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "teal"]
-IGNORED = UNCOMPARED   # overrides that change no result
 
 
 
@@ -28,7 +27,7 @@ def overrides_of(summary: dict[str, Any]) -> dict[str, str]:
     out = {}
     for o in summary.get("overrides") or []:
         key, _, value = o.lstrip("+~").partition("=")
-        if key not in IGNORED:
+        if key not in UNCOMPARED:   # overrides that change no result
             out[key] = value
     if "system" not in out and summary.get("system"):
         out["system"] = str(summary["system"])
