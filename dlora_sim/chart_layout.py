@@ -15,7 +15,6 @@ SYSTEM_COLORS = {"dlora": "tab:green", "slora": "tab:blue", "merged": "tab:orang
 _SPARE = ["tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "teal"]
 
 
-
 def color(name: str, others: Sequence[str] = ()) -> str:
     if name in SYSTEM_COLORS:
         return SYSTEM_COLORS[name]
