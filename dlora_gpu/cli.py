@@ -1,4 +1,4 @@
-"""`dlora-serve`: serve a workload on one replica with the runtime, under the simulator's policies.
+"""`dlora-serve`: serve a workload on N replicas with the runtime, under the simulator's policies.
 
 The same config groups as `dlora-sim` (system, scheduler, router, cluster, model, profile, workload)
 plus `runtime` (cpu_tiny | h200_7b); the same results folder, with the executor, device, clock and
@@ -24,28 +24,31 @@ from dlora_sim.core.paths import CONF_DIR
 log = logging.getLogger("dlora_gpu")
 
 
-def build_engine(cfg: DictConfig, workload=None):
+def build_engine(cfg: DictConfig, workload=None, *, keep_tokens: bool = False):
     """The serving engine for a composed `serve` config (one place, for the CLI and the tests)."""
     from dlora_gpu.engine import Clock, Engine
-    from dlora_gpu.executor import ModelExecutor, runtime_config
+    from dlora_gpu.executor import runtime_config
+    from dlora_gpu.workers import make_workers
 
     rcfg = runtime_config(cfg.get("runtime"))
     parts = build_parts(cfg, workload)
     try:
         clock = Clock(rcfg.clock)
-        return Engine(parts, lambda state: ModelExecutor(rcfg, state, parts), clock,
-                      progress=show_progress(cfg), keep_iterations=keep_iterations(cfg, len(parts.workload.requests)))
+        return Engine(parts, rcfg, lambda specs: make_workers(rcfg.workers, specs, rcfg.ray.address, rcfg.ray.num_gpus),
+                      clock, progress=show_progress(cfg), keep_iterations=keep_iterations(cfg, len(parts.workload.requests)),
+                      keep_tokens=keep_tokens)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
 def about(engine) -> dict:
-    """What ran: executor, device, clock, versions."""
+    """What ran: executor, workers, device, clock, versions."""
     import torch
 
-    ex = engine.executor
-    return {"executor": "dlora_gpu", "device": ex.device_name, "clock": engine.clock.kind,
-            "runtime": ex.describe(),
+    info = engine.info[0]
+    devices = sorted({i["device"] for i in engine.info})
+    return {"executor": "dlora_gpu", "device": ", ".join(devices), "clock": engine.clock.kind,
+            "workers": engine.workers.kind, "runtime": info["runtime"],
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
                          "cuda": torch.version.cuda}}
 
@@ -53,7 +56,10 @@ def about(engine) -> dict:
 def serve_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
     """Serve a composed config into the results folder `out`; its summary."""
     engine = build_engine(cfg)
-    return finish_job(cfg, out, system, overrides, engine.run, about(engine), charts=draw_run_charts)
+    try:
+        return finish_job(cfg, out, system, overrides, engine.run, about(engine), charts=draw_run_charts)
+    finally:
+        engine.close()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="serve", version_base="1.3")

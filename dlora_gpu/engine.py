@@ -1,48 +1,48 @@
-"""The serving loop: one replica's iterations on a device, over the serving core's `Cluster`.
+"""The serving loop: N replicas' iterations on their workers, over the serving core's `Cluster`.
 
-The cluster front end (requests, dispatch, placement, the end of the run) and the replica state are
-the simulator's own (`dlora_sim.core`); this loop adds only a device and a clock. It asks the same
-policy objects as the simulator, applies each decision through `ReplicaState.begin` and has an
-executor run it on real kernels. Three clocks:
-- `real`: wall time. Requests arrive when the wall clock passes their trace time, are admitted
-  between iterations, and every timestamp is what a user would measure.
+The cluster front end (requests, dispatch, placement, migration, the end of the run) and the replica
+states are the simulator's own (`dlora_sim.core`), and this driver owns them with the local
+policies, as vLLM's engine owns its scheduler; each replica's worker (`dlora_gpu.workers`: in this
+process, or a Ray actor) owns the device: model, adapters, paged KV. The driver applies each
+decision through `ReplicaState.begin`, sends the step to the worker (`orders.StepOrder`: ids and
+token ids) and completes it with the tokens that come back. Co-migration moves a request's KV from
+the source worker to the target's (through Ray's object store), or recomputes it there from the
+driver's tokens; a failed transfer falls back to recompute, with the reason in summary.json.
+Three clocks:
+- `real`: wall time. Requests arrive when the wall clock passes their trace time; each replica
+  starts its next step as soon as its last one is back (replicas run at once on Ray actors),
+  migration ticks and KV transfers happen at wall time, and every timestamp is what a user measures.
 - `measured`: the clock advances by each step's measured wall time (its bookkeeping and the
-  executor's run) and waits jump to the next arrival, so idle time, the policy's own time and the
+  worker's run) and waits jump to the next event, so idle time, the policy's own time and the
   host's scheduling gaps do not count. On a CPU, with a profile that records the reference probe of
   its calibration (`provenance.reference_probe_s`), every step is also scaled to that reference's
   machine speed (`dlora_gpu.drift`): what is left between it and the simulator is the cost model's
-  error and the per-iteration noise, not the machine's drift since the profile was measured.
-- `virtual`: the clock advances by the cost model's price of each step while the real kernels run,
-  and waits jump to the next arrival. Arrivals at or before an instant are queued before the policy
-  decides at it, as the simulator's URGENT arrivals are, so requests.csv is byte-identical to
-  `dlora-sim` with the same config: the runtime applies decisions exactly as the simulator does, and
-  any error left on the real clock is the cost model's.
+  error and the per-iteration noise, not the machine's drift since the profile was measured. A KV
+  transfer takes its measured wall time.
+- `virtual`: the clock advances by the cost model's price of each step (and transfer) while the
+  real kernels run. Events are ordered as the simulator orders them (`dlora_gpu.timeline`), so
+  requests.csv is byte-identical to `dlora-sim` with the same config, migrations included: the
+  runtime applies decisions exactly as the simulator does, and any error left on the real clock is
+  the cost model's.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable
 
-
-from dlora_gpu.drift import DriftScale, calibrated_probe
-from dlora_gpu.executor import CLOCKS, PhaseTimes
+from dlora_gpu.executor import CLOCKS, ExecutorSpec, PhaseTimes, RuntimeConfig
+from dlora_gpu.orders import MemoryImage, StepOrder, StepResult
+from dlora_gpu.timeline import NORMAL, URGENT, Timeline
+from dlora_gpu.tokens import TokenLog
+from dlora_gpu.workers import Pending, ReplicaError
 from dlora_sim.core.cluster import Cluster
 from dlora_sim.core.config import Parts
-from dlora_sim.core.contracts import PolicyError
+from dlora_sim.core.contracts import Decision, PolicyError
 from dlora_sim.core.replica_state import ReplicaState
-from dlora_sim.core.request import NS, Request, to_ns
+from dlora_sim.core.request import NS, Request, State, to_ns
 from dlora_sim.core.results import SimResult
 from dlora_sim.core.step import LoraFeatures, Step
-
-
-class Executor(Protocol):
-    """Runs a step on a device: memory operations, then the forward pass; measures each phase."""
-
-    def preload(self, adapters: Sequence[int]) -> None: ...
-    def run(self, step: Step) -> PhaseTimes: ...
-    def release(self, requests: Sequence[Request]) -> None: ...
-
 
 class Clock:
     """Nanoseconds since the start of serving: wall time (`real`), cost-model time (`virtual`) or the
@@ -81,141 +81,360 @@ class Clock:
 
 @dataclass
 class ServingStats:
-    policy_s: float = 0.0     # wall time spent in the local scheduler and the router
-    executor_s: float = 0.0   # wall time spent running steps
+    policy_s: float = 0.0     # wall time spent in the local schedulers and the router
+    executor_s: float = 0.0   # workers' wall time running steps
     iterations: int = 0
     extra: dict = field(default_factory=dict)
 
 
-class Engine:
-    """Serves a workload on one replica; the same `Parts` as a simulation. A migration policy has
-    nothing to move with one replica and is not run (summary.json says so)."""
+@dataclass
+class TransferStats:
+    """KV moved between workers for co-migration, as measured (the cost model's price is the core's)."""
 
-    def __init__(self, parts: Parts, make_executor: Callable[[ReplicaState], Executor], clock: Clock, *,
-                 progress: bool = False, keep_iterations: bool = True):
+    count: int = 0
+    bytes: int = 0
+    wall_s: float = 0.0       # export, shipping and receipt, summed over transfers
+    failed: int = 0
+
+    def summary(self) -> dict:
+        return {"kv_transfers": self.count, "kv_transfer_bytes": self.bytes,
+                "kv_transfer_wall_s": round(self.wall_s, 6), "kv_transfers_failed": self.failed,
+                "kv_transfer_bytes_per_s": round(self.bytes / self.wall_s, 1) if self.wall_s > 0 else None}
+
+
+@dataclass
+class _Flight:
+    """A step sent to a replica's worker and not yet completed."""
+
+    step: Step
+    decision: Decision
+    policy_s: float
+    start: int                 # ns
+    bookkeeping_s: float       # the driver's wall time applying the decision (counted by `measured`)
+    pending: Pending
+    result: StepResult | None = None
+    dur: int = 0               # ns, once known
+
+
+@dataclass
+class _Transfer:
+    """A migrating request's KV on its way (the real clock's; the stepped clocks land it by an event)."""
+
+    request: Request
+    dst: int
+    receipt: Pending
+    t0: float
+
+
+_WHERE = {State.RESIDENT: "resident", State.SWAPPED: "swapped", State.QUEUED: "recompute"}
+
+
+class Engine:
+    """Serves a workload on `parts.cluster.num_replicas` replicas; the same `Parts` as a simulation.
+
+    `make_workers(specs)` builds the workers (`dlora_gpu.workers.make_workers`). With one replica a
+    migration policy has nothing to move and is not run (summary.json says so). `keep_tokens` keeps
+    every finished request's tokens (`tokens.finished`); `check_memory` checks after every step that
+    each worker's memory mirrors its state (tests). `lose_kv(request)` is fault injection: the KV of
+    the requests it names is lost in transit, as if the object store lost it."""
+
+    def __init__(self, parts: Parts, rcfg: RuntimeConfig, make_workers: Callable, clock: Clock, *,
+                 progress: bool = False, keep_iterations: bool = True, keep_tokens: bool = False):
         self._refuse(parts)
-        # one replica: a migrator has nothing to move and is not run (summary.json says so)
+        n = parts.cluster.num_replicas
+        migrator = parts.migrator if n > 1 else None
         self.cluster = Cluster(parts.workload, parts.profile, parts.cluster, parts.scheduler_factory, parts.router,
-                               None, clock.now, keep_iterations=keep_iterations)
+                               migrator, clock.now, keep_iterations=keep_iterations)
         self.migrator, self.clock, self.profile = parts.migrator, clock, parts.profile
         self.recorder = self.cluster.recorder
-        self.replica, self.scheduler = self.cluster.replicas[0], self.cluster.schedulers[0]
-        self.executor = make_executor(self.replica)
+        self.replicas, self.schedulers = self.cluster.replicas, self.cluster.schedulers
+        self.workers = make_workers([ExecutorSpec.of(rcfg, st, parts) for st in self.replicas])
+        self.info = [self.workers.get(self.workers.call(j, "about")) for j in range(n)]
+        self.tokens = TokenLog(self.info[0]["vocab"], rcfg.seed, keep_tokens)
         self.stats = ServingStats()
+        self.transfers = TransferStats()
+        self.check_memory = False
+        self.lose_kv: Callable[[Request], bool] | None = None
         self._progress = progress
-        self._drift, self._drift_why = self._drift_scale(clock, parts.profile)
+        self._flight: dict[int, _Flight] = {}
+        self._moving: list[_Transfer] = []
+        self._releases: list[Pending] = []
+        self.timeline = Timeline()
+        self._idle = [False] * n      # stepped clocks: the replica waits for its queue to change
+        self._woken = [False] * n
+        if clock.stepped:
+            for j, st in enumerate(self.replicas):
+                st.on_queue_change = (lambda j=j: self._queue_changed(j))
 
     @property
     def requests(self) -> list[Request]:
         return self.cluster.requests
 
-    def _drift_scale(self, clock: Clock, profile) -> tuple[DriftScale | None, str]:
-        """The measured clock's drift scaling on a CPU (see the module doc), or None and why not."""
-        if clock.kind != "measured":
-            return None, ""
-        model = getattr(self.executor, "model", None)
-        if model is None:
-            return None, "the executor has no model to probe"
-        probe, why = calibrated_probe(model, profile, getattr(self.executor, "backend", "torch"))
-        return (None, why) if probe is None else (DriftScale(profile.provenance.reference_probe_s, probe), "")
-
     @staticmethod
     def _refuse(parts: Parts) -> None:
-        """What one runtime process cannot serve yet, named by its config key."""
-        if parts.cluster.num_replicas != 1:
-            raise ValueError(f"cluster.num_replicas={parts.cluster.num_replicas}: dlora-serve runs one replica per "
-                             "process (docs/runtime.md); use cluster.num_replicas=1")
+        """What the runtime cannot serve, named by its config key."""
         if parts.cluster.replica.weights != "lora":
             raise ValueError("cluster.replica.weights=full_copy: the runtime keeps one base model with LoRA slots "
                              "(vLLM-replicated whole-model copies are simulator-only)")
 
-    def _dispatch(self, r: Request) -> None:
-        # virtual, measured: dispatched at its arrival, as in the simulator; real: when the loop admitted it
-        self.cluster.dispatch(r, r.arrival if self.clock.stepped else max(self.clock.now(), r.arrival))
-
-    # --- the loop --------------------------------------------------------------------------------------
-    def run(self) -> SimResult:
-        wall0 = time.perf_counter()
-        cluster = self.cluster
-        self.executor.preload(cluster.place().get(0, []))
-        clock, state, reqs = self.clock, self.replica, self.requests
-        clock.start()
-        n, i = len(reqs), 0
-        with cluster.progress(self._progress, f"serving ({clock.kind} clock)") as bar:
-            cluster.bar = bar
-            while cluster.remaining:
-                now = clock.now()
-                while i < n and reqs[i].arrival <= now:
-                    t0 = time.perf_counter()
-                    self._dispatch(reqs[i])
-                    self.stats.policy_s += time.perf_counter() - t0
-                    i += 1
-                if not state.queue:
-                    if i >= n:
-                        break
-                    clock.wait_until(reqs[i].arrival)
-                    continue
-                t0 = time.perf_counter()
-                d = self.scheduler.schedule(state)
-                policy_s = time.perf_counter() - t0
-                self.stats.policy_s += policy_s
-                if not d.batch:
-                    if d.load or d.evict or d.swap_out or d.recompute:
-                        raise PolicyError("replica 0: a decision with an empty batch must not change memory")
-                    if i >= n:
-                        break   # stalled: reported below
-                    clock.wait_until(reqs[i].arrival)
-                    continue
-                self._iterate(d, policy_s)
-            cluster.bar = None
-        return cluster.result(clock.now(), wall0, self._summary_extra())
-
-    def _iterate(self, d, policy_s: float) -> None:
-        clock, state = self.clock, self.replica
-        k = self._drift.factor() if self._drift is not None else 1.0   # probed before the step, untimed
-        start = clock.now()
-        t_begin = time.perf_counter()
-        step = state.begin(d)
+    # --- one step on one replica -----------------------------------------------------------------------
+    def _decide(self, j: int) -> Decision | None:
+        """Ask replica j's local policy; the decision if it runs a batch, else None."""
         t0 = time.perf_counter()
-        times = self.executor.run(step)
-        wall = time.perf_counter() - t0
-        self.stats.executor_s += wall
-        self.stats.iterations += 1
+        d = self.schedulers[j].schedule(self.replicas[j])
+        self._policy_s = time.perf_counter() - t0
+        self.stats.policy_s += self._policy_s
+        if d.batch:
+            return d
+        if d.load or d.evict or d.swap_out or d.recompute:
+            raise PolicyError(f"replica {j}: a decision with an empty batch must not change memory")
+        return None
+
+    def _begin(self, j: int, d: Decision) -> _Flight:
+        state, tokens = self.replicas[j], self.tokens
+        start = self.clock.now()
+        tb = time.perf_counter()
+        step = state.begin(d)
+        for r, pf in zip(step.batch, step.prefill):
+            if pf:
+                tokens.prompt(r)
+        order = StepOrder.of(step, tokens)
+        fl = _Flight(step, d, self._policy_s, start, time.perf_counter() - tb, self.workers.call(j, "run", order))
+        self._flight[j] = fl
+        return fl
+
+    def _result(self, j: int, fl: _Flight) -> StepResult:
+        if fl.result is None:
+            fl.result = self.workers.get(fl.pending)
+            self.stats.executor_s += fl.result.wall_s
+            self.stats.iterations += 1
+        return fl.result
+
+    def _duration(self, j: int, fl: _Flight) -> int:
+        """The step's length on this clock: its price (virtual), its measured time scaled by the drift
+        factor (measured), or the wall time until now (real)."""
+        if self.clock.virtual:
+            return self.replicas[j].cost.price(fl.step).total_ns()
+        if self.clock.stepped:
+            res = self._result(j, fl)
+            return max(to_ns((fl.bookkeeping_s + res.wall_s) * res.factor), 1)
+        return max(self.clock.now() - fl.start, 1)
+
+    def _complete(self, j: int) -> None:
+        fl = self._flight.pop(j)
+        state, step, d = self.replicas[j], fl.step, fl.decision
+        res = self._result(j, fl)
         price = state.cost.price(step)   # the simulator's price of this step, recorded on every clock
-        if clock.virtual:
-            dur = price.total_ns()
-            clock.advance(dur)
+        dur = fl.dur or self._duration(j, fl)
+        if self.clock.virtual:
             compute, overhead = price.compute, price.overhead
         else:
-            if clock.stepped:   # measured: the step's own wall time (bookkeeping and run), scaled by k
-                dur = max(to_ns((t0 - t_begin + wall) * k), 1)
-                clock.advance(dur)
-            else:
-                dur = max(clock.now() - start, 1)
-            phases = times.scaled(k)   # the wall_* columns below stay unscaled
+            phases = PhaseTimes(*res.phases).scaled(res.factor)   # the wall_* columns below stay unscaled
             compute, overhead = phases.forward, (phases.mode, phases.load, phases.swap)
-        end = start + dur
+        end = fl.start + dur
         prefill_tokens, prefills = state.complete(step, end, dur)
-        self.executor.release(state.end_run(step.batch, end))
-        n, lora = len(step.batch), LoraFeatures.of(step)
-        self.recorder.iteration(0, start, dur, compute, overhead, d, batch_size=n, prefill_tokens=prefill_tokens,
+        self.tokens.append(step.batch, res.tokens)
+        done = state.end_run(step.batch, end)
+        if done:
+            self._releases.append(self.workers.call(j, "release", tuple(r.id for r in done)))
+            for r in done:
+                self.tokens.finish(r)
+        n, lora, wall = len(step.batch), LoraFeatures.of(step), PhaseTimes(*res.phases)
+        self.recorder.iteration(j, fl.start, dur, compute, overhead, d, batch_size=n, prefill_tokens=prefill_tokens,
                                 decode_seqs=n - prefills, distinct=step.distinct,
                                 extra={"predicted_s": round(price.total_ns() / NS, 9),
-                                       "wall_s": round(wall, 9), "policy_s": round(policy_s, 9),
-                                       "wall_forward_s": round(times.forward, 9), "wall_switch_s": round(times.mode, 9),
-                                       "wall_load_s": round(times.load, 9), "wall_swap_s": round(times.swap, 9),
+                                       "wall_s": round(res.wall_s, 9), "policy_s": round(fl.policy_s, 9),
+                                       "wall_forward_s": round(wall.forward, 9), "wall_switch_s": round(wall.mode, 9),
+                                       "wall_load_s": round(wall.load, 9), "wall_swap_s": round(wall.swap, 9),
                                        # the cost model's features as `price` charged them: a served
                                        # iteration is a fit point
                                        "decode_context": step.decode_context, "prefill_sq": step.prefill_sq,
                                        "rank_sum": lora.rank_sum, "token_rank": lora.token_rank,
                                        "resident_rank_sum": step.resident_rank_sum, "lora_passes": lora.passes})
+        if self.check_memory:
+            self._check(j)
+
+    def _check(self, j: int) -> None:
+        for p in self._releases:
+            self.workers.get(p)
+        self._releases.clear()
+        self.workers.get(self.workers.call(j, "check", MemoryImage.of(self.replicas[j])))
+
+    # --- migration: KV between workers -----------------------------------------------------------------
+    def _send(self, r: Request, src: int, dst: int) -> Pending:
+        """Export the request's KV at `src` and have `dst` receive it (worker to worker)."""
+        exported = self.workers.call(src, "export", r.id)
+        if self.lose_kv is not None and self.lose_kv(r):
+            self.workers.lose(exported)
+        return self.workers.chain(dst, "receive", r.id, exported)
+
+    def _land(self, r: Request, dst: int, receipt: Pending, wall_s: float) -> None:
+        """The transfer is over: the request arrives at `dst` with its KV, or without it if it failed."""
+        try:
+            nbytes, failure = self.workers.get(receipt), None
+        except ReplicaError as e:
+            nbytes, failure = 0, str(e)
+        self.transfers.count += 1
+        self.transfers.bytes += nbytes
+        self.transfers.wall_s += wall_s
+        self.transfers.failed += failure is not None
+        where = self.cluster.arrive(r, dst, failure)
+        if failure is None:
+            self.workers.get(self.workers.call(dst, "land", r.id, _WHERE[where]))
+
+    # --- the stepped clocks: events in the simulator's order -------------------------------------------
+    def _queue_changed(self, j: int) -> None:
+        if self._idle[j] and not self._woken[j]:
+            self._woken[j] = True
+            self.timeline.after(0, NORMAL, lambda: self._wake(j))
+
+    def _wake(self, j: int) -> None:
+        self._idle[j] = self._woken[j] = False
+        self._next(j)
+
+    def _next(self, j: int) -> None:
+        """Replica j's process: decide at this instant; run a step, or wait for its queue to change."""
+        d = self._decide(j) if self.replicas[j].queue else None
+        if d is None:
+            self._idle[j] = True
+            return
+        fl = self._begin(j, d)
+        fl.dur = self._duration(j, fl)
+        self.timeline.after(fl.dur, NORMAL, lambda: self._step_end(j))
+
+    def _step_end(self, j: int) -> None:
+        self._complete(j)
+        self._next(j)
+
+    def _arrivals(self, it) -> None:
+        for r in it:
+            if r.arrival > self.timeline.now:
+                self.timeline.after(r.arrival - self.timeline.now, URGENT, lambda r=r: self._arrive_then(r, it))
+                return
+            self.cluster.dispatch(r, self.timeline.now)
+
+    def _arrive_then(self, r: Request, it) -> None:
+        self.cluster.dispatch(r, self.timeline.now)
+        self._arrivals(it)
+
+    def _tick(self) -> None:
+        plan = self.cluster.plan_migration()
+        interval = to_ns(self.cluster.migrator.interval_s)
+        if not plan.moves and plan.adapter_hosts is None:
+            self.timeline.after(interval, URGENT, self._tick)
+            return
+        delay = to_ns(max(plan.solve_s, 0.0))
+
+        def apply() -> None:
+            self.cluster.apply_migration(plan, self._deliver_stepped)
+            self.timeline.after(interval, URGENT, self._tick)
+        if delay:
+            self.timeline.after(delay, URGENT, apply)
+        else:
+            apply()
+
+    def _deliver_stepped(self, r: Request, src: int, dst: int, delay_ns: int) -> None:
+        """Move the KV now (the source holds it at this instant); it lands after the transfer's price
+        (virtual) or its measured wall time (measured), as the simulator's delivery process does."""
+        t0 = time.perf_counter()
+        receipt = self._send(r, src, dst)
+        try:
+            self.workers.get(receipt)
+        except ReplicaError:
+            pass   # reported when it lands
+        wall = time.perf_counter() - t0
+        delay = delay_ns if self.clock.virtual else to_ns(wall)
+        land = lambda: self._land(r, dst, receipt, wall)   # noqa: E731
+
+        def init() -> None:
+            if delay > 0:
+                self.timeline.after(delay, URGENT, land)
+            else:
+                land()
+        self.timeline.after(0, URGENT, init)
+
+    def _run_stepped(self) -> None:
+        cluster, tl = self.cluster, self.timeline
+        for j in range(len(self.replicas)):
+            self._idle[j] = True    # each replica process starts idle at 0 (no request has arrived)
+        it = iter(cluster.incoming())
+        tl.after(0, URGENT, lambda: self._arrivals(it))
+        if cluster.migrator is not None:
+            interval = to_ns(cluster.migrator.interval_s)
+            if interval <= 0:
+                raise ValueError(f"migration interval_s must be > 0, got {cluster.migrator.interval_s}")
+            tl.after(0, URGENT, lambda: tl.after(interval, URGENT, self._tick))
+        tl.run(lambda: cluster.remaining == 0, self.clock.wait_until)
+
+    # --- the real clock -------------------------------------------------------------------------------
+    def _deliver_real(self, r: Request, src: int, dst: int, delay_ns: int) -> None:
+        self._moving.append(_Transfer(r, dst, self._send(r, src, dst), time.perf_counter()))
+
+    def _run_real(self) -> None:
+        cluster, clock, workers = self.cluster, self.clock, self.workers
+        reqs = cluster.requests
+        n, i = len(reqs), 0
+        interval = to_ns(cluster.migrator.interval_s) if cluster.migrator is not None else 0
+        tick: int | None = interval or None
+        moved = True    # whether the last migration round changed anything (a stalled cluster may wait for one)
+        while cluster.remaining:
+            now = clock.now()
+            while i < n and reqs[i].arrival <= now:
+                t0 = time.perf_counter()
+                cluster.dispatch(reqs[i], max(now, reqs[i].arrival))
+                self.stats.policy_s += time.perf_counter() - t0
+                i += 1
+            if tick is not None and now >= tick:
+                moved = bool(cluster.apply_migration(cluster.plan_migration(), self._deliver_real).get("moved"))
+                tick = now + interval
+            for j, state in enumerate(self.replicas):
+                if j not in self._flight and state.queue:
+                    d = self._decide(j)
+                    if d is not None:
+                        self._begin(j, d)
+            pending = [fl.pending for fl in self._flight.values()] + [t.receipt for t in self._moving]
+            if not pending and i >= n and (tick is None or not moved):
+                break   # nothing runs, arrives or moves any more: stalled, reported by `result`
+            upcoming = [t for t in ((reqs[i].arrival if i < n else None), tick) if t is not None]
+            wait_s = max(min(upcoming) - clock.now(), 0) / NS if upcoming else 3600.0
+            ready = {id(p) for p in workers.ready(pending, wait_s)}
+            for j in [j for j, fl in self._flight.items() if id(fl.pending) in ready]:
+                self._complete(j)
+            for t in [t for t in self._moving if id(t.receipt) in ready]:
+                self._moving.remove(t)
+                self._land(t.request, t.dst, t.receipt, time.perf_counter() - t.t0)
+
+    # --- the run --------------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        cluster, workers = self.cluster, self.workers
+        preload = cluster.place()
+        for p in [workers.call(j, "preload", preload.get(j, [])) for j in range(len(self.replicas))]:
+            workers.get(p)
+        self.clock.start()
+        with cluster.progress(self._progress, f"serving {len(self.replicas)} replica(s) ({self.clock.kind} clock)") as bar:
+            cluster.bar = bar
+            (self._run_stepped if self.clock.stepped else self._run_real)()
+            cluster.bar = None
+        end = self.clock.now()
+        if not cluster.remaining:   # every request done: no KV, slot or received transfer left anywhere
+            for j in range(len(self.replicas)):
+                self._check(j)
+        return cluster.result(end, wall0, self._summary_extra())
+
+    def close(self) -> None:
+        self.workers.close()
 
     def _summary_extra(self) -> dict:
         s = self.stats
-        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra}
+        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6),
+                 "workers": self.workers.kind, **s.extra}
+        if self.cluster.migrator is not None:
+            extra.update(self.transfers.summary())
         if self.clock.kind == "measured":
-            extra["clock_scaling"] = self._drift.summary() if self._drift is not None else {
-                "scaled": False, "why": self._drift_why}
-        if self.migrator is not None:
+            scaling = [self.workers.get(self.workers.call(j, "drift_summary")) for j in range(len(self.replicas))]
+            extra["clock_scaling"] = scaling[0] if len(scaling) == 1 else {"scaled": all(x["scaled"] for x in scaling),
+                                                                          "replicas": scaling}
+        if self.migrator is not None and self.cluster.migrator is None:
             extra["migration"] = "not run: one replica"
         return extra

@@ -1,9 +1,11 @@
 """One step of the shared replica state -> real work on a device: memory operations, then one forward.
 
-`ModelExecutor.run(step)` follows the order `ReplicaState.begin` applied the decision in: recompute
+`ModelExecutor.run(order)` follows the order `ReplicaState.begin` applied the decision in: recompute
 (free KV), swap-out (KV to host), evict, load (adapter slots), the mode change (merge / unmerge /
 switch), swap-in, KV growth, then the forward over the flat mixed batch and a greedy token for every
-request (output lengths are forced, EOS is ignored, as in the paper's runs). Each phase is timed:
+request (output lengths are forced, EOS is ignored, as in the paper's runs). The order carries ids and
+token ids only (`dlora_gpu.orders`): the tokens are the driver's, so a request can leave this replica
+with its KV (`export`, `install`) or without it and continue elsewhere. Each phase is timed:
 CUDA events on a GPU, perf_counter_ns on a CPU. The executor mirrors the state's memory exactly:
 every request owns as many KV blocks (on the device or in host swap) as the state says, and the
 adapter slots hold the state's resident adapters (`check`).
@@ -16,23 +18,30 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from dlora_gpu.adapters import AdapterPool
 from dlora_gpu.batch import FlatBatch, LoRABatch
-from dlora_gpu.kv_cache import PagedKVCache
+from dlora_gpu.kv_cache import KVPayload, PagedKVCache
 from dlora_gpu.merge import DriftFreeMerger, InPlaceMerger
 from dlora_gpu.model import Llama, LlamaConfig
 from dlora_gpu.weights import load_checkpoint, random_weights
 from dlora_sim.core.config import Parts
+from dlora_sim.core.profile import Profile
 from dlora_sim.core.replica_state import ReplicaState
-from dlora_sim.core.step import Step
-from dlora_sim.core.request import Request, State
+from dlora_gpu.orders import MemoryImage, StepOrder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "triton", "auto")
 CLOCKS = ("real", "virtual", "measured")   # how the serving clock moves (dlora_gpu.engine)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """`runtime.ray`: where the replicas' actors run when `runtime.workers` is ray."""
+
+    address: str | None = None        # None: start a local Ray cluster; "auto" or host:port: join one
+    num_gpus: float | None = None     # GPUs per replica's actor (None: 1 on CUDA, 0 on a CPU; 0.5 shares one)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class RuntimeConfig:
     clock: str = "real"               # real | virtual | measured (dlora_gpu.engine)
     threads: int = 1
     warmup: int = 2
+    workers: str = "auto"             # local (in this process) | ray (an actor per replica) | auto (ray for N > 1)
+    ray: RayConfig = RayConfig()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -56,6 +67,8 @@ class RuntimeConfig:
             raise ValueError(f"runtime.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.clock not in CLOCKS:
             raise ValueError(f"runtime.clock must be one of {list(CLOCKS)}, got {self.clock!r}")
+        if self.workers not in ("auto", "local", "ray"):
+            raise ValueError(f"runtime.workers must be auto, local or ray, got {self.workers!r}")
         if self.threads < 1 or self.warmup < 0:
             raise ValueError(f"runtime.threads must be >= 1 and runtime.warmup >= 0, got {self.threads}, {self.warmup}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -92,10 +105,14 @@ class PhaseTimes:
 
 
 def runtime_config(node) -> RuntimeConfig:
+    from omegaconf import OmegaConf
+
     from dlora_sim.core.config import ConfigError, dataclass_from
     if node is None:
         raise ConfigError("runtime: missing (choose runtime=cpu_tiny or runtime=h200_7b)")
-    return dataclass_from(RuntimeConfig, node, "runtime")
+    raw = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
+    ray = dataclass_from(RayConfig, raw.pop("ray", None) or {}, "runtime.ray")
+    return replace(dataclass_from(RuntimeConfig, raw, "runtime"), ray=ray)
 
 
 class _PhaseTimer:
@@ -121,28 +138,52 @@ class _PhaseTimer:
         return [(b - a) / 1e9 for a, b in zip(self.marks, self.marks[1:])]
 
 
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """What a replica's worker needs to build its executor: the runtime config, the model the profile
+    prices, the workload's adapters and the replica's memory sizes. Small and picklable (a Ray actor
+    gets this, never the workload or the state)."""
+
+    runtime: RuntimeConfig
+    replica: int
+    profile: Profile                       # prices the model that runs; random weights take its preset
+    ranks: tuple[tuple[int, int], ...]     # (adapter id, rank) of every workload adapter
+    merge: str
+    total_blocks: int
+    block_size: int
+    host_blocks: int
+    adapter_slots: int
+    chunked_prefill: bool
+
+    @classmethod
+    def of(cls, rcfg: RuntimeConfig, state: ReplicaState, parts: Parts) -> "ExecutorSpec":
+        return cls(rcfg, state.id, parts.profile, tuple((a.id, a.rank) for a in parts.workload.adapters), parts.cluster.replica.merge,
+                   state.total_blocks, state.block_size, state.host_total_blocks, state.adapter_slots,
+                   state.chunked_prefill)
+
+
 class ModelExecutor:
     """The model, its paged KV cache, the adapter pool and the merger of one replica."""
 
-    def __init__(self, rcfg: RuntimeConfig, state: ReplicaState, parts: Parts):
-        if state.chunked_prefill:
+    def __init__(self, spec: ExecutorSpec):
+        if spec.chunked_prefill:
             raise ValueError("cluster.replica.chunked_prefill is on (auto turns it on when a prompt exceeds "
                              "max_num_batched_tokens): the runtime prefills whole prompts only (its prefill "
                              "attention does not read earlier chunks' KV yet); set it to false to reject such "
                              "prompts instead; the simulator models chunking")
+        rcfg = spec.runtime
         torch.set_num_threads(rcfg.threads)
-        self.rcfg, self.state = rcfg, state
+        self.rcfg, self.spec = rcfg, spec
         self.device = torch.device(rcfg.device)
         self.dtype = DTYPES[rcfg.dtype]
         self.backend = rcfg.backend
-        self.model = self._model(rcfg, parts)
+        self.model = self._model(spec)
         cfg = self.model.cfg
-        self._check_shape(cfg, parts)
+        self._check_shape(cfg, spec)
         self.vocab = cfg.vocab_size
-        adapters = parts.workload.adapters
-        ids = {str(a.id): a.rank for a in adapters}
+        ids = {str(a): rank for a, rank in spec.ranks}
         if rcfg.adapters_dir is None:
-            self.pool = AdapterPool.random(cfg, ids, rcfg.seed, state.adapter_slots, dtype=self.dtype,
+            self.pool = AdapterPool.random(cfg, ids, rcfg.seed, spec.adapter_slots, dtype=self.dtype,
                                            device=self.device)
         else:
             dirs = {aid: Path(rcfg.adapters_dir) / f"adapter-{aid}" for aid in ids}
@@ -150,48 +191,47 @@ class ModelExecutor:
             if missing:
                 raise ValueError(f"runtime.adapters_dir: no adapter folder {missing[0]} (one per workload adapter, "
                                  f"named adapter-<id>)")
-            self.pool = AdapterPool.from_dirs(cfg, dirs, state.adapter_slots, dtype=self.dtype, device=self.device)
+            self.pool = AdapterPool.from_dirs(cfg, dirs, spec.adapter_slots, dtype=self.dtype, device=self.device)
             for aid, rank in ids.items():
                 if self.pool.host[aid].rank != rank:
                     raise ValueError(f"{dirs[aid]}: rank {self.pool.host[aid].rank} but the workload says adapter "
                                      f"{aid} has rank {rank}")
-        self.kv = PagedKVCache(state.total_blocks, state.block_size, cfg, self.dtype, self.device,
-                               host_blocks=state.host_total_blocks)
-        merge = parts.cluster.replica.merge
-        if merge == "pristine_host":
+        self.kv = PagedKVCache(spec.total_blocks, spec.block_size, cfg, self.dtype, self.device,
+                               host_blocks=spec.host_blocks)
+        if spec.merge == "pristine_host":
             raise ValueError("cluster.replica.merge=pristine_host: the runtime keeps its pristine copy on the GPU "
                              "(pristine_gpu) or merges in place (inplace)")
         targets = self.model.merge_targets()
-        self.merger = DriftFreeMerger(targets) if merge == "pristine_gpu" else InPlaceMerger(targets)
-        self.merge_strategy = merge
+        self.merger = DriftFreeMerger(targets) if spec.merge == "pristine_gpu" else InPlaceMerger(targets)
+        self.merge_strategy = spec.merge
         self._slots: dict[int, int] = {}                 # workload adapter -> pool slot
-        self._tokens: dict[int, list[int]] = {}          # request id -> prompt + generated token ids
         self.device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                             else f"CPU ({torch.get_num_threads()} torch thread(s))")
 
-    def _model(self, rcfg: RuntimeConfig, parts: Parts) -> Llama:
-        if rcfg.checkpoint is not None:
-            return load_checkpoint(rcfg.checkpoint, dtype=self.dtype, device=self.device)
-        name = parts.profile.model.name
+    def _model(self, spec: ExecutorSpec) -> Llama:
+        if spec.runtime.checkpoint is not None:
+            return load_checkpoint(spec.runtime.checkpoint, dtype=self.dtype, device=self.device)
+        name = spec.profile.model.name
         try:
             cfg = LlamaConfig.preset(name)
         except (KeyError, ValueError):
             raise ValueError(f"model.name={name}: no model preset of that name for random weights "
                              f"(use tiny or llama-2-7b, or set runtime.checkpoint)") from None
-        return random_weights(cfg, rcfg.seed, self.dtype, self.device)
+        return random_weights(cfg, spec.runtime.seed, self.dtype, self.device)
 
     @staticmethod
-    def _check_shape(cfg: LlamaConfig, parts: Parts) -> None:
+    def _check_shape(cfg: LlamaConfig, spec: ExecutorSpec) -> None:
         """The profile prices the model that runs: same layers, widths, heads and vocabulary."""
-        m = parts.profile.model
-        ours, theirs = cfg.architecture, m.architecture
+        prof = spec.profile
+        ours, theirs = cfg.architecture, prof.model.architecture
         if ours != theirs:
-            raise ValueError(f"profile {parts.profile.path or parts.profile.name} describes model {m.name} {theirs} "
+            raise ValueError(f"profile {prof.path or prof.name} describes model {prof.model.name} {theirs} "
                              f"(layers, hidden, intermediate, heads, kv heads, vocab) but the runtime's model is {ours}")
 
     def describe(self) -> dict:
-        return {**asdict(self.rcfg), "kv_blocks": self.state.total_blocks, "host_blocks": self.state.host_total_blocks,
-                "adapter_slots": self.state.adapter_slots, "merge": self.merge_strategy}
+        s = self.spec
+        return {**asdict(self.rcfg), "kv_blocks": s.total_blocks, "host_blocks": s.host_blocks,
+                "adapter_slots": s.adapter_slots, "merge": self.merge_strategy}
 
     # --- the executor protocol -------------------------------------------------------------------------
     def preload(self, adapters: Sequence[int]) -> None:
@@ -199,45 +239,56 @@ class ModelExecutor:
             self._load(a)
         self._warmup()
 
-    def run(self, step: Step) -> PhaseTimes:
-        d, kv = step.decision, self.kv
+    def run(self, order: StepOrder) -> tuple[PhaseTimes, list[int]]:
+        """Apply one step's memory operations and mode change, then its forward; the measured phases and
+        each batch entry's greedy next token."""
+        kv = self.kv
         t = _PhaseTimer(self.device)
-        for r in d.recompute:
-            kv.release(r.id)
+        for rid in order.recompute:
+            kv.release(rid)
         t.mark()
-        for r in d.swap_out:
-            kv.swap_out(r.id)
+        for rid in order.swap_out:
+            kv.swap_out(rid)
         t.mark()
-        for a in d.evict:
+        for a in order.evict:
             self.pool.evict(self._slots.pop(a))
         t.mark()
-        for a in d.load:
+        for a in order.load:
             self._load(a)
         t.mark()
-        if d.merged != step.mode_from:
-            if d.merged is None:
+        if order.switch:
+            if order.merged is None:
                 self.merger.unmerge()
             else:
-                self.merger.switch(str(d.merged), self.pool.deltas(str(d.merged)))
+                self.merger.switch(str(order.merged), self.pool.deltas(str(order.merged)))
         t.mark()
-        for r in step.swap_in:
-            kv.swap_in(r.id)
+        for rid in order.swap_in:
+            kv.swap_in(rid)
         t.mark()
-        if step.batch:   # a step may only change memory or mode (calibration times those alone)
-            self._forward(step)
+        # a step may only change memory or mode (calibration times those alone)
+        tokens = self._forward(order) if order.batch else []
         t.mark()
-        recompute, swap_out, evict, load, mode, swap_in, forward = t.seconds()
-        return PhaseTimes(recompute, swap_out, evict, load, mode, swap_in, forward)
+        return PhaseTimes(*t.seconds()), tokens
 
     def sync(self) -> None:
         """Wait for the device (timing of work outside `run`)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def release(self, requests: Sequence[Request]) -> None:
-        for r in requests:
-            self.kv.release(r.id)
-            del self._tokens[r.id]
+    def release(self, requests: Sequence[int]) -> None:
+        """Free finished requests' KV."""
+        for rid in requests:
+            self.kv.release(rid)
+
+    def export(self, request: int) -> KVPayload:
+        """A migrating request's KV, leaving: a host copy of its blocks; its blocks here are freed."""
+        payload = self.kv.export(request)
+        self.kv.release(request)
+        return payload
+
+    def install(self, request: int, payload: KVPayload, swapped: bool) -> None:
+        """A migrated request's KV, arriving: on the device, or in host swap when `swapped`."""
+        self.kv.install(request, payload, swapped)
 
     # --- internals -------------------------------------------------------------------------------------
     def _load(self, adapter: int) -> None:
@@ -245,29 +296,21 @@ class ModelExecutor:
         self._slots[adapter] = free[0]
         self.pool.load(str(adapter), free[0])
 
-    def _prompt(self, r: Request) -> list[int]:
-        """Seeded synthetic prompt token ids: traces give lengths, not text."""
-        return np.random.default_rng([self.rcfg.seed, r.id]).integers(0, self.vocab, r.prompt_tokens).tolist()
-
-    def _forward(self, step: Step) -> None:
-        kv, unmerged = self.kv, step.decision.merged is None
+    def _forward(self, order: StepOrder) -> list[int]:
+        kv, unmerged = self.kv, order.merged is None
         prefills, decodes = [], []
-        for r, pf in zip(step.batch, step.prefill):
-            kv.grow(r.id, r.kv_blocks)
-            slot = self._slots[r.adapter] if unmerged else -1
-            tokens = self._tokens.get(r.id)
-            if tokens is None:
-                tokens = self._tokens[r.id] = self._prompt(r)
-            if pf:
-                prefills.append((r.id, tokens, slot))
+        for f in order.batch:
+            kv.grow(f.request, f.kv_blocks)
+            slot = self._slots[f.adapter] if unmerged else -1
+            if f.tokens is not None:
+                prefills.append((f.request, list(f.tokens), slot))
             else:
-                decodes.append((r.id, tokens[-1], len(tokens), slot))
+                decodes.append((f.request, f.last, f.length, slot))
         batch = FlatBatch.build(prefills, decodes, kv=kv)
         lora = LoRABatch.build(batch, self.pool, self.backend) if unmerged else None
         logits = self.model(batch, kv, lora, attention_backend=self.backend)
-        nxt = logits.argmax(dim=-1).tolist()
-        for (seq, *_), tok in zip([*prefills, *decodes], nxt):
-            self._tokens[seq].append(tok)
+        nxt = dict(zip([e[0] for e in [*prefills, *decodes]], logits.argmax(dim=-1).tolist()))
+        return [nxt[f.request] for f in order.batch]
 
     def _warmup(self) -> None:
         """Run `warmup` small iterations (a prefill and a decode, through the LoRA path when an adapter
@@ -287,20 +330,21 @@ class ModelExecutor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def check(self) -> None:
+    def check(self, memory: MemoryImage) -> None:
         """The device mirrors the state: every request's blocks where the state says, the same adapters."""
         self.kv.check()
-        state = self.state
-        flight = {id(r) for r in state.running}
-        for r in state.queue:
-            held = r.state == State.RESIDENT or id(r) in flight
-            on_gpu = r.id in self.kv.sequences() and not self.kv.is_swapped(r.id)
-            if held and r.kv_blocks and (not on_gpu or len(self.kv.block_table(r.id)) != r.kv_blocks):
-                raise AssertionError(f"request {r.id}: state holds {r.kv_blocks} GPU blocks, the cache "
-                                     f"{len(self.kv.block_table(r.id)) if on_gpu else 'none'}")
-            if r.state == State.SWAPPED and not self.kv.is_swapped(r.id):
-                raise AssertionError(f"request {r.id} is swapped in the state but not in the cache")
-        if self.kv.num_free() != state.free_blocks and not state.running:
-            raise AssertionError(f"free blocks: cache {self.kv.num_free()} vs state {state.free_blocks}")
-        if set(self._slots) != set(state.resident) or set(self.pool.resident().values()) != {str(a) for a in self._slots}:
-            raise AssertionError(f"adapter slots {sorted(self._slots)} vs state's resident {sorted(state.resident)}")
+        on_gpu = set(self.kv.sequences())
+        where = f"replica {memory.replica}"
+        for rid, blocks in memory.device_kv:
+            if rid not in on_gpu or self.kv.is_swapped(rid) or len(self.kv.block_table(rid)) != blocks:
+                raise AssertionError(f"{where}: request {rid}: state holds {blocks} GPU blocks, the cache "
+                                     f"{len(self.kv.block_table(rid)) if rid in on_gpu else 'none'}")
+        for rid in memory.swapped:
+            if not self.kv.is_swapped(rid):
+                raise AssertionError(f"{where}: request {rid} is swapped in the state but not in the cache")
+        if memory.free_blocks is not None and self.kv.num_free() != memory.free_blocks:
+            raise AssertionError(f"{where}: free blocks: cache {self.kv.num_free()} vs state {memory.free_blocks}")
+        if set(self._slots) != set(memory.adapters) or \
+                set(self.pool.resident().values()) != {str(a) for a in self._slots}:
+            raise AssertionError(f"{where}: adapter slots {sorted(self._slots)} vs state's resident "
+                                 f"{list(memory.adapters)}")

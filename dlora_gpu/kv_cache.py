@@ -7,7 +7,9 @@ blocks of every layer in one gather. The host pool has the same layout with ``ho
 
 The cache keeps each sequence's block table: `grow` before a forward that needs more positions,
 `release` when a sequence finishes or is preempted for recompute, `swap_out` / `swap_in` to preempt
-by swapping. Every operation either completes or raises `OutOfBlocks` with nothing changed.
+by swapping, `export` / `install` to move a sequence to another replica's cache (co-migration): its
+blocks' contents travel, the target builds a new block table. Every operation either completes or
+raises `OutOfBlocks` with nothing changed.
 Blocks are handed out lowest id first and reused last-freed first, so runs are reproducible.
 The two free lists (`gpu_blocks`, `host_blocks`) are public for inspection; taking blocks from them
 directly, rather than through `grow`, leaves blocks without an owner and fails `check`.
@@ -16,6 +18,7 @@ directly, rather than through `grow`, leaves blocks without an owner and fails `
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,6 +26,23 @@ from torch import Tensor
 from dlora_gpu.model import LlamaConfig
 
 SeqId = Hashable
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    """One sequence's KV of every layer as it leaves a replica, on the host: K and V are
+    [layers, blocks, block_size, kv_heads, head_dim], blocks in the sequence's order."""
+
+    k: Tensor
+    v: Tensor
+
+    @property
+    def blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
 
 class OutOfBlocks(RuntimeError):
@@ -146,6 +166,30 @@ class PagedKVCache:
         self.v.index_copy_(1, dst, self.host_v.index_select(1, src).to(self.device))
         self.host_blocks.free(self._swapped.pop(seq_id))
         self._tables[seq_id] = table
+        return list(table)
+
+    def export(self, seq_id: SeqId) -> KVPayload:
+        """A copy of the sequence's blocks (on the device or swapped), in table order, on the host."""
+        if seq_id in self._swapped:
+            idx = torch.tensor(self._swapped[seq_id], dtype=torch.long)
+            return KVPayload(self.host_k.index_select(1, idx), self.host_v.index_select(1, idx))
+        idx = torch.tensor(self._resident(seq_id), dtype=torch.long, device=self.device)
+        return KVPayload(self.k.index_select(1, idx).cpu(), self.v.index_select(1, idx).cpu())
+
+    def install(self, seq_id: SeqId, payload: KVPayload, swapped: bool = False) -> list[int]:
+        """Give a new sequence `payload`'s blocks: on the device, or in the host pool when `swapped`
+        (as if swapped out here). Returns the new table; the shapes must match this cache's."""
+        if seq_id in self._tables or seq_id in self._swapped:
+            raise ValueError(f"sequence {seq_id!r} already owns blocks here")
+        if payload.k.shape[0] != self.k.shape[0] or payload.k.shape[2:] != self.k.shape[2:]:
+            raise ValueError(f"KV of shape {tuple(payload.k.shape)} does not fit this cache's blocks "
+                             f"{tuple(self.k.shape)}")
+        pool, (k, v) = (self.host_blocks, (self.host_k, self.host_v)) if swapped else (self.gpu_blocks, (self.k, self.v))
+        table = pool.allocate(payload.blocks)
+        idx = torch.tensor(table, dtype=torch.long, device=k.device)
+        k.index_copy_(1, idx, payload.k.to(k.device, k.dtype))
+        v.index_copy_(1, idx, payload.v.to(v.device, v.dtype))
+        (self._swapped if swapped else self._tables)[seq_id] = table
         return list(table)
 
     def block_table(self, seq_id: SeqId) -> list[int]:

@@ -174,14 +174,15 @@ class Cluster:
         return plan
 
     def apply_migration(self, plan: MigrationPlan, deliver: Deliver) -> dict[str, int]:
-        """Validate and apply `plan` now; requests whose KV travels go to `deliver(request, dst, ns)`,
+        """Validate and apply `plan` now; requests whose KV travels go to `deliver(request, src, dst, ns)`,
         which must call `arrive` once that many ns have passed. Returns counts of what happened."""
         return apply_plan(self, plan, deliver)
 
-    def arrive(self, r: Request, dst: int) -> None:
-        """A request in transit reaches replica `dst` with its KV."""
+    def arrive(self, r: Request, dst: int, failure: str | None = None) -> State:
+        """A request in transit reaches replica `dst` with its KV (or without, after a failed transfer:
+        `failure` says why); where it landed (RESIDENT, SWAPPED or QUEUED to be recomputed)."""
         self.sync()
-        arrive(self, r, dst)
+        return arrive(self, r, dst, failure)
 
     # --- the end -------------------------------------------------------------------------------------
     def progress(self, enabled: bool, desc: str) -> tqdm:

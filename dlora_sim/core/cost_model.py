@@ -166,7 +166,13 @@ class CostModel:
         return tr.swap_overhead_s + blocks * block_bytes / (tr.kv_swap_bytes_per_s * self.gpus)
 
     def kv_transfer_time(self, tokens: int) -> float:
-        return tokens * self.profile.model.kv_bytes_per_token / self.profile.transfers.kv_transfer_bytes_per_s
+        """One migrated request's KV moved to another replica: a fixed cost per transfer (0 in profiles
+        that predate its measurement) plus its bytes over the inter-replica bandwidth."""
+        tr = self.profile.transfers
+        return tr.kv_transfer_overhead_s + self.kv_bytes(tokens) / tr.kv_transfer_bytes_per_s
+
+    def kv_bytes(self, tokens: int) -> int:
+        return tokens * self.profile.model.kv_bytes_per_token
 
     # --- memory ------------------------------------------------------------------------------------
     def usable_bytes(self) -> float:

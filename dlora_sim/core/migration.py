@@ -11,7 +11,9 @@ destination's local scheduler loads an adapter when a request needs it (paying t
 through its Decision), so GPU slots are never exceeded and no load is paid for an adapter nobody uses.
 Stale moves (the request finished, is in the batch in flight, or already moved) are skipped.
 The executor delivers a request whose KV travels (`Deliver`): the simulator after a SimPy timeout,
-the runtime once its clock has passed the transfer's end.
+the runtime once its clock has passed the transfer's end (or, on the real clock, once the KV has
+landed). A transfer that fails on the way (a worker died, the object was lost) arrives without its KV
+and is recomputed there, with the reason recorded: a request is never lost.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from dlora_sim.core.request import UNSET, Request, State, to_ns
 if TYPE_CHECKING:
     from dlora_sim.core.cluster import Cluster
 
-# the executor's delivery of a request whose KV travels: (request, destination replica, delay in ns)
-Deliver = Callable[[Request, int, int], None]
+# the executor's delivery of a request whose KV travels: (request, source, destination, delay in ns)
+Deliver = Callable[[Request, int, int, int], None]
 
 MODES = ("transfer", "recompute")
 
@@ -42,6 +44,9 @@ class MigrationStats:
     wall_max_s: float = 0.0
     log: list[dict] = field(default_factory=list)
     applied: Counter = field(default_factory=Counter)
+    kv_bytes: int = 0            # KV bytes sent between replicas
+    kv_transfer_s: float = 0.0   # their transfer time as the cost model prices it (the runtime adds its own)
+    failures: list[dict] = field(default_factory=list)   # transfers that fell back to recompute, and why
 
     def record(self, now_s: float, wall_s: float, plan: MigrationPlan) -> None:
         self.rounds += 1
@@ -61,7 +66,9 @@ class MigrationStats:
                 "solver_time_frac": round(self.wall_total_s / sim_s, 6) if sim_s > 0 else 0.0,
                 "solver_time_max_s": round(self.wall_max_s, 6),
                 "solver_time_mean_per_solved_round_s": round(sum(solved) / len(solved), 6) if solved else 0.0,
-                "migration_applied": dict(sorted(self.applied.items())), "migration_log": self.log}
+                "migration_applied": dict(sorted(self.applied.items())),
+                "migration_kv_bytes": self.kv_bytes, "migration_kv_transfer_s": round(self.kv_transfer_s, 6),
+                "migration_transfer_failures": self.failures, "migration_log": self.log}
 
 
 def apply_plan(cluster: "Cluster", plan: MigrationPlan, deliver: Deliver) -> dict[str, int]:
@@ -124,17 +131,26 @@ def apply_plan(cluster: "Cluster", plan: MigrationPlan, deliver: Deliver) -> dic
         counts["transfer"] += 1
         key = (src.id, mv.dst)
         start = max(now, link_free.get(key, now))
-        end = start + to_ns(cluster.cost.kv_transfer_time(tokens))
+        seconds = cluster.cost.kv_transfer_time(tokens)
+        end = start + to_ns(seconds)
         link_free[key] = end
+        cluster.migration_stats.kv_bytes += cluster.cost.kv_bytes(tokens)
+        cluster.migration_stats.kv_transfer_s += seconds
         r.replica = UNSET
         cluster.in_transit[r.id] = r
-        deliver(r, mv.dst, end - now)
+        deliver(r, src.id, mv.dst, end - now)
     cluster.migration_stats.applied.update(counts)
     return dict(counts)
 
 
-def arrive(cluster: "Cluster", r: Request, dst: int) -> None:
-    """A request in transit reaches `dst` with its KV (see `ReplicaState.receive` for where it lands)."""
+def arrive(cluster: "Cluster", r: Request, dst: int, failure: str | None = None) -> State:
+    """A request in transit reaches `dst` with its KV (see `ReplicaState.receive` for where it lands),
+    or without it when its transfer failed (`failure` says why): then it is recomputed there."""
     del cluster.in_transit[r.id]
-    state = cluster.replicas[dst].receive(r, with_kv=True)
-    cluster.migration_stats.applied[f"arrived_{state.name.lower()}"] += 1
+    stats = cluster.migration_stats
+    if failure is not None:
+        stats.failures.append({"t_s": round(cluster.now, 6), "request": r.id, "dst": dst, "why": failure})
+        stats.applied["transfer_failed"] += 1
+    state = cluster.replicas[dst].receive(r, with_kv=failure is None)
+    stats.applied[f"arrived_{state.name.lower()}"] += 1
+    return state

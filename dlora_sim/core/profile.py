@@ -103,6 +103,7 @@ class Transfers:
     kv_transfer_bytes_per_s: float   # KV transfer between replicas (migration)
     load_overhead_s: float = 0.0     # fixed cost per adapter load (measured profiles: per-slice copies)
     swap_overhead_s: float = 0.0     # fixed cost of an iteration that swaps (measured profiles)
+    kv_transfer_overhead_s: float = 0.0   # fixed cost per migrated request's KV (export, ship, import calls)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class Simulation:
         """Apply a migration plan now (`Cluster.apply_migration`); KV transfers land after their time."""
         return self.cluster.apply_migration(plan, self._deliver)
 
-    def _deliver(self, r: Request, dst: int, delay_ns: int) -> None:
+    def _deliver(self, r: Request, src: int, dst: int, delay_ns: int) -> None:
         self.env.process(self._transfer(r, dst, delay_ns))
 
     def _transfer(self, r: Request, dst: int, delay_ns: int):

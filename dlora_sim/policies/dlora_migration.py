@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dlora_sim.core.contracts import ClusterView, MigrationPlan, Migrator, RequestMove
+from dlora_sim.core.cost_model import CostModel
 from dlora_sim.policies.estimates import WorkModel
 from dlora_sim.core.replica_config import hosting_capacity
 from dlora_sim.policies.migration_ilp import MigrationInstance, replica_loads, solve, stay
-from dlora_sim.core.request import State, blocks_for
+from dlora_sim.core.request import Request, State, blocks_for
+
+MODES = ("transfer", "recompute", "auto")
 
 
 @dataclass
@@ -36,7 +39,7 @@ class DLoRAMigrator(Migrator):
     always: bool = False               # solve every round (tests, ablations of the trigger)
     scope: str = "extremes"            # extremes | imbalanced
     k: int = 4                         # replicas in scope when scope = imbalanced
-    mode: str = "transfer"             # transfer | recompute
+    mode: str = "transfer"             # transfer | recompute | auto (per request, whichever the cost model prices lower)
     time_limit_s: float = 1.0         # wall-clock safety net; node_limit normally binds first
     mip_rel_gap: float = 0.01
     node_limit: int | None = 300       # deterministic bound on the search (None = time limit only)
@@ -48,11 +51,22 @@ class DLoRAMigrator(Migrator):
     solve_delay: str = "limit"         # limit | measured | none
     work: WorkModel = field(default_factory=WorkModel)
 
+    def move_mode(self, r: Request, cost: CostModel) -> tuple[str, float]:
+        """How a request with KV moves, and what moving it costs: its KV over the link (transfer),
+        re-prefilling its context at the destination (recompute), or the cheaper of the two (auto:
+        short contexts recompute when a transfer's fixed cost outweighs their prefill)."""
+        if self.mode == "transfer":
+            return "transfer", cost.kv_transfer_time(r.context_len)
+        if self.mode == "recompute":
+            return "recompute", self.work.prefill_s(r.context_len)
+        send, redo = cost.kv_transfer_time(r.context_len), self.work.prefill_s(r.context_len)
+        return ("transfer", send) if send <= redo else ("recompute", redo)
+
     def __post_init__(self) -> None:
         if self.scope not in ("extremes", "imbalanced"):
             raise ValueError(f"migration.scope must be 'extremes' or 'imbalanced', got {self.scope!r}")
-        if self.mode not in ("transfer", "recompute"):
-            raise ValueError(f"migration.mode must be 'transfer' or 'recompute', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"migration.mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.solve_delay not in ("limit", "measured", "none"):
             raise ValueError(f"migration.solve_delay must be limit, measured or none, got {self.solve_delay!r}")
         if self.interval_s <= 0 or self.time_limit_s <= 0 or self.k < 2 or self.max_requests < 1:
@@ -108,7 +122,7 @@ class DLoRAMigrator(Migrator):
         charged = {"limit": self.time_limit_s, "measured": wall, "none": 0.0}[self.solve_delay]
         if sol is None or not (before - sol.makespan >= self.min_gain_s):
             return MigrationPlan(solve_s=charged, info=info)
-        moves = [RequestMove(movable[i], scope[int(sol.assign[i])], self.mode)
+        moves = [RequestMove(movable[i], scope[int(sol.assign[i])], self.move_mode(movable[i], cluster.cost)[0])
                  for i in range(inst.n) if sol.assign[i] != inst.src[i]]
         hosts_changed: dict[int, tuple[int, ...]] = {}
         scope_set = set(scope)
@@ -161,9 +175,7 @@ class DLoRAMigrator(Migrator):
         move = np.zeros((n, m))
         for i, r in enumerate(movable):
             if r.state in (State.RESIDENT, State.SWAPPED):
-                c = (cost.kv_transfer_time(r.context_len) if self.mode == "transfer"
-                     else self.work.prefill_s(r.context_len))
-                move[i, :] = c
+                move[i, :] = self.move_mode(r, cost)[1]
                 move[i, src[i]] = 0.0
         bs = reps[scope[0]].block_size
         kv = np.array([self._kv(r, bs) for r in movable], dtype=float)

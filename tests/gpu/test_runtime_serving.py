@@ -31,18 +31,10 @@ def _csv(res) -> str:
     return _csv_text(REQUEST_COLUMNS, request_rows(res.requests))
 
 
-def _checked(engine, tokens: dict | None = None):
-    """Check that the device mirrors the state after every iteration; keep each request's tokens."""
-    release = engine.executor.release
-
-    def release_and_check(done):
-        if tokens is not None:
-            tokens.update({r.id: list(engine.executor._tokens[r.id]) for r in done})
-        release(done)
-        engine.executor.check()
-
-    engine.executor.release = release_and_check
-    engine.replica.debug = True
+def _checked(engine):
+    """Check that the device mirrors the state after every iteration, and the state's own accounting."""
+    engine.check_memory = True
+    engine.cluster.debug_checks = True
     return engine
 
 
@@ -63,12 +55,13 @@ def test_virtual_clock_reproduces_the_simulator_byte_for_byte(system):
 def test_merge_strategies_serve_the_same_tokens():
     """In-place and drift-free merging run the same greedy tokens (fp32, a tiny model: no rounding flips
     an argmax); their clocks differ by the strategies' prices."""
-    tokens = [{}, {}]
-    for merge, toks in zip(("inplace", "pristine_gpu"), tokens):
+    tokens = []
+    for merge in ("inplace", "pristine_gpu"):
         engine = _checked(build_engine(_cfg("system=merged", "runtime.clock=virtual", f"cluster.replica.merge={merge}",
-                                            "workload.num_requests=16")), toks)
+                                            "workload.num_requests=16"), keep_tokens=True))
         res = engine.run()
         assert res.recorder.counters["switches"] > 2
+        tokens.append(engine.tokens.finished)
     assert len(tokens[0]) == 16 and tokens[0] == tokens[1]
 
 
@@ -168,7 +161,8 @@ def test_measured_clock_refuses_a_reference_timed_with_another_probe(tmp_path):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("cluster.num_replicas=2", "cluster.num_replicas"),
+    ("runtime.workers=threads", "runtime.workers"),
+    ("+runtime.ray.bogus=1", "runtime.ray.bogus"),
     ("system=vllm", "cluster.replica.weights"),
     ("cluster.replica.merge=pristine_host", "cluster.replica.merge"),
     ("runtime.dtype=float64", "runtime.dtype"),

@@ -1,0 +1,260 @@
+"""Replica workers: each owns one replica's device side (model, adapters, paged KV cache, executor).
+
+The driver (`dlora_gpu.engine`) calls a worker's methods through a backend, and the two backends
+differ only in transport:
+- `LocalWorkers`: every worker in the driver's process, each call run at once (tests, debugging,
+  one replica);
+- `RayWorkers`: one Ray actor per replica (the dLoRA artifact's and vLLM's choice), calls answered
+  when the actor gets to them, in the order they were made; a migrating request's KV goes from one
+  actor to another through Ray's object store without passing through the driver.
+A worker's exception reaches the driver as one `ReplicaError` naming the replica.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from dlora_gpu.orders import MemoryImage, StepOrder, StepResult
+from dlora_sim.core.errors import UserError
+
+WORKERS = ("auto", "local", "ray")
+
+
+class ReplicaError(UserError):
+    """A replica's worker failed (its exception, or the actor died); the message names the replica."""
+
+
+class Worker:
+    """One replica's device: builds its executor from an `ExecutorSpec` and runs what the driver orders."""
+
+    def __init__(self, spec):
+        from dlora_gpu.drift import DriftScale, calibrated_probe
+        from dlora_gpu.executor import ModelExecutor
+
+        self.spec = spec
+        self.ex = ModelExecutor(spec)
+        self._incoming: dict[int, Any] = {}   # migrated KV received, not yet installed
+        self.drift, self.drift_why = None, ""
+        if spec.runtime.clock == "measured":
+            probe, why = calibrated_probe(self.ex.model, spec.profile, self.ex.backend)
+            if probe is None:
+                self.drift_why = why
+            else:
+                self.drift = DriftScale(spec.profile.provenance.reference_probe_s, probe)
+
+    def about(self) -> dict:
+        ex = self.ex
+        return {"device": ex.device_name, "runtime": ex.describe(), "vocab": ex.vocab, "backend": ex.backend}
+
+    def preload(self, adapters: Sequence[int]) -> None:
+        self.ex.preload(adapters)
+
+    def run(self, order: StepOrder) -> StepResult:
+        """Run one step; on the measured clock the drift factor is probed first, untimed."""
+        k = self.drift.factor() if self.drift is not None else 1.0
+        t0 = time.perf_counter()
+        phases, tokens = self.ex.run(order)
+        wall = time.perf_counter() - t0
+        return StepResult(tuple(getattr(phases, f) for f in phases.__dataclass_fields__), wall, tuple(tokens), k)
+
+    def release(self, requests: Sequence[int]) -> None:
+        self.ex.release(requests)
+
+    def export(self, request: int):
+        """A migrating request's KV (a host copy; its blocks here are freed)."""
+        return self.ex.export(request)
+
+    def receive(self, request: int, payload) -> int:
+        """Hold an arriving request's KV until the driver says where it lands; its bytes."""
+        self._incoming[request] = payload
+        return payload.nbytes
+
+    def land(self, request: int, where: str) -> None:
+        """Install the held KV on the device (`resident`) or in host swap (`swapped`), or drop it
+        (`recompute`: the request is re-prefilled from its tokens)."""
+        payload = self._incoming.pop(request, None)
+        if where != "recompute":
+            if payload is None:
+                raise RuntimeError(f"request {request}: no KV received to install")
+            self.ex.install(request, payload, swapped=where == "swapped")
+
+    def check(self, memory: MemoryImage) -> None:
+        self.ex.check(memory)
+        if self._incoming:
+            raise AssertionError(f"replica {memory.replica}: KV received but never landed: {sorted(self._incoming)}")
+
+    def drift_summary(self) -> dict:
+        return self.drift.summary() if self.drift is not None else {"scaled": False, "why": self.drift_why}
+
+    def machine_factor(self) -> tuple[float | None, str]:
+        from dlora_gpu.drift import machine_factor
+        return machine_factor(self.ex.model, self.spec.profile, self.ex.backend)
+
+    def kv_geometry(self) -> tuple[int, int]:
+        """(bytes per KV block, free device blocks): for measuring transfers."""
+        kv = self.ex.kv
+        return 2 * kv.k[:, 0].numel() * kv.k.element_size(), kv.num_free()
+
+    def fill(self, request: int, blocks: int) -> None:
+        """Give a scratch sequence `blocks` device blocks of random KV (to measure a transfer)."""
+        import torch
+        table = self.ex.kv.grow(request, blocks)
+        idx = torch.tensor(table, dtype=torch.long, device=self.ex.kv.device)
+        for t in (self.ex.kv.k, self.ex.kv.v):
+            t.index_copy_(1, idx, torch.randn_like(t.index_select(1, idx)))
+
+    def digest(self, request: int) -> list[float]:
+        """Per-layer sums of a sequence's K and V blocks, in table order (tests compare contents)."""
+        p = self.ex.kv.export(request)
+        return [float(x) for x in (*p.k.double().sum(dim=tuple(range(1, p.k.dim()))),
+                                   *p.v.double().sum(dim=tuple(range(1, p.v.dim()))))]
+
+
+@dataclass
+class Pending:
+    """A call in flight: `ref` is Ray's object ref, or the local result (or exception) at once."""
+
+    replica: int
+    method: str
+    ref: Any = None
+    error: BaseException | None = None
+    meta: dict = field(default_factory=dict)
+
+
+class LocalWorkers:
+    """Every worker in this process; a call runs when it is made."""
+
+    kind = "local"
+
+    def __init__(self, specs: Sequence):
+        self.workers = []
+        for spec in specs:
+            try:
+                self.workers.append(Worker(spec))
+            except ValueError:
+                raise
+            except Exception as e:
+                raise ReplicaError(f"replica {spec.replica}: its worker failed to start: {type(e).__name__}: {e}") from e
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def call(self, j: int, method: str, *args) -> Pending:
+        p = Pending(j, method)
+        try:
+            p.ref = getattr(self.workers[j], method)(*args)
+        except Exception as e:
+            p.error = e
+        return p
+
+    def chain(self, j: int, method: str, request: int, upstream: Pending) -> Pending:
+        """Call `method(request, upstream's result)` on worker j, or fail as the upstream call did."""
+        if upstream.error is not None:
+            return Pending(j, method, error=upstream.error)
+        return self.call(j, method, request, upstream.ref)
+
+    def lose(self, p: Pending) -> None:
+        """Fault injection: the result of `p` is lost (as an object store can lose an object)."""
+        p.ref, p.error = None, RuntimeError("the object was lost (injected fault)")
+
+    def get(self, p: Pending):
+        if p.error is not None:
+            raise _replica_error(p, p.error) from p.error
+        return p.ref
+
+    def ready(self, pending: Sequence[Pending], timeout_s: float) -> list[Pending]:
+        if not pending and timeout_s > 0:
+            time.sleep(timeout_s)
+        return list(pending)
+
+    def close(self) -> None:
+        self.workers.clear()
+
+
+class RayWorkers:
+    """One Ray actor per replica. `address` None starts a local Ray cluster (or joins the one this
+    process already started); "auto" or an address joins an existing one. On a GPU each actor takes
+    `num_gpus` (one replica per GPU by default, 0.5 to share one)."""
+
+    kind = "ray"
+
+    def __init__(self, specs: Sequence, address: str | None = None, num_gpus: float | None = None):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        self.ray = ray
+        actor = ray.remote(Worker)
+        self.actors = []
+        for spec in specs:
+            gpus = num_gpus if num_gpus is not None else (1.0 if spec.runtime.device.startswith("cuda") else 0.0)
+            self.actors.append(actor.options(num_gpus=gpus, name=None).remote(spec))
+        # building the models: a failure names its replica here, not at the first step
+        for j, a in enumerate(self.actors):
+            self.get(Pending(j, "start", a.about.remote()))
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, j: int, method: str, *args) -> Pending:
+        return Pending(j, method, getattr(self.actors[j], method).remote(*args))
+
+    def chain(self, j: int, method: str, request: int, upstream: Pending) -> Pending:
+        """Call `method(request, upstream's result)` on worker j: the object goes actor to actor."""
+        return self.call(j, method, request, upstream.ref)
+
+    def lose(self, p: Pending) -> None:
+        """Fault injection: free `p`'s object from the object store, so whoever needs it fails."""
+        from ray._private.internal_api import free
+        self.ray.wait([p.ref])
+        free([p.ref])
+
+    def get(self, p: Pending):
+        from ray import exceptions as rex
+        try:
+            return self.ray.get(p.ref)
+        except rex.RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            if isinstance(cause, ValueError) and p.method == "start":
+                raise ValueError(str(cause)) from None   # a config the runtime refuses: one clear line
+            raise _replica_error(p, cause) from None
+        except rex.RayError as e:
+            raise _replica_error(p, e) from None
+
+    def ready(self, pending: Sequence[Pending], timeout_s: float) -> list[Pending]:
+        if not pending:
+            if timeout_s > 0:
+                time.sleep(timeout_s)
+            return []
+        refs = {id(p.ref): p for p in pending}
+        done, _ = self.ray.wait([p.ref for p in pending], num_returns=1, timeout=max(timeout_s, 0.0))
+        more, _ = self.ray.wait([p.ref for p in pending], num_returns=len(pending), timeout=0)
+        hit = {id(r) for r in (*done, *more)}
+        return [p for key, p in refs.items() if key in hit]
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors.clear()
+
+
+def _replica_error(p: Pending, e: BaseException) -> ReplicaError:
+    what = "its worker died" if type(e).__name__ in ("RayActorError", "ActorDiedError") else type(e).__name__
+    return ReplicaError(f"replica {p.replica}: {p.method} failed: {what}: {e}")
+
+
+def make_workers(kind: str, specs: Sequence, address: str | None = None, num_gpus: float | None = None):
+    """The backend `runtime.workers` names; `auto` is Ray for several replicas when Ray is installed."""
+    if kind not in WORKERS:
+        raise ValueError(f"runtime.workers must be one of {list(WORKERS)}, got {kind!r}")
+    if kind == "auto":
+        import importlib.util
+        kind = "ray" if len(specs) > 1 and importlib.util.find_spec("ray") is not None else "local"
+    if kind == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("runtime.workers=ray: Ray is not installed here (pip install 'dlora[cluster]', "
+                             "docs/runtime.md)")
+        return RayWorkers(specs, address, num_gpus)
+    return LocalWorkers(specs)
