@@ -6,6 +6,8 @@
     dlora-calibrate runtime=h200_7b --record         # on a GPU: calibration/profiles/h200-llama-2-7b.yaml
     dlora-calibrate --from outputs/calibrate/<stamp> # refit points measured elsewhere, without measuring
     dlora-calibrate --from calibration/profiles/cpu-tiny.points.csv   # refit the recorded points
+    dlora-calibrate --kv-transfer --record           # measure KV transfers between two workers only, and
+                                                     # refit the recorded points with them
 
 Iteration terms (overhead, per sequence, weight read / per token, context, prefill attention, the
 fixed cost of two or more tokens) and the kernel LoRA terms are fitted together on the decode, prefill and mixed points, and with `--replays` the
@@ -147,6 +149,14 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
     tr = raw["transfers"]
     tr["load_overhead_s"], tr["host_to_gpu_bytes_per_s"] = float(f"{load_c:.6g}"), float(f"{min(1 / max(load_b, 1e-18), MAX_BANDWIDTH):.6g}")
     tr["swap_overhead_s"], tr["kv_swap_bytes_per_s"] = float(f"{swap_c:.6g}"), float(f"{min(1 / max(swap_b, 1e-18), MAX_BANDWIDTH):.6g}")
+    moves = [(float(r["bytes"]), float(r["wall_s"])) for r in rows if r["kind"] == "transfer"]
+    kv_transfer = None
+    if moves:   # points measured before transfers were: the base profile's terms stay
+        move_c, move_b = _line_fit(*zip(*moves))
+        tr["kv_transfer_overhead_s"] = float(f"{move_c:.6g}")
+        tr["kv_transfer_bytes_per_s"] = float(f"{min(1 / max(move_b, 1e-18), MAX_BANDWIDTH):.6g}")
+        kv_transfer = {"overhead_s": move_c, "bytes_per_s": min(1 / max(move_b, 1e-18), MAX_BANDWIDTH),
+                       "workers": meta.get("kv_transfer_workers")}
     raw["lora"] = {"kernel": {**raw["lora"]["kernel"], "source": "measured: fitted with the iteration terms"}}
     report = {"points": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
               "fit_points": len(fit_pts), "heldout_points": len(held),
@@ -156,6 +166,7 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
               "coefficients": res.values, "switch_s": modes,
               "load": {"overhead_s": load_c, "bytes_per_s": min(1 / max(load_b, 1e-18), MAX_BANDWIDTH)},
               "swap": {"overhead_s": swap_c, "bytes_per_s": min(1 / max(swap_b, 1e-18), MAX_BANDWIDTH)},
+              "kv_transfer": kv_transfer,
               "points_csv_sha256": csv_sha256, "measured_on": meta}
     drifts = [float(r["drift"]) for r in rows if r.get("drift")]
     if drifts:
@@ -170,7 +181,8 @@ def fit_profile(rows: list[dict], base: Profile, csv_sha256: str, meta: dict) ->
                    f"passes, errors relative to the previous pass's prediction (in-sample mean error "
                    f"{res.in_sample.mean_abs_rel:.1%}, held-out {res.held_out.mean_abs_rel if res.held_out else float('nan'):.1%} "
                    f"on {len(held)} random mixed batches); merge/unmerge/switch the mean of their runs; loads and swaps "
-                   f"a fixed cost plus bytes / bandwidth"),
+                   f"a fixed cost plus bytes / bandwidth"
+                   + ("; KV transfers between two replicas' workers likewise" if moves else "")),
         "software": (f"dlora_gpu runtime, {meta['backend']} backend, {meta['dtype']}; torch "
                      f"{meta['versions']['torch']}, triton {meta['versions']['triton']}"),
         "anchors": [f"points.csv sha256 {csv_sha256}", f"commit {meta.get('commit', '')}",
@@ -224,8 +236,29 @@ def report_md(report: dict, profile_name: str) -> str:
     lines += ["", "Coefficients: " + ", ".join(f"`{k}` {v:.4g}" for k, v in report["coefficients"].items()),
               f"Mode changes (s): {report['switch_s']}. Adapter load: {report['load']['overhead_s'] * 1e3:.3f} ms + "
               f"bytes / {report['load']['bytes_per_s'] / 1e9:.3f} GB/s. KV swap: "
-              f"{report['swap']['overhead_s'] * 1e6:.1f} us + bytes / {report['swap']['bytes_per_s'] / 1e9:.3f} GB/s.", ""]
+              f"{report['swap']['overhead_s'] * 1e6:.1f} us + bytes / {report['swap']['bytes_per_s'] / 1e9:.3f} GB/s."
+              + (f" KV transfer between two workers ({kv['workers']}): {kv['overhead_s'] * 1e3:.3f} ms + bytes / "
+                 f"{kv['bytes_per_s'] / 1e9:.3f} GB/s." if (kv := report.get("kv_transfer")) else ""), ""]
     return "\n".join(lines)
+
+
+def _with_kv_transfers(cfg, base: Profile, args, out: Path) -> tuple[Path, dict]:
+    """The profile's recorded points with their KV-transfer rows measured anew: (points.csv, metadata)."""
+    from calibration.microbench import BenchConfig, Harness, metadata, transfer_points, write
+    from dlora_gpu.executor import runtime_config
+    points, meta_path = _source_files(PROFILES_DIR / f"{base.name}.points.csv")
+    rows = [r for r in read_points(points) if r["kind"] != "transfer"]
+    meta = json.loads(meta_path.read_text())
+    rcfg = runtime_config(cfg.runtime)
+    bench = BenchConfig(quick=args.quick, repeats=2 if args.quick else args.repeats, warmup=1 if args.quick else 2)
+    print(f"dlora-calibrate: measuring KV transfers between two workers into {out}", file=sys.stderr, flush=True)
+    harness = Harness(rcfg, base, bench)
+    from calibration.microbench import TRANSFER_BLOCKS, TRANSFER_BLOCKS_QUICK
+    moves = transfer_points(harness, bench, TRANSFER_BLOCKS_QUICK if args.quick else TRANSFER_BLOCKS)
+    now = metadata(rcfg, base, bench, 0.0)
+    meta["kv_transfer_workers"] = now["kv_transfer_workers"]
+    meta["kv_transfer_measured"] = {k: now[k] for k in ("date", "commit", "device", "load_avg_1min_before", "versions")}
+    return write(rows + moves, meta, out), meta
 
 
 class SourceError(FileNotFoundError, UserError):
@@ -264,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replays", action="store_true",
                     help="also serve calibration replays on the measured clock and fit their iterations too "
                          "(calibration/replays.py: other requests than benchmarks/fidelity.py validates on)")
+    ap.add_argument("--kv-transfer", action="store_true",
+                    help="measure only KV transfers between two replicas' workers (Ray actors when Ray is installed) "
+                         "and refit the profile's recorded points with them: the other terms, fitted from the same "
+                         "points, do not change")
     args = ap.parse_args(argv)
+    if args.kv_transfer and (args.source is not None or args.replays):
+        ap.error("--kv-transfer measures transfers alone and refits the recorded points: not with --from or --replays")
     if args.repeats < 1 or args.sweeps < 1:
         ap.error(f"--repeats and --sweeps must be >= 1, got {args.repeats} and {args.sweeps}")
     if args.source is not None and args.replays:
@@ -276,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose(args.overrides, "serve")
     base = build_profile(cfg)
     out = args.out or Path("outputs/calibrate") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    if args.source is None:
+    if args.kv_transfer:
+        points, meta = _with_kv_transfers(cfg, base, args, out)
+    elif args.source is None:
         from calibration.microbench import BenchConfig, Harness, metadata, run_all, write
         from dlora_gpu.executor import runtime_config
         rcfg = runtime_config(cfg.runtime)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import importlib.util
 import os
 import platform
 import subprocess
@@ -70,7 +71,8 @@ class Harness:
     """One replica's state and executor, driven by hand-made decisions."""
 
     def __init__(self, rcfg, profile: Profile, bench: BenchConfig):
-        from dlora_gpu.executor import ModelExecutor
+        from dlora_gpu.executor import ExecutorSpec, ModelExecutor
+        from dlora_gpu.tokens import TokenLog
         ranks = [bench.ranks[i % len(bench.ranks)] for i in range(bench.num_adapters)]
         wl = Workload.from_requests([], bench.num_adapters, ranks)
         cfg = ReplicaConfig(max_num_seqs=4096, max_num_batched_tokens=1 << 20, gpu_adapter_slots=bench.slots,
@@ -80,7 +82,9 @@ class Harness:
         self.cost = CostModel(profile, 1, cfg.merge)
         self.state = ReplicaState(0, cfg, self.cost, ranks, Recorder(keep_iterations=False), lambda r: None,
                                   lambda: 0, merges=True)
-        self.ex = ModelExecutor(rcfg, self.state, parts)
+        self.rcfg, self.parts = rcfg, parts
+        self.ex = ModelExecutor(ExecutorSpec.of(rcfg, self.state, parts))
+        self.tokens = TokenLog(self.ex.vocab, rcfg.seed)
         self.ranks = ranks
         self._next_id = 0
         self.last_drift = 1.0
@@ -157,14 +161,20 @@ class Harness:
         scaled by `drift()` unless `scaled=False` (untimed set-up steps skip the probe)."""
         if not d.batch and not allow_empty:
             raise ValueError("an empty decision changes only memory or mode: pass allow_empty=True")
+        from dlora_gpu.orders import StepOrder
         state = self.state
         step = state.begin(d)
+        for r, pf in zip(step.batch, step.prefill):
+            if pf:
+                self.tokens.prompt(r)
+        order = StepOrder.of(step, self.tokens)
         k = self.drift() if scaled else 1.0
         t0 = time.perf_counter()
-        times = self.ex.run(step)
+        times, tokens = self.ex.run(order)
         self.ex.sync()
         wall = time.perf_counter() - t0
         if step.batch:
+            self.tokens.append(step.batch, tokens)
             state.complete(step, 0, 1)
         state.end_run(step.batch, 0)
         self.last_drift = k
@@ -176,7 +186,7 @@ class Harness:
             self.state.remove(r)
             if r.id in self.ex.kv.sequences():
                 self.ex.kv.release(r.id)
-            self.ex._tokens.pop(r.id, None)
+            self.tokens.drop(r.id)
 
 
 def _means(runs: list[tuple[float, object, object, float]]) -> tuple[float, float, dict, object]:
@@ -356,6 +366,41 @@ def swap_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int]) -> list[
     return rows
 
 
+def transfer_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int], workers: str = "auto") -> list[dict]:
+    """A request's KV moved between two replicas' workers as co-migration moves it: exported at one (a
+    host copy; its blocks freed), shipped (Ray's object store between two actors when Ray is installed,
+    else in this process), received and installed at the other. One row per size: the median of the
+    timed moves. Not drift-scaled: a copy and a hop between processes are not the probe's compute."""
+    from dataclasses import replace
+
+    from dlora_gpu.executor import ExecutorSpec
+    from dlora_gpu.workers import make_workers
+    spec = ExecutorSpec.of(replace(h.rcfg, warmup=0, clock="real"), h.state, h.parts)
+    ws = make_workers(workers, [spec, replace(spec, replica=1)])
+    seq = -2
+    rows = []
+    try:
+        block_bytes = ws.get(ws.call(0, "kv_geometry"))[0]
+        for blocks in blocks_list:
+            walls = []
+            for i in range(b.warmup + b.repeats):
+                ws.get(ws.call(0, "fill", seq, blocks))
+                t0 = time.perf_counter()
+                ws.get(ws.chain(1, "receive", seq, ws.call(0, "export", seq)))
+                ws.get(ws.call(1, "land", seq, "resident"))
+                wall = time.perf_counter() - t0
+                ws.get(ws.call(1, "release", (seq,)))
+                if i >= b.warmup:
+                    walls.append(wall)
+            w = median(walls)
+            rows.append({**{c: "" for c in COLUMNS}, "kind": "transfer", "split": "fit", "blocks": blocks,
+                         "bytes": blocks * block_bytes, "wall_s": f"{w:.9f}", "device_s": f"{w:.9f}",
+                         "repeats": b.repeats, "drift": ""})
+    finally:
+        ws.close()
+    return rows
+
+
 def compute_points(h: Harness, b: BenchConfig) -> list[dict]:
     """One sweep over the decode, prefill and mixed points (the same points, in the same order, every time)."""
     q = b.quick
@@ -406,7 +451,14 @@ def run_all(h: Harness, b: BenchConfig, stage: Callable[[str, list[dict]], None]
                          ("KV swaps", lambda h, b: swap_points(h, b, (1, 4) if b.quick else (1, 4, 16, 64)))):
         rows += points(h, b)
         stage(what, rows)
-    return h.rescale(rows)
+    rows = h.rescale(rows)
+    rows += transfer_points(h, b, TRANSFER_BLOCKS_QUICK if b.quick else TRANSFER_BLOCKS)
+    stage("KV transfers between two workers", rows)
+    return rows
+
+
+TRANSFER_BLOCKS = (1, 4, 16, 64, 256)
+TRANSFER_BLOCKS_QUICK = (1, 16)
 
 
 def metadata(rcfg, profile: Profile, bench: BenchConfig, elapsed: float) -> dict:
@@ -424,6 +476,7 @@ def metadata(rcfg, profile: Profile, bench: BenchConfig, elapsed: float) -> dict
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
                          "cuda": torch.version.cuda},
             "commit": commit, "load_avg_1min_before": load1, "cpus": os.cpu_count(),
+            "kv_transfer_workers": "ray actors" if importlib.util.find_spec("ray") else "in-process",
             "bench": {k: getattr(bench, k) for k in bench.__dataclass_fields__}, "elapsed_s": round(elapsed, 3),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -159,9 +159,11 @@ class Engine:
         self._flight: dict[int, _Flight] = {}
         self._moving: list[_Transfer] = []
         self._releases: list[Pending] = []
+        self._arriving: dict[int, int] = {}   # request id -> the replica its KV is on its way to
         self.timeline = Timeline()
         self._idle = [False] * n      # stepped clocks: the replica waits for its queue to change
         self._woken = [False] * n
+        self.cluster.left_without_kv = lambda r, src: self._releases.append(self.workers.call(src, "forget", r.id))
         if clock.stepped:
             for j, st in enumerate(self.replicas):
                 st.on_queue_change = (lambda j=j: self._queue_changed(j))
@@ -258,11 +260,13 @@ class Engine:
         for p in self._releases:
             self.workers.get(p)
         self._releases.clear()
-        self.workers.get(self.workers.call(j, "check", MemoryImage.of(self.replicas[j])))
+        arriving = tuple(rid for rid, dst in self._arriving.items() if dst == j)
+        self.workers.get(self.workers.call(j, "check", MemoryImage.of(self.replicas[j], arriving)))
 
     # --- migration: KV between workers -----------------------------------------------------------------
     def _send(self, r: Request, src: int, dst: int) -> Pending:
         """Export the request's KV at `src` and have `dst` receive it (worker to worker)."""
+        self._arriving[r.id] = dst
         exported = self.workers.call(src, "export", r.id)
         if self.lose_kv is not None and self.lose_kv(r):
             self.workers.lose(exported)
@@ -281,6 +285,7 @@ class Engine:
         where = self.cluster.arrive(r, dst, failure)
         if failure is None:
             self.workers.get(self.workers.call(dst, "land", r.id, _WHERE[where]))
+        del self._arriving[r.id]
 
     # --- the stepped clocks: events in the simulator's order -------------------------------------------
     def _queue_changed(self, j: int) -> None:

@@ -286,6 +286,11 @@ class ModelExecutor:
         self.kv.release(request)
         return payload
 
+    def forget(self, request: int) -> None:
+        """Free a request's KV if it holds any (one that leaves to be recomputed elsewhere)."""
+        if request in self.kv.sequences() or self.kv.is_swapped(request):
+            self.kv.release(request)
+
     def install(self, request: int, payload: KVPayload, swapped: bool) -> None:
         """A migrated request's KV, arriving: on the device, or in host swap when `swapped`."""
         self.kv.install(request, payload, swapped)

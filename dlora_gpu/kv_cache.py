@@ -44,6 +44,17 @@ class KVPayload:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def __reduce__(self):
+        # as raw bytes in NumPy arrays: pickle protocol 5 (Ray's object store) ships them without a copy,
+        # and any dtype (bfloat16 included) survives the trip
+        return (_payload, (str(self.k.dtype).removeprefix("torch."), tuple(self.k.shape),
+                           self.k.contiguous().view(torch.uint8).numpy(), self.v.contiguous().view(torch.uint8).numpy()))
+
+
+def _payload(dtype: str, shape: tuple, k, v) -> KVPayload:
+    dt = getattr(torch, dtype)
+    return KVPayload(torch.from_numpy(k).view(dt).reshape(shape), torch.from_numpy(v).view(dt).reshape(shape))
+
 
 class OutOfBlocks(RuntimeError):
     """Not enough free blocks for the request; the cache is unchanged."""

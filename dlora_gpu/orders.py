@@ -71,11 +71,12 @@ class MemoryImage:
     swapped: tuple[int, ...]
     free_blocks: int | None                  # None while a batch is in flight
     adapters: tuple[int, ...]
+    arriving: tuple[int, ...] = ()           # migrating requests on their way here (their KV may be held)
 
     @classmethod
-    def of(cls, state: ReplicaState) -> "MemoryImage":
+    def of(cls, state: ReplicaState, arriving: tuple[int, ...] = ()) -> "MemoryImage":
         flight = {id(r) for r in state.running}
         held = tuple((r.id, r.kv_blocks) for r in state.queue
                      if r.kv_blocks and (r.state == State.RESIDENT or id(r) in flight))
         return cls(state.id, held, tuple(r.id for r in state.queue if r.state == State.SWAPPED),
-                   None if state.running else state.free_blocks, tuple(sorted(state.resident)))
+                   None if state.running else state.free_blocks, tuple(sorted(state.resident)), arriving)

@@ -39,6 +39,6 @@ class TokenLog:
         if self.keep:
             self.finished[r.id] = toks
 
-    def output(self, request: int) -> list[int]:
-        """A kept finished request's generated tokens (its prompt is what it was sent)."""
-        return self.finished[request]
+    def drop(self, request: int) -> None:
+        """Forget a request's tokens (one abandoned by hand; a finished one goes through `finish`)."""
+        self._live.pop(request, None)

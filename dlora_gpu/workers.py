@@ -65,6 +65,10 @@ class Worker:
         """A migrating request's KV (a host copy; its blocks here are freed)."""
         return self.ex.export(request)
 
+    def forget(self, request: int) -> None:
+        """A request left this replica without its KV (it is recomputed elsewhere): free what it held."""
+        self.ex.forget(request)
+
     def receive(self, request: int, payload) -> int:
         """Hold an arriving request's KV until the driver says where it lands; its bytes."""
         self._incoming[request] = payload
@@ -81,8 +85,8 @@ class Worker:
 
     def check(self, memory: MemoryImage) -> None:
         self.ex.check(memory)
-        if self._incoming:
-            raise AssertionError(f"replica {memory.replica}: KV received but never landed: {sorted(self._incoming)}")
+        if set(self._incoming) - set(memory.arriving):
+            raise AssertionError(f"replica {memory.replica}: KV received but never landed: {sorted(set(self._incoming) - set(memory.arriving))}")
 
     def drift_summary(self) -> dict:
         return self.drift.summary() if self.drift is not None else {"scaled": False, "why": self.drift_why}

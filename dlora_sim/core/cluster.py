@@ -60,6 +60,10 @@ def _nothing() -> None:
     pass
 
 
+def _left(r: Request, src: int) -> None:
+    pass
+
+
 class Cluster:
     """Replica states, their local policies, and the global policies' front end (a `ClusterView`).
 
@@ -92,6 +96,8 @@ class Cluster:
         self.remaining = self.total
         self.sync: Callable[[], None] = _nothing
         self.on_all_done: Callable[[], None] = _nothing
+        # a migrating request left replica `src` without its KV (recompute): the executor frees its copy
+        self.left_without_kv: Callable[[Request, int], None] = _left
         self.bar: tqdm | None = None
         span = workload.duration_s
         self.extra: dict = {"chunked_prefill": config.replica.chunked_prefill,

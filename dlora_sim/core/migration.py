@@ -126,6 +126,7 @@ def apply_plan(cluster: "Cluster", plan: MigrationPlan, deliver: Deliver) -> dic
         cluster.recorder.count("migrations", 1)
         counts["moved"] += 1
         if not with_kv:
+            cluster.left_without_kv(r, src.id)
             reps[mv.dst].receive(r, with_kv=False)
             continue
         counts["transfer"] += 1
