@@ -42,6 +42,7 @@ class RayConfig:
 
     address: str | None = None        # None: start a local Ray cluster; "auto" or host:port: join one
     num_gpus: float | None = None     # GPUs per replica's actor (None: 1 on CUDA, 0 on a CPU; 0.5 shares one)
+    num_cpus: float | None = None     # CPUs each actor reserves from Ray (None: none, Ray's actor default)
 
 
 @dataclass(frozen=True)

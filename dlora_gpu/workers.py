@@ -179,24 +179,36 @@ class LocalWorkers:
 class RayWorkers:
     """One Ray actor per replica. `address` None starts a local Ray cluster (or joins the one this
     process already started); "auto" or an address joins an existing one. On a GPU each actor takes
-    `num_gpus` (one replica per GPU by default, 0.5 to share one)."""
+    `num_gpus` (one replica per GPU by default, 0.5 to share one); `num_cpus` (default none held) only
+    if the actors should reserve CPUs from the cluster's scheduler."""
 
     kind = "ray"
 
-    def __init__(self, specs: Sequence, address: str | None = None, num_gpus: float | None = None):
+    def __init__(self, specs: Sequence, address: str | None = None, num_gpus: float | None = None,
+                 num_cpus: float | None = None, start_timeout_s: float = 300.0):
         import ray
 
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         self.ray = ray
+        # CPUs: Ray's actor default holds none while running, so actors never starve the cluster's tasks (a
+        # sweep's jobs); they are spread over its nodes. GPUs: one replica per GPU unless num_gpus says.
         actor = ray.remote(Worker)
         self.actors = []
         for spec in specs:
             gpus = num_gpus if num_gpus is not None else (1.0 if spec.runtime.device.startswith("cuda") else 0.0)
-            self.actors.append(actor.options(num_gpus=gpus, name=None).remote(spec))
+            self.actors.append(actor.options(num_gpus=gpus, num_cpus=num_cpus or 0, scheduling_strategy="SPREAD")
+                               .remote(spec))
         # building the models: a failure names its replica here, not at the first step
         for j, a in enumerate(self.actors):
-            self.get(Pending(j, "start", a.about.remote()))
+            p = Pending(j, "start", a.about.remote())
+            done, _ = ray.wait([p.ref], timeout=start_timeout_s)
+            if not done:
+                self.close()
+                raise ReplicaError(f"replica {j}: its Ray actor did not start in {start_timeout_s:.0f} s: the cluster "
+                                   f"has {ray.available_resources()} free, each replica asks for {num_cpus} CPU and "
+                                   f"{gpus} GPU (runtime.ray.num_cpus, runtime.ray.num_gpus)")
+            self.get(p)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -209,10 +221,9 @@ class RayWorkers:
         return self.call(j, method, request, upstream.ref)
 
     def lose(self, p: Pending) -> None:
-        """Fault injection: free `p`'s object from the object store, so whoever needs it fails."""
-        from ray._private.internal_api import free
-        self.ray.wait([p.ref])
-        free([p.ref])
+        """Fault injection: `p`'s object is replaced by one whose fetch fails, so the worker that needs
+        it fails through Ray as it would on a lost object (Ray has no public call to drop one)."""
+        p.ref = self.ray.remote(_lost_object).options(num_cpus=0).remote()
 
     def get(self, p: Pending):
         from ray import exceptions as rex
@@ -243,12 +254,17 @@ class RayWorkers:
         self.actors.clear()
 
 
+def _lost_object() -> None:
+    raise RuntimeError("the object was lost (injected fault)")
+
+
 def _replica_error(p: Pending, e: BaseException) -> ReplicaError:
     what = "its worker died" if type(e).__name__ in ("RayActorError", "ActorDiedError") else type(e).__name__
     return ReplicaError(f"replica {p.replica}: {p.method} failed: {what}: {e}")
 
 
-def make_workers(kind: str, specs: Sequence, address: str | None = None, num_gpus: float | None = None):
+def make_workers(kind: str, specs: Sequence, address: str | None = None, num_gpus: float | None = None,
+                 num_cpus: float | None = None):
     """The backend `runtime.workers` names; `auto` is Ray for several replicas when Ray is installed."""
     if kind not in WORKERS:
         raise ValueError(f"runtime.workers must be one of {list(WORKERS)}, got {kind!r}")
@@ -260,5 +276,5 @@ def make_workers(kind: str, specs: Sequence, address: str | None = None, num_gpu
         if importlib.util.find_spec("ray") is None:
             raise ValueError("runtime.workers=ray: Ray is not installed here (pip install 'dlora[cluster]', "
                              "docs/runtime.md)")
-        return RayWorkers(specs, address, num_gpus)
+        return RayWorkers(specs, address, num_gpus, num_cpus)
     return LocalWorkers(specs)
