@@ -168,7 +168,7 @@ def _cfg_overrides(system: str, n: int) -> list[str]:
 def test_the_simulators_sweeps_run_on_the_same_ray_cluster(tmp_path, ray_cluster):
     """Hydra's own Ray launcher sends a multirun's jobs to the Ray cluster the runtime uses."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "dlora_sim.cli", "-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_cluster}",
+    cmd = [sys.executable, "-m", "dlora_sim.cli", "-m", "hydra/launcher=ray_join", f"hydra.launcher.ray.init.address={ray_cluster}",
            "system=slora,dlora", "workload.num_requests=20", "charts=false", "progress=false", f"hydra.sweep.dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
