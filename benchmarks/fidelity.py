@@ -27,7 +27,13 @@ overall price bias taken out: what is left comes from the terms' shape, the poli
 
     python benchmarks/fidelity.py [--record] [--calibrate] [--clocks real,measured] [--repeats 3] [--requests 120] [serve overrides]
 
-Writes a temporary folder unless --record (benchmarks/results/fidelity_<device>.{csv,md}).
+Several replicas (`--replicas 2`): the runtime's replicas run as Ray actors (runtime.workers=auto), and
+the systems are dLoRA with its co-migration on (made eager enough to move requests in a short run:
+`MIGRATING`, KV transfer or recompute, whichever the profile prices lower) against dLoRA's policies
+dispatched round-robin with no migration (`dlora_rr`): the cluster-level half of the paper, priced and
+served.
+
+Writes a temporary folder unless --record (benchmarks/results/fidelity_<device>[_<n>replicas].{csv,md}).
 """
 from __future__ import annotations
 
@@ -52,6 +58,17 @@ from dlora_sim.core.errors import reported  # noqa: E402
 
 LOADS = {"moderate": 0.5, "high": 0.9}
 SYSTEMS = ("slora", "dlora")
+CLUSTER_SYSTEMS = ("dlora", "dlora_rr")
+MIGRATING = ["migration.interval_s=1", "migration.count_trigger=2", "migration.mode=auto", "migration.time_limit_s=0.05"]
+# a case's system -> (the system config, its extra overrides)
+SYSTEM_VARIANTS = {"dlora_rr": ("dlora", ["router=rr", "migration=none"])}
+
+
+def system_overrides(system: str, replicas: int) -> tuple[str, list[str]]:
+    name, extra = SYSTEM_VARIANTS.get(system, (system, []))
+    if replicas > 1:
+        extra = [f"cluster.num_replicas={replicas}", *extra, *(MIGRATING if name == "dlora" and not extra else [])]
+    return name, extra
 
 
 def run_case(overrides: list[str], out: Path, clock: str = "real") -> dict:
@@ -128,7 +145,9 @@ def report(rows: list[dict], device: str, profile: str, calibration: str, scalin
         span = f"{min(e2e):+.1%} ... {max(e2e):+.1%}" if e2e else "-"
         lines.append(f"| {workload} | {load} | {system} | {clock} | {rs[0]['rate_rps']:.3g} | {errs} | {span} | "
                      f"{_median([r['ks_latency'] for r in rs]):.3f} | {_median([r['per_request_mean_abs'] for r in rs]):.3f} | "
-                     f"{'/'.join(str(r['iterations_runtime']) for r in rs)} / {rs[0]['iterations_sim']} | "
+                     f"{'/'.join(str(r['iterations_runtime']) for r in rs)} / {rs[0]['iterations_sim']}"
+                     + (f" (migrations {'/'.join(str(r['migrations_runtime']) for r in rs)} / {rs[0]['migrations_sim']})"
+                        if any(r.get("migrations_runtime") or r.get("migrations_sim") for r in rs) else "") + " | "
                      f"{rs[0]['loadavg_before']} / {rs[-1]['loadavg_after']} |")
     n, n_matched = len(cases), len(cases) - tally_matched["-"]
     at_level = ""
@@ -248,6 +267,8 @@ def _run_repeat(overrides: list[str], out: Path, clock: str) -> tuple[dict, dict
                "per_request_mean_abs": v["per_request_latency_rel_err"]["mean_abs"],
                "iterations_runtime": v["counts"]["num_iterations"]["runtime"],
                "iterations_sim": v["counts"]["num_iterations"]["simulator"],
+               "migrations_runtime": v["counts"].get("num_migrations", {}).get("runtime"),
+               "migrations_sim": v["counts"].get("num_migrations", {}).get("simulator"),
                "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
                "wall_s": round(time.perf_counter() - t0, 1), **price_errors(v["iteration_error"]),
                "price_by_kind": kind_errors(v.get("iteration_error_by_kind") or []),
@@ -319,12 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--session-check", action="store_true",
                     help="first re-time one sweep of the profile's microbenchmark grid (minutes on a CPU) and report "
                          "its price bias: the machine's drift since the calibration that the probe does not track")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=None, help=f"default {','.join(SYSTEMS)}; with --replicas > 1 "
+                                                    f"{','.join(CLUSTER_SYSTEMS)}")
+    ap.add_argument("--replicas", type=int, default=1, help="replicas per case (Ray actors when > 1)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--loads", default=",".join(LOADS))
     args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.repeats < 1 or args.replicas < 1:
+        ap.error(f"--repeats and --replicas must be >= 1, got {args.repeats} and {args.replicas}")
+    systems = (args.systems or ",".join(SYSTEMS if args.replicas == 1 else CLUSTER_SYSTEMS)).split(",")
     clocks = args.clocks.split(",")
     if not clocks or any(c not in ("real", "measured") for c in clocks):
         ap.error(f"--clocks must list real and/or measured, got {args.clocks!r}")
@@ -343,9 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         session = session_text(check)
         print(json.dumps({"session_check": check}), flush=True)
     cases = [(workload, load_name, system,
-              *case_overrides(workload, system, LOADS[load_name], args.requests, overrides))
+              *case_overrides(workload, system_overrides(system, args.replicas)[0], LOADS[load_name], args.requests,
+                              overrides + system_overrides(system, args.replicas)[1]))
              for workload in args.workloads.split(",") for load_name in args.loads.split(",")
-             for system in args.systems.split(",")]
+             for system in systems]
     rows, device, profile, factors = [], "?", "?", []
     for rep in range(args.repeats):   # interleaved: every case once, then every case again (see the docstring)
         for workload, load_name, system, ov, rate in cases:
@@ -356,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"workload": workload, "load": load_name, "system": system, "repeat": rep,
                              "clock": clock, "rate_rps": float(rate), **row})
                 print(json.dumps(rows[-1]), flush=True)
-    slug = "cpu" if "cpu" in str(device).lower() else name_slug(str(device))
+    slug = ("cpu" if "cpu" in str(device).lower() else name_slug(str(device))) + \
+        (f"_{args.replicas}replicas" if args.replicas > 1 else "")
     out = RESULTS if args.record else work
     scaling = ""
     if factors:

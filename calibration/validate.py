@@ -37,8 +37,8 @@ from dlora_sim.core.results import summarize, write_results
 METRICS = [("mean_latency_s", "mean E2E"), ("p50_latency_s", "P50 E2E"), ("p90_latency_s", "P90 E2E"),
            ("p99_latency_s", "P99 E2E"), ("mean_ttft_s", "mean TTFT"), ("p99_ttft_s", "P99 TTFT"),
            ("mean_tpot_s", "mean TPOT"), ("throughput_rps", "throughput")]
-COUNTS = ["num_iterations", "num_switches", "num_adapter_loads", "num_preemptions", "num_swap_outs", "completed",
-          "rejected"]
+COUNTS = ["num_iterations", "num_switches", "num_adapter_loads", "num_preemptions", "num_swap_outs", "num_migrations",
+          "completed", "rejected"]
 GOALS = {"mean_latency_s": (0.02, 0.05), "p99_latency_s": (0.05, 0.10), "mean_ttft_s": (0.05, 0.15),
          "throughput_rps": (0.01, 0.03)}   # (goal, at least): relative error
 BUCKETS = [(1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 1 << 30)]
@@ -337,7 +337,6 @@ def probe_machine(overrides: list[str], clock: str) -> dict:
     when it is more than 10% off: on the real clock that difference lands in every error."""
     try:
         from dlora_gpu.cli import build_engine
-        from dlora_gpu.drift import machine_factor
     except ImportError:
         return {"factor": None, "why": "the runtime is not installed here (make install-runtime)"}
     from dlora_sim.core.config import build_profile, compose
@@ -346,7 +345,10 @@ def probe_machine(overrides: list[str], clock: str) -> dict:
     if not profile.provenance.reference_probe_s > 0:   # before building a model: a GPU profile records none
         return {"factor": None, "why": f"profile {profile.name} records no reference probe"}
     engine = build_engine(cfg)
-    factor, how = machine_factor(engine.executor.model, engine.profile, engine.executor.backend)
+    try:
+        factor, how = engine.workers.get(engine.workers.call(0, "machine_factor"))   # replica 0's worker
+    finally:
+        engine.close()
     if factor is not None and abs(factor - 1) > 0.10 and clock == "real":
         print(f"dlora-validate: this machine runs {1 / factor:.2f}x the speed of the profile's calibration ({how}): "
               "real-clock errors include that; --clock measured scales the runtime's steps to the calibration's "

@@ -49,7 +49,7 @@ MISTAKES = [
     ("a sweep that needs a missing trace", [SIM, "--multirun", "experiment=adapter_scaling"],
      "trace 'azure_conv' not found"),
     ("capacity without its trace", [SIM, "--multirun", "experiment=capacity"], "trace 'azure_conv' not found"),
-    ("runtime with several replicas", [SERVE, "cluster.num_replicas=2"], "cluster.num_replicas=2"),
+    ("runtime workers typo", [SERVE, "runtime.workers=threads"], "runtime.workers must be"),
     ("runtime clock typo", [SERVE, "runtime.clock=bogus"], "runtime.clock must be one of"),
     ("runtime with whole-model copies", [SERVE, "system=vllm"], "cluster.replica.weights=full_copy"),
     ("validate a missing folder", [VALIDATE, "--runtime-folder", "{tmp}/missing"], "no summary.json"),

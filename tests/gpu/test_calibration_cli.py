@@ -29,8 +29,13 @@ def test_calibrate_measures_fits_and_writes_a_valid_measured_profile(tmp_path):
     assert meta["reference"]["probe"].startswith("runtime decode step")
     with (tmp_path / "points.csv").open() as f:
         rows = list(csv.DictReader(f))
-    drifts = [float(r["drift"]) for r in rows if r["kind"] != "served"]
+    drifts = [float(r["drift"]) for r in rows if r["kind"] not in ("served", "transfer")]
     assert drifts and all(d > 0 for d in drifts)
+    # KV moved between two workers: unscaled (not the probe's compute), fitted as a fixed cost + bandwidth
+    moves = [r for r in rows if r["kind"] == "transfer"]
+    assert len(moves) >= 2 and all(int(r["bytes"]) > 0 and float(r["wall_s"]) > 0 and r["drift"] == "" for r in moves)
+    assert prof.transfers.kv_transfer_bytes_per_s > 0 and prof.transfers.kv_transfer_overhead_s >= 0
+    assert report["kv_transfer"]["bytes_per_s"] == pytest.approx(prof.transfers.kv_transfer_bytes_per_s, rel=1e-5)
     # --replays: a calibration replay served on the measured clock against the microbenchmarks' fit, its
     # iterations fit points, on other requests than the fidelity cases validate on (another seed)
     (replay,) = meta["replays"]

@@ -28,12 +28,12 @@ def test_the_reference_probe_is_a_step_of_the_runtimes_own_model_on_a_cache_of_i
     from dlora_sim.core.config import compose
     from dlora_gpu.cli import build_engine
     engine = build_engine(compose(["system=slora", "workload.num_requests=2"], "serve"))
-    ex = engine.executor
+    ex = engine.workers.workers[0].ex   # one replica: its worker runs in this process
     free, seqs = ex.kv.num_free(), ex.kv.sequences()
     probe = drift.reference_probe(ex.model, ex.backend)
     assert probe.model is ex.model and probe() > 0 and probe() > 0   # real runs time something
     assert ex.kv.num_free() == free and ex.kv.sequences() == seqs
-    assert engine.replica.free_blocks == engine.replica.total_blocks
+    assert engine.replicas[0].free_blocks == engine.replicas[0].total_blocks
     assert "decode step of 8 sequence(s) at context 128" in probe.describe()
     assert f"hidden {ex.model.cfg.hidden_size}" in probe.describe()
 
