@@ -59,7 +59,8 @@ from dlora_sim.core.errors import reported  # noqa: E402
 LOADS = {"moderate": 0.5, "high": 0.9}
 SYSTEMS = ("slora", "dlora")
 CLUSTER_SYSTEMS = ("dlora", "dlora_rr")
-MIGRATING = ["migration.interval_s=1", "migration.count_trigger=2", "migration.mode=auto", "migration.time_limit_s=0.05"]
+MIGRATING = ["migration.interval_s=0.1", "migration.count_trigger=1", "migration.min_gain_s=0.001", "migration.mode=auto",
+             "migration.time_limit_s=0.01"]   # a CPU replica serves this workload in milliseconds per request
 # a case's system -> (the system config, its extra overrides)
 SYSTEM_VARIANTS = {"dlora_rr": ("dlora", ["router=rr", "migration=none"])}
 

@@ -126,6 +126,19 @@ class _Transfer:
     t0: float
 
 
+def _combined(scaling: list[dict]) -> dict:
+    """Several replicas' drift scaling as one record of the single replica's keys (factors over all of
+    them; the median of their medians), with each replica's own in `replicas`."""
+    if not all(x["scaled"] for x in scaling):
+        return {"scaled": False, "why": next(x["why"] for x in scaling if not x["scaled"]), "replicas": scaling}
+    meds = sorted(x["factor_median"] for x in scaling if x["factor_median"] is not None)
+    return {**scaling[0], "factors": sum(x["factors"] for x in scaling),
+            "factor_median": meds[len(meds) // 2] if meds else None,
+            "factor_min": min((x["factor_min"] for x in scaling if x["factor_min"] is not None), default=None),
+            "factor_max": max((x["factor_max"] for x in scaling if x["factor_max"] is not None), default=None),
+            "replicas": scaling}
+
+
 _WHERE = {State.RESIDENT: "resident", State.SWAPPED: "swapped", State.QUEUED: "recompute"}
 
 
@@ -438,8 +451,7 @@ class Engine:
             extra.update(self.transfers.summary())
         if self.clock.kind == "measured":
             scaling = [self.workers.get(self.workers.call(j, "drift_summary")) for j in range(len(self.replicas))]
-            extra["clock_scaling"] = scaling[0] if len(scaling) == 1 else {"scaled": all(x["scaled"] for x in scaling),
-                                                                          "replicas": scaling}
+            extra["clock_scaling"] = scaling[0] if len(scaling) == 1 else _combined(scaling)
         if self.migrator is not None and self.cluster.migrator is None:
             extra["migration"] = "not run: one replica"
         return extra
