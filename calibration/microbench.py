@@ -387,7 +387,7 @@ def transfer_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int], work
                 ws.get(ws.call(0, "fill", seq, blocks))
                 t0 = time.perf_counter()
                 ws.get(ws.chain(1, "receive", seq, ws.call(0, "export", seq)))
-                ws.get(ws.call(1, "land", seq, "resident"))
+                ws.get(ws.call(1, "land", seq, "resident", blocks))
                 wall = time.perf_counter() - t0
                 ws.get(ws.call(1, "release", (seq,)))
                 if i >= b.warmup:

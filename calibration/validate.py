@@ -340,7 +340,7 @@ def probe_machine(overrides: list[str], clock: str) -> dict:
     except ImportError:
         return {"factor": None, "why": "the runtime is not installed here (make install-runtime)"}
     from dlora_sim.core.config import build_profile, compose
-    cfg = compose([*overrides, "workload.num_requests=1"], "serve")
+    cfg = compose([*overrides, "workload.num_requests=1", "cluster.num_replicas=1", "runtime.workers=local"], "serve")
     profile = build_profile(cfg)
     if not profile.provenance.reference_probe_s > 0:   # before building a model: a GPU profile records none
         return {"factor": None, "why": f"profile {profile.name} records no reference probe"}

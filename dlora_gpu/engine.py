@@ -39,7 +39,6 @@ from dlora_gpu.workers import Pending, ReplicaError
 from dlora_sim.core.cluster import Cluster
 from dlora_sim.core.config import Parts
 from dlora_sim.core.contracts import Decision, PolicyError
-from dlora_sim.core.replica_state import ReplicaState
 from dlora_sim.core.request import NS, Request, State, to_ns
 from dlora_sim.core.results import SimResult
 from dlora_sim.core.step import LoraFeatures, Step
@@ -53,7 +52,7 @@ class Clock:
             raise ValueError(f"runtime.clock must be one of {list(CLOCKS)}, got {kind!r}")
         self.kind = kind
         self.virtual = kind == "virtual"
-        self.stepped = kind != "real"   # time moves only by advance / wait_until
+        self.stepped = kind != "real"   # time moves only by wait_until (the driver's events)
         self.start()
 
     def start(self) -> None:
@@ -65,10 +64,9 @@ class Clock:
     def now(self) -> int:
         return self._t if self.stepped else time.perf_counter_ns() - self._t0
 
-    def advance(self, ns: int) -> None:
-        """A step priced or measured at `ns` ran (wall time moved by itself)."""
-        if self.stepped:
-            self._t += ns
+    def at(self, perf_ns: int) -> int:
+        """The real clock's reading at a `time.perf_counter_ns()` instant."""
+        return perf_ns - self._t0
 
     def wait_until(self, t: int) -> None:
         if self.stepped:
@@ -81,7 +79,7 @@ class Clock:
 
 @dataclass
 class ServingStats:
-    policy_s: float = 0.0     # wall time spent in the local schedulers and the router
+    policy_s: float = 0.0     # wall time spent in the local schedulers (and the router, on the real clock)
     executor_s: float = 0.0   # workers' wall time running steps
     iterations: int = 0
     extra: dict = field(default_factory=dict)
@@ -139,6 +137,8 @@ def _combined(scaling: list[dict]) -> dict:
             "replicas": scaling}
 
 
+_UNCOLLECTED = 64   # calls sent without waiting, collected (those done) once this many are outstanding
+
 _WHERE = {State.RESIDENT: "resident", State.SWAPPED: "swapped", State.QUEUED: "recompute"}
 
 
@@ -161,8 +161,14 @@ class Engine:
         self.migrator, self.clock, self.profile = parts.migrator, clock, parts.profile
         self.recorder = self.cluster.recorder
         self.replicas, self.schedulers = self.cluster.replicas, self.cluster.schedulers
+        if migrator is not None and not migrator.interval_s > 0:
+            raise ValueError(f"migration.interval_s must be > 0, got {migrator.interval_s}")
         self.workers = make_workers([ExecutorSpec.of(rcfg, st, parts) for st in self.replicas])
-        self.info = [self.workers.get(self.workers.call(j, "about")) for j in range(n)]
+        try:
+            self.info = [self.workers.get(self.workers.call(j, "about")) for j in range(n)]
+        except BaseException:
+            self.workers.close()
+            raise
         self.tokens = TokenLog(self.info[0]["vocab"], rcfg.seed, keep_tokens)
         self.stats = ServingStats()
         self.transfers = TransferStats()
@@ -173,13 +179,15 @@ class Engine:
         self._moving: list[_Transfer] = []
         self._releases: list[Pending] = []
         self._arriving: dict[int, int] = {}   # request id -> the replica its KV is on its way to
+        self._sources: dict[int, int] = {}    # request id -> the replica it left
+        self._link_free: dict[tuple[int, int], int] = {}   # measured clock: when each link's last transfer ends
         self.timeline = Timeline()
-        self._idle = [False] * n      # stepped clocks: the replica waits for its queue to change
+        self._stopped = False
+        self._idle = [False] * n      # the replica waits for its queue to change (its last decision ran nothing)
         self._woken = [False] * n
         self.cluster.left_without_kv = lambda r, src: self._releases.append(self.workers.call(src, "forget", r.id))
-        if clock.stepped:
-            for j, st in enumerate(self.replicas):
-                st.on_queue_change = (lambda j=j: self._queue_changed(j))
+        for j, st in enumerate(self.replicas):
+            st.on_queue_change = (lambda j=j: self._queue_changed(j))
 
     @property
     def requests(self) -> list[Request]:
@@ -218,7 +226,7 @@ class Engine:
         self._flight[j] = fl
         return fl
 
-    def _result(self, j: int, fl: _Flight) -> StepResult:
+    def _result(self, fl: _Flight) -> StepResult:
         if fl.result is None:
             fl.result = self.workers.get(fl.pending)
             self.stats.executor_s += fl.result.wall_s
@@ -231,14 +239,16 @@ class Engine:
         if self.clock.virtual:
             return self.replicas[j].cost.price(fl.step).total_ns()
         if self.clock.stepped:
-            res = self._result(j, fl)
+            res = self._result(fl)
             return max(to_ns((fl.bookkeeping_s + res.wall_s) * res.factor), 1)
-        return max(self.clock.now() - fl.start, 1)
+        done = fl.pending.meta.get("done_ns")   # in-process workers: when the call itself ended
+        end = self.clock.at(done) if done is not None else self.clock.now()
+        return max(end - fl.start, 1)
 
     def _complete(self, j: int) -> None:
         fl = self._flight.pop(j)
         state, step, d = self.replicas[j], fl.step, fl.decision
-        res = self._result(j, fl)
+        res = self._result(fl)
         price = state.cost.price(step)   # the simulator's price of this step, recorded on every clock
         dur = fl.dur or self._duration(j, fl)
         if self.clock.virtual:
@@ -252,6 +262,8 @@ class Engine:
         done = state.end_run(step.batch, end)
         if done:
             self._releases.append(self.workers.call(j, "release", tuple(r.id for r in done)))
+            if len(self._releases) >= _UNCOLLECTED:
+                self._drain(wait=False)
             for r in done:
                 self.tokens.finish(r)
         n, lora, wall = len(step.batch), LoraFeatures.of(step), PhaseTimes(*res.phases)
@@ -269,10 +281,17 @@ class Engine:
         if self.check_memory:
             self._check(j)
 
-    def _check(self, j: int) -> None:
-        for p in self._releases:
+    def _drain(self, wait: bool = True) -> None:
+        """Collect the calls sent without waiting (frees, landings): all of them, or (`wait=False`) those
+        already done. A worker's failure in one surfaces here."""
+        done = self._releases if wait else self.workers.ready(self._releases, 0)
+        keys = {id(p) for p in done}
+        for p in done:
             self.workers.get(p)
-        self._releases.clear()
+        self._releases = [p for p in self._releases if id(p) not in keys]
+
+    def _check(self, j: int) -> None:
+        self._drain()
         arriving = tuple(rid for rid, dst in self._arriving.items() if dst == j)
         self.workers.get(self.workers.call(j, "check", MemoryImage.of(self.replicas[j], arriving)))
 
@@ -280,6 +299,7 @@ class Engine:
     def _send(self, r: Request, src: int, dst: int) -> Pending:
         """Export the request's KV at `src` and have `dst` receive it (worker to worker)."""
         self._arriving[r.id] = dst
+        self._sources[r.id] = src
         exported = self.workers.call(src, "export", r.id)
         if self.lose_kv is not None and self.lose_kv(r):
             self.workers.lose(exported)
@@ -287,24 +307,33 @@ class Engine:
 
     def _land(self, r: Request, dst: int, receipt: Pending, wall_s: float) -> None:
         """The transfer is over: the request arrives at `dst` with its KV, or without it if it failed."""
+        src = self._sources.pop(r.id)
         try:
             nbytes, failure = self.workers.get(receipt), None
         except ReplicaError as e:
+            if not e.transport:
+                raise   # the work failed, not the transport: a bug to see, not to recompute around
             nbytes, failure = 0, str(e)
+            try:   # whatever the source still holds of it
+                self.workers.get(self.workers.call(src, "forget", r.id))
+            except ReplicaError as gone:
+                if not gone.transport:
+                    raise
         self.transfers.count += 1
         self.transfers.bytes += nbytes
         self.transfers.wall_s += wall_s
         self.transfers.failed += failure is not None
         where = self.cluster.arrive(r, dst, failure)
-        if failure is None:
-            self.workers.get(self.workers.call(dst, "land", r.id, _WHERE[where]))
+        if failure is None:   # ordered before the target's next step: no need to wait for it
+            self._releases.append(self.workers.call(dst, "land", r.id, _WHERE[where], r.kv_blocks))
         del self._arriving[r.id]
 
     # --- the stepped clocks: events in the simulator's order -------------------------------------------
     def _queue_changed(self, j: int) -> None:
         if self._idle[j] and not self._woken[j]:
             self._woken[j] = True
-            self.timeline.after(0, NORMAL, lambda: self._wake(j))
+            if self.clock.stepped:
+                self.timeline.after(0, NORMAL, lambda: self._wake(j))
 
     def _wake(self, j: int) -> None:
         self._idle[j] = self._woken[j] = False
@@ -319,6 +348,9 @@ class Engine:
         fl = self._begin(j, d)
         fl.dur = self._duration(j, fl)
         self.timeline.after(fl.dur, NORMAL, lambda: self._step_end(j))
+
+    def _stop(self) -> None:
+        self._stopped = True
 
     def _step_end(self, j: int) -> None:
         self._complete(j)
@@ -361,7 +393,12 @@ class Engine:
         except ReplicaError:
             pass   # reported when it lands
         wall = time.perf_counter() - t0
-        delay = delay_ns if self.clock.virtual else to_ns(wall)
+        delay = delay_ns
+        if not self.clock.virtual:   # measured: its own time, after the link's earlier transfers (as priced ones queue)
+            now, key = self.timeline.now, (src, dst)
+            end = max(now, self._link_free.get(key, now)) + to_ns(wall)
+            self._link_free[key] = end
+            delay = end - now
         land = lambda: self._land(r, dst, receipt, wall)   # noqa: E731
 
         def init() -> None:
@@ -379,10 +416,11 @@ class Engine:
         tl.after(0, URGENT, lambda: self._arrivals(it))
         if cluster.migrator is not None:
             interval = to_ns(cluster.migrator.interval_s)
-            if interval <= 0:
-                raise ValueError(f"migration interval_s must be > 0, got {cluster.migrator.interval_s}")
             tl.after(0, URGENT, lambda: tl.after(interval, URGENT, self._tick))
-        tl.run(lambda: cluster.remaining == 0, self.clock.wait_until)
+        # the run ends as SimPy's does: at an event scheduled when the last request finishes, so events
+        # already due at that instant (a migration tick) still run
+        cluster.on_all_done = lambda: tl.after(0, NORMAL, self._stop)
+        tl.run(lambda: self._stopped, self.clock.wait_until)
 
     # --- the real clock -------------------------------------------------------------------------------
     def _deliver_real(self, r: Request, src: int, dst: int, delay_ns: int) -> None:
@@ -394,7 +432,8 @@ class Engine:
         n, i = len(reqs), 0
         interval = to_ns(cluster.migrator.interval_s) if cluster.migrator is not None else 0
         tick: int | None = interval or None
-        moved = True    # whether the last migration round changed anything (a stalled cluster may wait for one)
+        quiet = False   # the last migration round moved nothing and nothing finished or landed since the one before
+        busy = False    # something finished or landed since the last round
         while cluster.remaining:
             now = clock.now()
             while i < n and reqs[i].arrival <= now:
@@ -404,23 +443,29 @@ class Engine:
                 i += 1
             if tick is not None and now >= tick:
                 moved = bool(cluster.apply_migration(cluster.plan_migration(), self._deliver_real).get("moved"))
-                tick = now + interval
+                quiet, busy, tick = not moved and not busy, False, now + interval
             for j, state in enumerate(self.replicas):
-                if j not in self._flight and state.queue:
+                # as the simulator's replica process: decide again only after a step or a queue change
+                if j not in self._flight and state.queue and not (self._idle[j] and not self._woken[j]):
+                    self._idle[j] = self._woken[j] = False
                     d = self._decide(j)
-                    if d is not None:
+                    if d is None:
+                        self._idle[j] = True
+                    else:
                         self._begin(j, d)
             pending = [fl.pending for fl in self._flight.values()] + [t.receipt for t in self._moving]
-            if not pending and i >= n and (tick is None or not moved):
+            if not pending and i >= n and (tick is None or quiet):
                 break   # nothing runs, arrives or moves any more: stalled, reported by `result`
             upcoming = [t for t in ((reqs[i].arrival if i < n else None), tick) if t is not None]
             wait_s = max(min(upcoming) - clock.now(), 0) / NS if upcoming else 3600.0
             ready = {id(p) for p in workers.ready(pending, wait_s)}
             for j in [j for j, fl in self._flight.items() if id(fl.pending) in ready]:
                 self._complete(j)
+                busy = True
             for t in [t for t in self._moving if id(t.receipt) in ready]:
                 self._moving.remove(t)
                 self._land(t.request, t.dst, t.receipt, time.perf_counter() - t.t0)
+                busy = True
 
     # --- the run --------------------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -445,8 +490,7 @@ class Engine:
 
     def _summary_extra(self) -> dict:
         s = self.stats
-        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6),
-                 "workers": self.workers.kind, **s.extra}
+        extra = {"runtime_policy_s": round(s.policy_s, 6), "runtime_executor_s": round(s.executor_s, 6), **s.extra}
         if self.cluster.migrator is not None:
             extra.update(self.transfers.summary())
         if self.clock.kind == "measured":

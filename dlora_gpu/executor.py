@@ -34,6 +34,7 @@ from dlora_gpu.orders import MemoryImage, StepOrder
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "triton", "auto")
 CLOCKS = ("real", "virtual", "measured")   # how the serving clock moves (dlora_gpu.engine)
+WORKERS = ("auto", "local", "ray")         # where the replicas' workers run (dlora_gpu.workers)
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ class RuntimeConfig:
             raise ValueError(f"runtime.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.clock not in CLOCKS:
             raise ValueError(f"runtime.clock must be one of {list(CLOCKS)}, got {self.clock!r}")
-        if self.workers not in ("auto", "local", "ray"):
-            raise ValueError(f"runtime.workers must be auto, local or ray, got {self.workers!r}")
+        if self.workers not in WORKERS:
+            raise ValueError(f"runtime.workers must be one of {list(WORKERS)}, got {self.workers!r}")
         if self.threads < 1 or self.warmup < 0:
             raise ValueError(f"runtime.threads must be >= 1 and runtime.warmup >= 0, got {self.threads}, {self.warmup}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -292,9 +293,11 @@ class ModelExecutor:
         if request in self.kv.sequences() or self.kv.is_swapped(request):
             self.kv.release(request)
 
-    def install(self, request: int, payload: KVPayload, swapped: bool) -> None:
-        """A migrated request's KV, arriving: on the device, or in host swap when `swapped`."""
-        self.kv.install(request, payload, swapped)
+    def install(self, request: int, payload: KVPayload, swapped: bool, blocks: int) -> None:
+        """A migrated request's KV, arriving: on the device, or in host swap when `swapped`, in the
+        `blocks` its state holds (the sender held the computed tokens'; the receiver reserves for the
+        context, its next token included)."""
+        self.kv.install(request, payload, swapped, blocks)
 
     # --- internals -------------------------------------------------------------------------------------
     def _load(self, adapter: int) -> None:

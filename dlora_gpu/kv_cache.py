@@ -187,17 +187,18 @@ class PagedKVCache:
         idx = torch.tensor(self._resident(seq_id), dtype=torch.long, device=self.device)
         return KVPayload(self.k.index_select(1, idx).cpu(), self.v.index_select(1, idx).cpu())
 
-    def install(self, seq_id: SeqId, payload: KVPayload, swapped: bool = False) -> list[int]:
+    def install(self, seq_id: SeqId, payload: KVPayload, swapped: bool = False, blocks: int | None = None) -> list[int]:
         """Give a new sequence `payload`'s blocks: on the device, or in the host pool when `swapped`
-        (as if swapped out here). Returns the new table; the shapes must match this cache's."""
+        (as if swapped out here), and `blocks` in all (at least the payload's: the target may also
+        reserve the block its next token needs). Returns the new table; the shapes must match this cache's."""
         if seq_id in self._tables or seq_id in self._swapped:
             raise ValueError(f"sequence {seq_id!r} already owns blocks here")
         if payload.k.shape[0] != self.k.shape[0] or payload.k.shape[2:] != self.k.shape[2:]:
             raise ValueError(f"KV of shape {tuple(payload.k.shape)} does not fit this cache's blocks "
                              f"{tuple(self.k.shape)}")
         pool, (k, v) = (self.host_blocks, (self.host_k, self.host_v)) if swapped else (self.gpu_blocks, (self.k, self.v))
-        table = pool.allocate(payload.blocks)
-        idx = torch.tensor(table, dtype=torch.long, device=k.device)
+        table = pool.allocate(max(payload.blocks, blocks or 0))
+        idx = torch.tensor(table[:payload.blocks], dtype=torch.long, device=k.device)
         k.index_copy_(1, idx, payload.k.to(k.device, k.dtype))
         v.index_copy_(1, idx, payload.v.to(v.device, v.dtype))
         (self._swapped if swapped else self._tables)[seq_id] = table

@@ -8,6 +8,7 @@ objects cross), so a step ships to a Ray actor as a few hundred bytes, not a rep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 from dlora_sim.core.replica_state import ReplicaState
 from dlora_sim.core.request import State
 from dlora_sim.core.step import Step
@@ -40,7 +41,8 @@ class StepOrder:
     batch: tuple[Feed, ...]
 
     @classmethod
-    def of(cls, step: Step, tokens: dict[int, list[int]]) -> "StepOrder":
+    def of(cls, step: Step, tokens: Mapping[int, list[int]]) -> "StepOrder":
+        """`tokens`: every batch request's tokens so far (a `TokenLog`)."""
         d = step.decision
         feeds = []
         for r, pf in zip(step.batch, step.prefill):

@@ -11,18 +11,33 @@ A worker's exception reaches the driver as one `ReplicaError` naming the replica
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from dlora_gpu.executor import WORKERS
 from dlora_gpu.orders import MemoryImage, StepOrder, StepResult
 from dlora_sim.core.errors import UserError
 
-WORKERS = ("auto", "local", "ray")
+log = logging.getLogger("dlora_gpu")
+
+# Ray's errors that mean the transport failed (an object or the actor holding it is gone), not the work
+TRANSPORT_ERRORS = ("ObjectLostError", "ObjectFetchTimedOutError", "OwnerDiedError", "ObjectReconstructionFailedError",
+                    "RayActorError", "ActorDiedError", "ActorUnavailableError", "TransferLost")
 
 
 class ReplicaError(UserError):
-    """A replica's worker failed (its exception, or the actor died); the message names the replica."""
+    """A replica's worker failed (its exception, or the actor died); the message names the replica.
+    `transport`: the failure was the transport's (a lost object, a dead actor), not the work's."""
+
+    def __init__(self, message: str, transport: bool = False):
+        super().__init__(message)
+        self.transport = transport
+
+
+class TransferLost(RuntimeError):
+    """A KV payload lost on its way (injected by `lose`: as an object store can lose an object)."""
 
 
 class Worker:
@@ -74,14 +89,14 @@ class Worker:
         self._incoming[request] = payload
         return payload.nbytes
 
-    def land(self, request: int, where: str) -> None:
-        """Install the held KV on the device (`resident`) or in host swap (`swapped`), or drop it
-        (`recompute`: the request is re-prefilled from its tokens)."""
+    def land(self, request: int, where: str, blocks: int) -> None:
+        """Install the held KV in `blocks` blocks on the device (`resident`) or in host swap
+        (`swapped`), or drop it (`recompute`: the request is re-prefilled from its tokens)."""
         payload = self._incoming.pop(request, None)
         if where != "recompute":
             if payload is None:
                 raise RuntimeError(f"request {request}: no KV received to install")
-            self.ex.install(request, payload, swapped=where == "swapped")
+            self.ex.install(request, payload, swapped=where == "swapped", blocks=blocks)
 
     def check(self, memory: MemoryImage) -> None:
         self.ex.check(memory)
@@ -150,17 +165,18 @@ class LocalWorkers:
             p.ref = getattr(self.workers[j], method)(*args)
         except Exception as e:
             p.error = e
+        p.meta["done_ns"] = time.perf_counter_ns()   # calls run one after another here: when this one ended
         return p
 
     def chain(self, j: int, method: str, request: int, upstream: Pending) -> Pending:
         """Call `method(request, upstream's result)` on worker j, or fail as the upstream call did."""
         if upstream.error is not None:
-            return Pending(j, method, error=upstream.error)
+            return Pending(upstream.replica, upstream.method, error=upstream.error)
         return self.call(j, method, request, upstream.ref)
 
     def lose(self, p: Pending) -> None:
         """Fault injection: the result of `p` is lost (as an object store can lose an object)."""
-        p.ref, p.error = None, RuntimeError("the object was lost (injected fault)")
+        p.ref, p.error = None, TransferLost("the KV object was lost on its way (injected fault)")
 
     def get(self, p: Pending):
         if p.error is not None:
@@ -200,15 +216,19 @@ class RayWorkers:
             self.actors.append(actor.options(num_gpus=gpus, num_cpus=num_cpus or 0, scheduling_strategy="SPREAD")
                                .remote(spec))
         # building the models: a failure names its replica here, not at the first step
-        for j, a in enumerate(self.actors):
-            p = Pending(j, "start", a.about.remote())
-            done, _ = ray.wait([p.ref], timeout=start_timeout_s)
-            if not done:
-                self.close()
-                raise ReplicaError(f"replica {j}: its Ray actor did not start in {start_timeout_s:.0f} s: the cluster "
-                                   f"has {ray.available_resources()} free, each replica asks for {num_cpus} CPU and "
-                                   f"{gpus} GPU (runtime.ray.num_cpus, runtime.ray.num_gpus)")
-            self.get(p)
+        try:
+            for j, (a, spec) in enumerate(zip(self.actors, specs)):
+                p = Pending(j, "start", a.about.remote())
+                done, _ = ray.wait([p.ref], timeout=start_timeout_s)
+                if not done:
+                    gpus = num_gpus if num_gpus is not None else float(spec.runtime.device.startswith("cuda"))
+                    raise ReplicaError(f"replica {j}: its Ray actor did not start in {start_timeout_s:.0f} s: the "
+                                       f"cluster has {ray.available_resources()} free, each replica asks for "
+                                       f"{num_cpus or 0} CPU and {gpus} GPU (runtime.ray.num_cpus, runtime.ray.num_gpus)")
+                self.get(p)
+        except BaseException:
+            self.close()
+            raise
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -223,7 +243,7 @@ class RayWorkers:
     def lose(self, p: Pending) -> None:
         """Fault injection: `p`'s object is replaced by one whose fetch fails, so the worker that needs
         it fails through Ray as it would on a lost object (Ray has no public call to drop one)."""
-        p.ref = self.ray.remote(_lost_object).options(num_cpus=0).remote()
+        p.ref = self.ray.remote(_lost_object).options(num_cpus=0, max_retries=0).remote()
 
     def get(self, p: Pending):
         from ray import exceptions as rex
@@ -255,25 +275,30 @@ class RayWorkers:
 
 
 def _lost_object() -> None:
-    raise RuntimeError("the object was lost (injected fault)")
+    raise TransferLost("the KV object was lost on its way (injected fault)")
 
 
 def _replica_error(p: Pending, e: BaseException) -> ReplicaError:
-    what = "its worker died" if type(e).__name__ in ("RayActorError", "ActorDiedError") else type(e).__name__
-    return ReplicaError(f"replica {p.replica}: {p.method} failed: {what}: {e}")
+    name = type(e).__name__
+    what = "its worker died" if name in ("RayActorError", "ActorDiedError") else name
+    transport = name in TRANSPORT_ERRORS or "TransferLost" in str(e)
+    return ReplicaError(f"replica {p.replica}: {p.method} failed: {what}: {e}", transport=transport)
 
 
 def make_workers(kind: str, specs: Sequence, address: str | None = None, num_gpus: float | None = None,
                  num_cpus: float | None = None):
     """The backend `runtime.workers` names; `auto` is Ray for several replicas when Ray is installed."""
+    import importlib.util
     if kind not in WORKERS:
         raise ValueError(f"runtime.workers must be one of {list(WORKERS)}, got {kind!r}")
+    has_ray = importlib.util.find_spec("ray") is not None
     if kind == "auto":
-        import importlib.util
-        kind = "ray" if len(specs) > 1 and importlib.util.find_spec("ray") is not None else "local"
+        kind = "ray" if len(specs) > 1 and has_ray else "local"
+        if len(specs) > 1 and not has_ray:
+            log.warning("runtime.workers=auto: Ray is not installed, so the %d replicas run in this process, one "
+                        "step at a time (make install-cluster for one Ray actor each)", len(specs))
     if kind == "ray":
-        import importlib.util
-        if importlib.util.find_spec("ray") is None:
+        if not has_ray:
             raise ValueError("runtime.workers=ray: Ray is not installed here (pip install 'dlora[cluster]', "
                              "docs/runtime.md)")
         return RayWorkers(specs, address, num_gpus, num_cpus)

@@ -28,7 +28,7 @@ from dlora_sim.core.replica_config import hosting_capacity
 from dlora_sim.policies.migration_ilp import MigrationInstance, replica_loads, solve, stay
 from dlora_sim.core.request import Request, State, blocks_for
 
-MODES = ("transfer", "recompute", "auto")
+POLICY_MODES = ("transfer", "recompute", "auto")   # a move's own mode is transfer or recompute
 
 
 @dataclass
@@ -65,8 +65,8 @@ class DLoRAMigrator(Migrator):
     def __post_init__(self) -> None:
         if self.scope not in ("extremes", "imbalanced"):
             raise ValueError(f"migration.scope must be 'extremes' or 'imbalanced', got {self.scope!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"migration.mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.mode not in POLICY_MODES:
+            raise ValueError(f"migration.mode must be one of {list(POLICY_MODES)}, got {self.mode!r}")
         if self.solve_delay not in ("limit", "measured", "none"):
             raise ValueError(f"migration.solve_delay must be limit, measured or none, got {self.solve_delay!r}")
         if self.interval_s <= 0 or self.time_limit_s <= 0 or self.k < 2 or self.max_requests < 1:

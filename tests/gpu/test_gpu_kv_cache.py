@@ -113,3 +113,32 @@ def test_write_places_tokens_through_the_block_table() -> None:
     kv.write(1, slots, k, -k)
     assert torch.equal(kv.k[1, 1], k[:2]) and torch.equal(kv.k[1, 2, 0], k[2])
     assert torch.equal(kv.v[1, 2, 0], -k[2]) and not kv.k[0].any() and not kv.k[1, 0].any()
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_a_sequence_moves_between_caches_bit_exact_with_the_blocks_its_state_reserves(swapped: bool) -> None:
+    """Co-migration: export copies a sequence's blocks (on the device or swapped) in table order; install
+    on another cache writes them into new blocks (device or host) and reserves as many more as asked
+    (the target's state holds the block its next token needs); the payload survives pickling (Ray's
+    object store) in bfloat16."""
+    import pickle
+    src = PagedKVCache(6, 4, CFG, torch.bfloat16, host_blocks=4)
+    dst = PagedKVCache(6, 4, CFG, torch.bfloat16, host_blocks=4)
+    dst.grow("other", 1)
+    src.grow("x", 3)
+    fill_new_blocks(src, "x", 0, torch.Generator().manual_seed(2))
+    k0, v0 = contents(src, "x")
+    if swapped:
+        src.swap_out("x")
+    payload = pickle.loads(pickle.dumps(src.export("x"), protocol=5))
+    assert payload.blocks == 3 and payload.nbytes == 2 * k0.numel() * k0.element_size()
+    table = dst.install("x", payload, swapped=swapped, blocks=4)
+    assert len(table) == 4
+    if swapped:
+        assert dst.is_swapped("x") and dst.host_free() == 0
+        dst.swap_in("x")
+    k1, v1 = contents(dst, "x")
+    assert torch.equal(k1[:, :3], k0) and torch.equal(v1[:, :3], v0)
+    with pytest.raises(ValueError, match="already owns"):
+        dst.install("x", payload)
+    dst.check()
