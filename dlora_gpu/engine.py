@@ -163,7 +163,10 @@ class Engine:
         self.replicas, self.schedulers = self.cluster.replicas, self.cluster.schedulers
         if migrator is not None and not migrator.interval_s > 0:
             raise ValueError(f"migration.interval_s must be > 0, got {migrator.interval_s}")
-        self.workers = make_workers([ExecutorSpec.of(rcfg, st, parts) for st in self.replicas])
+        specs = [ExecutorSpec.of(rcfg, st, parts) for st in self.replicas]
+        for spec in specs:
+            spec.refuse()
+        self.workers = make_workers(specs)
         try:
             self.info = [self.workers.get(self.workers.call(j, "about")) for j in range(n)]
         except BaseException:
@@ -496,6 +499,9 @@ class Engine:
         if self.clock.kind == "measured":
             scaling = [self.workers.get(self.workers.call(j, "drift_summary")) for j in range(len(self.replicas))]
             extra["clock_scaling"] = scaling[0] if len(scaling) == 1 else _combined(scaling)
+        if self.cluster.migrator is not None and not self.clock.stepped:
+            # the real clock applies a plan once it is solved: the solve's own wall time passed, nothing is charged
+            extra["solver_time_charged_s"] = 0.0
         if self.migrator is not None and self.cluster.migrator is None:
             extra["migration"] = "not run: one replica"
         return extra

@@ -45,6 +45,12 @@ class RayConfig:
     num_gpus: float | None = None     # GPUs per replica's actor (None: 1 on CUDA, 0 on a CPU; 0.5 shares one)
     num_cpus: float | None = None     # CPUs each actor reserves from Ray (None: none, Ray's actor default)
 
+    def __post_init__(self) -> None:
+        for key in ("num_gpus", "num_cpus"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"runtime.ray.{key} must be a number >= 0 (or null), got {v!r}")
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -157,6 +163,18 @@ class ExecutorSpec:
     adapter_slots: int
     chunked_prefill: bool
 
+    def refuse(self) -> None:
+        """What no worker can serve, named by its config key: checked by the driver before any worker
+        starts (a Ray actor's failure to start is a crash report, not a line), and by the executor."""
+        if self.chunked_prefill:
+            raise ValueError("cluster.replica.chunked_prefill is on (auto turns it on when a prompt exceeds "
+                             "max_num_batched_tokens): the runtime prefills whole prompts only (its prefill "
+                             "attention does not read earlier chunks' KV yet); set it to false to reject such "
+                             "prompts instead; the simulator models chunking")
+        if self.merge == "pristine_host":
+            raise ValueError("cluster.replica.merge=pristine_host: the runtime keeps its pristine copy on the GPU "
+                             "(pristine_gpu) or merges in place (inplace)")
+
     @classmethod
     def of(cls, rcfg: RuntimeConfig, state: ReplicaState, parts: Parts) -> "ExecutorSpec":
         return cls(rcfg, state.id, parts.profile, tuple((a.id, a.rank) for a in parts.workload.adapters), parts.cluster.replica.merge,
@@ -168,11 +186,7 @@ class ModelExecutor:
     """The model, its paged KV cache, the adapter pool and the merger of one replica."""
 
     def __init__(self, spec: ExecutorSpec):
-        if spec.chunked_prefill:
-            raise ValueError("cluster.replica.chunked_prefill is on (auto turns it on when a prompt exceeds "
-                             "max_num_batched_tokens): the runtime prefills whole prompts only (its prefill "
-                             "attention does not read earlier chunks' KV yet); set it to false to reject such "
-                             "prompts instead; the simulator models chunking")
+        spec.refuse()
         rcfg = spec.runtime
         torch.set_num_threads(rcfg.threads)
         self.rcfg, self.spec = rcfg, spec
@@ -200,9 +214,6 @@ class ModelExecutor:
                                      f"{aid} has rank {rank}")
         self.kv = PagedKVCache(spec.total_blocks, spec.block_size, cfg, self.dtype, self.device,
                                host_blocks=spec.host_blocks)
-        if spec.merge == "pristine_host":
-            raise ValueError("cluster.replica.merge=pristine_host: the runtime keeps its pristine copy on the GPU "
-                             "(pristine_gpu) or merges in place (inplace)")
         targets = self.model.merge_targets()
         self.merger = DriftFreeMerger(targets) if spec.merge == "pristine_gpu" else InPlaceMerger(targets)
         self.merge_strategy = spec.merge

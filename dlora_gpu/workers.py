@@ -205,8 +205,17 @@ class RayWorkers:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise ValueError(f"runtime.ray.address={address}: no Ray cluster to join there ({str(e).splitlines()[0]}); "
+                                 "null starts a local one") from None
         self.ray = ray
+        want = (num_gpus if num_gpus is not None else float(specs[0].runtime.device.startswith("cuda"))) * len(specs)
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if want > have:
+            raise ValueError(f"runtime.ray.num_gpus: {len(specs)} replica(s) ask for {want:g} GPU(s) in all, the Ray "
+                             f"cluster has {have:g}")
         # CPUs: Ray's actor default holds none while running, so actors never starve the cluster's tasks (a
         # sweep's jobs); they are spread over its nodes. GPUs: one replica per GPU unless num_gpus says.
         actor = ray.remote(Worker)
