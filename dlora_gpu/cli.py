@@ -67,8 +67,17 @@ def serve_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> 
 @reported("dlora-serve")
 def _main(cfg: DictConfig) -> float:
     return run_app(cfg, serve_job, log, lambda s: (
-        f" on {s['device']} ({s['clock']} clock): mean TTFT {_ms(s['mean_ttft_s'])}, mean TPOT {_ms(s['mean_tpot_s'])}, "
-        f"{s['output_tokens_per_s']:.1f} output tokens/s"))
+        f" on {s['device']} ({s['clock']} clock{_replicas(s)}): mean TTFT {_ms(s['mean_ttft_s'])}, "
+        f"mean TPOT {_ms(s['mean_tpot_s'])}, {s['output_tokens_per_s']:.1f} output tokens/s"))
+
+
+def _replicas(s: dict) -> str:
+    """Several replicas: where they ran and what co-migration did."""
+    if s.get("num_replicas", 1) == 1:
+        return ""
+    moved = (f", {s['num_migrations']} migration(s) in {s['migration_rounds']} round(s), "
+             f"{s['kv_transfers']} KV transfer(s)") if "migration_rounds" in s else ", no migrator"
+    return f", {s['num_replicas']} replicas on {s['workers']} workers{moved}"
 
 
 def _version(package: str) -> str | None:
