@@ -45,9 +45,29 @@ def check_before_launch(config: DictConfig) -> None:
 
     try:
         require_traces(instantiated(config.workload, "workload"))
+        _join_ray(config)
     except UserError as e:   # a ConfigError too
         print(f"dlora-sim: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _join_ray(config: DictConfig) -> None:
+    """Hydra's Ray launcher joining a running cluster (`hydra/launcher=ray_join`): join it now, so a missing
+    cluster is one line rather than Ray's traceback from inside the launcher (which then finds Ray up)."""
+    from dlora_sim.core.errors import UserError
+    launcher = config.get("hydra", {}).get("launcher", {})
+    address = ((launcher.get("ray") or {}).get("init") or {}).get("address")
+    if "RayLauncher" not in str(launcher.get("_target_", "")) or address is None:
+        return
+    import ray
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise UserError(f"hydra.launcher.ray.init.address={address}: no running Ray cluster to join "
+                        f"({str(e).splitlines()[0]}); start one (ray start --head) or use hydra/launcher=ray, "
+                        "which starts its own") from None
 
 
 RUNNING: dict[str, Path] = {}   # the sweep folder of the multirun in this process (for an interrupt's hint)

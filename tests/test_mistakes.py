@@ -51,6 +51,8 @@ MISTAKES = [
     ("capacity without its trace", [SIM, "--multirun", "experiment=capacity"], "trace 'azure_conv' not found"),
     ("runtime workers typo", [SERVE, "runtime.workers=threads"], "runtime.workers must be"),
     ("runtime Ray GPUs not a number", [SERVE, "runtime.ray.num_gpus=abc"], "runtime.ray.num_gpus must be a number"),
+    ("sweep joining no Ray cluster", [SIM, "--multirun", "hydra/launcher=ray_join", "system=slora,dlora"],
+     "no running Ray cluster to join"),
     ("runtime refusal at several replicas", [SERVE, "cluster.num_replicas=2", "cluster.replica.merge=pristine_host"],
      "cluster.replica.merge=pristine_host"),
     ("runtime clock typo", [SERVE, "runtime.clock=bogus"], "runtime.clock must be one of"),
