@@ -36,7 +36,8 @@ def build_engine(cfg: DictConfig, workload=None, *, keep_tokens: bool = False):
         clock = Clock(rcfg.clock)
         return Engine(parts, rcfg, lambda specs: make_workers(rcfg.workers, specs, rcfg.ray.address,
                                                                    rcfg.ray.num_gpus, rcfg.ray.num_cpus),
-                      clock, progress=show_progress(cfg), keep_iterations=keep_iterations(cfg, len(parts.workload.requests)),
+                      clock, progress=show_progress(cfg),
+                      keep_iterations=keep_iterations(cfg, len(parts.workload.requests)),
                       keep_tokens=keep_tokens)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -478,7 +478,8 @@ class Engine:
         for p in [workers.call(j, "preload", preload.get(j, [])) for j in range(len(self.replicas))]:
             workers.get(p)
         self.clock.start()
-        with cluster.progress(self._progress, f"serving {len(self.replicas)} replica(s) ({self.clock.kind} clock)") as bar:
+        desc = f"serving {len(self.replicas)} replica(s) ({self.clock.kind} clock)"
+        with cluster.progress(self._progress, desc) as bar:
             cluster.bar = bar
             (self._run_stepped if self.clock.stepped else self._run_real)()
             cluster.bar = None

@@ -177,7 +177,8 @@ class ExecutorSpec:
 
     @classmethod
     def of(cls, rcfg: RuntimeConfig, state: ReplicaState, parts: Parts) -> "ExecutorSpec":
-        return cls(rcfg, state.id, parts.profile, tuple((a.id, a.rank) for a in parts.workload.adapters), parts.cluster.replica.merge,
+        return cls(rcfg, state.id, parts.profile, tuple((a.id, a.rank) for a in parts.workload.adapters),
+                   parts.cluster.replica.merge,
                    state.total_blocks, state.block_size, state.host_total_blocks, state.adapter_slots,
                    state.chunked_prefill)
 

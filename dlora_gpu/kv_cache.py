@@ -47,8 +47,8 @@ class KVPayload:
     def __reduce__(self):
         # as raw bytes in NumPy arrays: pickle protocol 5 (Ray's object store) ships them without a copy,
         # and any dtype (bfloat16 included) survives the trip
-        return (_payload, (str(self.k.dtype).removeprefix("torch."), tuple(self.k.shape),
-                           self.k.contiguous().view(torch.uint8).numpy(), self.v.contiguous().view(torch.uint8).numpy()))
+        raw = [t.contiguous().view(torch.uint8).numpy() for t in (self.k, self.v)]
+        return (_payload, (str(self.k.dtype).removeprefix("torch."), tuple(self.k.shape), *raw))
 
 
 def _payload(dtype: str, shape: tuple, k, v) -> KVPayload:
@@ -196,7 +196,7 @@ class PagedKVCache:
         if payload.k.shape[0] != self.k.shape[0] or payload.k.shape[2:] != self.k.shape[2:]:
             raise ValueError(f"KV of shape {tuple(payload.k.shape)} does not fit this cache's blocks "
                              f"{tuple(self.k.shape)}")
-        pool, (k, v) = (self.host_blocks, (self.host_k, self.host_v)) if swapped else (self.gpu_blocks, (self.k, self.v))
+        pool, k, v = (self.host_blocks, self.host_k, self.host_v) if swapped else (self.gpu_blocks, self.k, self.v)
         table = pool.allocate(max(payload.blocks, blocks or 0))
         idx = torch.tensor(table[:payload.blocks], dtype=torch.long, device=k.device)
         k.index_copy_(1, idx, payload.k.to(k.device, k.dtype))

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from dlora_gpu.executor import WORKERS
+from dlora_gpu.drift import DriftScale, calibrated_probe, machine_factor
+from dlora_gpu.executor import WORKERS, ModelExecutor
 from dlora_gpu.orders import MemoryImage, StepOrder, StepResult
 from dlora_sim.core.errors import UserError
 
@@ -44,9 +45,6 @@ class Worker:
     """One replica's device: builds its executor from an `ExecutorSpec` and runs what the driver orders."""
 
     def __init__(self, spec):
-        from dlora_gpu.drift import DriftScale, calibrated_probe
-        from dlora_gpu.executor import ModelExecutor
-
         self.spec = spec
         self.ex = ModelExecutor(spec)
         self._incoming: dict[int, Any] = {}   # migrated KV received, not yet installed
@@ -100,14 +98,14 @@ class Worker:
 
     def check(self, memory: MemoryImage) -> None:
         self.ex.check(memory)
-        if set(self._incoming) - set(memory.arriving):
-            raise AssertionError(f"replica {memory.replica}: KV received but never landed: {sorted(set(self._incoming) - set(memory.arriving))}")
+        stray = sorted(set(self._incoming) - set(memory.arriving))
+        if stray:
+            raise AssertionError(f"replica {memory.replica}: KV received but never landed: {stray}")
 
     def drift_summary(self) -> dict:
         return self.drift.summary() if self.drift is not None else {"scaled": False, "why": self.drift_why}
 
     def machine_factor(self) -> tuple[float | None, str]:
-        from dlora_gpu.drift import machine_factor
         return machine_factor(self.ex.model, self.spec.profile, self.ex.backend)
 
     def kv_geometry(self) -> tuple[int, int]:
@@ -124,7 +122,7 @@ class Worker:
             t.index_copy_(1, idx, torch.randn_like(t.index_select(1, idx)))
 
     def digest(self, request: int) -> list[float]:
-        """Per-layer sums of a sequence's K and V blocks, in table order (tests compare contents)."""
+        """Per-layer sums of a sequence's K and V, in float64 (tests compare contents across workers)."""
         p = self.ex.kv.export(request)
         return [float(x) for x in (*p.k.double().sum(dim=tuple(range(1, p.k.dim()))),
                                    *p.v.double().sum(dim=tuple(range(1, p.v.dim()))))]
@@ -154,7 +152,8 @@ class LocalWorkers:
             except ValueError:
                 raise
             except Exception as e:
-                raise ReplicaError(f"replica {spec.replica}: its worker failed to start: {type(e).__name__}: {e}") from e
+                raise ReplicaError(f"replica {spec.replica}: its worker failed to start: "
+                                   f"{type(e).__name__}: {e}") from e
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -208,7 +207,8 @@ class RayWorkers:
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise ValueError(f"runtime.ray.address={address}: no Ray cluster to join there ({str(e).splitlines()[0]}); "
+                why = str(e).splitlines()[0]
+                raise ValueError(f"runtime.ray.address={address}: no Ray cluster to join there ({why}); "
                                  "null starts a local one") from None
         self.ray = ray
         want = (num_gpus if num_gpus is not None else float(specs[0].runtime.device.startswith("cuda"))) * len(specs)
@@ -233,7 +233,8 @@ class RayWorkers:
                     gpus = num_gpus if num_gpus is not None else float(spec.runtime.device.startswith("cuda"))
                     raise ReplicaError(f"replica {j}: its Ray actor did not start in {start_timeout_s:.0f} s: the "
                                        f"cluster has {ray.available_resources()} free, each replica asks for "
-                                       f"{num_cpus or 0} CPU and {gpus} GPU (runtime.ray.num_cpus, runtime.ray.num_gpus)")
+                                       f"{num_cpus or 0} CPU and {gpus} GPU "
+                                       "(runtime.ray.num_cpus, runtime.ray.num_gpus)")
                 self.get(p)
         except BaseException:
             self.close()
