@@ -20,6 +20,7 @@ from dlora_gpu.drift import DriftScale, calibrated_probe, machine_factor
 from dlora_gpu.executor import WORKERS, ModelExecutor
 from dlora_gpu.orders import MemoryImage, StepOrder, StepResult
 from dlora_sim.core.errors import UserError
+from dlora_sim.ray_join import unreachable
 
 log = logging.getLogger("dlora_gpu")
 
@@ -204,6 +205,10 @@ class RayWorkers:
         import ray
 
         if not ray.is_initialized():
+            why = unreachable(address)
+            if why is not None:
+                raise ValueError(f"runtime.ray.address={address}: no Ray cluster to join there ({why}); "
+                                 "null starts a local one")
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             except (ConnectionError, ValueError, RuntimeError) as e:

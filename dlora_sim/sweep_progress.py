@@ -60,8 +60,14 @@ def _join_ray(config: DictConfig) -> None:
     if "RayLauncher" not in str(launcher.get("_target_", "")) or address is None:
         return
     import ray
+
+    from dlora_sim.ray_join import unreachable
     if ray.is_initialized():
         return
+    why = unreachable(address)
+    if why is not None:
+        raise UserError(f"hydra.launcher.ray.init.address={address}: no running Ray cluster to join ({why}); "
+                        "start one (ray start --head) or use hydra/launcher=ray, which starts its own")
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:

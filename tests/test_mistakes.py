@@ -53,6 +53,8 @@ MISTAKES = [
     ("runtime Ray GPUs not a number", [SERVE, "runtime.ray.num_gpus=abc"], "runtime.ray.num_gpus must be a number"),
     ("sweep joining no Ray cluster", [SIM, "--multirun", "hydra/launcher=ray_join", "system=slora,dlora"],
      "no running Ray cluster to join"),
+    ("runtime joining nobody", [SERVE, "cluster.num_replicas=2", "runtime.ray.address=127.0.0.1:1"],
+     "runtime.ray.address=127.0.0.1:1: no Ray cluster to join there"),
     ("runtime refusal at several replicas", [SERVE, "cluster.num_replicas=2", "cluster.replica.merge=pristine_host"],
      "cluster.replica.merge=pristine_host"),
     ("runtime clock typo", [SERVE, "runtime.clock=bogus"], "runtime.clock must be one of"),
