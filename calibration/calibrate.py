@@ -244,7 +244,8 @@ def report_md(report: dict, profile_name: str) -> str:
 
 def _with_kv_transfers(cfg, base: Profile, args, out: Path) -> tuple[Path, dict]:
     """The profile's recorded points with their KV-transfer rows measured anew: (points.csv, metadata)."""
-    from calibration.microbench import BenchConfig, Harness, metadata, transfer_points, write
+    from calibration.microbench import (TRANSFER_BLOCKS, TRANSFER_BLOCKS_QUICK, BenchConfig, Harness, metadata,
+                                        transfer_points, write)
     from dlora_gpu.executor import runtime_config
     points, meta_path = _source_files(PROFILES_DIR / f"{base.name}.points.csv")
     rows = [r for r in read_points(points) if r["kind"] != "transfer"]
@@ -253,7 +254,6 @@ def _with_kv_transfers(cfg, base: Profile, args, out: Path) -> tuple[Path, dict]
     bench = BenchConfig(quick=args.quick, repeats=2 if args.quick else args.repeats, warmup=1 if args.quick else 2)
     print(f"dlora-calibrate: measuring KV transfers between two workers into {out}", file=sys.stderr, flush=True)
     harness = Harness(rcfg, base, bench)
-    from calibration.microbench import TRANSFER_BLOCKS, TRANSFER_BLOCKS_QUICK
     moves = transfer_points(harness, bench, TRANSFER_BLOCKS_QUICK if args.quick else TRANSFER_BLOCKS)
     now = metadata(rcfg, base, bench, 0.0)
     meta["kv_transfer_workers"] = now["kv_transfer_workers"]

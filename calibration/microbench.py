@@ -380,7 +380,7 @@ def transfer_points(h: Harness, b: BenchConfig, blocks_list: Sequence[int], work
     seq = -2
     rows = []
     try:
-        block_bytes = ws.get(ws.call(0, "kv_geometry"))[0]
+        block_bytes = ws.get(ws.call(0, "block_bytes"))
         for blocks in blocks_list:
             walls = []
             for i in range(b.warmup + b.repeats):

@@ -41,7 +41,7 @@ from dlora_sim.core.config import Parts
 from dlora_sim.core.contracts import Decision, PolicyError
 from dlora_sim.core.request import NS, Request, State, to_ns
 from dlora_sim.core.results import SimResult
-from dlora_sim.core.step import LoraFeatures, Step
+from dlora_sim.core.step import LoraFeatures, Prices, Step
 
 class Clock:
     """Nanoseconds since the start of serving: wall time (`real`), cost-model time (`virtual`) or the
@@ -110,6 +110,7 @@ class _Flight:
     start: int                 # ns
     bookkeeping_s: float       # the driver's wall time applying the decision (counted by `measured`)
     pending: Pending
+    price: Prices
     result: StepResult | None = None
     dur: int = 0               # ns, once known
 
@@ -225,7 +226,8 @@ class Engine:
             if pf:
                 tokens.prompt(r)
         order = StepOrder.of(step, tokens)
-        fl = _Flight(step, d, self._policy_s, start, time.perf_counter() - tb, self.workers.call(j, "run", order))
+        fl = _Flight(step, d, self._policy_s, start, time.perf_counter() - tb, self.workers.call(j, "run", order),
+                     state.cost.price(step))   # the simulator's price, recorded on every clock
         self._flight[j] = fl
         return fl
 
@@ -240,7 +242,7 @@ class Engine:
         """The step's length on this clock: its price (virtual), its measured time scaled by the drift
         factor (measured), or the wall time until now (real)."""
         if self.clock.virtual:
-            return self.replicas[j].cost.price(fl.step).total_ns()
+            return fl.price.total_ns()
         if self.clock.stepped:
             res = self._result(fl)
             return max(to_ns((fl.bookkeeping_s + res.wall_s) * res.factor), 1)
@@ -252,7 +254,7 @@ class Engine:
         fl = self._flight.pop(j)
         state, step, d = self.replicas[j], fl.step, fl.decision
         res = self._result(fl)
-        price = state.cost.price(step)   # the simulator's price of this step, recorded on every clock
+        price = fl.price
         dur = fl.dur or self._duration(j, fl)
         if self.clock.virtual:
             compute, overhead = price.compute, price.overhead
@@ -445,7 +447,9 @@ class Engine:
                 self.stats.policy_s += time.perf_counter() - t0
                 i += 1
             if tick is not None and now >= tick:
-                moved = bool(cluster.apply_migration(cluster.plan_migration(), self._deliver_real).get("moved"))
+                # applied once solved: the solve's own wall time has passed, nothing more is charged
+                plan = cluster.plan_migration(charged=False)
+                moved = bool(cluster.apply_migration(plan, self._deliver_real).get("moved"))
                 quiet, busy, tick = not moved and not busy, False, now + interval
             for j, state in enumerate(self.replicas):
                 # as the simulator's replica process: decide again only after a step or a queue change
@@ -500,9 +504,6 @@ class Engine:
         if self.clock.kind == "measured":
             scaling = [self.workers.get(self.workers.call(j, "drift_summary")) for j in range(len(self.replicas))]
             extra["clock_scaling"] = scaling[0] if len(scaling) == 1 else _combined(scaling)
-        if self.cluster.migrator is not None and not self.clock.stepped:
-            # the real clock applies a plan once it is solved: the solve's own wall time passed, nothing is charged
-            extra["solver_time_charged_s"] = 0.0
         if self.migrator is not None and self.cluster.migrator is None:
             extra["migration"] = "not run: one replica"
         return extra

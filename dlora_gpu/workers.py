@@ -109,10 +109,10 @@ class Worker:
     def machine_factor(self) -> tuple[float | None, str]:
         return machine_factor(self.ex.model, self.spec.profile, self.ex.backend)
 
-    def kv_geometry(self) -> tuple[int, int]:
-        """(bytes per KV block, free device blocks): for measuring transfers."""
+    def block_bytes(self) -> int:
+        """Bytes of one KV block, K and V of every layer (for measuring transfers)."""
         kv = self.ex.kv
-        return 2 * kv.k[:, 0].numel() * kv.k.element_size(), kv.num_free()
+        return 2 * kv.k[:, 0].numel() * kv.k.element_size()
 
     def fill(self, request: int, blocks: int) -> None:
         """Give a scratch sequence `blocks` device blocks of random KV (to measure a transfer)."""

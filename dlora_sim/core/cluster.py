@@ -170,13 +170,14 @@ class Cluster:
             self.on_all_done()
 
     # --- migration -----------------------------------------------------------------------------------
-    def plan_migration(self) -> MigrationPlan:
-        """Ask the migrator for a plan now (the replicas synced first), recording its wall time."""
+    def plan_migration(self, charged: bool = True) -> MigrationPlan:
+        """Ask the migrator for a plan now (the replicas synced first), recording its wall time and, if
+        the executor waits it out before applying the plan (`charged`), its `solve_s`."""
         assert self.migrator is not None
         self.sync()
         t0 = time.perf_counter()
         plan = self.migrator.plan(self)
-        self.migration_stats.record(self.now, time.perf_counter() - t0, plan)
+        self.migration_stats.record(self.now, time.perf_counter() - t0, plan, charged)
         return plan
 
     def apply_migration(self, plan: MigrationPlan, deliver: Deliver) -> dict[str, int]:
