@@ -248,6 +248,18 @@ class AdapterPool:
         return cls(cfg, [random_adapter(cfg, aid, r, 2.0 * r, generator=g, targets=targets)
                          for aid, r in ranks.items()], num_slots, dtype=dtype, device=device)
 
+    def add(self, ad: LoRAAdapter) -> None:
+        """A new adapter on the host (a server loads one while serving); its rank must fit the slots."""
+        if ad.adapter_id in self.host:
+            raise ValueError(f"adapter {ad.adapter_id!r} given twice")
+        if ad.rank > self.max_rank:
+            raise ValueError(f"adapter {ad.adapter_id!r}: rank {ad.rank} above the slots' maximum {self.max_rank}")
+        self.host[ad.adapter_id] = ad.to_host(self.layers[0].qkv.A.dtype)
+
+    def remove(self, adapter_id: str) -> None:
+        """Forget an adapter's host copy (a slot holding it keeps its weights until evicted)."""
+        self.host.pop(adapter_id, None)
+
     @property
     def num_slots(self) -> int:
         return len(self._slots)

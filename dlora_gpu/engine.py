@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from dlora_gpu.executor import CLOCKS, ExecutorSpec, PhaseTimes, RuntimeConfig
-from dlora_gpu.orders import MemoryImage, StepOrder, StepResult
+from dlora_gpu.orders import MemoryImage, Sampling, StepOrder, StepResult
 from dlora_gpu.timeline import NORMAL, URGENT, Timeline
 from dlora_gpu.tokens import TokenLog
 from dlora_gpu.workers import Pending, ReplicaError
@@ -82,6 +82,7 @@ class ServingStats:
     policy_s: float = 0.0     # wall time spent in the local schedulers (and the router, on the real clock)
     executor_s: float = 0.0   # workers' wall time running steps
     iterations: int = 0
+    forced: int = 0           # iterations the starvation guard forced (a server's metrics)
     extra: dict = field(default_factory=dict)
 
 
@@ -138,6 +139,45 @@ def _combined(scaling: list[dict]) -> dict:
             "replicas": scaling}
 
 
+class Listener:
+    """What a server hears of its requests, on the engine's thread: tokens as each step returns them,
+    and each request's end. The default hears nothing (a trace replay)."""
+
+    def tokens(self, batch: list[Request], tokens: tuple[int, ...]) -> None:
+        pass
+
+    def ended(self, r: Request) -> None:
+        pass
+
+
+class Arrivals:
+    """Where the real clock's requests come from: a trace's, at their arrival times (this class), or a
+    server's inbox (`dlora_gpu.live`). `pump(now)` dispatches what is due; `closed`: none will come."""
+
+    poll_s = float("inf")   # the longest wait on the workers before pumping again
+
+    def __init__(self, engine: "Engine"):
+        self.engine, self.requests, self.i = engine, engine.cluster.requests, 0
+
+    @property
+    def closed(self) -> bool:
+        return self.i >= len(self.requests)
+
+    def pump(self, now: int) -> None:
+        reqs, eng = self.requests, self.engine
+        while self.i < len(reqs) and reqs[self.i].arrival <= now:
+            eng.dispatch(reqs[self.i], max(now, reqs[self.i].arrival))
+            self.i += 1
+
+    def next_at(self) -> int | None:
+        return self.requests[self.i].arrival if self.i < len(self.requests) else None
+
+    def wait(self, timeout_s: float) -> None:
+        """Nothing runs: sleep until the next arrival or tick is due."""
+        if timeout_s > 0:
+            time.sleep(timeout_s)
+
+
 _UNCOLLECTED = 64   # calls sent without waiting, collected (those done) once this many are outstanding
 
 _WHERE = {State.RESIDENT: "resident", State.SWAPPED: "swapped", State.QUEUED: "recompute"}
@@ -178,6 +218,10 @@ class Engine:
         self.transfers = TransferStats()
         self.check_memory = False
         self.lose_kv: Callable[[Request], bool] | None = None
+        self.listener = Listener()
+        self.sampling: dict[int, Sampling] = {}      # request id -> how it draws tokens (absent: greedy)
+        self.stops: dict[int, frozenset[int]] = {}   # request id -> tokens that end it (EOS), if any
+        self._cancels: dict[int, tuple[Request, str]] = {}   # asked to end while running or in transit
         self._progress = progress
         self._flight: dict[int, _Flight] = {}
         self._moving: list[_Transfer] = []
@@ -225,7 +269,7 @@ class Engine:
         for r, pf in zip(step.batch, step.prefill):
             if pf:
                 tokens.prompt(r)
-        order = StepOrder.of(step, tokens)
+        order = StepOrder.of(step, tokens, self.sampling)
         fl = _Flight(step, d, self._policy_s, start, time.perf_counter() - tb, self.workers.call(j, "run", order),
                      state.cost.price(step))   # the simulator's price, recorded on every clock
         self._flight[j] = fl
@@ -264,13 +308,22 @@ class Engine:
         end = fl.start + dur
         prefill_tokens, prefills = state.complete(step, end, dur)
         self.tokens.append(step.batch, res.tokens)
+        if self.stops:
+            for r, tok in zip(step.batch, res.tokens):
+                if tok in self.stops.get(r.id, ()) and r.state != State.QUEUED:
+                    r.output_tokens = r.generated   # it ends here, as if this was its last token
+        self.listener.tokens(step.batch, res.tokens)
         done = state.end_run(step.batch, end)
+        self.stats.forced += d.forced
         if done:
             self._releases.append(self.workers.call(j, "release", tuple(r.id for r in done)))
             if len(self._releases) >= _UNCOLLECTED:
                 self._drain(wait=False)
             for r in done:
+                self._ended(r)
                 self.tokens.finish(r)
+        if self._cancels:
+            self._retry_cancels()
         n, lora, wall = len(step.batch), LoraFeatures.of(step), PhaseTimes(*res.phases)
         self.recorder.iteration(j, fl.start, dur, compute, overhead, d, batch_size=n, prefill_tokens=prefill_tokens,
                                 decode_seqs=n - prefills, distinct=step.distinct,
@@ -285,6 +338,40 @@ class Engine:
                                        "resident_rank_sum": step.resident_rank_sum, "lora_passes": lora.passes})
         if self.check_memory:
             self._check(j)
+
+    # --- requests that end early: a server's clients ------------------------------------------------
+    def dispatch(self, r: Request, at: int) -> None:
+        """Route an arrival (the real clock's: the router's time counts as policy time)."""
+        t0 = time.perf_counter()
+        self.cluster.dispatch(r, at)
+        self.stats.policy_s += time.perf_counter() - t0
+        if r.done:   # rejected
+            self._ended(r)
+
+    def cancel(self, r: Request, reason: str = "cancelled by the client") -> None:
+        """End `r` and free its KV and slot: now if it waits in a queue, else once its running step is
+        back or its migration has landed."""
+        if self.cluster.cancel(r, reason):
+            self._cancelled(r)
+        else:
+            self._cancels[r.id] = (r, reason)
+
+    def _cancelled(self, r: Request) -> None:
+        self._cancels.pop(r.id, None)
+        if r.replica >= 0:   # whatever its worker holds of it (nothing, if it never ran)
+            self._releases.append(self.workers.call(r.replica, "forget", r.id))
+        self.tokens.drop(r.id)
+        self._ended(r)
+
+    def _retry_cancels(self) -> None:
+        for r, reason in list(self._cancels.values()):
+            if self.cluster.cancel(r, reason):
+                self._cancelled(r)
+
+    def _ended(self, r: Request) -> None:
+        self.sampling.pop(r.id, None)
+        self.stops.pop(r.id, None)
+        self.listener.ended(r)
 
     def _drain(self, wait: bool = True) -> None:
         """Collect the calls sent without waiting (frees, landings): all of them, or (`wait=False`) those
@@ -332,6 +419,8 @@ class Engine:
         if failure is None:   # ordered before the target's next step: no need to wait for it
             self._releases.append(self.workers.call(dst, "land", r.id, _WHERE[where], r.kv_blocks))
         del self._arriving[r.id]
+        if r.id in self._cancels:
+            self._retry_cancels()
 
     # --- the stepped clocks: events in the simulator's order -------------------------------------------
     def _queue_changed(self, j: int) -> None:
@@ -431,21 +520,15 @@ class Engine:
     def _deliver_real(self, r: Request, src: int, dst: int, delay_ns: int) -> None:
         self._moving.append(_Transfer(r, dst, self._send(r, src, dst), time.perf_counter()))
 
-    def _run_real(self) -> None:
+    def _run_real(self, source: Arrivals) -> None:
         cluster, clock, workers = self.cluster, self.clock, self.workers
-        reqs = cluster.requests
-        n, i = len(reqs), 0
         interval = to_ns(cluster.migrator.interval_s) if cluster.migrator is not None else 0
         tick: int | None = interval or None
         quiet = False   # the last migration round moved nothing and nothing finished or landed since the one before
         busy = False    # something finished or landed since the last round
-        while cluster.remaining:
+        while cluster.remaining or not source.closed:
             now = clock.now()
-            while i < n and reqs[i].arrival <= now:
-                t0 = time.perf_counter()
-                cluster.dispatch(reqs[i], max(now, reqs[i].arrival))
-                self.stats.policy_s += time.perf_counter() - t0
-                i += 1
+            source.pump(now)
             if tick is not None and now >= tick:
                 # applied once solved: the solve's own wall time has passed, nothing more is charged
                 plan = cluster.plan_migration(charged=False)
@@ -461,11 +544,13 @@ class Engine:
                     else:
                         self._begin(j, d)
             pending = [fl.pending for fl in self._flight.values()] + [t.receipt for t in self._moving]
-            if not pending and i >= n and (tick is None or quiet):
+            if not pending and source.closed and (tick is None or quiet):
                 break   # nothing runs, arrives or moves any more: stalled, reported by `result`
-            upcoming = [t for t in ((reqs[i].arrival if i < n else None), tick) if t is not None]
+            upcoming = [t for t in (source.next_at(), tick) if t is not None]
             wait_s = max(min(upcoming) - clock.now(), 0) / NS if upcoming else 3600.0
-            ready = {id(p) for p in workers.ready(pending, wait_s)}
+            if not pending:
+                source.wait(wait_s)
+            ready = {id(p) for p in workers.ready(pending, min(wait_s, source.poll_s))} if pending else set()
             for j in [j for j, fl in self._flight.items() if id(fl.pending) in ready]:
                 self._complete(j)
                 busy = True
@@ -475,7 +560,9 @@ class Engine:
                 busy = True
 
     # --- the run --------------------------------------------------------------------------------------
-    def run(self) -> SimResult:
+    def run(self, source: Callable[["Engine"], Arrivals] = Arrivals) -> SimResult:
+        """Serve until every request is done; on the real clock, requests come from `source(engine)`
+        (the workload's, by default; a server's inbox)."""
         wall0 = time.perf_counter()
         cluster, workers = self.cluster, self.workers
         preload = cluster.place()
@@ -485,7 +572,10 @@ class Engine:
         desc = f"serving {len(self.replicas)} replica(s) ({self.clock.kind} clock)"
         with cluster.progress(self._progress, desc) as bar:
             cluster.bar = bar
-            (self._run_stepped if self.clock.stepped else self._run_real)()
+            if self.clock.stepped:
+                self._run_stepped()
+            else:
+                self._run_real(source(self))
             cluster.bar = None
         end = self.clock.now()
         if not cluster.remaining:   # every request done: no KV, slot or received transfer left anywhere

@@ -20,11 +20,12 @@ from typing import Sequence
 
 import torch
 
-from dlora_gpu.adapters import AdapterPool
+from dlora_gpu.adapters import AdapterFormatError, AdapterPool, load_peft_adapter
 from dlora_gpu.batch import FlatBatch, LoRABatch
 from dlora_gpu.kv_cache import KVPayload, PagedKVCache
 from dlora_gpu.merge import DriftFreeMerger, InPlaceMerger
 from dlora_gpu.model import Llama, LlamaConfig
+from dlora_gpu.sampling import next_tokens
 from dlora_gpu.weights import load_checkpoint, random_weights
 from dlora_sim.core.config import Parts
 from dlora_sim.core.profile import Profile
@@ -311,6 +312,20 @@ class ModelExecutor:
         context, its next token included)."""
         self.kv.install(request, payload, swapped, blocks)
 
+    def add_adapter(self, adapter: int, path: str) -> int:
+        """Read a PEFT folder as adapter `adapter` (host memory; a slot when the policy loads it), after
+        checking its shapes against the model and its rank against the slots; its rank."""
+        ad = load_peft_adapter(path, self.model.cfg, str(adapter))
+        if ad.rank > self.pool.max_rank:
+            raise AdapterFormatError(f"{path}: rank {ad.rank} is above the adapter slots' maximum "
+                                     f"{self.pool.max_rank}")
+        self.pool.add(ad)
+        return ad.rank
+
+    def remove_adapter(self, adapter: int) -> None:
+        """Drop an adapter's host copy; one still in a slot stays there until the policy evicts it."""
+        self.pool.remove(str(adapter))
+
     # --- internals -------------------------------------------------------------------------------------
     def _load(self, adapter: int) -> None:
         free = sorted(set(range(self.pool.num_slots)) - set(self._slots.values()))
@@ -319,18 +334,20 @@ class ModelExecutor:
 
     def _forward(self, order: StepOrder) -> list[int]:
         kv, unmerged = self.kv, order.merged is None
-        prefills, decodes = [], []
+        prefills, decodes, pre_rows, dec_rows = [], [], [], []
         for f in order.batch:
             kv.grow(f.request, f.kv_blocks)
             slot = self._slots[f.adapter] if unmerged else -1
             if f.tokens is not None:
                 prefills.append((f.request, list(f.tokens), slot))
+                pre_rows.append((f.sampling, len(f.tokens)))
             else:
                 decodes.append((f.request, f.last, f.length, slot))
+                dec_rows.append((f.sampling, f.length))
         batch = FlatBatch.build(prefills, decodes, kv=kv)
         lora = LoRABatch.build(batch, self.pool, self.backend) if unmerged else None
         logits = self.model(batch, kv, lora, attention_backend=self.backend)
-        nxt = dict(zip([e[0] for e in [*prefills, *decodes]], logits.argmax(dim=-1).tolist()))
+        nxt = dict(zip([e[0] for e in [*prefills, *decodes]], next_tokens(logits, [*pre_rows, *dec_rows])))
         return [nxt[f.request] for f in order.batch]
 
     def _warmup(self) -> None:

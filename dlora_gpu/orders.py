@@ -15,6 +15,16 @@ from dlora_sim.core.step import Step
 
 
 @dataclass(frozen=True, slots=True)
+class Sampling:
+    """How a request picks its next token when not greedily: temperature, nucleus (top-p), and a seed
+    that, with the token's position, fixes the draw (the same on any replica, in any batch)."""
+
+    temperature: float
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Feed:
     """One batch entry: a prefill carries every token it computes (prompt, plus what was generated
     before a recompute or a migration without KV); a decode its last token and the context length."""
@@ -25,6 +35,7 @@ class Feed:
     tokens: tuple[int, ...] | None = None   # prefill
     last: int = 0                         # decode: the token to feed
     length: int = 0                       # decode: tokens so far, the fed one included
+    sampling: Sampling | None = None      # None: greedy
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +52,18 @@ class StepOrder:
     batch: tuple[Feed, ...]
 
     @classmethod
-    def of(cls, step: Step, tokens: Mapping[int, list[int]]) -> "StepOrder":
-        """`tokens`: every batch request's tokens so far (a `TokenLog`)."""
+    def of(cls, step: Step, tokens: Mapping[int, list[int]],
+           sampling: Mapping[int, Sampling] | None = None) -> "StepOrder":
+        """`tokens`: every batch request's tokens so far (a `TokenLog`); `sampling`: the requests that
+        do not decode greedily."""
         d = step.decision
         feeds = []
+        how = sampling or {}
         for r, pf in zip(step.batch, step.prefill):
             toks = tokens[r.id]
-            feeds.append(Feed(r.id, r.adapter, r.kv_blocks, tokens=tuple(toks)) if pf else
-                         Feed(r.id, r.adapter, r.kv_blocks, last=toks[-1], length=len(toks)))
+            s = how.get(r.id)
+            feeds.append(Feed(r.id, r.adapter, r.kv_blocks, tokens=tuple(toks), sampling=s) if pf else
+                         Feed(r.id, r.adapter, r.kv_blocks, last=toks[-1], length=len(toks), sampling=s))
         return cls(tuple(r.id for r in d.recompute), tuple(r.id for r in d.swap_out), tuple(d.evict), tuple(d.load),
                    d.merged != step.mode_from, d.merged, tuple(r.id for r in step.swap_in), tuple(feeds))
 

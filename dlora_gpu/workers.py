@@ -75,6 +75,13 @@ class Worker:
     def release(self, requests: Sequence[int]) -> None:
         self.ex.release(requests)
 
+    def add_adapter(self, adapter: int, path: str) -> int:
+        """Load a PEFT folder as a new adapter (validated first); its rank."""
+        return self.ex.add_adapter(adapter, path)
+
+    def remove_adapter(self, adapter: int) -> None:
+        self.ex.remove_adapter(adapter)
+
     def export(self, request: int):
         """A migrating request's KV (a host copy; its blocks here are freed)."""
         return self.ex.export(request)

@@ -24,7 +24,7 @@ from dlora_sim.core.replica_config import ClusterConfig, reject_reason, resolve_
 from dlora_sim.core.replica_state import ReplicaState
 from dlora_sim.core.request import NS, Request, State, to_ns
 from dlora_sim.core.results import Recorder, RequestStream, SimResult
-from dlora_sim.core.workload import Workload
+from dlora_sim.core.workload import AdapterSpec, Workload
 
 
 class SimulationError(RuntimeError):
@@ -79,7 +79,7 @@ class Cluster:
         self.workload, self.profile, self.config = workload, profile, config
         self.clock = clock
         self.cost = CostModel(profile, config.gpus_per_replica, config.replica.merge)
-        self.adapters = workload.adapters
+        self.adapters: list[AdapterSpec] = list(workload.adapters)   # grows when a server loads one
         self.recorder = Recorder(keep_iterations=keep_iterations)
         self.router, self.migrator, self.stream = router, migrator, stream
         self.requests: list[Request] | None = None if stream is not None else [
@@ -103,7 +103,7 @@ class Cluster:
         self.extra: dict = {"chunked_prefill": config.replica.chunked_prefill,
                             "offered_rps": round(len(workload.requests) / span, 6) if span > 0 else None}
         self.arrivals = DemandEstimate(len(workload.adapters))
-        self.workload_demand = workload_demand(workload)    # look-ahead, for demand=oracle only
+        self.workload_demand = list(workload_demand(workload))    # look-ahead, for demand=oracle only
         self.in_transit: dict[int, Request] = {}   # migrating requests, in no replica's queue
         self.migration_stats = MigrationStats()
         self.kv_cap = min(rep.total_blocks for rep in self.replicas)   # the smallest replica's KV blocks
@@ -158,6 +158,46 @@ class Cluster:
         r.dispatch = at
         self.replicas[j].enqueue(r)
         return j
+
+    # --- a live server: requests and adapters that no workload named in advance ----------------------
+    def admit(self, r: Request) -> None:
+        """Count a request made while serving (ids beyond the workload's, in arrival order); the executor
+        then dispatches it like any arrival."""
+        if self.requests is None:
+            raise ValueError("a streamed cluster takes no requests beyond its workload")
+        self.requests.append(r)
+        self.total += 1
+        self.remaining += 1
+        if self.bar is not None:
+            self.bar.total = self.total
+
+    def add_adapter(self, rank: int, name: str) -> int:
+        """A new adapter's id (never one used before): hosted by every replica until a migration round
+        places it, with no demand yet."""
+        aid = len(self.adapters)
+        self.adapters.append(AdapterSpec(aid, rank, name))
+        for rep in self.replicas:
+            rep.add_adapter(rank)
+        self.arrivals.counts.append(0)
+        self.workload_demand.append(0.0)
+        self.hosts[aid] = tuple(range(len(self.replicas)))
+        return aid
+
+    def cancel(self, r: Request, reason: str) -> bool:
+        """End a request its client gave up on, freeing its KV: now if it waits in a queue (True), not
+        while it is in a running batch or in transit (False: ask again once it is back in a queue).
+        It is recorded as rejected with `reason`."""
+        if r.done:
+            return True
+        if r.id in self.in_transit or r.replica < 0:
+            return False
+        state = self.replicas[r.replica]
+        if any(x is r for x in state.running):
+            return False
+        state.remove(r)
+        r.state, r.reject_reason = State.REJECTED, reason
+        self._done(r)
+        return True
 
     def _done(self, r: Request) -> None:
         self.remaining -= 1

@@ -147,6 +147,12 @@ class ReplicaState:
         self.enqueue(r)
         return r.state
 
+    def add_adapter(self, rank: int) -> None:
+        """A new adapter's rank (the next id); it must fit the slots, sized for the largest rank."""
+        if self.slot_bytes(rank) > self.slot_bytes(max(self._ranks, default=1)):
+            raise ValueError(f"rank {rank} is above the adapter slots' maximum {max(self._ranks, default=1)}")
+        self._ranks.append(rank)
+
     def preload(self, adapters: Sequence[int]) -> None:
         for a in adapters:
             if len(self.resident) >= self.adapter_slots:
