@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -177,11 +177,15 @@ def random_adapter(cfg: LlamaConfig, adapter_id: str, rank: int, alpha: float, *
 
 
 def write_peft_adapter(path: str | Path, cfg: LlamaConfig, rank: int, alpha: float, seed: int,
-                       targets: Iterable[str] = PROJECTIONS, *, use_rslora: bool = False) -> Path:
-    """Write a random adapter (see `random_adapter`) as PEFT would save it; returns the directory."""
+                       targets: Iterable[str] = PROJECTIONS, *, use_rslora: bool = False,
+                       identity: bool = False) -> Path:
+    """Write a random adapter (see `random_adapter`) as PEFT would save it; returns the directory.
+    `identity`: B = 0, as PEFT initialises a new LoRA, so the adapter computes the base model."""
     path = Path(path)
     ad = random_adapter(cfg, path.name, rank, alpha, generator=torch.Generator().manual_seed(seed),
                         targets=targets, use_rslora=use_rslora)
+    if identity:
+        ad = replace(ad, weights={k: (a, torch.zeros_like(b)) for k, (a, b) in ad.weights.items()})
     path.mkdir(parents=True, exist_ok=True)
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
             "target_modules": sorted(ad.targets), "lora_dropout": 0.0, "bias": "none",

@@ -24,8 +24,9 @@ from dlora_sim.core.paths import CONF_DIR
 log = logging.getLogger("dlora_gpu")
 
 
-def build_engine(cfg: DictConfig, workload=None, *, keep_tokens: bool = False):
-    """The serving engine for a composed `serve` config (one place, for the CLI and the tests)."""
+def build_engine(cfg: DictConfig, workload=None, *, keep_tokens: bool = False, stream=None):
+    """The serving engine for a composed `serve` config (one place, for the CLI, the server and the
+    tests); `stream`: requests.csv written as requests end (a server's, which runs without end)."""
     from dlora_gpu.engine import Clock, Engine
     from dlora_gpu.executor import runtime_config
     from dlora_gpu.workers import make_workers
@@ -37,8 +38,8 @@ def build_engine(cfg: DictConfig, workload=None, *, keep_tokens: bool = False):
         return Engine(parts, rcfg, lambda specs: make_workers(rcfg.workers, specs, rcfg.ray.address,
                                                                    rcfg.ray.num_gpus, rcfg.ray.num_cpus),
                       clock, progress=show_progress(cfg),
-                      keep_iterations=keep_iterations(cfg, len(parts.workload.requests)),
-                      keep_tokens=keep_tokens)
+                      keep_iterations=keep_iterations(cfg, len(parts.workload.requests)) and stream is None,
+                      keep_tokens=keep_tokens, stream=stream)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

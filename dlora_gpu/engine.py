@@ -40,7 +40,7 @@ from dlora_sim.core.cluster import Cluster
 from dlora_sim.core.config import Parts
 from dlora_sim.core.contracts import Decision, PolicyError
 from dlora_sim.core.request import NS, Request, State, to_ns
-from dlora_sim.core.results import SimResult
+from dlora_sim.core.results import RequestStream, SimResult
 from dlora_sim.core.step import LoraFeatures, Prices, Step
 
 class Clock:
@@ -193,12 +193,13 @@ class Engine:
     the requests it names is lost in transit, as if the object store lost it."""
 
     def __init__(self, parts: Parts, rcfg: RuntimeConfig, make_workers: Callable, clock: Clock, *,
-                 progress: bool = False, keep_iterations: bool = True, keep_tokens: bool = False):
+                 progress: bool = False, keep_iterations: bool = True, keep_tokens: bool = False,
+                 stream: RequestStream | None = None):
         self._refuse(parts)
         n = parts.cluster.num_replicas
         migrator = parts.migrator if n > 1 else None
         self.cluster = Cluster(parts.workload, parts.profile, parts.cluster, parts.scheduler_factory, parts.router,
-                               migrator, clock.now, keep_iterations=keep_iterations)
+                               migrator, clock.now, keep_iterations=keep_iterations, stream=stream)
         self.migrator, self.clock, self.profile = parts.migrator, clock, parts.profile
         self.recorder = self.cluster.recorder
         self.replicas, self.schedulers = self.cluster.replicas, self.cluster.schedulers

@@ -22,6 +22,10 @@ class TokenLog:
     def __getitem__(self, request: int) -> list[int]:
         return self._live[request]
 
+    def given(self, request: int, prompt: list[int]) -> None:
+        """A client's prompt ids, for a request made while serving."""
+        self._live[request] = list(prompt)
+
     def prompt(self, r: Request) -> list[int]:
         """The request's prompt ids, made at its first prefill."""
         toks = self._live.get(r.id)

@@ -163,9 +163,11 @@ class Cluster:
     def admit(self, r: Request) -> None:
         """Count a request made while serving (ids beyond the workload's, in arrival order); the executor
         then dispatches it like any arrival."""
-        if self.requests is None:
-            raise ValueError("a streamed cluster takes no requests beyond its workload")
-        self.requests.append(r)
+        if self.requests is None:   # streamed: its row is written when it ends
+            self._live[r.id] = r
+            self.stream.total += 1
+        else:
+            self.requests.append(r)
         self.total += 1
         self.remaining += 1
         if self.bar is not None:

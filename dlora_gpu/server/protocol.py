@@ -1,0 +1,93 @@
+"""The OpenAI request bodies the server takes (with vLLM's extensions it honours) and its error body.
+
+Fields a request may send but this server cannot honour (n > 1, logprobs, echo, stop strings) are
+refused with a 400 naming the field, never silently ignored.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingFields(BaseModel):
+    """What completions and chat completions share."""
+
+    model_config = ConfigDict(extra="allow")   # unknown fields are ignored, as OpenAI's API does
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None   # vLLM's: ids that end a request besides EOS
+    ignore_eos: bool = False                   # vLLM's: generate max_tokens whatever comes
+    user: str | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field this server cannot honour, with why, or None."""
+        if self.n != 1:
+            return "n: only n=1 is served"
+        if self.stop:
+            return "stop: stop strings are not supported; use stop_token_ids"
+        extra = self.model_extra or {}
+        for key in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools"):
+            if extra.get(key) not in (None, False, "", [], {}):
+                return f"{key}: not supported by this server"
+        if extra.get("best_of") not in (None, 1):
+            return "best_of: only best_of=1 is served"
+        return None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class LoadAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
+ErrorType = Literal["invalid_request_error", "not_found_error", "conflict_error", "server_error"]
+TYPES: dict[int, ErrorType] = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
+                               500: "server_error", 503: "server_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body (what its clients raise as `BadRequestError`, `NotFoundError`, ...)."""
+    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())

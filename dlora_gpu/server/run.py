@@ -1,0 +1,61 @@
+"""Serving until stopped: bind the port (before minutes of start-up), build the server, run uvicorn,
+then stop the engine and write the results folder."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from pathlib import Path
+
+import uvicorn
+from omegaconf import DictConfig
+
+from dlora_gpu.server.app import make_app
+from dlora_gpu.server.build import build_server
+from dlora_sim.core.errors import UserError
+from dlora_sim.core.jobs import finish_job
+
+log = logging.getLogger("dlora_gpu.server")
+
+
+class PortError(OSError, UserError):
+    """server.port is taken or cannot be bound."""
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, except that Ctrl-C or SIGTERM only stops it: uvicorn re-raises the signal once
+    it has shut down, which would end the process before the results are written."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PortError(f"server.host={host} server.port={port}: cannot listen there ({e.strerror})") from None
+
+
+def serve(cfg: DictConfig, out: Path, system: str) -> dict:
+    """Serve until interrupted; the summary of what was served (also in `out`/summary.json)."""
+    host, port = str(cfg.server.host), int(cfg.server.port)
+    check_port(host, port)
+    srv = build_server(cfg, out)
+    live = srv.live
+    adapters = ", ".join(n for n in live.names if n != srv.base)
+    log.info("serving %s (base) and %s on http://%s:%d/v1 on %s; Ctrl-C stops and writes the results to %s",
+             srv.base, adapters, host, port, srv.about.get("device"), out)
+    config = uvicorn.Config(make_app(srv), host=host, port=port, log_level="warning",
+                            access_log=bool(cfg.server.log_requests), timeout_graceful_shutdown=5)
+    try:
+        _Uvicorn(config).run()
+    except BaseException:
+        live.stop()
+        raise
+    return finish_job(cfg, out, system, [], live.stop, {**srv.about, "served_model_name": srv.base})

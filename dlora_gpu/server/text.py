@@ -1,0 +1,86 @@
+"""Text in and out of token ids: the checkpoint's own tokenizer (no download), or none at all.
+
+Without a tokenizer the server still serves token-id prompts (and returns token ids); a text prompt
+or a chat then gets a 400 that says why.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dlora_sim.core.errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class TokenizerError(ValueError, UserError):
+    """`server.tokenizer` names no usable tokenizer folder."""
+
+
+class Text:
+    """A Hugging Face tokenizer read from a local folder (`transformers`, local files only)."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise TokenizerError(f"server.tokenizer: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise TokenizerError("server.tokenizer: reading a tokenizer needs `transformers` (the `server` extra: "
+                                 "make install-server)") from None
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"server.tokenizer: {folder}: {e}") from None
+        self.folder = folder
+        self.eos = self.tok.eos_token_id
+        self.chat = bool(getattr(self.tok, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+
+def find_tokenizer(tokenizer: str | None, checkpoint: str | None) -> Text | None:
+    """`server.tokenizer` if set, else the checkpoint's folder when it holds one, else None."""
+    if tokenizer is not None:
+        return Text(tokenizer)
+    if checkpoint is not None and any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES):
+        return Text(checkpoint)
+    return None
+
+
+def checkpoint_eos(checkpoint: str | None) -> int | None:
+    """The checkpoint's end-of-sequence id (config.json), when there is no tokenizer to say it."""
+    if checkpoint is None:
+        return None
+    try:
+        eos = json.loads((Path(checkpoint) / "config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return None
+    return eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
+
+
+class Detokenizer:
+    """A stream's text so far, one token at a time: each call returns the new characters (a token that
+    ends inside a multi-byte character yields nothing until the character is complete)."""
+
+    def __init__(self, text: Text | None):
+        self.text, self.ids, self.shown = text, [], ""
+
+    def add(self, token: int) -> str:
+        if self.text is None:
+            return ""
+        self.ids.append(token)
+        full = self.text.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        new, self.shown = full[len(self.shown):], full
+        return new
