@@ -46,7 +46,7 @@ class Snapshot:
     running_adapters: tuple[str, ...]
     waiting_adapters: tuple[str, ...]
     max_lora: int                         # adapter slots per replica
-    counters: dict[str, int]              # switches, adapter_loads, migrations, forced_iterations, preemptions
+    counters: dict[str, int]              # iterations, switches, adapter_loads, migrations, forced_iterations, ...
 
 
 class AdapterError(ValueError):
@@ -279,7 +279,7 @@ class LiveEngine(Listener):
                 if name is not None and name != self.base:
                     (run_ads if id(r) in onset else wait_ads).add(name)
         c = eng.recorder.counters
-        counters = {"switches": c["switches"], "adapter_loads": c["adapter_loads"], "migrations": c["migrations"],
+        counters = {"iterations": eng.recorder.num_iterations, "switches": c["switches"], "adapter_loads": c["adapter_loads"], "migrations": c["migrations"],
                     "preemptions": c["preemptions"], "forced_iterations": eng.stats.forced}
         return Snapshot(tuple(running), tuple(waiting), tuple(usage), tuple(merged), tuple(sorted(run_ads)),
                         tuple(sorted(wait_ads)), eng.replicas[0].adapter_slots, counters)
@@ -294,6 +294,9 @@ class LiveEngine(Listener):
         if self._thread.is_alive():
             self.inbox.post(close)
             self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise RuntimeError(f"the engine did not stop within {timeout_s:.0f} s")
+        self.engine.close()
         if self.error is not None:
             raise self.error
         return self.result

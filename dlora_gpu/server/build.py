@@ -24,7 +24,7 @@ from dlora_sim.core.results import RequestStream
 START_TIMEOUT_S = 600.0   # building and warming a 7B model's replicas takes minutes
 
 
-def build_server(cfg: DictConfig, out: Path) -> Server:
+def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
     """Build and start the engine; the `Server` the app serves (stop it with `server.live.stop()`)."""
     from dlora_gpu.adapters import write_peft_adapter
     from dlora_gpu.cli import about, build_engine
@@ -63,5 +63,6 @@ def build_server(cfg: DictConfig, out: Path) -> Server:
         raise
     eos = None if text is None else text.eos
     eos = eos if eos is not None else checkpoint_eos(cfg.runtime.get("checkpoint"))
-    info = {**about(engine), "config": OmegaConf.to_container(cfg, resolve=True)}
+    info = {**about(engine), "system": system, "vocab": engine.info[0]["vocab"],
+            "config": OmegaConf.to_container(cfg, resolve=True)}
     return Server(live, base, engine.info[0]["vocab"], text, eos, int(scfg.chat_max_tokens), info, metrics=metrics_box[0])

@@ -46,7 +46,7 @@ def serve(cfg: DictConfig, out: Path, system: str) -> dict:
     """Serve until interrupted; the summary of what was served (also in `out`/summary.json)."""
     host, port = str(cfg.server.host), int(cfg.server.port)
     check_port(host, port)
-    srv = build_server(cfg, out)
+    srv = build_server(cfg, out, system)
     live = srv.live
     adapters = ", ".join(n for n in live.names if n != srv.base)
     log.info("serving %s (base) and %s on http://%s:%d/v1 on %s; Ctrl-C stops and writes the results to %s",
@@ -58,4 +58,4 @@ def serve(cfg: DictConfig, out: Path, system: str) -> dict:
     except BaseException:
         live.stop()
         raise
-    return finish_job(cfg, out, system, [], live.stop, {**srv.about, "served_model_name": srv.base})
+    return finish_job(cfg, out, system, [], live.stop, {k: v for k, v in srv.about.items() if k not in ("system", "config")} | {"served_model_name": srv.base})
