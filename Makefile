@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 CPU_TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),@true,$(BIN)/pip install -q --no-deps "$(TORCH)" --index-url $(TORCH_CPU_INDEX))
 
-.PHONY: run test install install-dev install-runtime install-cluster bench clean
+.PHONY: run test install install-dev install-runtime install-cluster install-server install-bench bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,16 +29,30 @@ $(VENV)/.installed-cluster: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q -e '.[gpu,cluster]'
 	touch $@ $(VENV)/.installed $(VENV)/.installed-runtime
 
+$(VENV)/.installed-server: pyproject.toml Makefile | $(BIN)/python
+	$(CPU_TORCH)
+	$(BIN)/pip install -q -e '.[gpu,server,bench]'
+	touch $@ $(VENV)/.installed $(VENV)/.installed-runtime $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@ $(VENV)/.installed
+
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
 	$(CPU_TORCH)
-	$(BIN)/pip install -q -e '.[dev,gpu,ref,cluster]'
-	touch $@ $(VENV)/.installed $(VENV)/.installed-runtime $(VENV)/.installed-cluster
+	$(BIN)/pip install -q -e '.[dev,gpu,ref,cluster,server,bench]'
+	touch $@ $(VENV)/.installed $(VENV)/.installed-runtime $(VENV)/.installed-cluster $(VENV)/.installed-server \
+		$(VENV)/.installed-bench
 
 install: $(VENV)/.installed
 ## The runtime (dlora-serve, dlora-calibrate, dlora-validate): the gpu extra, CPU torch where no GPU is found.
 install-runtime: $(VENV)/.installed-runtime
 ## The runtime with its replicas as Ray actors (and Hydra's Ray launcher for sweeps on the same cluster).
 install-cluster: $(VENV)/.installed-cluster
+## dlora-server (the runtime behind the OpenAI API) and dlora-bench (CPU torch where no GPU is found).
+install-server: $(VENV)/.installed-server
+## dlora-bench alone: the load generator, for any OpenAI-compatible server (no torch).
+install-bench: $(VENV)/.installed-bench
 install-dev: $(VENV)/.installed-dev
 
 ## The main job: does merging pay? five systems, four cases (conf/experiment/compare.yaml), a verdict per case.

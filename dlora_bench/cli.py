@@ -7,17 +7,16 @@ Ctrl-C stops sending, cancels what is in flight, and writes the requests sent so
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import sys
 import time
 from pathlib import Path
 
 import hydra
-import httpx
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from dlora_bench.replay import Replay
 from dlora_sim.core.config import ConfigError, build_workload
 from dlora_sim.core.errors import UserError, reported
 from dlora_sim.core.paths import CONF_DIR
@@ -34,6 +33,7 @@ class ServerError(ConnectionError, UserError):
 
 def server_about(url: str) -> tuple[list[str], dict | None]:
     """The models the server at `url` serves, and, for a dlora-server, what it is (`/dlora/about`)."""
+    import httpx
     try:
         with httpx.Client(base_url=url.rstrip("/"), timeout=30.0) as c:
             models = c.get("/v1/models")
@@ -57,6 +57,7 @@ UNSEEN = ("num_swap_outs", "num_swap_ins", "num_partial_prefill_chunks", "merged
 
 def server_counts(url: str) -> dict[str, float]:
     """A dlora-server's counters now (`/metrics`), by summary key; {} from a server without them."""
+    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -83,6 +84,8 @@ def bench_config(cfg: DictConfig, about: dict | None) -> dict:
 
 
 def run_bench(cfg: DictConfig, out: Path, system: str) -> dict:
+    from dlora_bench.replay import Replay
+
     workload = build_workload(cfg)
     url = str(cfg.url)
     served, about = server_about(url)
@@ -148,6 +151,11 @@ def _ms(seconds: float | None) -> str:
 
 
 def main() -> None:
+    missing = [m for m in ("httpx", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"dlora-bench: needs {', '.join(missing)} (the `bench` extra), not installed here: run "
+              "`make install-bench` (docs/server.md)", file=sys.stderr)
+        raise SystemExit(2)
     sys.exit(_main())
 
 
