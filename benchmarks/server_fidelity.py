@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from calibration.validate import METRICS, validate
+from calibration.validate import METRICS, probe_machine, validate
 from recording import RESULTS, finish, write_report
 
 PY = sys.executable
@@ -75,11 +75,12 @@ def case(system: str, requests: int, rate: float, work: Path) -> dict:
     workload = ["workload=tiny", f"workload.num_requests={requests}", f"workload.rate={rate}"]
     _run(["dlora_gpu.cli", *common, *workload, "progress=false", "charts=false", f"hydra.run.dir={work / 'serve'}"])
     _serve_and_bench(common, workload, work)
-    v = validate(work / "bench", work / "validation")
+    machine = probe_machine(common, "real")   # this machine's speed now against the profile's calibration
+    v = validate(work / "bench", work / "validation", machine=machine)
     inproc = json.loads((work / "serve" / "summary.json").read_text())
     http = json.loads((work / "bench" / "summary.json").read_text())
     row = {"system": system, "rate_rps": rate, "requests": requests, "completed_http": http["completed"],
-           "completed_inproc": inproc["completed"]}
+           "completed_inproc": inproc["completed"], "machine_factor": machine["factor"]}
     for key, _ in METRICS:
         a, b, s = inproc.get(key), http.get(key), v["simulator"].get(key)
         row |= {f"inproc_{key}": a, f"http_{key}": b, f"sim_{key}": s,
@@ -104,14 +105,20 @@ def report(rows: list[dict], device: str) -> str:
              "the same requests over loopback HTTP (streamed, open loop, timed by the client), then `dlora-validate "
              "--runtime-folder` on the bench's folder (the simulator with the server's config and KV blocks). "
              "Latencies in ms; errors are HTTP / in-process - 1 and simulator / HTTP - 1.", "",
-             "| system | rate (req/s) | done (in-process / HTTP) | " + " | ".join(
+             "The simulator prices steps at the speed of the machine the profile was calibrated on; `machine` is "
+             "this machine's speed against it, probed after each case (the profile's reference decode step, "
+             "`dlora-validate`'s probe): at 2x, every real-clock step here takes half its price, and the "
+             "simulator's errors below are mostly that, not the server. The first error (HTTP against "
+             "in-process) compares two runs on this machine minutes apart.", "",
+             "| system | rate (req/s) | machine | done (in-process / HTTP) | " + " | ".join(
                  f"{labels[k]} in-proc / HTTP / sim" for k in shown) + " | throughput in-proc / HTTP / sim |",
-             "|---|---|---|" + "---|" * (len(shown) + 1)]
+             "|---|---|---|---|" + "---|" * (len(shown) + 1)]
     for r in rows:
         cells = [f"{_ms(r[f'inproc_{k}'])} / {_ms(r[f'http_{k}'])} / {_ms(r[f'sim_{k}'])}" for k in shown]
         thr = "{:.2f} / {:.2f} / {:.2f}".format(r["inproc_throughput_rps"], r["http_throughput_rps"],
                                                r["sim_throughput_rps"])
-        lines.append(f"| {r['system']} | {r['rate_rps']:g} | {r['completed_inproc']} / {r['completed_http']} | "
+        speed = "-" if not r["machine_factor"] else f"{1 / r['machine_factor']:.2f}x"
+        lines.append(f"| {r['system']} | {r['rate_rps']:g} | {speed} | {r['completed_inproc']} / {r['completed_http']} | "
                      + " | ".join(cells) + f" | {thr} |")
     lines += ["", "| system | rate (req/s) | " + " | ".join(f"{labels[k]} HTTP vs in-proc / sim vs HTTP"
                                                         for k, _ in METRICS) + " |",

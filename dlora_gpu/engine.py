@@ -151,10 +151,29 @@ class Listener:
 
 
 class Arrivals:
-    """Where the real clock's requests come from: a trace's, at their arrival times (this class), or a
-    server's inbox (`dlora_gpu.live`). `pump(now)` dispatches what is due; `closed`: none will come."""
+    """Where the real clock's requests come from: a trace's (`TraceArrivals`) or a server's inbox
+    (`dlora_gpu.live.Inbox`). `pump(now)` dispatches what is due; `closed`: none will come."""
 
     poll_s = float("inf")   # the longest wait on the workers before pumping again
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def pump(self, now: int) -> None:
+        raise NotImplementedError
+
+    def next_at(self) -> int | None:
+        """When the next arrival is due (ns), if known."""
+        return None
+
+    def wait(self, timeout_s: float) -> None:
+        """Nothing runs: block until something may be due, at most `timeout_s`."""
+        raise NotImplementedError
+
+
+class TraceArrivals(Arrivals):
+    """A workload's requests at their arrival times."""
 
     def __init__(self, engine: "Engine"):
         self.engine, self.requests, self.i = engine, engine.cluster.requests, 0
@@ -173,7 +192,6 @@ class Arrivals:
         return self.requests[self.i].arrival if self.i < len(self.requests) else None
 
     def wait(self, timeout_s: float) -> None:
-        """Nothing runs: sleep until the next arrival or tick is due."""
         if timeout_s > 0:
             time.sleep(timeout_s)
 
@@ -561,7 +579,7 @@ class Engine:
                 busy = True
 
     # --- the run --------------------------------------------------------------------------------------
-    def run(self, source: Callable[["Engine"], Arrivals] = Arrivals) -> SimResult:
+    def run(self, source: Callable[["Engine"], Arrivals] = TraceArrivals) -> SimResult:
         """Serve until every request is done; on the real clock, requests come from `source(engine)`
         (the workload's, by default; a server's inbox)."""
         wall0 = time.perf_counter()

@@ -71,8 +71,7 @@ class Inbox(Arrivals):
 
     poll_s = 0.002   # Ray workers: look at the inbox this often while steps run
 
-    def __init__(self, engine: Engine):   # noqa: super().__init__ reads a trace, which a server has none of
-        self.engine = engine
+    def __init__(self) -> None:
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._posted = threading.Event()
         self.started = threading.Event()   # the engine serves (its adapters preloaded, warmed up)
@@ -91,9 +90,6 @@ class Inbox(Arrivals):
         while self._commands:
             self._commands.popleft()()
 
-    def next_at(self) -> int | None:
-        return None
-
     def wait(self, timeout_s: float) -> None:
         self._posted.wait(timeout_s)
         self._posted.clear()
@@ -111,7 +107,7 @@ class LiveEngine(Listener):
             raise ValueError(f"a server runs on the real clock, not runtime.clock={engine.clock.kind}")
         self.engine, self.names, self.base = engine, dict(names), base
         self.on_finished = on_finished or (lambda r, name: None)
-        self.inbox = Inbox(engine)
+        self.inbox = Inbox()
         self._live: dict[int, _Live] = {}
         self._ids = itertools.count(engine.cluster.total)
         self._lock = threading.Lock()
