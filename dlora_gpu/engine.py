@@ -369,7 +369,9 @@ class Engine:
 
     def cancel(self, r: Request, reason: str = "cancelled by the client") -> None:
         """End `r` and free its KV and slot: now if it waits in a queue, else once its running step is
-        back or its migration has landed."""
+        back or its migration has landed. One that has ended is left alone."""
+        if r.done:
+            return
         if self.cluster.cancel(r, reason):
             self._cancelled(r)
         else:
@@ -384,7 +386,9 @@ class Engine:
 
     def _retry_cancels(self) -> None:
         for r, reason in list(self._cancels.values()):
-            if self.cluster.cancel(r, reason):
+            if r.done:   # its last step finished it first
+                del self._cancels[r.id]
+            elif self.cluster.cancel(r, reason):
                 self._cancelled(r)
 
     def _ended(self, r: Request) -> None:
