@@ -13,8 +13,9 @@ import pytest
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-SIM, SERVE, VALIDATE, CALIBRATE, COMPARE, TRACE = (str(BIN / n) for n in (
-    "dlora-sim", "dlora-serve", "dlora-validate", "dlora-calibrate", "dlora-compare", "dlora-trace"))
+SIM, SERVE, VALIDATE, CALIBRATE, COMPARE, TRACE, SERVER, BENCH = (str(BIN / n) for n in (
+    "dlora-sim", "dlora-serve", "dlora-validate", "dlora-calibrate", "dlora-compare", "dlora-trace", "dlora-server",
+    "dlora-bench"))
 
 # (name, command, a fragment of the message); {tmp} is a scratch folder outside the run's folder
 MISTAKES = [
@@ -59,6 +60,11 @@ MISTAKES = [
      "cluster.replica.merge=pristine_host"),
     ("runtime clock typo", [SERVE, "runtime.clock=bogus"], "runtime.clock must be one of"),
     ("runtime with whole-model copies", [SERVE, "system=vllm"], "cluster.replica.weights=full_copy"),
+    ("server not on the real clock", [SERVER, "server.port=0", "runtime.clock=virtual"],
+     "a server runs on the real clock"),
+    ("server tokenizer folder without one", [SERVER, "server.port=0", "server.tokenizer={tmp}/empty"],
+     "holds no tokenizer"),
+    ("bench against nobody", [BENCH, "url=http://127.0.0.1:9"], "cannot reach the server"),
     ("validate a missing folder", [VALIDATE, "--runtime-folder", "{tmp}/missing"], "no summary.json"),
     ("validate a simulator's folder", [VALIDATE, "--runtime-folder", "{tmp}/simulated"], "a simulator's results"),
     ("refit a missing folder", [CALIBRATE, "--from", "{tmp}/missing"], "not found"),
