@@ -7,7 +7,6 @@ Ctrl-C stops sending, cancels what is in flight, and writes the requests sent so
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import sys
 import time
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from dlora_sim.core.config import ConfigError, build_workload
-from dlora_sim.core.errors import UserError, reported
+from dlora_sim.core.errors import UserError, reported, require_extra
 from dlora_sim.core.paths import CONF_DIR
 from dlora_sim.core.request import NS
 from dlora_sim.core.results import Recorder, SimResult, summarize, write_results
@@ -151,11 +150,8 @@ def _ms(seconds: float | None) -> str:
 
 
 def main() -> None:
-    missing = [m for m in ("httpx", "prometheus_client") if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"dlora-bench: needs {', '.join(missing)} (the `bench` extra), not installed here: run "
-              "`make install-bench` (docs/server.md)", file=sys.stderr)
-        raise SystemExit(2)
+    require_extra("dlora-bench", "the load generator", ("httpx", "prometheus_client"), "bench",
+                  "`make install-bench` (docs/server.md)")
     sys.exit(_main())
 
 

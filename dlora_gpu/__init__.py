@@ -6,17 +6,12 @@ Importing the package imports nothing heavy: its apps check first that the `gpu`
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
+from dlora_sim.core.errors import require_extra
 
 RUNTIME_MODULES = ("torch", "safetensors")   # the `gpu` extra (triton: only for runtime.backend=triton, Linux)
 
 
 def require_runtime(prog: str) -> None:
     """Exit with one line naming the install command when the `gpu` extra is missing."""
-    missing = [m for m in RUNTIME_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"{prog}: the runtime needs {', '.join(missing)} (the `gpu` extra), not installed here: run "
-              "`make install-runtime` (PyTorch's CPU build where no NVIDIA GPU is found; docs/runtime.md)",
-              file=sys.stderr)
-        raise SystemExit(2)
+    require_extra(prog, "the runtime", RUNTIME_MODULES, "gpu",
+                  "`make install-runtime` (PyTorch's CPU build where no NVIDIA GPU is found; docs/runtime.md)")

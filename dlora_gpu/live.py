@@ -58,6 +58,14 @@ class AdapterError(ValueError):
 
 
 @dataclass
+class Ticket:
+    """A posted request, as its poster holds it: `id` is set once the engine has admitted it (ids
+    follow admission, so requests.csv has no gaps; a request refused on arrival never gets one)."""
+
+    id: int | None = None
+
+
+@dataclass
 class _Live:
     request: Request
     name: str
@@ -109,8 +117,7 @@ class LiveEngine(Listener):
         self.on_finished = on_finished or (lambda r, name: None)
         self.inbox = Inbox()
         self._live: dict[int, _Live] = {}
-        self._ids = itertools.count(engine.cluster.total)
-        self._lock = threading.Lock()
+        self._ids = itertools.count(engine.cluster.total)   # used on the engine's thread only
         self.result: SimResult | None = None
         self.error: BaseException | None = None
         cfg, self.kv_cap = engine.cluster.config.replica, engine.cluster.kv_cap
@@ -142,12 +149,11 @@ class LiveEngine(Listener):
         return reject_reason(probe, self._replica_cfg, self.kv_cap)
 
     def submit(self, prompt: list[int], model: str, max_tokens: int, on_event: Callable[[Event], None], *,
-               sampling: Sampling | None = None, stop: frozenset[int] = frozenset()) -> int:
-        """Post a request for `model` (a name of `names`); its id. `on_event` hears its tokens and end."""
+               sampling: Sampling | None = None, stop: frozenset[int] = frozenset()) -> Ticket:
+        """Post a request for `model` (a name of `names`); `on_event` hears its tokens and its end."""
         if not self.alive:
             raise RuntimeError("the engine is not running")
-        with self._lock:
-            rid = next(self._ids)
+        ticket = Ticket()
 
         def admit() -> None:
             eng = self.engine
@@ -155,6 +161,7 @@ class LiveEngine(Listener):
             if adapter == -1:   # unloaded between the check and now
                 on_event(Event(finish="rejected", detail=f"model {model!r} is not served"))
                 return
+            rid = ticket.id = next(self._ids)
             r = Request(rid, adapter, eng.clock.now(), len(prompt), max_tokens)
             self._live[rid] = _Live(r, model, max_tokens, on_event)
             eng.tokens.given(rid, prompt)
@@ -165,13 +172,13 @@ class LiveEngine(Listener):
             eng.cluster.admit(r)
             eng.dispatch(r, r.arrival)
         self.inbox.post(admit)
-        return rid
+        return ticket
 
-    def cancel(self, rid: int) -> None:
+    def cancel(self, ticket: Ticket) -> None:
         """The client went away: end the request and free its KV and slot (at once if it waits, after
         its running step otherwise). A request already ended is left alone."""
-        def cancel() -> None:
-            live = self._live.get(rid)
+        def cancel() -> None:   # after its admission: the inbox runs commands in the order posted
+            live = self._live.get(ticket.id) if ticket.id is not None else None
             if live is not None:
                 self.engine.cancel(live.request, CANCELLED)
         self.inbox.post(cancel)

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dlora_gpu.live import AdapterError, Event, LiveEngine
+from dlora_gpu.live import AdapterError, Event, LiveEngine, Ticket
 from dlora_gpu.orders import Sampling
 from dlora_gpu.server.metrics import Metrics
 from dlora_gpu.server.protocol import (ChatRequest, CompletionRequest, LoadAdapter, SamplingFields, UnloadAdapter,
@@ -171,10 +171,10 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
             loop.call_soon_threadsafe(events.put_nowait, ev)
         except RuntimeError:   # the event loop is gone (shutdown)
             pass
-    rid = srv.live.submit(prompt, body.model, max_tokens, hear, sampling=sampling, stop=frozenset(stop))
+    ticket = srv.live.submit(prompt, body.model, max_tokens, hear, sampling=sampling, stop=frozenset(stop))
     reply = _Reply(srv, body.model, len(prompt), chat)
     if body.stream:
-        return StreamingResponse(_stream(srv, rid, events, reply, body.include_usage),
+        return StreamingResponse(_stream(srv, ticket, events, reply, body.include_usage),
                                  media_type="text/event-stream")
     try:
         while True:
@@ -182,14 +182,14 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
                 ev = await asyncio.wait_for(events.get(), 1.0)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    srv.live.cancel(rid)
+                    srv.live.cancel(ticket)
                     return Response(status_code=499)
                 continue
             if ev.finish is not None:
                 break
             reply.add(ev.token)
     except asyncio.CancelledError:
-        srv.live.cancel(rid)
+        srv.live.cancel(ticket)
         raise
     if ev.finish == "rejected":
         raise ApiError(500 if ev.detail.startswith("the engine failed") else 400, ev.detail)
@@ -198,7 +198,7 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
     return JSONResponse(reply.whole(ev.finish))
 
 
-async def _stream(srv: Server, rid: int, events: asyncio.Queue, reply: "_Reply", usage: bool) -> AsyncIterator[str]:
+async def _stream(srv: Server, ticket: Ticket, events: asyncio.Queue, reply: "_Reply", usage: bool) -> AsyncIterator[str]:
     ended = False
     try:
         if reply.chat:
@@ -219,7 +219,7 @@ async def _stream(srv: Server, rid: int, events: asyncio.Queue, reply: "_Reply",
         yield "data: [DONE]\n\n"
     finally:   # the client went away (the generator is closed or cancelled) before the end
         if not ended:
-            srv.live.cancel(rid)
+            srv.live.cancel(ticket)
 
 
 def _sse(obj: dict) -> str:

@@ -9,7 +9,6 @@ results folder (requests.csv, summary.json) into its run folder.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dlora_gpu import require_runtime
-from dlora_sim.core.errors import reported
+from dlora_sim.core.errors import reported, require_extra
 from dlora_sim.core.paths import CONF_DIR
 
 log = logging.getLogger("dlora_gpu.server")
@@ -27,11 +26,7 @@ SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client", "transformers")
 
 def require_server(prog: str) -> None:
     """Exit with one line naming the install command when the `server` extra is missing."""
-    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"{prog}: the server needs {', '.join(missing)} (the `server` extra), not installed here: run "
-              "`make install-server` (docs/server.md)", file=sys.stderr)
-        raise SystemExit(2)
+    require_extra(prog, "the server", SERVER_MODULES, "server", "`make install-server` (docs/server.md)")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="server", version_base="1.3")

@@ -8,18 +8,29 @@ decision, a stalled simulation, anything else) keep their traceback.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 import sys
 from os import PathLike
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
 
 class UserError(Exception):
     """Bad input, with a message that says what and where."""
+
+
+def require_extra(prog: str, what: str, modules: Sequence[str], extra: str, how: str) -> None:
+    """Exit with one line naming what is missing and the command that installs it (`how`), when one of
+    `modules` (the `extra`'s) is not installed."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{prog}: {what} needs {', '.join(missing)} (the `{extra}` extra), not installed here: run {how}",
+              file=sys.stderr)
+        raise SystemExit(2)
 
 
 def reported(prog: str) -> Callable[[F], F]:
