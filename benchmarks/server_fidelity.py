@@ -118,7 +118,8 @@ def report(rows: list[dict], device: str) -> str:
         thr = "{:.2f} / {:.2f} / {:.2f}".format(r["inproc_throughput_rps"], r["http_throughput_rps"],
                                                r["sim_throughput_rps"])
         speed = "-" if not r["machine_factor"] else f"{1 / r['machine_factor']:.2f}x"
-        lines.append(f"| {r['system']} | {r['rate_rps']:g} | {speed} | {r['completed_inproc']} / {r['completed_http']} | "
+        done = f"{r['completed_inproc']} / {r['completed_http']}"
+        lines.append(f"| {r['system']} | {r['rate_rps']:g} | {speed} | {done} | "
                      + " | ".join(cells) + f" | {thr} |")
     lines += ["", "| system | rate (req/s) | " + " | ".join(f"{labels[k]} HTTP vs in-proc / sim vs HTTP"
                                                         for k, _ in METRICS) + " |",

@@ -108,13 +108,12 @@ class LiveEngine(Listener):
     The base model is served as an adapter whose B is zero (`base`: its name, which cannot be
     unloaded). Thread-safe: every method may be called from any thread."""
 
-    def __init__(self, engine: Engine, names: dict[str, int], base: str | None = None, *,
-                 on_finished: Callable[[Request, str], None] | None = None):
-        """`on_finished(request, reason)` hears every request that finished (reason `stop` or `length`)."""
+    def __init__(self, engine: Engine, names: dict[str, int], base: str | None = None):
         if engine.clock.stepped:
             raise ValueError(f"a server runs on the real clock, not runtime.clock={engine.clock.kind}")
         self.engine, self.names, self.base = engine, dict(names), base
-        self.on_finished = on_finished or (lambda r, name: None)
+        # hears every request that finished, with why (`stop` or `length`): a server's metrics
+        self.on_finished: Callable[[Request, str], None] = lambda r, reason: None
         self.inbox = Inbox()
         self._live: dict[int, _Live] = {}
         self._ids = itertools.count(engine.cluster.total)   # used on the engine's thread only
@@ -282,7 +281,8 @@ class LiveEngine(Listener):
                 if name is not None and name != self.base:
                     (run_ads if id(r) in onset else wait_ads).add(name)
         c = eng.recorder.counters
-        counters = {"iterations": eng.recorder.num_iterations, "switches": c["switches"], "adapter_loads": c["adapter_loads"], "migrations": c["migrations"],
+        counters = {"iterations": eng.recorder.num_iterations, "switches": c["switches"],
+                    "adapter_loads": c["adapter_loads"], "migrations": c["migrations"],
                     "preemptions": c["preemptions"], "forced_iterations": eng.stats.forced}
         return Snapshot(tuple(running), tuple(waiting), tuple(usage), tuple(merged), tuple(sorted(run_ads)),
                         tuple(sorted(wait_ads)), eng.replicas[0].adapter_slots, counters)

@@ -64,6 +64,7 @@ MISTAKES = [
      "a server runs on the real clock"),
     ("server tokenizer folder without one", [SERVER, "server.port=0", "server.tokenizer={tmp}/empty"],
      "holds no tokenizer"),
+    ("server with a runtime typo", [SERVER, "server.port=0", "runtime.workers=threads"], "runtime.workers must be"),
     ("bench against nobody", [BENCH, "url=http://127.0.0.1:9"], "cannot reach the server"),
     ("validate a missing folder", [VALIDATE, "--runtime-folder", "{tmp}/missing"], "no summary.json"),
     ("validate a simulator's folder", [VALIDATE, "--runtime-folder", "{tmp}/simulated"], "a simulator's results"),

@@ -198,7 +198,8 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
     return JSONResponse(reply.whole(ev.finish))
 
 
-async def _stream(srv: Server, ticket: Ticket, events: asyncio.Queue, reply: "_Reply", usage: bool) -> AsyncIterator[str]:
+async def _stream(srv: Server, ticket: Ticket, events: asyncio.Queue, reply: "_Reply",
+                  usage: bool) -> AsyncIterator[str]:
     ended = False
     try:
         if reply.chat:

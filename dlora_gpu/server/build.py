@@ -9,6 +9,7 @@ requests end, and summary.json when the server stops.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,44 +26,50 @@ START_TIMEOUT_S = 600.0   # building and warming a 7B model's replicas takes min
 
 
 def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
-    """Build and start the engine; the `Server` the app serves (stop it with `server.live.stop()`)."""
-    from dlora_gpu.adapters import write_peft_adapter
+    """Build and start the engine; the `Server` the app serves (stop it with `server.live.stop()`).
+    A failure leaves nothing in `out` but what Hydra put there."""
     from dlora_gpu.cli import about, build_engine
-    from dlora_gpu.model import LlamaConfig
 
     scfg = cfg.server
     if cfg.runtime.clock != "real":
         raise ConfigError(f"runtime.clock={cfg.runtime.clock}: a server runs on the real clock (wall time)")
     workload = build_workload(cfg)
     adapters = replace(workload, requests=())
+    base = scfg.get("served_model_name") or cfg.model.name
+    if base in {a.name for a in adapters.adapters}:
+        raise ConfigError(f"server.served_model_name={base}: also the name of a workload adapter")
     text = find_tokenizer(scfg.get("tokenizer"), cfg.runtime.get("checkpoint"))
-    engine = build_engine(cfg, adapters, stream=RequestStream(out, 0))
+    stream = RequestStream(out, 0)
+    engine = live = None
     try:
-        base = scfg.get("served_model_name") or cfg.model.name
-        names = {a.name: a.id for a in adapters.adapters}
-        if base in names:
-            raise ConfigError(f"server.served_model_name={base}: also the name of a workload adapter")
-        metrics_box: list[Metrics] = []
-        live = LiveEngine(engine, names, base, on_finished=lambda r, why: metrics_box[0].finished(r, why))
-        metrics_box.append(Metrics(live, base))
+        engine = build_engine(cfg, adapters, stream=stream)
+        live = LiveEngine(engine, {a.name: a.id for a in adapters.adapters}, base)
+        metrics = Metrics(live, base)
         live.start()
         if not live.inbox.started.wait(START_TIMEOUT_S) or not live.alive:
-            live.stop()
             raise RuntimeError("the engine did not start")
-        # the base model: an adapter of the smallest rank with B = 0 (on every worker, like any load)
-        model_cfg = LlamaConfig.preset(cfg.model.name) if cfg.runtime.get("checkpoint") is None else None
-        if model_cfg is None:
-            from dlora_gpu.weights import read_config
-            model_cfg = read_config(cfg.runtime.checkpoint)[0]
-        rank = min(a.rank for a in adapters.adapters)
-        path = write_peft_adapter(out / "base-adapter", model_cfg, rank, float(rank), 0, targets=("q_proj",),
-                                  identity=True)
-        live.load_adapter(base, str(path))
+        live.load_adapter(base, str(_base_adapter(cfg, out / "base-adapter", min(a.rank for a in adapters.adapters))))
     except BaseException:
-        engine.close()
+        if live is not None:
+            live.stop()   # closes the engine too
+        elif engine is not None:
+            engine.close()
+        stream.abort()
+        shutil.rmtree(out / "base-adapter", ignore_errors=True)
         raise
     eos = None if text is None else text.eos
     eos = eos if eos is not None else checkpoint_eos(cfg.runtime.get("checkpoint"))
-    info = {**about(engine), "system": system, "vocab": engine.info[0]["vocab"],
-            "config": OmegaConf.to_container(cfg, resolve=True)}
-    return Server(live, base, engine.info[0]["vocab"], text, eos, int(scfg.chat_max_tokens), info, metrics=metrics_box[0])
+    vocab = engine.info[0]["vocab"]
+    info = {**about(engine), "system": system, "vocab": vocab, "config": OmegaConf.to_container(cfg, resolve=True)}
+    return Server(live, base, vocab, text, eos, int(scfg.chat_max_tokens), info, metrics=metrics)
+
+
+def _base_adapter(cfg: DictConfig, path: Path, rank: int) -> Path:
+    """The base model as an adapter: B = 0 on one projection, of the workload's smallest rank."""
+    from dlora_gpu.adapters import write_peft_adapter
+    from dlora_gpu.model import LlamaConfig
+    from dlora_gpu.weights import read_config
+
+    checkpoint = cfg.runtime.get("checkpoint")
+    model = LlamaConfig.preset(cfg.model.name) if checkpoint is None else read_config(checkpoint)[0]
+    return write_peft_adapter(path, model, rank, float(rank), 0, targets=("q_proj",), identity=True)

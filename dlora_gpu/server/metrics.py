@@ -72,6 +72,7 @@ class Metrics:
     """A registry of its own per server (several servers may live in one process: tests)."""
 
     def __init__(self, live: LiveEngine, model: str):
+        """Observes `live`'s finished requests from now on (as its `on_finished`)."""
         self.model = model
         self.registry = CollectorRegistry()
         reg, lab = self.registry, ["model_name"]
@@ -86,6 +87,7 @@ class Metrics:
         self.success = Counter("vllm:request_success", "Requests finished.", ["model_name", "finished_reason"],
                                registry=reg)
         reg.register(_Engine(live, model))
+        live.on_finished = self.finished
 
     def finished(self, r: Request, reason: str) -> None:
         """Observe a finished request (called on the engine's thread; prometheus_client is thread-safe)."""

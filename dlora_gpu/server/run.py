@@ -58,4 +58,5 @@ def serve(cfg: DictConfig, out: Path, system: str) -> dict:
     except BaseException:
         live.stop()
         raise
-    return finish_job(cfg, out, system, [], live.stop, {k: v for k, v in srv.about.items() if k not in ("system", "config")} | {"served_model_name": srv.base})
+    about = {k: v for k, v in srv.about.items() if k not in ("system", "config")}   # finish_job adds both
+    return finish_job(cfg, out, system, [], live.stop, {**about, "served_model_name": srv.base})

@@ -163,8 +163,9 @@ def test_adapters_load_and_unload_while_serving(server, tmp_path):
     # refused, each with its status, nothing changed: a second load of the name, a rank above the slots',
     # shapes of another model, a folder that is not an adapter
     wide = write_peft_adapter(tmp_path / "wide", cfg, 16, 32.0, seed=1)
-    other = write_peft_adapter(tmp_path / "other", LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344,
-                                                               num_layers=2, num_heads=4, num_kv_heads=2), 8, 16.0, seed=1)
+    narrow = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
+    other = write_peft_adapter(tmp_path / "other", narrow, 8, 16.0, seed=1)
     for name, path, status, words in [("mine", good, 400, "already loaded"), ("wide", wide, 400, "rank 16"),
                                       ("other", other, 400, "shape"), ("none", tmp_path, 400, "adapter_config")]:
         r = post("/v1/load_lora_adapter", lora_name=name, lora_path=str(path))
