@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -51,10 +53,23 @@ def hydra_job(cfg: DictConfig) -> tuple[Path, str, list[str], float | None]:
 Job = Callable[[DictConfig, Path, str, list[str]], dict]   # (config, folder, system, overrides) -> summary
 
 
+def leave_ctrl_c_to_the_sweep() -> None:
+    """In a worker process of a parallel sweep (joblib's loky pool), ignore Ctrl-C: the terminal sends it
+    to the whole process group, the sweep's own process stops the pool and says what was kept, and a
+    worker that took it too would print a traceback of its own (seen landing inside `gc.collect`)."""
+    if multiprocessing.parent_process() is None:
+        return
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:   # not the worker's main thread: it cannot take the signal either
+        pass
+
+
 def run_app(cfg: DictConfig, job: Job, logger: logging.Logger, what: Callable[[dict], str] = lambda s: "") -> float:
     """The body of every app's Hydra main: skip a complete run of this config, else run `job` into the
     job's folder and log one line of its summary (`what` adds the app's own facts). Returns the sweep
     objective (mean s/token)."""
+    leave_ctrl_c_to_the_sweep()
     out, system, overrides, skipped = hydra_job(cfg)
     if skipped is not None:
         return skipped

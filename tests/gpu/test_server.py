@@ -257,9 +257,10 @@ async def _load(url: str, n: int, clients: int, seed: int = 0) -> tuple[int, int
             async for chunk in stream:
                 got += len(_ids(chunk.choices[0]))
                 if leave and got >= 2:
-                    await stream.close()   # the client goes away mid-stream
-                    done["left"] += 1
                     break
+            if leave:
+                await stream.close()   # the client goes away mid-stream
+                done["left"] += 1
             else:
                 assert got == max_tokens
                 done["completed"] += 1

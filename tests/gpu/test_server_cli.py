@@ -20,6 +20,8 @@ from server_helpers import free_port  # noqa: E402
 from calibration.validate import check_runtime_folder, validate  # noqa: E402
 
 SERVER = [sys.executable, "-m", "dlora_gpu.server.cli"]
+# a test run started in the background inherits SIGINT ignored, and so would these: Ctrl-C as a terminal sends it
+CTRL_C = dict(preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 BENCH = [sys.executable, "-m", "dlora_bench.cli", "progress=false"]
 
 
@@ -41,7 +43,7 @@ def test_server_bench_and_validate_end_to_end(tmp_path):
     url = f"http://127.0.0.1:{port}"
     served = tmp_path / "server"
     proc = subprocess.Popen([*SERVER, "system=dlora", f"server.port={port}", f"hydra.run.dir={served}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **CTRL_C)
     try:
         _wait_healthy(url, proc)
         # no tokenizer here: a text prompt and a chat get a 400 that says why
@@ -77,8 +79,12 @@ def test_server_bench_and_validate_end_to_end(tmp_path):
         # Ctrl-C on a replay: what was sent is written, and it says so
         cut = tmp_path / "cut"
         p = subprocess.Popen([*BENCH, f"url={url}", "workload.num_requests=400", "workload.rate=40",
-                              f"hydra.run.dir={cut}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(4)
+                              f"hydra.run.dir={cut}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             **CTRL_C)
+        while not (cut / "cli.log").exists():   # the job has started; its replay takes 10 s
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.1)
+        time.sleep(2.5)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
         assert "interrupted" in err and "Traceback" not in err
