@@ -111,12 +111,17 @@ def run_bench(cfg: DictConfig, out: Path, system: str) -> dict:
         interrupted = True
     finally:
         bar.close()
-    requests = [s.request() for s in replay.sent]
+    sent = [s for s in replay.sent if s.sent >= 0]   # a task Ctrl-C cancelled before it sent nothing
+    requests = [s.request() for s in sent]
+    lag = [(s.sent - s.scheduled) / NS for s in sent]
     end = max([r.finish for r in requests if r.finish >= 0], default=0)
     server = {k: v for k, v in (about or {}).items() if k != "config"}
+    extra = {"interrupted": interrupted,   # how late the client sent (an open loop only if these are small)
+             "bench_send_lag_mean_s": round(sum(lag) / len(lag), 6) if lag else None,
+             "bench_send_lag_max_s": round(max(lag), 6) if lag else None}
     res = SimResult(requests, Recorder(keep_iterations=False), end / NS, time.perf_counter() - wall0,
                     int((about or {}).get("config", {}).get("cluster", {}).get("num_replicas", 0))
-                    or int(cfg.cluster.num_replicas), {"interrupted": interrupted})
+                    or int(cfg.cluster.num_replicas), extra)
     counts = dict.fromkeys([*SERVER_COUNTS, *UNSEEN])   # unknown to a client: null, not 0
     if before:
         after = server_counts(url)

@@ -33,13 +33,14 @@ class Sent:
     first_token: int = -1
     finish: int = -1
     tokens: int = 0
+    ended: bool = False         # the stream said it was over ([DONE] or a finish_reason)
     error: str = ""
 
     def request(self) -> Request:
         """As a results row: `finished`, or `rejected` with why (an HTTP error, a dropped stream)."""
         r = Request(self.index, self.adapter, self.sent, self.prompt_tokens, self.tokens or self.max_tokens,
                     generated=self.tokens, dispatch=self.sent)
-        if not self.error and self.finish >= 0 and self.tokens > 0:
+        if not self.error and self.ended and self.finish >= 0 and self.tokens > 0:
             r.state, r.first_token, r.finish = State.FINISHED, self.first_token, self.finish
             r.first_scheduled = self.sent   # the client cannot see when the server first scheduled it
         else:
@@ -108,6 +109,7 @@ class Replay:
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        s.ended = True
                         break
                     chunk = json.loads(data)
                     if "error" in chunk:
@@ -116,21 +118,31 @@ class Replay:
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     for choice in chunk.get("choices") or ():
-                        if choice.get("finish_reason") is None or choice.get("text") or choice.get("token_ids"):
-                            n = len(choice["token_ids"]) if "token_ids" in choice else 1
-                            if n and s.first_token < 0:
-                                s.first_token = time.perf_counter_ns() - t0
-                            s.tokens += n
+                        s.tokens += _tokens(choice)
+                        if s.tokens and s.first_token < 0:
+                            s.first_token = time.perf_counter_ns() - t0
+                        s.ended |= choice.get("finish_reason") is not None
                 s.finish = time.perf_counter_ns() - t0
+                if not s.ended:
+                    s.error = "the stream ended before the server said it was over"
                 if usage and usage.get("completion_tokens") is not None:
                     s.tokens = int(usage["completion_tokens"])   # the server's count: a chunk may hold several
         except asyncio.CancelledError:
             s.error = "interrupted (Ctrl-C) before it finished"
             raise
-        except httpx.HTTPError as e:
+        except Exception as e:   # noqa: BLE001 - one request's failure (HTTP, a malformed chunk) is its row's
             s.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         finally:
             self.on_done(s)
+
+
+def _tokens(choice: dict) -> int:
+    """Tokens one streamed choice carries: its `token_ids` when the server gives them (ours), else one
+    per chunk with text or no finish yet (vLLM sends `token_ids: null`); the final usage overrides."""
+    ids = choice.get("token_ids")
+    if ids is not None:
+        return len(ids)
+    return 1 if choice.get("finish_reason") is None or choice.get("text") or choice.get("delta") else 0
 
 
 def _message(text: str) -> str:

@@ -18,7 +18,7 @@ from typing import Callable
 from dlora_gpu.engine import Arrivals, Engine, Listener
 from dlora_gpu.orders import Sampling
 from dlora_sim.core.replica_config import reject_reason
-from dlora_sim.core.request import Request, State
+from dlora_sim.core.request import NS, Request, State
 from dlora_sim.core.results import SimResult
 
 CANCELLED = "cancelled by the client"
@@ -28,7 +28,8 @@ SHUTDOWN = "the server shut down"
 @dataclass(frozen=True, slots=True)
 class Event:
     """What a request's client hears: a token, or (last) why it ended: `stop` (a stop token), `length`
-    (max_tokens reached), `cancelled`, or `rejected` with the reason in `detail`."""
+    (max_tokens reached), `cancelled`, `rejected` (it cannot be served), `unknown` (its model was
+    unloaded meanwhile) or `failed` (the engine stopped or failed); why in `detail`."""
 
     token: int | None = None
     finish: str | None = None
@@ -71,32 +72,51 @@ class _Live:
     name: str
     max_tokens: int
     on_event: Callable[[Event], None]
+    last_ns: int = -1   # when its last token came (the engine's clock)
+
+
+Command = tuple[Callable[[], None], Callable[[str], None]]   # what to run, and what to do if it never runs
 
 
 class Inbox(Arrivals):
     """The engine's requests as a server gets them: commands posted from any thread, run by the engine's
-    thread at its next look (between steps); `wait` sleeps until one is posted."""
+    thread at its next look (between steps); `wait` sleeps until one is posted. Once the engine has
+    stopped (`shut`), a command is dropped instead: its poster hears why at once, never waits forever."""
 
     poll_s = 0.002   # Ray workers: look at the inbox this often while steps run
 
     def __init__(self) -> None:
-        self._commands: collections.deque[Callable[[], None]] = collections.deque()
+        self._commands: collections.deque[Command] = collections.deque()
+        self._lock = threading.Lock()
         self._posted = threading.Event()
         self.started = threading.Event()   # the engine serves (its adapters preloaded, warmed up)
         self.closing = False
+        self.gone: str | None = None      # why the engine no longer runs commands
 
     @property
     def closed(self) -> bool:
         return self.closing and not self._commands
 
-    def post(self, command: Callable[[], None]) -> None:
-        self._commands.append(command)
-        self._posted.set()
+    def post(self, command: Callable[[], None], dropped: Callable[[str], None]) -> None:
+        with self._lock:
+            if self.gone is None:
+                self._commands.append((command, dropped))
+                self._posted.set()
+                return
+        dropped(self.gone)
 
     def pump(self, now: int) -> None:
         self.started.set()
         while self._commands:
-            self._commands.popleft()()
+            self._commands.popleft()[0]()
+
+    def shut(self, why: str) -> None:
+        """The engine has stopped: drop what is queued and whatever comes later, each with `why`."""
+        with self._lock:
+            self.gone, left = why, list(self._commands)
+            self._commands.clear()
+        for _, dropped in left:
+            dropped(why)
 
     def wait(self, timeout_s: float) -> None:
         self._posted.wait(timeout_s)
@@ -112,8 +132,10 @@ class LiveEngine(Listener):
         if engine.clock.stepped:
             raise ValueError(f"a server runs on the real clock, not runtime.clock={engine.clock.kind}")
         self.engine, self.names, self.base = engine, dict(names), base
-        # hears every request that finished, with why (`stop` or `length`): a server's metrics
+        # a server's metrics: every request that finished, with why (`stop` or `length`), and the time
+        # between a request's consecutive tokens (s), as each comes
         self.on_finished: Callable[[Request, str], None] = lambda r, reason: None
+        self.on_token_gap: Callable[[float], None] = lambda s: None
         self.inbox = Inbox()
         self._live: dict[int, _Live] = {}
         self._ids = itertools.count(engine.cluster.total)   # used on the engine's thread only
@@ -133,12 +155,16 @@ class LiveEngine(Listener):
         return self._thread.is_alive() and self.error is None
 
     def _serve(self) -> None:
+        why = "the server shut down"
         try:
             self.result = self.engine.run(lambda e: self.inbox)
         except BaseException as e:   # noqa: BLE001 - reported to every waiting client and by `stop`
             self.error = e
+            why = f"the engine failed: {type(e).__name__}: {e}"
+        finally:
+            self.inbox.shut(why)
             for live in list(self._live.values()):
-                live.on_event(Event(finish="rejected", detail=f"the engine failed: {type(e).__name__}: {e}"))
+                live.on_event(Event(finish="failed", detail=why))
             self._live.clear()
 
     # --- requests ------------------------------------------------------------------------------------
@@ -158,7 +184,7 @@ class LiveEngine(Listener):
             eng = self.engine
             adapter = self.names.get(model, -1)
             if adapter == -1:   # unloaded between the check and now
-                on_event(Event(finish="rejected", detail=f"model {model!r} is not served"))
+                on_event(Event(finish="unknown", detail=f"The model `{model}` does not exist."))
                 return
             rid = ticket.id = next(self._ids)
             r = Request(rid, adapter, eng.clock.now(), len(prompt), max_tokens)
@@ -170,7 +196,7 @@ class LiveEngine(Listener):
                 eng.stops[rid] = stop
             eng.cluster.admit(r)
             eng.dispatch(r, r.arrival)
-        self.inbox.post(admit)
+        self.inbox.post(admit, lambda why: on_event(Event(finish="failed", detail=why)))
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
@@ -180,13 +206,17 @@ class LiveEngine(Listener):
             live = self._live.get(ticket.id) if ticket.id is not None else None
             if live is not None:
                 self.engine.cancel(live.request, CANCELLED)
-        self.inbox.post(cancel)
+        self.inbox.post(cancel, lambda why: None)   # a stopped engine has ended every request already
 
     # --- Listener: on the engine's thread -------------------------------------------------------------
     def tokens(self, batch: list[Request], tokens: tuple[int, ...]) -> None:
+        now = self.engine.clock.now()
         for r, t in zip(batch, tokens):
             live = self._live.get(r.id)
             if live is not None:
+                if live.last_ns >= 0:
+                    self.on_token_gap((now - live.last_ns) / NS)
+                live.last_ns = now
                 live.on_event(Event(token=t))
 
     def ended(self, r: Request) -> None:
@@ -214,7 +244,7 @@ class LiveEngine(Listener):
                 fut.set_result(fn())
             except BaseException as e:   # noqa: BLE001 - handed to the caller
                 fut.set_exception(e)
-        self.inbox.post(run)
+        self.inbox.post(run, lambda why: fut.set_exception(RuntimeError(why)))
         return fut.result(timeout_s)
 
     def load_adapter(self, name: str, path: str) -> int:
@@ -236,7 +266,7 @@ class LiveEngine(Listener):
                 raise AdapterError(str(e).removeprefix(f"replica {len(loaded)}: "), 400) from None
             got = eng.cluster.add_adapter(ranks.pop(), name)
             assert got == aid
-            self.names[name] = aid
+            self.names = {**self.names, name: aid}   # a new dict: other threads read `names` unlocked
             return aid
         return self.call(load)
 
@@ -253,7 +283,7 @@ class LiveEngine(Listener):
             if busy:
                 raise AdapterError(f"adapter {name!r} has {busy} request(s) in flight; unload it once they "
                                    "are done", 409)
-            del self.names[name]
+            self.names = {n: a for n, a in self.names.items() if n != name}
             eng = self.engine
             for j in range(len(eng.replicas)):
                 eng.workers.get(eng.workers.call(j, "remove_adapter", aid))
@@ -295,7 +325,7 @@ class LiveEngine(Listener):
                 self.engine.cancel(live.request, SHUTDOWN)
             self.inbox.closing = True
         if self._thread.is_alive():
-            self.inbox.post(close)
+            self.inbox.post(close, lambda why: None)
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 raise RuntimeError(f"the engine did not stop within {timeout_s:.0f} s")

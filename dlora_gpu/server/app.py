@@ -27,6 +27,11 @@ from dlora_gpu.server.protocol import (ChatRequest, CompletionRequest, LoadAdapt
 from dlora_gpu.server.text import Detokenizer, Text
 
 
+# how a request that did not finish ends for its client: (HTTP status, param, code)
+ENDED_BADLY = {"rejected": (400, None, None), "unknown": (404, "model", "model_not_found"),
+               "cancelled": (503, None, None), "failed": (503, None, None)}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -47,6 +52,7 @@ class Server:
     about: dict = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)   # adapter name -> the folder it was loaded from
     metrics: Metrics | None = None
+    adapter_updates: bool = True   # serve /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 def make_app(srv: Server) -> FastAPI:
@@ -56,6 +62,10 @@ def make_app(srv: Server) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RuntimeError)
+    async def engine_gone(_: Request, e: RuntimeError) -> JSONResponse:   # the engine stopped or failed
+        return JSONResponse(error_body(503, str(e)), status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -86,23 +96,24 @@ def make_app(srv: Server) -> FastAPI:
     def about() -> dict:
         return {**srv.about, "base": srv.base, "adapters": {n: a for n, a in live.names.items() if n != srv.base}}
 
-    @app.post("/v1/load_lora_adapter")
-    def load_adapter(body: LoadAdapter) -> PlainTextResponse:
-        try:
-            live.load_adapter(body.lora_name, body.lora_path)
-        except AdapterError as e:
-            raise ApiError(e.status, str(e), "lora_path" if e.status == 400 else "lora_name") from None
-        srv.paths[body.lora_name] = body.lora_path
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+    if srv.adapter_updates:   # off: the endpoints do not exist (404), as in vLLM without runtime updates
+        @app.post("/v1/load_lora_adapter")
+        def load_adapter(body: LoadAdapter) -> PlainTextResponse:
+            try:
+                live.load_adapter(body.lora_name, body.lora_path)
+            except AdapterError as e:
+                raise ApiError(e.status, str(e), "lora_path" if e.status == 400 else "lora_name") from None
+            srv.paths[body.lora_name] = body.lora_path
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
-    def unload_adapter(body: UnloadAdapter) -> PlainTextResponse:
-        try:
-            live.unload_adapter(body.lora_name)
-        except AdapterError as e:
-            raise ApiError(e.status, str(e), "lora_name") from None
-        srv.paths.pop(body.lora_name, None)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+        @app.post("/v1/unload_lora_adapter")
+        def unload_adapter(body: UnloadAdapter) -> PlainTextResponse:
+            try:
+                live.unload_adapter(body.lora_name)
+            except AdapterError as e:
+                raise ApiError(e.status, str(e), "lora_name") from None
+            srv.paths.pop(body.lora_name, None)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -114,7 +125,10 @@ def make_app(srv: Server) -> FastAPI:
             raise ApiError(400, "chat needs a tokenizer with a chat template; this server has "
                            + ("no tokenizer (set server.tokenizer)" if srv.text is None else "no chat template")
                            + ": use /v1/completions", "messages")
-        prompt = srv.text.chat_prompt([m.model_dump(exclude_none=True) for m in body.messages])
+        try:
+            prompt = srv.text.chat_prompt([m.flat() for m in body.messages])
+        except Exception as e:   # the template's own checks (roles must alternate, ...) or a part it cannot take
+            raise ApiError(400, f"messages: {e}" if not str(e).startswith("messages") else str(e), "messages") from None
         return await _serve(srv, body, prompt, body.max_completion_tokens or body.max_tokens or srv.chat_max_tokens,
                             request, chat=True)
 
@@ -161,8 +175,10 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
     stop = set(body.stop_token_ids or ())
     if srv.eos is not None and not body.ignore_eos:
         stop.add(srv.eos)
-    sampling = None if body.temperature == 0 else Sampling(
-        body.temperature, body.top_p, body.seed if body.seed is not None else random.getrandbits(62))
+    temperature = 1.0 if body.temperature is None else body.temperature
+    sampling = None if temperature == 0 else Sampling(
+        temperature, 1.0 if body.top_p is None else body.top_p,
+        body.seed if body.seed is not None else random.getrandbits(62))
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -184,6 +200,8 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
                 if await request.is_disconnected():
                     srv.live.cancel(ticket)
                     return Response(status_code=499)
+                if not srv.live.alive and events.empty():   # the engine has ended every request: a last check
+                    raise ApiError(503, "the engine is not running")
                 continue
             if ev.finish is not None:
                 break
@@ -191,10 +209,10 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
     except asyncio.CancelledError:
         srv.live.cancel(ticket)
         raise
-    if ev.finish == "rejected":
-        raise ApiError(500 if ev.detail.startswith("the engine failed") else 400, ev.detail)
-    if ev.finish == "cancelled":
-        raise ApiError(503, f"request cancelled: {ev.detail}")
+    if ev.finish in ENDED_BADLY:
+        status, param, code = ENDED_BADLY[ev.finish]
+        raise ApiError(status, ev.detail, param, code)
+    reply.rest()
     return JSONResponse(reply.whole(ev.finish))
 
 
@@ -211,10 +229,11 @@ async def _stream(srv: Server, ticket: Ticket, events: asyncio.Queue, reply: "_R
                 break
             delta = reply.add(ev.token)
             yield _sse(reply.chunk(delta, None, [ev.token]))
-        if ev.finish in ("rejected", "cancelled"):
-            yield _sse(error_body(400 if ev.finish == "rejected" else 503, ev.detail))
+        if ev.finish in ENDED_BADLY:
+            yield _sse(error_body(ENDED_BADLY[ev.finish][0], ev.detail))
         else:
-            yield _sse(reply.chunk("" if not reply.chat else {}, ev.finish, []))
+            rest = reply.rest()
+            yield _sse(reply.chunk(rest if not reply.chat else ({"content": rest} if rest else {}), ev.finish, []))
             if usage:
                 yield _sse({**reply.chunk(None, None), "choices": [], "usage": reply.usage()})
         yield "data: [DONE]\n\n"
@@ -241,6 +260,12 @@ class _Reply:
     def add(self, token: int) -> str:
         self.ids.append(token)
         delta = self.detok.add(token)
+        self.text += delta
+        return delta
+
+    def rest(self) -> str:
+        """The text held back at the end (an incomplete character)."""
+        delta = self.detok.rest()
         self.text += delta
         return delta
 

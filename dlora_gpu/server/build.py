@@ -61,7 +61,10 @@ def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
     eos = eos if eos is not None else checkpoint_eos(cfg.runtime.get("checkpoint"))
     vocab = engine.info[0]["vocab"]
     info = {**about(engine), "system": system, "vocab": vocab, "config": OmegaConf.to_container(cfg, resolve=True)}
-    return Server(live, base, vocab, text, eos, int(scfg.chat_max_tokens), info, metrics=metrics)
+    folder = cfg.runtime.get("adapters_dir")
+    paths = {a.name: str(Path(folder) / f"adapter-{a.id}") for a in adapters.adapters} if folder else {}
+    return Server(live, base, vocab, text, eos, int(scfg.chat_max_tokens), info, paths, metrics,
+                  bool(scfg.get("adapter_updates", True)))
 
 
 def _base_adapter(cfg: DictConfig, path: Path, rank: int) -> Path:

@@ -45,10 +45,12 @@ class _Engine:
                   "waiting": GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (new, preempted, "
                                                "swapped out).", labels=labels),
                   "kv_usage": GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV-cache usage: 1 means 100 percent.",
-                                                labels=labels)}
+                                                labels=labels),
+                  "kv_usage_v1": GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent "
+                                                   "(vLLM V1's name for the same gauge).", labels=labels)}
         for j in range(len(snap.running)):
             for key, fam in gauges.items():
-                fam.add_metric([self.model, str(j)], getattr(snap, key)[j])
+                fam.add_metric([self.model, str(j)], getattr(snap, key.removesuffix("_v1"))[j])
         yield from gauges.values()
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting LoRA adapters (the value is the "
                                  "time of the reading).",
@@ -78,8 +80,9 @@ class Metrics:
         reg, lab = self.registry, ["model_name"]
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", lab, registry=reg,
                               buckets=TTFT_BUCKETS)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token after the first.", lab,
-                              registry=reg, buckets=TPOT_BUCKETS)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time between a request's consecutive output "
+                              "tokens (one observation per token after the first).", lab, registry=reg,
+                              buckets=TPOT_BUCKETS)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", lab, registry=reg,
                              buckets=E2E_BUCKETS)
         self.prompt = Counter("vllm:prompt_tokens", "Prefill tokens processed.", lab, registry=reg)
@@ -88,13 +91,12 @@ class Metrics:
                                registry=reg)
         reg.register(_Engine(live, model))
         live.on_finished = self.finished
+        live.on_token_gap = self.tpot.labels(model).observe
 
     def finished(self, r: Request, reason: str) -> None:
         """Observe a finished request (called on the engine's thread; prometheus_client is thread-safe)."""
         m = self.model
         self.ttft.labels(m).observe((r.first_token - r.arrival) / NS)
-        if r.generated > 1:
-            self.tpot.labels(m).observe((r.finish - r.first_token) / NS / (r.generated - 1))
         self.e2e.labels(m).observe((r.finish - r.arrival) / NS)
         self.prompt.labels(m).inc(r.prompt_tokens)
         self.generation.labels(m).inc(r.generated)

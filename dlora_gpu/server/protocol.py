@@ -12,37 +12,56 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+# sampling fields this server does not implement, with the values that leave the answer as it is
+NEUTRAL = {"frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,), "min_tokens": (0,),
+           "top_k": (-1, 0), "min_p": (0,)}
+
+
 class SamplingFields(BaseModel):
     """What completions and chat completions share."""
 
     model_config = ConfigDict(extra="allow")   # unknown fields are ignored, as OpenAI's API does
 
+    # a field sent as null takes its default, as OpenAI's API and vLLM take it (clients send nulls)
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)   # None: 1, OpenAI's default
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None   # vLLM's: ids that end a request besides EOS
-    ignore_eos: bool = False                   # vLLM's: generate max_tokens whatever comes
+    ignore_eos: bool | None = None             # vLLM's: generate max_tokens whatever comes
     user: str | None = None
 
     def unsupported(self) -> str | None:
-        """The first field this server cannot honour, with why, or None."""
-        if self.n != 1:
+        """The first field this server cannot honour, with why, or None: a field it does not implement
+        is refused when it would change the answer, never silently ignored."""
+        if self.n not in (None, 1):
             return "n: only n=1 is served"
         if self.stop:
             return "stop: stop strings are not supported; use stop_token_ids"
         extra = self.model_extra or {}
-        for key in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools"):
-            if extra.get(key) not in (None, False, "", [], {}):
+        for key in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
+                    "guided_json", "guided_regex", "guided_choice", "structured_outputs"):
+            v = extra.get(key)
+            if not (v is None or v is False or v in ("", [], {})):
                 return f"{key}: not supported by this server"
+        for key, neutral in NEUTRAL.items():
+            v = extra.get(key)
+            if v is not None and v not in neutral:
+                return f"{key}: not supported by this server (only {neutral[0]})"
         if extra.get("best_of") not in (None, 1):
             return "best_of: only best_of=1 is served"
+        fmt = extra.get("response_format")
+        if fmt not in (None, {}) and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            return "response_format: only text is served"
+        if extra.get("tool_choice") not in (None, "none"):
+            return "tool_choice: tools are not supported by this server"
         return None
+
 
     @property
     def include_usage(self) -> bool:
@@ -57,6 +76,17 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[dict[str, Any]] | None = None
+
+    def flat(self) -> dict:
+        """The message for a chat template: content parts joined into one text (as vLLM joins them);
+        a part that is not text is refused."""
+        content = self.content
+        if isinstance(content, list):
+            kinds = {p.get("type") for p in content} - {"text"}
+            if kinds:
+                raise ValueError(f"messages: content parts of type {sorted(map(str, kinds))} are not supported")
+            content = "\n".join(str(p.get("text", "")) for p in content)
+        return {**self.model_dump(exclude_none=True), "content": content or ""}
 
 
 class ChatRequest(SamplingFields):

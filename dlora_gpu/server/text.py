@@ -69,18 +69,29 @@ def checkpoint_eos(checkpoint: str | None) -> int | None:
 
 
 class Detokenizer:
-    """A stream's text so far, one token at a time: each call returns the new characters (a token that
-    ends inside a multi-byte character yields nothing until the character is complete)."""
+    """A stream's new text, a token at a time, in constant work per token: the tokens since the last
+    text given out are decoded with and without the newest one (a tokenizer may merge or clean up
+    across token boundaries) and the difference is the new text. A token that ends inside a multi-byte
+    character yields nothing until the character is complete; `rest` gives what is left at the end."""
 
     def __init__(self, text: Text | None):
-        self.text, self.ids, self.shown = text, [], ""
+        self.text, self.ids = text, []
+        self._prefix = self._read = 0   # ids[prefix:read] is the context already given out as text
 
     def add(self, token: int) -> str:
         if self.text is None:
             return ""
         self.ids.append(token)
-        full = self.text.decode(self.ids)
-        if full.endswith("\ufffd"):
-            return ""
-        new, self.shown = full[len(self.shown):], full
-        return new
+        return self._new(final=False)
+
+    def rest(self) -> str:
+        """The text not given out yet (a character left incomplete), once the stream has ended."""
+        return self._new(final=True) if self.text is not None and self._read < len(self.ids) else ""
+
+    def _new(self, final: bool) -> str:
+        before = self.text.decode(self.ids[self._prefix:self._read])
+        after = self.text.decode(self.ids[self._prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""

@@ -183,6 +183,7 @@ class Cluster:
         self.arrivals.counts.append(0)
         self.workload_demand.append(0.0)
         self.hosts[aid] = tuple(range(len(self.replicas)))
+        self.router.adapter_added(aid, self.hosts[aid])
         return aid
 
     def cancel(self, r: Request, reason: str) -> bool:

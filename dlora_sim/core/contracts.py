@@ -122,6 +122,10 @@ class Router(ABC):
         """Counters for summary.json (e.g. how often the policy adapted its placement)."""
         return {}
 
+    def adapter_added(self, adapter: int, hosts: Sequence[int]) -> None:
+        """An adapter loaded while serving (a server's), hosted by `hosts`: a router that keeps state per
+        adapter grows it here. No workload's run calls it."""
+
     @abstractmethod
     def dispatch(self, request: Request, cluster: ClusterView) -> int: ...
 

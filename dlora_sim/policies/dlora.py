@@ -81,6 +81,7 @@ class DLoRAScheduler(LocalScheduler):
     _info_key: tuple | None = field(default=None, init=False, repr=False)
     _info: dict = field(default_factory=dict, init=False, repr=False)
     _rank: int | None = field(default=None, init=False, repr=False)   # every adapter's rank if one (0: mixed)
+    _ranked: int = field(default=0, init=False, repr=False)   # adapters `_rank` was taken over (a server adds some)
 
     def __post_init__(self) -> None:
         if self.aimd_window < 0:
@@ -114,8 +115,9 @@ class DLoRAScheduler(LocalScheduler):
     def _batch_s(self, view: ReplicaView, plan: BatchPlan) -> float:
         """Unmerged decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""
         ranks, n = view.ranks, len(plan.batch)
-        if self._rank is None:   # one rank for every adapter (the common workload): sums are products
+        if self._rank is None or self._ranked != len(ranks):   # one rank for every adapter: sums are products
             self._rank = ranks[0] if ranks and all(x == ranks[0] for x in ranks) else 0
+            self._ranked = len(ranks)
         if self._rank:
             return self._decode_s(view, n, len(plan.adapters) * self._rank, n * self._rank, len(plan.adapters))
         return self._decode_s(view, n, sum(ranks[x] for x in plan.adapters), sum(ranks[r.adapter] for r in plan.batch),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from dlora_sim.core.contracts import ClusterView, Placement
 from dlora_sim.policies.dlora_router import DLoRARouter, placement_for, preload_for
@@ -54,6 +55,9 @@ class ProactiveRouter(DLoRARouter):
 
     def _cooling(self, j: int, now: float) -> bool:
         return self._busy_until.get(j, -math.inf) > now
+
+    def adapter_added(self, adapter: int, hosts: Sequence[int]) -> None:
+        self._hosts.append(set(hosts))
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
         self._observe(request, cluster)

@@ -210,6 +210,37 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server):
     assert client.completions.create(model="adapter-0", prompt=[1, 2], max_tokens=2).usage.completion_tokens == 2
 
 
+def test_nulls_take_defaults_and_what_is_not_implemented_is_refused(server):
+    url, _ = server
+    body = {"model": "adapter-0", "prompt": [1, 2], "max_tokens": 3, "temperature": None, "top_p": None, "n": None,
+            "stream": None, "seed": None, "stop": None, "ignore_eos": None, "frequency_penalty": 0, "logprobs": None}
+    r = httpx.post(url + "/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    for field, value in [("frequency_penalty", 0.5), ("logprobs", 0), ("top_k", 5), ("response_format",
+                                                                                      {"type": "json_object"})]:
+        r = httpx.post(url + "/v1/completions", json={**body, field: value})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), (field, r.text)
+
+
+def test_a_router_that_keeps_state_per_adapter_takes_adapters_added_while_serving():
+    """Proactive keeps host sets per adapter: an adapter added after placement (the server's base, a
+    runtime load) is dispatched, not an IndexError that would end the engine."""
+    from dlora_sim.core.request import Request
+    from dlora_sim.des.engine import build_simulation
+    sim = build_simulation(compose(["charts=false", "system=dlora", "router=proactive", "cluster.num_replicas=2",
+                                    "workload=tiny", "profile=cpu", "model=tiny"]))
+    sim.cluster.place()
+    aid = sim.cluster.add_adapter(8, "new")
+    assert sim.cluster.dispatch(Request(10_000, aid, 0, 12, 4), 0) in (0, 1)
+
+
+def test_the_bench_counts_tokens_of_any_servers_chunks():
+    from dlora_bench.replay import _tokens
+    assert _tokens({"text": "ab", "token_ids": [4, 5], "finish_reason": None}) == 2       # ours
+    assert _tokens({"text": "ab", "token_ids": None, "finish_reason": None}) == 1         # vLLM's
+    assert _tokens({"text": "", "finish_reason": "length"}) == 0                          # the last chunk
+
+
 def test_metrics_carry_vllms_names_with_what_was_served(server):
     url, srv = server
     client = _client(url)
@@ -222,12 +253,13 @@ def test_metrics_carry_vllms_names_with_what_was_served(server):
         return after[name] - before.get(name, 0.0)
     assert delta("vllm:generation_tokens_total") == sum(c.usage.completion_tokens for c in served) == 5 + 6 + 7 + 8
     assert delta("vllm:prompt_tokens_total") == sum(c.usage.prompt_tokens for c in served)
-    for h in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
-              "vllm:time_per_output_token_seconds"):
+    for h in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds"):
         assert delta(h + "_count") == 4 and delta(h + "_sum") > 0
+    # one observation per token after a request's first, as vLLM observes it
+    assert delta("vllm:time_per_output_token_seconds_count") == sum(c.usage.completion_tokens - 1 for c in served)
     assert delta("vllm:request_success_total") == 4
     assert after["vllm:num_requests_running"] == after["vllm:num_requests_waiting"] == 0   # all done
-    assert after["vllm:gpu_cache_usage_perc"] == 0.0
+    assert after["vllm:gpu_cache_usage_perc"] == after["vllm:kv_cache_usage_perc"] == 0.0
     assert "vllm:lora_requests_info" in after and after["dlora:iterations_total"] > before["dlora:iterations_total"]
     for name in ("dlora:mode_switches_total", "dlora:adapter_loads_total", "dlora:forced_iterations_total",
                  "dlora:migrations_total", "dlora:merged_adapter_info"):
@@ -289,17 +321,28 @@ def test_bounded_load_with_disconnects_leaks_no_kv_or_slot(tmp_path, replicas):
     with running_server(tmp_path, "system=dlora", "cluster.replica.max_kv_blocks=64", *extra) as (url, srv):
         completed, left, health = asyncio.run(_load(url, n, 32))
         engine = srv.live.engine
+        # a client streaming while the server stops hears an error event, not silence
+        stream = _client(url).completions.create(model="adapter-1", prompt=[5, 6], max_tokens=400, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        next(iter(stream))
         res = srv.live.stop()   # raises if the final memory check of any replica fails
+        with pytest.raises(openai.APIError, match="shut down"):
+            for _ in stream:
+                pass
+        # and one arriving after it: 503, at once
+        r = httpx.post(url + "/v1/completions", json={"model": "adapter-0", "prompt": [1], "max_tokens": 2})
+        assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
     assert completed + left == n and left > 0 and health and set(health) == {200}
-    assert len(res.stats.lat) >= completed and res.stats.num == n   # finished server-side, plus the cancelled
-    assert set(res.stats.reject_reasons) <= {"cancelled by the client"}
-    assert 0 < res.stats.num - len(res.stats.lat) <= left
+    assert len(res.stats.lat) >= completed and res.stats.num == n + 1   # finished server-side, plus the cancelled
+    assert res.stats.reject_reasons["the server shut down"] == 1   # the stream open at the stop
+    assert set(res.stats.reject_reasons) <= {"cancelled by the client", "the server shut down"}
+    assert 0 < res.stats.num - len(res.stats.lat) - 1 <= left
     for st in engine.replicas:
         assert not st.queue and not st.running
         assert st.free_blocks == st.total_blocks and st.host_free_blocks == st.host_total_blocks
     assert not engine.tokens._live and not engine.sampling and not engine.stops and not srv.live._live
     res.streamed.close()   # requests.csv, written as requests ended: every request once
     rows = list(csv.DictReader((tmp_path / "requests.csv").open()))
-    assert sorted(int(r["id"]) for r in rows) == list(range(n))
+    assert sorted(int(r["id"]) for r in rows) == list(range(n + 1))
     if replicas == 2:
-        assert len(rows) == n and {r["replica"] for r in rows} == {"0", "1"}
+        assert {r["replica"] for r in rows} == {"0", "1"}
