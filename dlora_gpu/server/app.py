@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -54,7 +53,6 @@ class Server:
     paths: dict[str, str] = field(default_factory=dict)   # adapter name -> the folder it was loaded from
     metrics: Metrics | None = None
     adapter_updates: bool = True   # serve /v1/load_lora_adapter and /v1/unload_lora_adapter
-    courier: "_Courier | None" = None
 
 
 def make_app(srv: Server) -> FastAPI:
@@ -181,10 +179,15 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
     sampling = None if temperature == 0 else Sampling(
         temperature, 1.0 if body.top_p is None else body.top_p,
         body.seed if body.seed is not None else random.getrandbits(62))
+    loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
-    courier = _courier(srv)
-    ticket = srv.live.submit(prompt, body.model, max_tokens, lambda ev: courier.send(events, ev), sampling=sampling,
-                             stop=frozenset(stop))
+
+    def hear(ev: Event) -> None:   # on the engine's thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+        except RuntimeError:   # the event loop is gone (shutdown)
+            pass
+    ticket = srv.live.submit(prompt, body.model, max_tokens, hear, sampling=sampling, stop=frozenset(stop))
     reply = _Reply(srv, body.model, len(prompt), chat)
     if body.stream:
         return StreamingResponse(_stream(srv, ticket, events, reply, body.include_usage),
@@ -237,40 +240,6 @@ async def _stream(srv: Server, ticket: Ticket, events: asyncio.Queue, reply: "_R
     finally:   # the client went away (the generator is closed or cancelled) before the end
         if not ended:
             srv.live.cancel(ticket)
-
-
-class _Courier:
-    """Hands events from the engine's thread to the event loop with one wake-up for all that came
-    meanwhile (a step's tokens for a whole batch), not one per token: each wake-up is a write to the
-    loop's self-pipe and a turn of the loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self._lock = loop, threading.Lock()
-        self._items: list[tuple[asyncio.Queue, Event]] = []
-
-    def send(self, queue: asyncio.Queue, ev: Event) -> None:   # on the engine's thread
-        with self._lock:
-            self._items.append((queue, ev))
-            if len(self._items) > 1:
-                return   # a wake-up is already on its way
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:   # the event loop is gone (shutdown)
-            pass
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for queue, ev in items:
-            queue.put_nowait(ev)
-
-
-def _courier(srv: Server) -> _Courier:
-    """The courier of the running event loop (one per server and loop)."""
-    loop = asyncio.get_running_loop()
-    if srv.courier is None or srv.courier.loop is not loop:
-        srv.courier = _Courier(loop)
-    return srv.courier
 
 
 def _sse(obj: dict) -> str:
