@@ -51,7 +51,7 @@ SERVER_COUNTS = {"num_iterations": "dlora:iterations", "num_switches": "dlora:mo
                  "num_adapter_loads": "dlora:adapter_loads", "num_preemptions": "dlora:preemptions",
                  "num_migrations": "dlora:migrations"}
 UNSEEN = ("num_swap_outs", "num_swap_ins", "num_partial_prefill_chunks", "merged_iteration_share", "busy_s",
-          "switch_s", "switching_share")
+          "switch_s", "switching_share", "mean_queueing_delay_s", "p90_queueing_delay_s")
 
 
 def server_counts(url: str) -> dict[str, float]:
@@ -86,7 +86,7 @@ def run_bench(cfg: DictConfig, out: Path, system: str) -> dict:
     from dlora_bench.replay import Replay
 
     workload = build_workload(cfg)
-    url = str(cfg.url)
+    url = str(cfg.url).rstrip("/").removesuffix("/v1")   # the OpenAI base URL (…/v1) or the server's root
     served, about = server_about(url)
     pattern = str(cfg.bench.adapter_names)
     names = [pattern.format(id=a.id) for a in workload.adapters]

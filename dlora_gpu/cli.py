@@ -52,8 +52,8 @@ def about(engine) -> dict:
     devices = sorted({i["device"] for i in engine.info})
     return {"executor": "dlora_gpu", "device": ", ".join(devices), "clock": engine.clock.kind,
             "workers": engine.workers.kind, "runtime": info["runtime"],
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
-                         "cuda": torch.version.cuda}}
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "triton": package_version("triton"), "cuda": torch.version.cuda}}
 
 
 def serve_job(cfg: DictConfig, out: Path, system: str, overrides: list[str]) -> dict:
@@ -82,7 +82,7 @@ def _replicas(s: dict) -> str:
     return f", {s['num_replicas']} replicas on {s['workers']} workers{moved}"
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     import importlib.metadata
     try:
         return importlib.metadata.version(package)

@@ -132,6 +132,7 @@ class LiveEngine(Listener):
         if engine.clock.stepped:
             raise ValueError(f"a server runs on the real clock, not runtime.clock={engine.clock.kind}")
         self.engine, self.names, self.base = engine, dict(names), base
+        self.served: dict[int, str] = {a: n for n, a in names.items()}   # every adapter id ever served, its name
         # a server's metrics: every request that finished, with why (`stop` or `length`), and the time
         # between a request's consecutive tokens (s), as each comes
         self.on_finished: Callable[[Request, str], None] = lambda r, reason: None
@@ -143,6 +144,7 @@ class LiveEngine(Listener):
         self.error: BaseException | None = None
         cfg, self.kv_cap = engine.cluster.config.replica, engine.cluster.kv_cap
         self._replica_cfg = cfg
+        self.kv_tokens = self.kv_cap * cfg.block_size   # the longest request a replica can hold
         engine.listener = self
         self._thread = threading.Thread(target=self._serve, name="dlora-engine", daemon=True)
 
@@ -267,6 +269,7 @@ class LiveEngine(Listener):
             got = eng.cluster.add_adapter(ranks.pop(), name)
             assert got == aid
             self.names = {**self.names, name: aid}   # a new dict: other threads read `names` unlocked
+            self.served[aid] = name
             return aid
         return self.call(load)
 

@@ -65,6 +65,8 @@ MISTAKES = [
     ("server tokenizer folder without one", [SERVER, "server.port=0", "server.tokenizer={tmp}/empty"],
      "holds no tokenizer"),
     ("server with a runtime typo", [SERVER, "server.port=0", "runtime.workers=threads"], "runtime.workers must be"),
+    ("server key typo added with +", [SERVER, "+server.prot=1"], "server.prot: no such key"),
+    ("server port not a number", [SERVER, "server.port=abc"], "server.port must be an integer in 0..65535"),
     ("bench against nobody", [BENCH, "url=http://127.0.0.1:9"], "cannot reach the server"),
     ("validate a missing folder", [VALIDATE, "--runtime-folder", "{tmp}/missing"], "no summary.json"),
     ("validate a simulator's folder", [VALIDATE, "--runtime-folder", "{tmp}/simulated"], "a simulator's results"),

@@ -12,21 +12,26 @@ import asyncio
 import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dlora_gpu.cli import package_version
 from dlora_gpu.live import AdapterError, Event, LiveEngine, Ticket
 from dlora_gpu.orders import Sampling
 from dlora_gpu.server.metrics import Metrics
-from dlora_gpu.server.protocol import (ChatRequest, CompletionRequest, LoadAdapter, SamplingFields, UnloadAdapter,
+from dlora_gpu.server.protocol import (ChatRequest, CompletionRequest, DetokenizeBody, LoadAdapter, SamplingFields,
+                                       TokenizeBody, UnloadAdapter,
                                        error_body, new_id, now)
 from dlora_gpu.server.text import Detokenizer, Text
 
 
+DISCONNECT_CHECK_S = 0.5   # how often a non-streamed request looks whether its client is still there
 # how a request that did not finish ends for its client: (HTTP status, param, code)
 ENDED_BADLY = {"rejected": (400, None, None), "unknown": (404, "model", "model_not_found"),
                "cancelled": (503, None, None), "failed": (503, None, None)}
@@ -53,6 +58,7 @@ class Server:
     paths: dict[str, str] = field(default_factory=dict)   # adapter name -> the folder it was loaded from
     metrics: Metrics | None = None
     adapter_updates: bool = True   # serve /v1/load_lora_adapter and /v1/unload_lora_adapter
+    max_model_len: int = 4096      # prompt + completion tokens a request may have
 
 
 def make_app(srv: Server) -> FastAPI:
@@ -63,6 +69,10 @@ def make_app(srv: Server) -> FastAPI:
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:   # unknown path, wrong method
+        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+
     @app.exception_handler(RuntimeError)
     async def engine_gone(_: Request, e: RuntimeError) -> JSONResponse:   # the engine stopped or failed
         return JSONResponse(error_body(503, str(e)), status_code=503)
@@ -70,6 +80,10 @@ def make_app(srv: Server) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":   # its loc is the byte offset, not a field
+            at = first.get("loc", (None, "?"))[-1]
+            return JSONResponse(error_body(400, f"malformed JSON at character {at}: "
+                                           f"{first.get('ctx', {}).get('error', first.get('msg'))}"), status_code=400)
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = first.get("msg", "invalid request")
         return JSONResponse(error_body(400, f"{where}: {msg}" if where else msg, where or None), status_code=400)
@@ -85,12 +99,28 @@ def make_app(srv: Server) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict:
+        names = live.names
         data = [{"id": srv.base, "object": "model", "created": now(), "owned_by": "dlora", "root": srv.base,
-                 "parent": None}]
+                 "parent": None, "max_model_len": srv.max_model_len}]
         data += [{"id": name, "object": "model", "created": now(), "owned_by": "dlora",
-                  "root": srv.paths.get(name, name), "parent": srv.base}
-                 for name in sorted(live.names, key=live.names.get) if name != srv.base]
+                  "root": srv.paths.get(name, name), "parent": srv.base, "max_model_len": srv.max_model_len}
+                 for name in sorted(names, key=names.get) if name != srv.base]
         return {"object": "list", "data": data}
+
+    @app.get("/version")
+    def version() -> dict:
+        return {"version": package_version("dlora")}
+
+    @app.post("/tokenize")
+    def tokenize(body: TokenizeBody) -> dict:
+        ids = _prompt_ids(srv, body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": srv.max_model_len}
+
+    @app.post("/detokenize")
+    def detokenize(body: DetokenizeBody) -> dict:
+        if srv.text is None:
+            raise ApiError(400, "detokenize needs a tokenizer and this server has none (set server.tokenizer)")
+        return {"prompt": srv.text.decode(body.tokens)}
 
     @app.get("/dlora/about")
     def about() -> dict:
@@ -99,11 +129,12 @@ def make_app(srv: Server) -> FastAPI:
     if srv.adapter_updates:   # off: the endpoints do not exist (404), as in vLLM without runtime updates
         @app.post("/v1/load_lora_adapter")
         def load_adapter(body: LoadAdapter) -> PlainTextResponse:
+            path = str(Path(body.lora_path).expanduser().resolve())   # a relative path: the server's folder
             try:
-                live.load_adapter(body.lora_name, body.lora_path)
+                live.load_adapter(body.lora_name, path)
             except AdapterError as e:
                 raise ApiError(e.status, str(e), "lora_path" if e.status == 400 else "lora_name") from None
-            srv.paths[body.lora_name] = body.lora_path
+            srv.paths[body.lora_name] = path
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
         @app.post("/v1/unload_lora_adapter")
@@ -129,8 +160,9 @@ def make_app(srv: Server) -> FastAPI:
             prompt = srv.text.chat_prompt([m.flat() for m in body.messages])
         except Exception as e:   # the template's own checks (roles must alternate, ...) or a part it cannot take
             raise ApiError(400, f"messages: {e}" if not str(e).startswith("messages") else str(e), "messages") from None
-        return await _serve(srv, body, prompt, body.max_completion_tokens or body.max_tokens or srv.chat_max_tokens,
-                            request, chat=True)
+        default = max(min(srv.chat_max_tokens, srv.max_model_len - len(prompt)), 1)
+        return await _serve(srv, body, prompt, body.max_completion_tokens or body.max_tokens or default, request,
+                            chat=True)
 
     return app
 
@@ -161,9 +193,14 @@ def _check(srv: Server, body: SamplingFields, prompt: list[int], max_tokens: int
         raise ApiError(404, f"The model `{body.model}` does not exist.", "model", "model_not_found")
     if not srv.live.alive:
         raise ApiError(503, "the engine is not running")
+    if len(prompt) + max_tokens > srv.max_model_len:   # OpenAI's words for it
+        raise ApiError(400, f"This model's maximum context length is {srv.max_model_len} tokens. However, you "
+                       f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, {max_tokens} in "
+                       "the completion). Please reduce the length of the messages or completion.", "max_tokens")
     why = srv.live.why_not(len(prompt), max_tokens)
     if why:
-        raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}): {why}", "max_tokens")
+        raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}): {why}; a replica holds "
+                       f"the KV of {srv.live.kv_tokens} tokens", "max_tokens")
     bad = next((t for t in body.stop_token_ids or () if not 0 <= t < srv.vocab), None)
     if bad is not None:
         raise ApiError(400, f"stop_token_ids: {bad} outside the vocabulary", "stop_token_ids")
@@ -192,16 +229,22 @@ async def _serve(srv: Server, body: SamplingFields, prompt: list[int], max_token
     if body.stream:
         return StreamingResponse(_stream(srv, ticket, events, reply, body.include_usage),
                                  media_type="text/event-stream")
+    loop = asyncio.get_running_loop()
+    look = loop.time() + DISCONNECT_CHECK_S
     try:
         while True:
             try:
-                ev = await asyncio.wait_for(events.get(), 1.0)
+                ev = await asyncio.wait_for(events.get(), DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
+                ev = None
+                if not srv.live.alive and events.empty():   # the engine has ended every request: a last check
+                    raise ApiError(503, "the engine is not running")
+            if loop.time() >= look:   # however fast tokens come, a client that went away is noticed
+                look = loop.time() + DISCONNECT_CHECK_S
                 if await request.is_disconnected():
                     srv.live.cancel(ticket)
                     return Response(status_code=499)
-                if not srv.live.alive and events.empty():   # the engine has ended every request: a last check
-                    raise ApiError(503, "the engine is not running")
+            if ev is None:
                 continue
             if ev.finish is not None:
                 break

@@ -23,6 +23,8 @@ from dlora_sim.core.config import ConfigError, build_workload
 from dlora_sim.core.results import RequestStream
 
 START_TIMEOUT_S = 600.0   # building and warming a 7B model's replicas takes minutes
+SERVER_KEYS = {"host", "port", "served_model_name", "tokenizer", "max_model_len", "chat_max_tokens", "adapter_updates",
+               "log_requests"}
 
 
 def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
@@ -31,14 +33,24 @@ def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
     from dlora_gpu.cli import about, build_engine
 
     scfg = cfg.server
+    unknown = sorted(set(scfg) - SERVER_KEYS)
+    if unknown:   # `+server.prot=...` (Hydra's own hint for a typo) would otherwise serve on the default port
+        raise ConfigError(f"server.{unknown[0]}: no such key (server keys: {', '.join(sorted(SERVER_KEYS))})")
     if cfg.runtime.clock != "real":
         raise ConfigError(f"runtime.clock={cfg.runtime.clock}: a server runs on the real clock (wall time)")
+    model = model_config(cfg)
+    max_len = scfg.get("max_model_len") or model.max_position
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
+        raise ConfigError(f"server.max_model_len must be an integer >= 2, got {max_len!r}")
     workload = build_workload(cfg)
     adapters = replace(workload, requests=())
     base = scfg.get("served_model_name") or cfg.model.name
     if base in {a.name for a in adapters.adapters}:
         raise ConfigError(f"server.served_model_name={base}: also the name of a workload adapter")
     text = find_tokenizer(scfg.get("tokenizer"), cfg.runtime.get("checkpoint"))
+    if text is not None and len(text.tok) > model.vocab_size:
+        raise ConfigError(f"server.tokenizer: {text.folder} has {len(text.tok)} tokens, more than the model's "
+                          f"vocabulary ({model.vocab_size}): not this model's tokenizer")
     stream = RequestStream(out, 0)
     engine = live = None
     try:
@@ -48,7 +60,8 @@ def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
         live.start()
         if not live.inbox.started.wait(START_TIMEOUT_S) or not live.alive:
             raise RuntimeError("the engine did not start")
-        live.load_adapter(base, str(_base_adapter(cfg, out / "base-adapter", min(a.rank for a in adapters.adapters))))
+        live.load_adapter(base, str(_base_adapter(model, out / "base-adapter",
+                                                  min(a.rank for a in adapters.adapters))))
     except BaseException:
         if live is not None:
             live.stop()   # closes the engine too
@@ -64,15 +77,21 @@ def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
     folder = cfg.runtime.get("adapters_dir")
     paths = {a.name: str(Path(folder) / f"adapter-{a.id}") for a in adapters.adapters} if folder else {}
     return Server(live, base, vocab, text, eos, int(scfg.chat_max_tokens), info, paths, metrics,
-                  bool(scfg.get("adapter_updates", True)))
+                  bool(scfg.get("adapter_updates", True)), max_len)
 
 
-def _base_adapter(cfg: DictConfig, path: Path, rank: int) -> Path:
-    """The base model as an adapter: B = 0 on one projection, of the workload's smallest rank."""
-    from dlora_gpu.adapters import write_peft_adapter
+def model_config(cfg: DictConfig):
+    """The served model's shape: the checkpoint's, or the preset's for random weights."""
     from dlora_gpu.model import LlamaConfig
     from dlora_gpu.weights import read_config
 
     checkpoint = cfg.runtime.get("checkpoint")
-    model = LlamaConfig.preset(cfg.model.name) if checkpoint is None else read_config(checkpoint)[0]
+    return LlamaConfig.preset(cfg.model.name) if checkpoint is None else read_config(checkpoint)[0]
+
+
+def _base_adapter(model, path: Path, rank: int) -> Path:
+    """The base model as an adapter (written into the run folder): B = 0 on one projection, of the
+    workload's smallest rank."""
+    from dlora_gpu.adapters import write_peft_adapter
+
     return write_peft_adapter(path, model, rank, float(rank), 0, targets=("q_proj",), identity=True)

@@ -29,6 +29,7 @@ OURS = {"iterations": ("dlora:iterations", "iterations (steps) run, over all rep
         "adapter_loads": ("dlora:adapter_loads", "adapters loaded into GPU slots"),
         "migrations": ("dlora:migrations", "requests moved between replicas by co-migration"),
         "preemptions": ("dlora:preemptions", "requests preempted (recomputed or swapped out)")}
+ALSO_VLLM = {"preemptions": ("vllm:num_preemptions", "Cumulative number of preemptions from the engine.")}
 
 
 class _Engine:
@@ -64,8 +65,8 @@ class _Engine:
         for j, name in enumerate(snap.merged):
             merged.add_metric([self.model, str(j), name or ""], 1.0)
         yield merged
-        for key, (name, doc) in OURS.items():
-            c = CounterMetricFamily(name, doc.capitalize() + ".", labels=["model_name"])
+        for key, (name, doc) in [*OURS.items(), *ALSO_VLLM.items()]:
+            c = CounterMetricFamily(name, doc[0].upper() + doc[1:].rstrip(".") + ".", labels=["model_name"])
             c.add_metric([self.model], snap.counters[key])
             yield c
 

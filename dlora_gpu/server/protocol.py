@@ -94,6 +94,16 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
+class TokenizeBody(BaseModel):
+    model: str | None = None
+    prompt: str | list[int]
+
+
+class DetokenizeBody(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoadAdapter(BaseModel):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)

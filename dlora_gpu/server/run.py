@@ -2,6 +2,7 @@
 then stop the engine and write the results folder."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -23,8 +24,14 @@ class PortError(OSError, UserError):
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn's server, except that Ctrl-C or SIGTERM only stops it: uvicorn re-raises the signal once
-    it has shut down, which would end the process before the results are written."""
+    """uvicorn's server, except that Ctrl-C or SIGTERM only stops it (uvicorn re-raises the signal once
+    it has shut down, which would end the process before the results are written), and that the engine
+    stops first: every request in flight then ends with an error event its client can read, instead of
+    being cut off when uvicorn's graceful shutdown runs out."""
+
+    def __init__(self, config: uvicorn.Config, live):
+        super().__init__(config)
+        self.live = live
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -32,8 +39,14 @@ class _Uvicorn(uvicorn.Server):
             yield
             self._captured_signals.clear()
 
+    async def shutdown(self, sockets=None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.live.stop)
+        await super().shutdown(sockets)
 
-def check_port(host: str, port: int) -> None:
+
+def check_port(host: str, port) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise PortError(f"server.port must be an integer in 0..65535, got {port!r}")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -44,7 +57,7 @@ def check_port(host: str, port: int) -> None:
 
 def serve(cfg: DictConfig, out: Path, system: str) -> dict:
     """Serve until interrupted; the summary of what was served (also in `out`/summary.json)."""
-    host, port = str(cfg.server.host), int(cfg.server.port)
+    host, port = str(cfg.server.host), cfg.server.port
     check_port(host, port)
     srv = build_server(cfg, out, system)
     live = srv.live
@@ -54,9 +67,10 @@ def serve(cfg: DictConfig, out: Path, system: str) -> dict:
     config = uvicorn.Config(make_app(srv), host=host, port=port, log_level="warning",
                             access_log=bool(cfg.server.log_requests), timeout_graceful_shutdown=5)
     try:
-        _Uvicorn(config).run()
+        _Uvicorn(config, live).run()
     except BaseException:
         live.stop()
         raise
     about = {k: v for k, v in srv.about.items() if k not in ("system", "config")}   # finish_job adds both
-    return finish_job(cfg, out, system, [], live.stop, {**about, "served_model_name": srv.base})
+    return finish_job(cfg, out, system, [], live.stop, {**about, "served_model_name": srv.base,
+                                                         "adapter_names": live.served})

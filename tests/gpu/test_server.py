@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import random
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -198,7 +200,7 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server):
         client.completions.create(model="adapter-99", prompt=[1], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="adapter-0", prompt=[1], max_tokens=-3)
-    with pytest.raises(openai.BadRequestError, match="KV blocks"):   # 1024 blocks of 16 tokens
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 4096 tokens"):   # the tiny model's
         client.completions.create(model="adapter-0", prompt=[1, 2], max_tokens=20_000)
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         client.completions.create(model="adapter-0", prompt=[1, VOCAB + 5], max_tokens=2)
@@ -239,6 +241,30 @@ def test_the_bench_counts_tokens_of_any_servers_chunks():
     assert _tokens({"text": "ab", "token_ids": [4, 5], "finish_reason": None}) == 2       # ours
     assert _tokens({"text": "ab", "token_ids": None, "finish_reason": None}) == 1         # vLLM's
     assert _tokens({"text": "", "finish_reason": "length"}) == 0                          # the last chunk
+
+
+def test_a_non_streamed_client_that_leaves_is_cancelled(server):
+    url, srv = server
+    with pytest.raises(httpx.ReadTimeout):   # the client gives up long before 4000 tokens
+        httpx.post(url + "/v1/completions", json={"model": "adapter-0", "prompt": [1, 2], "max_tokens": 4000,
+                                                  "ignore_eos": True}, timeout=1.0)
+    deadline = time.monotonic() + 5
+    while srv.live._live and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not srv.live._live   # freed at the server's next look, not after its 4000 tokens
+
+
+def test_vllms_utility_endpoints_and_errors_for_what_is_not_there(server):
+    url, _ = server
+    assert httpx.post(url + "/tokenize", json={"prompt": "w5 w9"}).json() == {"tokens": [5, 9], "count": 2,
+                                                                            "max_model_len": 4096}
+    assert httpx.post(url + "/detokenize", json={"tokens": [5, 9]}).json() == {"prompt": "w5 w9"}
+    assert httpx.get(url + "/version").json()["version"]
+    assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == 4096
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+    r = httpx.post(url + "/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("malformed JSON at character")
 
 
 def test_metrics_carry_vllms_names_with_what_was_served(server):
@@ -319,6 +345,9 @@ def test_bounded_load_with_disconnects_leaks_no_kv_or_slot(tmp_path, replicas):
     n = 200 if replicas == 1 else 60
     extra = [] if replicas == 1 else ["cluster.num_replicas=2", "runtime.workers=local", "migration.interval_s=0.2"]
     with running_server(tmp_path, "system=dlora", "cluster.replica.max_kv_blocks=64", *extra) as (url, srv):
+        # within the model's context but beyond a replica's KV (64 blocks of 16 tokens)
+        r = httpx.post(url + "/v1/completions", json={"model": "adapter-0", "prompt": [1, 2], "max_tokens": 1500})
+        assert r.status_code == 400 and "KV of 1024 tokens" in r.json()["error"]["message"]
         completed, left, health = asyncio.run(_load(url, n, 32))
         engine = srv.live.engine
         # a client streaming while the server stops hears an error event, not silence

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -91,13 +92,33 @@ def test_server_bench_and_validate_end_to_end(tmp_path):
         s = json.loads((cut / "summary.json").read_text())
         rows = list(csv.DictReader((cut / "requests.csv").open()))
         assert s["interrupted"] is True and 0 < len(rows) < 400 and s["completed"] > 0
+        # Ctrl-C while a client streams: the engine stops first, so the stream ends with an error event and
+        # [DONE], not cut off by uvicorn's graceful-shutdown timeout
+        lines: list[str] = []
+        first = threading.Event()
+
+        def listen() -> None:
+            body = {"model": "adapter-2", "prompt": [3, 4], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    first.set()
+        listener = threading.Thread(target=listen)
+        listener.start()
+        assert first.wait(30)
     finally:
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=120)[0]
+    listener.join(30)
+    events = [ln for ln in lines if ln.startswith("data:")]
+    assert '"error"' in events[-2] and "shut down" in events[-2] and events[-1] == "data: [DONE]"
+    assert "Traceback" not in out and "Exception in ASGI" not in out, out[-2000:]
     # Ctrl-C on the server: it stops and writes its results folder
     assert proc.returncode == 0, out
     s = json.loads((served / "summary.json").read_text())
     assert s["executor"] == "dlora_gpu" and s["clock"] == "real" and s["completed"] >= 16
-    assert s["completed"] + s["rejected"] == s["num_requests"]
+    assert s["completed"] + s["rejected"] == s["num_requests"] and s["reject_reasons"]["the server shut down"] == 1
+    assert set(s["reject_reasons"]) <= {"the server shut down", "cancelled by the client"}   # the Ctrl-C'd replay
+    assert s["adapter_names"]["0"] == "adapter-0" and s["adapter_names"]["8"] == "tiny"
     rows = list(csv.DictReader((served / "requests.csv").open()))
     assert len(rows) == s["num_requests"] and {r["status"] for r in rows} <= {"finished", "rejected"}
