@@ -12,17 +12,7 @@
 # Packages the GPU machine lacks (simpy, hydra) are installed from .whl/ when that folder exists.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${OUT:?set OUT to an output folder}"
-mkdir -p "$OUT"
-WORK="${WORK:-$(mktemp -d)}"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-# the project's venv when there is one (make install-dev), else the machine's python3 (a GPU machine)
-if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+source benchmarks/device_env.sh
 if [ "${DRY:-0}" = 1 ]; then
   RUNTIME=(runtime=cpu_tiny)
   CAL_ARGS=(--quick)

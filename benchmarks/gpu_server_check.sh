@@ -14,16 +14,7 @@
 # .whl/ when that folder exists (pip download them for the machine's Python, carry .whl with the run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${OUT:?set OUT to an output folder}"
-mkdir -p "$OUT"
-WORK="${WORK:-$(mktemp -d)}"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+source benchmarks/device_env.sh
 if [ "${DRY:-0}" = 1 ]; then
   SERVE=(runtime=cpu_tiny workload=tiny)
   LOAD=(workload=tiny workload.num_requests=24 workload.rate=12)
