@@ -73,9 +73,10 @@ def make_app(srv: Server) -> FastAPI:
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:   # unknown path, wrong method
         return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
 
-    @app.exception_handler(RuntimeError)
-    async def engine_gone(_: Request, e: RuntimeError) -> JSONResponse:   # the engine stopped or failed
-        return JSONResponse(error_body(503, str(e)), status_code=503)
+    async def engine_gone(_: Request, e: Exception) -> JSONResponse:   # the engine stopped, failed or is stuck
+        return JSONResponse(error_body(503, str(e) or type(e).__name__), status_code=503)
+    app.add_exception_handler(RuntimeError, engine_gone)
+    app.add_exception_handler(TimeoutError, engine_gone)   # a look at the engine that got no answer in time
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
