@@ -34,6 +34,9 @@ def require_server(prog: str) -> None:
 def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from dlora_gpu.server.settings import check_server_config
+
+    check_server_config(cfg)   # before torch and the web stack load: a mistake is refused at once
     from dlora_gpu.server.run import serve
 
     hc = HydraConfig.get()

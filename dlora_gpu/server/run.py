@@ -1,11 +1,10 @@
-"""Serving until stopped: bind the port (before minutes of start-up), build the server, run uvicorn,
-then stop the engine and write the results folder."""
+"""Serving until stopped: build the server, run uvicorn, then stop the engine and write the results
+folder (the config is checked first, before this module's imports: `settings`)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import socket
 from pathlib import Path
 
 import uvicorn
@@ -13,14 +12,9 @@ from omegaconf import DictConfig
 
 from dlora_gpu.server.app import make_app
 from dlora_gpu.server.build import build_server
-from dlora_sim.core.errors import UserError
 from dlora_sim.core.jobs import finish_job
 
 log = logging.getLogger("dlora_gpu.server")
-
-
-class PortError(OSError, UserError):
-    """server.port is taken or cannot be bound."""
 
 
 class _Uvicorn(uvicorn.Server):
@@ -44,21 +38,9 @@ class _Uvicorn(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def check_port(host: str, port) -> None:
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise PortError(f"server.port must be an integer in 0..65535, got {port!r}")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise PortError(f"server.host={host} server.port={port}: cannot listen there ({e.strerror})") from None
-
-
 def serve(cfg: DictConfig, out: Path, system: str) -> dict:
     """Serve until interrupted; the summary of what was served (also in `out`/summary.json)."""
-    host, port = str(cfg.server.host), cfg.server.port
-    check_port(host, port)
+    host, port = str(cfg.server.host), cfg.server.port   # checked by `settings.check_server_config`
     srv = build_server(cfg, out, system)
     live = srv.live
     adapters = ", ".join(n for n in live.names if n != srv.base)

@@ -17,13 +17,19 @@ class TokenizerError(ValueError, UserError):
     """`server.tokenizer` names no usable tokenizer folder."""
 
 
+def check_tokenizer_folder(folder: str | Path) -> Path:
+    """`folder`, if it holds a tokenizer's files; TokenizerError naming it otherwise."""
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise TokenizerError(f"server.tokenizer: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    return folder
+
+
 class Text:
     """A Hugging Face tokenizer read from a local folder (`transformers`, local files only)."""
 
     def __init__(self, folder: str | Path):
-        folder = Path(folder)
-        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-            raise TokenizerError(f"server.tokenizer: {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+        folder = check_tokenizer_folder(folder)
         try:
             from transformers import AutoTokenizer
         except ImportError:
