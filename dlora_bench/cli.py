@@ -111,7 +111,7 @@ def run_bench(cfg: DictConfig, out: Path, system: str) -> dict:
         interrupted = True
     finally:
         bar.close()
-    sent = [s for s in replay.sent if s.sent >= 0]   # a task Ctrl-C cancelled before it sent nothing
+    sent = [s for s in replay.sent if s.sent >= 0]   # not a task Ctrl-C cancelled before it sent anything
     requests = [s.request() for s in sent]
     lag = [(s.sent - s.scheduled) / NS for s in sent]
     end = max([r.finish for r in requests if r.finish >= 0], default=0)
