@@ -362,9 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="config overrides of the serve app (runtime, system, workload...)")
     ap.add_argument("--runtime-folder", type=Path, default=None, help="compare this runtime results folder")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default outputs/validate/<stamp>)")
-    ap.add_argument("--clock", choices=("real", "measured"), default="real",
-                    help="the runtime's clock: wall time, or each step's own measured time (drift-scaled on a CPU)")
+    ap.add_argument("--clock", choices=("real", "measured"), default=None,
+                    help="the clock of the replay it runs: wall time (default), or each step's own measured time "
+                         "(drift-scaled on a CPU); a --runtime-folder ran on its own")
     args = ap.parse_args(argv)
+    if args.clock is not None and args.runtime_folder is not None:
+        ap.error("--clock sets the clock of a replay dlora-validate runs itself; a --runtime-folder was served on "
+                 "its own clock (its summary.json says which)")
+    args.clock = args.clock or "real"
     out = args.out or Path("outputs/validate") / time.strftime("%Y-%m-%d_%H-%M-%S")
     runtime_dir = args.runtime_folder
     if runtime_dir is not None:

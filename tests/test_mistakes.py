@@ -69,6 +69,8 @@ MISTAKES = [
     ("server port not a number", [SERVER, "server.port=abc"], "server.port must be an integer in 0..65535"),
     ("bench against nobody", [BENCH, "url=http://127.0.0.1:9"], "cannot reach the server"),
     ("validate a missing folder", [VALIDATE, "--runtime-folder", "{tmp}/missing"], "no summary.json"),
+    ("validate a folder with a clock", [VALIDATE, "--runtime-folder", "{tmp}/simulated", "--clock", "measured"],
+     "--clock sets the clock of a replay dlora-validate runs itself"),
     ("validate a simulator's folder", [VALIDATE, "--runtime-folder", "{tmp}/simulated"], "a simulator's results"),
     ("refit a missing folder", [CALIBRATE, "--from", "{tmp}/missing"], "not found"),
     ("compare an empty folder", [COMPARE, "{tmp}/empty"], "no summary.json"),
