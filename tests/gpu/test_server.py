@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import random
-import threading
 import time
 
 import httpx
@@ -17,14 +16,17 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+import torch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from runtime_helpers import step  # noqa: E402
 from server_helpers import running_server, write_tokenizer  # noqa: E402
 
 from dlora_gpu.adapters import write_peft_adapter  # noqa: E402
 from dlora_gpu.cli import build_engine  # noqa: E402
+from dlora_gpu.kv_cache import PagedKVCache  # noqa: E402
+from dlora_gpu.weights import random_weights  # noqa: E402
 from dlora_gpu.model import LlamaConfig  # noqa: E402
 from dlora_sim.core.config import compose  # noqa: E402
-from dlora_sim.core.request import State  # noqa: E402
 
 VOCAB = 512   # the tiny model's
 
@@ -88,12 +90,7 @@ def test_the_base_model_computes_what_the_model_without_adapters_does(server):
     prompt = [9, 8, 7, 6, 5]
     got = _ids(_client(url).completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
                                                extra_body={"ignore_eos": True}).choices[0])
-    import torch
-
-    from dlora_gpu.weights import random_weights
     model = random_weights(LlamaConfig.preset("tiny"), 0, torch.float32, torch.device("cpu"))
-    from runtime_helpers import step
-    from dlora_gpu.kv_cache import PagedKVCache
     kv = PagedKVCache(8, 16, model.cfg, torch.float32, torch.device("cpu"))
     toks = list(prompt)
     logits = step(model, kv, prefills=[(0, toks, -1)])
