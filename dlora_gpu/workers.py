@@ -212,18 +212,20 @@ class RayWorkers:
         import ray
 
         if not ray.is_initialized():
+            def nobody(why: str) -> ValueError:
+                return ValueError(f"runtime.ray.address={address}: no Ray cluster to join there ({why}); "
+                                  "null starts a local one")
             why = unreachable(address)
             if why is not None:
-                raise ValueError(f"runtime.ray.address={address}: no Ray cluster to join there ({why}); "
-                                 "null starts a local one")
+                raise nobody(why)
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             except (ConnectionError, ValueError, RuntimeError) as e:
-                why = str(e).splitlines()[0]
-                raise ValueError(f"runtime.ray.address={address}: no Ray cluster to join there ({why}); "
-                                 "null starts a local one") from None
+                raise nobody(str(e).splitlines()[0]) from None
         self.ray = ray
-        want = (num_gpus if num_gpus is not None else float(specs[0].runtime.device.startswith("cuda"))) * len(specs)
+        # GPUs per replica's actor: one replica per GPU on CUDA unless num_gpus says, none on a CPU
+        gpus = num_gpus if num_gpus is not None else float(specs[0].runtime.device.startswith("cuda"))
+        want = gpus * len(specs)
         have = ray.cluster_resources().get("GPU", 0.0)
         if want > have:
             raise ValueError(f"runtime.ray.num_gpus: {len(specs)} replica(s) ask for {want:g} GPU(s) in all, the Ray "
@@ -233,16 +235,14 @@ class RayWorkers:
         actor = ray.remote(Worker)
         self.actors = []
         for spec in specs:
-            gpus = num_gpus if num_gpus is not None else (1.0 if spec.runtime.device.startswith("cuda") else 0.0)
             self.actors.append(actor.options(num_gpus=gpus, num_cpus=num_cpus or 0, scheduling_strategy="SPREAD")
                                .remote(spec))
         # building the models: a failure names its replica here, not at the first step
         try:
-            for j, (a, spec) in enumerate(zip(self.actors, specs)):
+            for j, a in enumerate(self.actors):
                 p = Pending(j, "start", a.about.remote())
                 done, _ = ray.wait([p.ref], timeout=start_timeout_s)
                 if not done:
-                    gpus = num_gpus if num_gpus is not None else float(spec.runtime.device.startswith("cuda"))
                     raise ReplicaError(f"replica {j}: its Ray actor did not start in {start_timeout_s:.0f} s: the "
                                        f"cluster has {ray.available_resources()} free, each replica asks for "
                                        f"{num_cpus or 0} CPU and {gpus} GPU "
