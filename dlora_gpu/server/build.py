@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dlora_gpu.live import LiveEngine
 from dlora_gpu.server.app import Server
 from dlora_gpu.server.metrics import Metrics
-from dlora_gpu.server.text import checkpoint_eos, find_tokenizer
+from dlora_gpu.server.text import find_tokenizer
 from dlora_sim.core.config import ConfigError, build_workload
 from dlora_sim.core.results import RequestStream
 
@@ -31,7 +31,7 @@ def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
     from dlora_gpu.cli import about, build_engine
 
     scfg = cfg.server
-    model = model_config(cfg)
+    model, raw = model_config(cfg)
     max_len = scfg.get("max_model_len") or model.max_position
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
         raise ConfigError(f"server.max_model_len must be an integer >= 2, got {max_len!r}")
@@ -64,7 +64,9 @@ def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
         shutil.rmtree(out / "base-adapter", ignore_errors=True)
         raise
     eos = None if text is None else text.eos
-    eos = eos if eos is not None else checkpoint_eos(cfg.runtime.get("checkpoint"))
+    if eos is None:   # no tokenizer to say it: the checkpoint's config.json, if it names one
+        eos = raw.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
     vocab = engine.info[0]["vocab"]
     info = {**about(engine), "system": system, "vocab": vocab, "config": OmegaConf.to_container(cfg, resolve=True)}
     folder = cfg.runtime.get("adapters_dir")
@@ -73,13 +75,14 @@ def build_server(cfg: DictConfig, out: Path, system: str = "custom") -> Server:
                   bool(scfg.get("adapter_updates", True)), max_len)
 
 
-def model_config(cfg: DictConfig):
-    """The served model's shape: the checkpoint's, or the preset's for random weights."""
+def model_config(cfg: DictConfig) -> tuple:
+    """The served model's shape and its config.json as read: the checkpoint's, or the preset's (and {})
+    for random weights."""
     from dlora_gpu.model import LlamaConfig
     from dlora_gpu.weights import read_config
 
     checkpoint = cfg.runtime.get("checkpoint")
-    return LlamaConfig.preset(cfg.model.name) if checkpoint is None else read_config(checkpoint)[0]
+    return (LlamaConfig.preset(cfg.model.name), {}) if checkpoint is None else read_config(checkpoint)
 
 
 def _base_adapter(model, path: Path, rank: int) -> Path:

@@ -5,7 +5,6 @@ or a chat then gets a 400 that says why.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dlora_sim.core.errors import UserError
@@ -61,17 +60,6 @@ def find_tokenizer(tokenizer: str | None, checkpoint: str | None) -> Text | None
     if checkpoint is not None and any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES):
         return Text(checkpoint)
     return None
-
-
-def checkpoint_eos(checkpoint: str | None) -> int | None:
-    """The checkpoint's end-of-sequence id (config.json), when there is no tokenizer to say it."""
-    if checkpoint is None:
-        return None
-    try:
-        eos = json.loads((Path(checkpoint) / "config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError):
-        return None
-    return eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
 
 
 class Detokenizer:

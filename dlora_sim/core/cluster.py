@@ -174,16 +174,16 @@ class Cluster:
             self.bar.total = self.total
 
     def add_adapter(self, rank: int, name: str) -> int:
-        """A new adapter's id (never one used before): hosted by every replica until a migration round
-        places it, with no demand yet."""
+        """A new adapter's id (never one used before), with no demand yet, hosted where the router says."""
         aid = len(self.adapters)
         self.adapters.append(AdapterSpec(aid, rank, name))
         for rep in self.replicas:
             rep.add_adapter(rank)
         self.arrivals.counts.append(0)
         self.workload_demand.append(0.0)
-        self.hosts[aid] = tuple(range(len(self.replicas)))
-        self.router.adapter_added(aid, self.hosts[aid])
+        hosts = self.router.adapter_added(aid, self)
+        if hosts is not None:
+            self.hosts[aid] = tuple(hosts)
         return aid
 
     def cancel(self, r: Request, reason: str) -> bool:

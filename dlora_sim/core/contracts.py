@@ -122,9 +122,11 @@ class Router(ABC):
         """Counters for summary.json (e.g. how often the policy adapted its placement)."""
         return {}
 
-    def adapter_added(self, adapter: int, hosts: Sequence[int]) -> None:
-        """An adapter loaded while serving (a server's), hosted by `hosts`: a router that keeps state per
-        adapter grows it here. No workload's run calls it."""
+    def adapter_added(self, adapter: int, cluster: ClusterView) -> Sequence[int] | None:
+        """An adapter loaded while serving (a server's; no workload's run calls it): its hosts, or None
+        for any replica (as for an adapter no placement names, until a migration round places it). A
+        router that keeps state per adapter grows it here."""
+        return None
 
     @abstractmethod
     def dispatch(self, request: Request, cluster: ClusterView) -> int: ...

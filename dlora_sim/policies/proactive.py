@@ -56,8 +56,9 @@ class ProactiveRouter(DLoRARouter):
     def _cooling(self, j: int, now: float) -> bool:
         return self._busy_until.get(j, -math.inf) > now
 
-    def adapter_added(self, adapter: int, hosts: Sequence[int]) -> None:
-        self._hosts.append(set(hosts))
+    def adapter_added(self, adapter: int, cluster: ClusterView) -> Sequence[int] | None:
+        self._hosts.append(set(range(len(cluster.replicas))))   # its own host sets: every replica may serve it
+        return None
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
         self._observe(request, cluster)
