@@ -316,10 +316,10 @@ class ModelExecutor:
         """Read a PEFT folder as adapter `adapter` (host memory; a slot when the policy loads it), after
         checking its shapes against the model and its rank against the slots; its rank."""
         ad = load_peft_adapter(path, self.model.cfg, str(adapter))
-        if ad.rank > self.pool.max_rank:
-            raise AdapterFormatError(f"{path}: rank {ad.rank} is above the adapter slots' maximum "
-                                     f"{self.pool.max_rank}")
-        self.pool.add(ad)
+        try:
+            self.pool.add(ad)
+        except ValueError as e:   # the rank above the slots' maximum
+            raise AdapterFormatError(f"{path}: {e}") from None
         return ad.rank
 
     def remove_adapter(self, adapter: int) -> None:
