@@ -73,6 +73,28 @@ def test_fast_forward_skips_policy_calls():
     assert calls["n"] < res.recorder.num_iterations / 2
 
 
+@pytest.mark.parametrize("system", ["dlora", "slora"])
+def test_continuing_after_a_prefill_skips_policy_calls_and_changes_nothing(system):
+    """A policy that `continues` is not asked again right after a whole-queue prefill; the run is the
+    same, byte for byte, as one that asks it."""
+    def run(continues: bool):
+        sim = build_simulation(compose_cfg(f"system={system}", *SMALL))
+        calls = {"n": 0}
+        for scheduler in sim.cluster.schedulers:
+            def counted(view, _orig=scheduler.schedule):
+                calls["n"] += 1
+                return _orig(view)
+            scheduler.schedule = counted
+        for proc in sim.processes:
+            proc._continues = continues
+        return sim.run(), calls["n"]
+
+    (on, asked_on), (off, asked_off) = run(True), run(False)
+    assert asked_on < 0.9 * asked_off
+    assert requests_csv(on) == requests_csv(off)
+    assert iterations_csv(on) == iterations_csv(off)
+
+
 def _cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dlora_sim", *args, f"hydra.run.dir={tmp}"],
                           capture_output=True, text=True, timeout=300)

@@ -77,9 +77,15 @@ class Decision:
 
 class LocalScheduler(ABC):
     """Per-replica batching policy; one instance per replica. `merges` declares that it may merge an
-    adapter into the base weights (then a pristine_gpu merge strategy reserves its copy)."""
+    adapter into the base weights (then a pristine_gpu merge strategy reserves its copy).
+
+    `continues` promises more than `stable`: a stable decision that takes the whole queue, in queue order,
+    and loads nothing is also this policy's decision right after the batch's prefills complete, as long as
+    the queue's membership is unchanged and every request's next decode fits the free KV blocks. The
+    simulator then runs that iteration and its repeats without asking (one call per arrival saved)."""
 
     merges: bool = False
+    continues: bool = False
 
     @abstractmethod
     def schedule(self, view: ReplicaView) -> Decision: ...

@@ -86,6 +86,11 @@ class ReplicaState:
     def in_flight(self) -> Sequence[Request]:
         return self.running
 
+    @property
+    def membership(self) -> int:
+        """Changes whenever a request joins or leaves the queue (arrives, migrates, finishes)."""
+        return self._members
+
     def by_adapter(self) -> dict[int, list[Request]]:
         """The queue grouped by adapter: each list in FCFS order, adapters in the order of their oldest
         request (what one pass over the queue builds), kept up to date by enqueue and removal, so

@@ -9,6 +9,9 @@ KV blocks would run out, or the decision's `max_repeats`) as a few timeouts, one
 size. Any queue change interrupts it; it then stops at the end of the iteration in flight.
 `sync(now)` materialises the iterations completed before `now`, so routers and migrators observe
 exactly the state they would if every iteration were simulated one by one.
+
+Continuation: after an iteration with prefills, a policy that `continues` is not asked again while
+its promise holds (see `LocalScheduler.continues`); the same batch goes on as decodes, fast-forwarded.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import simpy
 
 from dlora_sim.core.contracts import Decision, LocalScheduler, PolicyError
 from dlora_sim.core.replica_state import ReplicaState
-from dlora_sim.core.request import to_ns
+from dlora_sim.core.request import State, to_ns
 from dlora_sim.core.step import Step
 
 
@@ -28,6 +31,7 @@ class _Run:
     """Iterations of one decision in flight: the first may carry overheads, later ones are repeats."""
 
     step: Step
+    members: int               # the queue's membership when the decision began
     durations: list[int]       # ns, per iteration
     ends: list[int]            # absolute ns, per iteration
     compute: list[float]       # s, per iteration (for the record)
@@ -48,6 +52,7 @@ class Replica:
         self._interrupted = False
         self._proc: simpy.Process | None = None
         self._run: _Run | None = None
+        self._continues = scheduler.continues and state.cfg.fast_forward
 
     def queue_changed(self) -> None:
         if self._wake is not None and not self._wake.triggered:
@@ -67,8 +72,10 @@ class Replica:
             if state.queue:
                 decision = self.scheduler.schedule(state)
                 if decision.batch:
-                    run = self._begin(decision)
-                    yield from self._execute(run)
+                    while decision is not None:
+                        run = self._begin(decision)
+                        yield from self._execute(run)
+                        decision = self._continuation(run) if self._continues else None
                     continue
                 if decision.load or decision.evict or decision.swap_out or decision.recompute:
                     raise PolicyError(f"replica {self.id}: a decision with an empty batch must not change memory")
@@ -114,7 +121,7 @@ class Replica:
         price = state.cost.price(step)
         first = price.total_ns()
         now = self.env.now
-        run = self._run = _Run(step, [first], [now + first], [price.compute], price.overhead)
+        run = self._run = _Run(step, state.membership, [first], [now + first], [price.compute], price.overhead)
         n = len(d.batch)
         # a preemption leaves a request waiting that the next decision may admit: not a repeatable state
         if (state.cfg.fast_forward and d.stable and step.decode_seqs == n and not d.recompute and not d.swap_out
@@ -124,6 +131,26 @@ class Replica:
                 run.planned = max(min(run.planned, d.max_repeats), 1)
             self._extend(run, _FIRST_CHUNK)
         return run
+
+    def _continuation(self, run: _Run) -> Decision | None:
+        """The decision the policy promised to make again now that `run`'s prefills are done, or None
+        (ask it): the whole queue ran, in order, nothing joined or left, nothing was loaded, and every
+        request's next decode fits the free blocks and the token budget (so nothing is preempted)."""
+        step, state = run.step, self.state
+        d, batch, queue = step.decision, step.batch, state.queue
+        if (not d.stable or run.planned != 1 or step.decode_seqs == len(batch) or d.load or d.evict
+                or (d.max_repeats is not None and d.max_repeats < 2) or state.membership != run.members
+                or len(batch) != len(queue) or len(batch) > state.max_num_batched_tokens):
+            return None
+        bs, need = state.block_size, 0
+        for r, q in zip(batch, queue):
+            if r is not q or r.state != _RESIDENT:
+                return None
+            need += -(-(r.prompt_tokens + r.generated) // bs) - r.kv_blocks   # blocks_for, inlined
+        if need > state.free_blocks:
+            return None
+        return Decision(batch, merged=d.merged, stable=True,
+                        max_repeats=None if d.max_repeats is None else d.max_repeats - 1, info=d.info)
 
     def _extend(self, run: _Run, upto: int) -> None:
         """Generate the durations of repeats up to iteration `upto` (capped at the plan): a run that a
@@ -181,4 +208,5 @@ class Replica:
 
 
 _NO_OVERHEAD = (0.0, 0.0, 0.0)
+_RESIDENT = State.RESIDENT
 _FIRST_CHUNK = 8   # repeats generated up front; each further chunk doubles the run so far

@@ -55,6 +55,9 @@ class DLoRAScheduler(LocalScheduler):
     """
 
     merges = True
+    # whole-queue stable decisions hold after their prefills: the counts, F, the mode, the credits and the
+    # phase statistics depend only on queue membership, residency and the mode, which such a prefill keeps
+    continues = True
     guard: bool = True                 # the starvation guard (False: credits still move but never force)
     c_right: float = 48.0              # credit (displaced request-iterations) at which an adapter is forced
     c_left: float = 16.0               # ... and stays forced while above this (hysteresis)

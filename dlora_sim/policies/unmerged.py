@@ -13,6 +13,8 @@ from dlora_sim.policies.batching import batch_adapter_slots, fill_batch
 
 @dataclass
 class UnmergedOnly(LocalScheduler):
+    # FCFS over an unchanged queue takes it whole again; skipped LRU ticks keep the adapters' order
+    continues = True
     evict: str = "outstanding"     # outstanding | lru
     _last_used: dict[int, int] = field(default_factory=dict, repr=False)
     _tick: int = field(default=0, repr=False)
