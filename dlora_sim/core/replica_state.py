@@ -265,11 +265,43 @@ class ReplicaState:
             self.check_accounting()
         return step
 
-    def complete(self, step: Step, end: int, dur: int) -> tuple[int, int]:
+    def continue_decodes(self, d: Decision, prev: Step) -> Step:
+        """`begin` for the decisions a policy promised to make again right after `prev`'s prefills
+        (`LocalScheduler.continues`): the same requests, all resident now, decode. One pass for KV growth
+        and the features; the checks `begin` makes hold by construction (the full check with `debug`)."""
+        if self.debug:
+            return self.begin(d)
+        if d.batch is not prev.batch or d.load or d.evict or d.merged != self.merged:
+            raise PolicyError(f"replica {self.id}: a continued decision must run the same batch and mode")
+        self.version += 1
+        bs, ranks, free = self.block_size, self._ranks, self.free_blocks
+        ctx = token_rank = 0
+        for r in d.batch:   # hot loop: blocks_for inlined
+            if r.state != _RESIDENT:
+                raise PolicyError(f"replica {self.id}: request {r.id} of a continued batch is not resident")
+            n = r.prompt_tokens + r.generated
+            need = -(-n // bs)
+            free -= need - r.kv_blocks
+            r.kv_blocks = need
+            ctx += n
+            token_rank += ranks[r.adapter]
+        if free < 0:
+            raise PolicyError(f"replica {self.id}: a continued decision exceeds memory (free blocks {free})")
+        self.free_blocks = free
+        n = len(d.batch)
+        step = Step(d.batch, d, [0] * n, [], self.merged, decode_seqs=n, decode_context=ctx, rank_sum=prev.rank_sum,
+                    token_rank=token_rank, distinct=prev.distinct, lora_passes=prev.distinct,
+                    resident_rank_sum=self.resident_rank_sum, block_bytes=prev.block_bytes, full_copy=self.full_copy)
+        self.running = d.batch
+        return step
+
+    def complete(self, step: Step, end: int, dur: int, *, last: bool = False) -> tuple[int, int]:
         """The step's (first) iteration ended at `end` ns after `dur` ns: every request gains a token.
-        Returns (prefill tokens, prefilled requests) for the record."""
+        With `last`, it is also the run's last iteration: `end_run` in the same pass. Returns (prefill
+        tokens, prefilled requests) for the record."""
         prefill_tokens = prefills = 0
         self.version += 1
+        done, bs, free = [], self.block_size, self.free_blocks
         for r, pf in zip(step.batch, step.prefill):
             if pf:
                 prefill_tokens += pf
@@ -279,11 +311,20 @@ class ReplicaState:
                     r.exec_ns += dur
                     continue
                 r.prefilled = 0
-                r.state = State.RESIDENT
-            r.generated += 1
+                r.state = _RESIDENT
+            g = r.generated = r.generated + 1
             r.exec_ns += dur
             if r.first_token < 0:
                 r.first_token = end
+            if last:   # end_run's rule, inlined
+                if g >= r.output_tokens:
+                    done.append(r)
+                    continue
+                need = -(-(r.prompt_tokens + g - 1) // bs)
+                free -= need - r.kv_blocks
+                r.kv_blocks = need
+        if last:
+            self._ended(done, free, end)
         return prefill_tokens, prefills
 
     def complete_repeats(self, batch: Sequence[Request], m: int, total: int, *, grow: bool = False) -> None:
@@ -312,13 +353,18 @@ class ReplicaState:
         """The next identical iteration of `batch` is in flight: every request's KV grows to hold it."""
         self.complete_repeats(batch, 0, 0, grow=True)
 
-    def end_run(self, batch: Sequence[Request], end: int) -> list[Request]:
+    def end_run(self, batch: Sequence[Request], end: int, repeats: int = 0, repeat_ns: int = 0) -> list[Request]:
         """The batch's last iteration ended at `end` ns: requests with all their tokens finish; the others
         hold KV for every token but the one their next iteration writes (after repeats of a decision
-        applied in bulk, that is more than `begin` charged). Returns the requests that finished."""
+        applied in bulk, that is more than `begin` charged). `repeats` identical decode iterations of
+        `repeat_ns` together are applied first, in the same pass (`complete_repeats`). Returns the
+        requests that finished."""
         done, bs, free = [], self.block_size, self.free_blocks
         self.version += 1
         for r in batch:
+            if repeats:
+                r.generated += repeats
+                r.exec_ns += repeat_ns
             if r.state == _QUEUED:   # a prefill chunk: its KV is what begin charged
                 continue
             if r.generated >= r.output_tokens:
@@ -327,12 +373,15 @@ class ReplicaState:
             need = -(-(r.prompt_tokens + r.generated - 1) // bs)   # blocks_for, inlined: per request per step
             free -= need - r.kv_blocks
             r.kv_blocks = need
+        self._ended(done, free, end)
+        return done
+
+    def _ended(self, done: list[Request], free: int, end: int) -> None:
         self.free_blocks = free
         for r in done:
             self._finish(r, end)
         self.running = []
         self._check_free()
-        return done
 
     def _check_free(self) -> None:
         if self.free_blocks < 0:

@@ -72,10 +72,11 @@ class Replica:
             if state.queue:
                 decision = self.scheduler.schedule(state)
                 if decision.batch:
-                    while decision is not None:
-                        run = self._begin(decision)
+                    run = self._begin(decision, state.begin(decision))
+                    yield from self._execute(run)
+                    while self._continues and (decision := self._continuation(run)) is not None:
+                        run = self._begin(decision, state.continue_decodes(decision, run.step))
                         yield from self._execute(run)
-                        decision = self._continuation(run) if self._continues else None
                     continue
                 if decision.load or decision.evict or decision.swap_out or decision.recompute:
                     raise PolicyError(f"replica {self.id}: a decision with an empty batch must not change memory")
@@ -115,9 +116,9 @@ class Replica:
             self._advance(run, bisect.bisect_left(run.ends, now))
 
     # --- applying a decision ------------------------------------------------------------------------
-    def _begin(self, d: Decision) -> _Run:
+    def _begin(self, d: Decision, step: Step) -> _Run:
+        """A run of the decision `d` that the replica's state just began as `step`."""
         state = self.state
-        step = state.begin(d)
         price = state.cost.price(step)
         first = price.total_ns()
         now = self.env.now
@@ -179,17 +180,20 @@ class Replica:
         state = self.state
         step, rec = run.step, state.recorder
         batch, n, d = step.batch, len(step.batch), step.decision
+        last = upto == run.planned
         if i == 0:
             end, dur = run.ends[0], run.durations[0]
-            prefill_tokens, prefills = state.complete(step, end, dur)
+            prefill_tokens, prefills = state.complete(step, end, dur, last=last and upto == 1)
             rec.iteration(self.id, end - dur, dur, run.compute[0], run.overhead, d, batch_size=n,
                           prefill_tokens=prefill_tokens, decode_seqs=n - prefills, distinct=step.distinct)
             i = 1
-        last = upto == run.planned
         if upto > i:
             total = sum(run.durations[i:upto])
             m = upto - i
-            state.complete_repeats(batch, m, total, grow=not last)
+            if last:   # the repeats and the run's end in one pass
+                state.end_run(batch, run.ends[-1], m, total)
+            else:
+                state.complete_repeats(batch, m, total, grow=True)
             if rec.keep_iterations:
                 for k in range(i, upto):
                     rec.iteration(self.id, run.ends[k] - run.durations[k], run.durations[k], run.compute[k],
@@ -200,11 +204,9 @@ class Replica:
                 rec.busy_ns += total
                 if d.merged is not None:
                     rec.merged_iterations += m
-        run.applied = upto
-        if last:
-            state.end_run(batch, run.ends[-1])
-        elif upto == i:   # only the first iteration completed; the one now in flight needs KV to grow
+        elif not last:   # only the first iteration completed; the one now in flight needs KV to grow
             state.grow_in_flight(batch)
+        run.applied = upto
 
 
 _NO_OVERHEAD = (0.0, 0.0, 0.0)

@@ -38,7 +38,12 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
     the candidates' prefills are taken first; without chunked prefill such an iteration then runs
     prefills only (vLLM's default scheduler), with it decodes fill the rest of the token budget.
     """
-    plan = plan if plan is not None else BatchPlan()
+    if plan is None:
+        if candidates is view.queue and limit is None and not view.prefill_priority:
+            whole = _whole_queue(view, adapter_limit)
+            if whole is not None:
+                return whole
+        plan = BatchPlan()
     if not view.prefill_priority:
         return _fill(view, candidates, plan, limit, adapter_limit, True)
     candidates = candidates if isinstance(candidates, list) else list(candidates)
@@ -48,6 +53,40 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
     if added and not view.chunked_prefill:
         return plan
     return _fill(view, candidates, plan, None if limit is None else limit - added, adapter_limit, True)
+
+
+def _whole_queue(view: ReplicaView, adapter_limit: int | None) -> BatchPlan | None:
+    """The plan `_fill` makes of the whole queue when every request fits, else None (then `_fill` decides).
+
+    The common decision (a queue that fits one batch) in one light pass: it holds exactly when the
+    queue fits the seats and the adapter limit, nobody is swapped out, its tokens fit the budget and
+    its new KV blocks fit the free ones (above the watermark when it prefills); then `_fill` takes
+    every candidate in turn, and its plan's adapters are the queue's in order of first appearance."""
+    queue = view.queue
+    by_adapter = view.by_adapter()   # adapters in order of their oldest request: first appearance in FCFS
+    if len(queue) > view.max_num_seqs or (adapter_limit is not None and len(by_adapter) > adapter_limit):
+        return None
+    bs, chunked = view.block_size, view.chunked_prefill
+    tokens = need = 0
+    prefills = False
+    for r in queue:   # hot loop: blocks_for inlined, as in _fill
+        state = r.state
+        n = r.prompt_tokens + r.generated
+        if state == _RESIDENT:
+            tokens += 1
+            add = -(-n // bs) - r.kv_blocks
+        elif state == _QUEUED:
+            prefills = True
+            tokens += n - r.prefilled
+            add = -(-n // bs) - r.kv_blocks if chunked else -(-n // bs)
+        else:
+            return None
+        if add < 0:
+            return None
+        need += add
+    if tokens > view.max_num_batched_tokens or need > view.free_blocks - (view.watermark_blocks if prefills else 0):
+        return None
+    return BatchPlan(list(queue), adapters=set(by_adapter))
 
 
 def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, limit: int | None,
