@@ -1,12 +1,17 @@
-"""Simulator speed: wall time vs simulated time at 1, 4, 8 and 32 replicas, ~80% load.
+"""Simulator speed: wall time vs simulated time, and wall microseconds per request and per policy decision,
+at 1, 8, 32 and 128 replicas (the same load per replica), ~80% load.
 
 Each point runs in its own process (clean peak RSS) on one core, `--repeats` times; the fastest run is
 reported (the least disturbed by other load) with the median beside it. Load: a one-replica capacity probe
 (overloaded run, completed requests per second) sets the rate to `load` x capacity x replicas; requests
-scale with replicas so every point simulates about the same span. Results:
-benchmarks/results/sim_speed.csv and .md.
+scale with replicas so every point simulates about the same span. A decision is one call of a replica's
+local policy (fast-forward and continuation skip calls). With `--baseline DIR` (a checkout of earlier
+code, e.g. `git worktree add /tmp/before <commit>`), every point also runs on that code, alternating with
+this one, and the report gives each change's speed-up as the median of paired ratios.
+Results: benchmarks/results/sim_speed.csv and .md.
 
-    python benchmarks/sim_speed.py [--systems slora,dlora] [--per-replica 1500] [--replicas 1,4,8,32] [--record]
+    python benchmarks/sim_speed.py [--systems slora,dlora] [--per-replica 1500] [--replicas 1,8,32,128] [--record]
+    python benchmarks/sim_speed.py --baseline /tmp/before [--replicas 8,32] [--record]   # before/after pairs
     python benchmarks/sim_speed.py --large 1000000 [--large-replicas 8] [--record]   # streamed, sim_speed_large.md
 """
 from __future__ import annotations
@@ -23,6 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("SIM_SPEED_CODE"):   # a child measuring other code (--baseline): its dlora_sim first
+    sys.path.insert(0, os.environ["SIM_SPEED_CODE"])
 
 from benchmarks.recording import RESULTS, finish, write_report  # noqa: E402
 
@@ -41,6 +48,7 @@ def one_point(system: str, replicas: int, rate: float, requests: int, seed: int,
                     f"stream_requests={'true' if stream_to else 'false'}"])
     t0 = time.perf_counter()
     sim = build_simulation(cfg, out=Path(stream_to) if stream_to else None)
+    decisions = _count_decisions(sim)
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = sim.run()
@@ -51,10 +59,23 @@ def one_point(system: str, replicas: int, rate: float, requests: int, seed: int,
     return {"system": system, "replicas": replicas, "rate_rps": round(rate, 3), "requests": requests,
             "completed": done, "sim_time_s": round(res.sim_end_s, 3), "wall_s": round(wall, 3),
             "speedup": round(res.sim_end_s / wall, 1),
+            "us_per_request": round(wall / requests * 1e6, 1),
+            "decisions": decisions[0], "us_per_decision": round(wall / max(decisions[0], 1) * 1e6, 1),
             "iterations": res.recorder.num_iterations,
             "iterations_per_wall_s": round(res.recorder.num_iterations / wall),
             "build_s": round(build, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def _count_decisions(sim) -> list[int]:
+    """A counter of the replicas' policy calls (a one-element list the run fills in)."""
+    count = [0]
+    for scheduler in sim.cluster.schedulers:
+        def counted(view, _schedule=scheduler.schedule):
+            count[0] += 1
+            return _schedule(view)
+        scheduler.schedule = counted
+    return count
 
 
 def capacity(system: str, seed: int) -> float:
@@ -66,8 +87,11 @@ def capacity(system: str, seed: int) -> float:
     return len(res.stats.lat) / res.sim_end_s
 
 
-def _child(args: list[str]) -> dict:
+def _child(args: list[str], code: Path | None = None) -> dict:
     env = dict(os.environ, PYTHONHASHSEED="0")
+    env.pop("SIM_SPEED_CODE", None)
+    if code is not None:
+        env["SIM_SPEED_CODE"] = str(code)
     cmd = ["taskset", "-c", "0"] if _has_taskset() else []
     out = subprocess.run(cmd + [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
     if out.returncode:
@@ -82,7 +106,7 @@ def _has_taskset() -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default="slora,dlora")
-    ap.add_argument("--replicas", default="1,4,8,32")
+    ap.add_argument("--replicas", default="1,8,32,128")
     ap.add_argument("--per-replica", type=int, default=1500, help="requests per replica")
     ap.add_argument("--load", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
@@ -91,6 +115,8 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=0,
                     help="instead: one streamed run of this many requests per system (e.g. 1000000)")
     ap.add_argument("--large-replicas", type=int, default=8)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of earlier code: every point also runs on it, for before/after ratios")
     ap.add_argument("--record", action="store_true", help="write the results into benchmarks/results/")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -105,40 +131,70 @@ def main() -> None:
     if a.large:
         return large_runs(a)
     systems = a.systems.split(",")
+    codes: dict[str, Path | None] = {"this": None}
+    if a.baseline is not None:
+        if not (a.baseline / "dlora_sim").is_dir():
+            raise SystemExit(f"--baseline {a.baseline}: no dlora_sim/ there (give a checkout, e.g. a git worktree)")
+        codes["baseline"] = a.baseline.resolve()
     caps = {}
-    for system in systems:
+    for system in systems:   # the rates come from this code's probe: both codes simulate the same requests
         caps[system] = _child(["capacity", system, str(a.seed)])["capacity"]
         print(f"{system}: one-replica capacity {caps[system]:.2f} req/s", flush=True)
-    rows, ratios = [], []
+    rows, ratios, speedups = [], [], []
     for r in (int(x) for x in a.replicas.split(",")):
-        # systems alternate within each repeat, so a ratio pairs runs taken moments apart (noisy machines)
-        tries: dict[str, list[dict]] = {s: [] for s in systems}
+        # systems (and codes) alternate within each repeat, so a ratio pairs runs taken moments apart
+        tries: dict[tuple[str, str], list[dict]] = {(s, c): [] for s in systems for c in codes}
         for _ in range(a.repeats):
             for system in systems:
-                cap = caps[system]
-                tries[system].append(_child(["point", system, str(r), str(a.load * cap * r),
-                                             str(a.per_replica * r), str(a.seed)]))
-        for system in systems:
-            walls = sorted(t["wall_s"] for t in tries[system])
-            row = min(tries[system], key=lambda t: t["wall_s"])   # the least-disturbed run; the median too
+                for code, where in codes.items():
+                    args = ["point", system, str(r), str(a.load * caps[system] * r), str(a.per_replica * r),
+                            str(a.seed)]
+                    tries[system, code].append(_child(args, where))
+        for (system, code), runs in tries.items():
+            walls = sorted(t["wall_s"] for t in runs)
+            row = {"code": code, **min(runs, key=lambda t: t["wall_s"])}   # the least-disturbed run
             row["median_wall_s"] = walls[len(walls) // 2]
             row["capacity_rps_per_replica"] = round(caps[system], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        base = systems[0]
         for system in systems[1:]:
-            paired = sorted(t["wall_s"] / b["wall_s"] for t, b in zip(tries[system], tries[base]))
-            ratios.append((system, base, r, paired))
+            ratios.append((system, systems[0], r, _paired(tries[system, "this"], tries[systems[0], "this"])))
+        if "baseline" in codes:
+            for system in systems:
+                speedups.append((system, r, _paired(tries[system, "baseline"], tries[system, "this"])))
+    _write(a, a.out or RESULTS / "sim_speed", rows,
+           f"# Simulator speed ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+           f"one core per point, best of {a.repeats}, python {platform.python_version()})",
+           _notes(a, rows, ratios, speedups))
+
+
+def _paired(num: list[dict], den: list[dict]) -> list[float]:
+    return sorted(n["wall_s"] / d["wall_s"] for n, d in zip(num, den))
+
+
+def _notes(a, rows: list[dict], ratios: list, speedups: list) -> str:
     note = (f"Load {a.load:.0%} of a one-replica capacity probe; {a.per_replica} requests per replica; "
-            "default workload otherwise (16 adapters, Zipf 1, uniform lengths 8-511). Systems alternate "
-            "within each repeat; the ratio below is the median of the paired wall-time ratios.")
+            "default workload otherwise (16 adapters, Zipf 1, uniform lengths 8-511). A decision is one call "
+            "of a replica's local policy. Runs alternate within each repeat; a ratio is the median of the "
+            "paired wall-time ratios.")
+    if speedups:
+        note += (f"\n\nSpeed-up of this code over `--baseline` ({a.baseline}), same requests, same machine, "
+                 "runs alternating:\n\n| system | replicas | baseline wall / this wall (median of pairs) | "
+                 "pairs (min..max) |\n|---|---|---|---|\n")
+        note += "\n".join(f"| {s} | {r} | {statistics.median(p):.2f} | {p[0]:.2f}..{p[-1]:.2f} |"
+                           for s, r, p in speedups)
     if ratios:
         note += "\n\n| system | vs | replicas | wall ratio (median of pairs) | pairs (min..max) |\n|---|---|---|---|---|\n"
         note += "\n".join(f"| {s} | {b} | {r} | {statistics.median(p):.2f} | {p[0]:.2f}..{p[-1]:.2f} |"
                            for s, b, r, p in ratios)
-    _write(a, a.out or RESULTS / "sim_speed", rows,
-           f"# Simulator speed ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-           f"one core per point, best of {a.repeats}, python {platform.python_version()})", note)
+    scale = [(row["code"], row["system"], row["replicas"], row["us_per_request"]) for row in rows]
+    ref = {(c, s): us for c, s, r, us in scale if r == 8}
+    if ref:
+        note += ("\n\nScaling: wall µs per request (best run) relative to 8 replicas:\n\n"
+                 "| code | system | replicas | µs/request | vs 8 replicas |\n|---|---|---|---|---|\n")
+        note += "\n".join(f"| {c} | {s} | {r} | {us} | {us / ref[c, s]:.2f} |"
+                           for c, s, r, us in scale if (c, s) in ref)
+    return note
 
 
 def large_runs(a) -> None:

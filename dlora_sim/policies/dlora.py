@@ -85,6 +85,7 @@ class DLoRAScheduler(LocalScheduler):
     _info: dict = field(default_factory=dict, init=False, repr=False)
     _rank: int | None = field(default=None, init=False, repr=False)   # every adapter's rank if one (0: mixed)
     _ranked: int = field(default=0, init=False, repr=False)   # adapters `_rank` was taken over (a server adds some)
+    _decode_memo: dict = field(default_factory=dict, init=False, repr=False)   # (cost, shape) -> seconds
 
     def __post_init__(self) -> None:
         if self.aimd_window < 0:
@@ -109,11 +110,15 @@ class DLoRAScheduler(LocalScheduler):
     # --- cost-model estimates ---------------------------------------------------------------------------
     def _decode_s(self, view: ReplicaView, n: int, rank_sum: int = 0, token_rank: int = 0,
                   adapters: int = 0) -> float:
-        c = self.ref_context
-        return view.cost.iteration_time(decode_seqs=n, decode_context=n * c, num_seqs=n, lora_rank_sum=rank_sum,
-                                        lora_token_rank=token_rank,
-                                        resident_rank_sum=view.resident_rank_sum if rank_sum else 0,
-                                        lora_passes=adapters)
+        resident = view.resident_rank_sum if rank_sum else 0
+        key = (view.cost, n, rank_sum, token_rank, adapters, resident)
+        t = self._decode_memo.get(key)   # a few batch shapes recur every call: price each once
+        if t is None:
+            c = self.ref_context
+            t = self._decode_memo[key] = view.cost.iteration_time(
+                decode_seqs=n, decode_context=n * c, num_seqs=n, lora_rank_sum=rank_sum, lora_token_rank=token_rank,
+                resident_rank_sum=resident, lora_passes=adapters)
+        return t
 
     def _batch_s(self, view: ReplicaView, plan: BatchPlan) -> float:
         """Unmerged decode-iteration estimate for a planned batch (prefills are not what modes trade off)."""
