@@ -178,7 +178,9 @@ def _notes(a, rows: list[dict], ratios: list, speedups: list) -> str:
             "of a replica's local policy. Runs alternate within each repeat; a ratio is the median of the "
             "paired wall-time ratios.")
     if speedups:
-        note += (f"\n\nSpeed-up of this code over `--baseline` ({a.baseline}), same requests, same machine, "
+        at = subprocess.run(["git", "-C", str(a.baseline), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "not a git checkout"
+        note += (f"\n\nSpeed-up of this code over `--baseline` ({a.baseline}, commit {at}), same requests, same machine, "
                  "runs alternating:\n\n| system | replicas | baseline wall / this wall (median of pairs) | "
                  "pairs (min..max) |\n|---|---|---|---|\n")
         note += "\n".join(f"| {s} | {r} | {statistics.median(p):.2f} | {p[0]:.2f}..{p[-1]:.2f} |"
