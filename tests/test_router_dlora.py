@@ -183,23 +183,27 @@ def test_placement_at_t0_cannot_see_later_requests(router):
 
 
 def test_cached_queue_prices_equal_fresh_ones_at_every_dispatch() -> None:
-    """The router remembers each replica's queue price until the replica or the estimates change, and
-    each replica keeps its queue grouped by adapter; at every dispatch of a run with migration and
-    fast-forwarded runs observed part-way, both must equal what a fresh pass over the queue gives (a
-    missed `version` bump or index update would not)."""
+    """The router prices each replica from the sums it keeps, counting fast-forwarded iterations that are
+    not applied yet, and each replica keeps its queue grouped by adapter; at every dispatch of a run with
+    migration, both must equal what a fresh pass over the queue gives once every replica is brought up
+    to now (a missed update of a sum or of the index would not)."""
     cfg = compose_cfg("system=dlora", "cluster=eight", "router.extra_placements=7", "workload.num_adapters=32",
                       "workload.rate=40", "workload.num_requests=600", "migration.always=true", "charts=false",
                       "progress=false")
     sim = build_simulation(cfg)
-    router, checked = sim.cluster.router, []
+    router, checked, lagging = sim.cluster.router, [], []
     dispatch = router.dispatch
 
     def checking(request, cluster):
         work = router.work
+        lazy = []
         for view in cluster.replicas:
             work.bind(cluster.cost, view.max_num_seqs)
-            cached = work.replica_s(view)
-            assert cached == work.queue_s(view.queue, view.max_num_seqs)
+            lazy.append(work.replica_ns(view))
+            lagging.append(view.lag() > 0)
+        sim.sync()   # now apply what fast-forward deferred: the prices must not change
+        for view, price in zip(cluster.replicas, lazy):
+            assert price == work.queue_ns(view.queue, view.max_num_seqs) == work.replica_ns(view)
             fresh: dict[int, list] = {}
             for r in view.queue:
                 fresh.setdefault(r.adapter, []).append(r)
@@ -214,4 +218,49 @@ def test_cached_queue_prices_equal_fresh_ones_at_every_dispatch() -> None:
     router.dispatch = checking
     res = sim.run()
     assert len(checked) == 600 and sum(checked) > 600   # busy replicas were compared, many times over
+    assert sum(lagging) > 100   # ... many of them with fast-forwarded iterations not applied yet
     assert res.recorder.counters.get("migrations", 0) > 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 900), st.integers(1, 600), st.integers(0, 599),
+                               st.sampled_from([State.QUEUED, State.RESIDENT, State.SWAPPED]), st.integers(0, 899)),
+                     max_size=40),
+       leave=st.lists(st.integers(0, 39), max_size=15), flying=st.lists(st.integers(0, 39), max_size=20),
+       lags=st.lists(st.integers(0, 700), min_size=1, max_size=4), seqs=st.integers(1, 12),
+       lengths=st.sampled_from(["estimate", "oracle"]), learnt=st.lists(st.integers(1, 700), max_size=6))
+def test_the_remembered_price_equals_the_recomputed_one_under_random_queues(reqs, leave, flying, lags, seqs, lengths,
+                                                                            learnt) -> None:
+    """A replica's remembered price, a function of its batch in flight's lag, equals the definition
+    recomputed from its requests bit for bit: whatever joined and left, whatever they generated, with
+    full adapters or none, at any lag (requests overrunning their expected length), in both length modes."""
+    from dlora_util import make_replica
+    from dlora_sim.policies.dlora import DLoRAScheduler
+    from dlora_sim.policies.estimates import WorkModel
+    rep = make_replica(DLoRAScheduler(), seqs=seqs, adapters=6)
+    work = WorkModel(lengths=lengths)
+    work.bind(COST, seqs)
+    for i, out in enumerate(learnt):   # some adapters' lengths learnt, the others at the prior
+        done = Request(1000 + i, i, 0, 10, out)
+        done.state = State.FINISHED
+        work.track([done])
+    work.harvest()
+    queue = []
+    for i, (a, prompt, out, gen, state, prefilled) in enumerate(reqs):
+        r = Request(i, a, i, prompt, out)
+        r.generated, r.state = min(gen, out - 1), state
+        r.prefilled = min(prefilled, prompt + r.generated - 1) if state == State.QUEUED else 0
+        rep.enqueue(r)
+        queue.append(r)
+    for i in sorted(set(i for i in leave if i < len(queue))):
+        rep.remove(queue[i])
+    rep.running = [r for i, r in enumerate(rep.queue) if i in set(flying) and r.state == State.RESIDENT]
+    for lag in lags:
+        rep.lag = lambda: lag
+        lazy = work.replica_ns(rep)
+        assert lazy == work.queue_ns(rep.queue, seqs, lag, rep.running)
+    for r in rep.running:   # apply the last lag: the same price, now read from the requests alone
+        r.generated += lags[-1]
+    rep.version += 1
+    rep.lag = lambda: 0
+    assert work.replica_ns(rep) == work.queue_ns(rep.queue, seqs) == lazy

@@ -50,6 +50,8 @@ class ReplicaView(Protocol):
     @property
     def ranks(self) -> Sequence[int]: ...          # every workload adapter's rank, by id
     def by_adapter(self) -> Mapping[int, Sequence[Request]]: ...   # the queue per adapter, FCFS, oldest first
+    version: int                      # changes with every change to the queue or its requests' progress
+    def lag(self) -> int: ...         # iterations of `in_flight` that ended but are not applied to its requests
 
 
 @dataclass(slots=True)
@@ -116,8 +118,9 @@ class Placement:
 class Router(ABC):
     """Global scheduler: placement at start, then one replica per arriving request.
 
-    `reads_progress` = False declares that dispatch reads only queue membership (not tokens generated
-    or KV blocks held), so an executor may skip materialising fast-forwarded iterations before it."""
+    `reads_progress` = False declares that dispatch reads no request's progress (tokens generated, KV
+    blocks held) but with the view's `lag` added to its batch in flight, so an executor may leave
+    fast-forwarded iterations unapplied before it."""
 
     reads_progress: bool = True
 

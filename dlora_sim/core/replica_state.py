@@ -57,7 +57,11 @@ class ReplicaState:
         self.running: list[Request] = []
         self.version = 0   # bumped by every change to the queue or a queued request's progress (caches key on it)
         self._by_adapter: dict[int, list[Request]] = {}   # the queue per adapter, each in FCFS order
-        self._members = 0                                  # bumped when the queue's membership changes
+        self.membership = 0   # bumped whenever a request joins or leaves the queue (arrives, migrates, finishes)
+        # iterations of the batch in flight that ended but are not applied yet (the simulator's fast-forward
+        # applies them lazily): each of its requests has generated that many more tokens than it shows.
+        # Set by an executor that defers them; a router reads progress through it (policies/estimates.py)
+        self.lag: Callable[[], int] = _no_lag
         self._grouped: tuple[int, dict[int, list[Request]]] = (-1, {})
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
         # called when the queue changes from outside (an arrival, a migration): an executor that waits
@@ -86,19 +90,14 @@ class ReplicaState:
     def in_flight(self) -> Sequence[Request]:
         return self.running
 
-    @property
-    def membership(self) -> int:
-        """Changes whenever a request joins or leaves the queue (arrives, migrates, finishes)."""
-        return self._members
-
     def by_adapter(self) -> dict[int, list[Request]]:
         """The queue grouped by adapter: each list in FCFS order, adapters in the order of their oldest
         request (what one pass over the queue builds), kept up to date by enqueue and removal, so
         policies and estimators need not regroup per call. Read-only."""
         at, grouped = self._grouped
-        if at != self._members:
+        if at != self.membership:
             grouped = dict(sorted(self._by_adapter.items(), key=lambda kv: kv[1][0].sort_key()))
-            self._grouped = (self._members, grouped)
+            self._grouped = (self.membership, grouped)
         return grouped
 
     def _unlist(self, r: Request) -> None:
@@ -106,14 +105,14 @@ class ReplicaState:
         del rs[bisect.bisect_left(rs, r.sort_key(), key=Request.sort_key)]
         if not rs:
             del self._by_adapter[r.adapter]
-        self._members += 1
+        self.membership += 1
 
     # --- queue changes from the cluster ------------------------------------------------------------
     def enqueue(self, r: Request) -> None:
         r.replica = self.id
         bisect.insort(self.queue, r, key=Request.sort_key)
         bisect.insort(self._by_adapter.setdefault(r.adapter, []), r, key=Request.sort_key)
-        self._members += 1
+        self.membership += 1
         self.version += 1
         self.on_queue_change()
 
@@ -428,3 +427,7 @@ _QUEUED, _RESIDENT, _SWAPPED, _FINISHED = State.QUEUED, State.RESIDENT, State.SW
 
 def _nothing() -> None:
     pass
+
+
+def _no_lag() -> int:
+    return 0

@@ -47,6 +47,7 @@ class Replica:
         self.state, self.scheduler, self.env = state, scheduler, env
         self.id = state.id
         state.on_queue_change = self.queue_changed
+        state.lag = self._lag
         self._wake: simpy.Event | None = None     # set while idle
         self._repeating = False                     # waiting out repeats of a stable decision
         self._interrupted = False
@@ -114,6 +115,19 @@ class Replica:
         run = self._run
         if run is not None and run.applied < len(run.ends) and run.ends[run.applied] < now:
             self._advance(run, bisect.bisect_left(run.ends, now))
+
+    def _lag(self) -> int:
+        """Repeats of the run in flight that ended before now and are not applied (the state's `lag`: a
+        router counts them). Its first iteration, which may prefill, is applied if it ended."""
+        run = self._run
+        if run is None:
+            return 0
+        now, ends = self.env.now, run.ends
+        if run.applied == 0:
+            if ends[0] >= now:
+                return 0
+            self._advance(run, 1)
+        return bisect.bisect_left(ends, now) - run.applied if run.applied < len(ends) else 0
 
     # --- applying a decision ------------------------------------------------------------------------
     def _begin(self, d: Decision, step: Step) -> _Run:

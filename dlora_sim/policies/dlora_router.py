@@ -1,6 +1,6 @@
 """dLoRA's global dispatch (docs/algorithm.md): greedy adapter placement, then each request to the host of its adapter
-with the least outstanding work, in seconds (no integer division, no mixing of units: lightly loaded
-replicas must not all tie at zero)."""
+with the least outstanding work, in integer ns (estimates.py: no division of counts, so lightly loaded replicas
+do not all tie at zero; a host that only fast-forwarded since the last arrival is priced by a bisection)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,7 +9,7 @@ from dlora_sim.core.contracts import ClusterView, Placement, Router
 from dlora_sim.policies.estimates import WorkModel
 from dlora_sim.core.replica_config import hosting_capacity
 from dlora_sim.policies.placement import greedy_placement
-from dlora_sim.core.request import Request
+from dlora_sim.core.request import NS, Request
 
 
 DEMAND_SOURCES = ("online", "oracle")
@@ -49,9 +49,12 @@ def preload_for(cluster: ClusterView, hosts: list[list[int]], demand: str = "onl
 
 @dataclass
 class DLoRARouter(Router):
-    """Cost = seconds of work queued on the replica (full single-adapter batches discounted by the
-    profile's merged/unmerged ratio) + this request's own expected time. Candidates: hosts only.
-    Reads `view.queue` of the (few) hosts of the adapter, so a dispatch costs O(their queues)."""
+    """Cost = work queued on the replica (full single-adapter batches discounted by the profile's
+    merged/unmerged ratio) + this request's own expected time. Candidates: hosts only, each priced by
+    `WorkModel.replica_ns`, which counts the iterations an executor has not applied yet (the view's
+    `lag`): nothing is materialised for a dispatch."""
+
+    reads_progress = False
 
     work: WorkModel = field(default_factory=WorkModel)
     extra_placements: int | None = None   # placements beyond one per adapter; None = fill the adapter slots
@@ -76,21 +79,12 @@ class DLoRARouter(Router):
             self.work.harvest()
 
     def replica_cost(self, j: int, request: Request, cluster: ClusterView) -> float:
+        """Seconds: the host's work and the request's own."""
         view, work = cluster.replicas[j], self.work
         work.bind(cluster.cost, view.max_num_seqs)
-        return work.replica_s(view) + work.request_s(request)
+        return (work.replica_ns(view) + work.request_ns(request)) / NS
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
-        """The host of least `replica_cost` (ties: the lower index), inlined: it runs per host per arrival."""
+        """The host of least `replica_cost` (ties: the lower index), in integer ns."""
         self._observe(request, cluster)
-        work, cost, reps = self.work, cluster.cost, cluster.replicas
-        best, best_c, epoch, own = -1, 0.0, None, 0.0
-        for j in self.candidates(request, cluster):
-            view = reps[j]
-            work.bind(cost, view.max_num_seqs)
-            if work.epoch != epoch:   # the request's own time, again only for a host of another shape
-                epoch, own = work.epoch, work.request_s(request)
-            c = work.replica_s(view) + own
-            if best < 0 or c < best_c or (c == best_c and j < best):
-                best, best_c = j, c
-        return best
+        return self.work.cheapest(cluster.replicas, self.candidates(request, cluster), request, cluster.cost)

@@ -1,27 +1,53 @@
-"""Seconds of outstanding work, shared by the dLoRA router and the co-migration ILP.
+"""Outstanding work in integer nanoseconds, shared by the dLoRA router and the co-migration ILP.
 
-Both global policies must rank replicas in the same unit (seconds, with no integer division), and both need each
-request's *expected* remaining time. Output lengths are unknown at dispatch, so a request's remaining
-decode tokens come from a per-adapter running mean of the output lengths observed so far (looked up
-by the request's own adapter, not one estimate shared by all adapters); `lengths="oracle"` uses the true length
-(an upper bound on what estimation can buy). Every time is taken from the cost model of the profile.
+Both global policies must rank replicas in the same unit (time, no division of counts: lightly loaded
+replicas must not all tie at zero), and both need each request's *expected* remaining time. Output
+lengths are unknown at dispatch, so a request's remaining decode tokens come from a per-adapter running
+mean of the output lengths observed so far, in whole tokens (looked up by the request's own adapter; taken
+anew when it moves by more than `relearn`), at least one; `lengths="oracle"` uses the true length (an upper bound on what estimation can buy). Times come
+from the cost model of the profile, rounded once to integer ns per token and per prefill, so a queue's
+work is an integer: the same whichever order it is summed in, and remembered exactly.
+
+A queue's work: per adapter, its requests' remaining decode tokens x the per-token time, plus each waiting
+prompt's prefill; an adapter with at least one full batch queued (n_a >= B) has the share of its work in
+full batches discounted by the merged/unmerged iteration-time ratio (they run merged). A replica's price
+is remembered until the replica changes (`version`) or the estimates do, as a function of its batch in
+flight's `lag` (iterations an executor ended but has not applied): a dispatch prices a host that only
+fast-forwarded since the last one with a bisection, without applying anything (`replica_ns`), equal bit
+for bit to the definition recomputed from the requests once they are brought up to date (`queue_ns`).
 """
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from itertools import accumulate
+from typing import TYPE_CHECKING, Collection, Iterable, Sequence
 
-from dlora_sim.core.request import Request, State, blocks_for
+from dlora_sim.core.request import NS, Request, State, blocks_for, to_ns
 
 if TYPE_CHECKING:
     from dlora_sim.core.cost_model import CostModel
     from dlora_sim.core.contracts import ReplicaView
 
+PPM = 1_000_000   # the merged/unmerged ratio in parts per million (integer discounts)
+
+
+@dataclass(slots=True)
+class _Shape:
+    """A replica's work as a function of its batch in flight's lag, fixed while its version is."""
+
+    version: int
+    epoch: int
+    fixed: int                  # ns that do not depend on the lag (or, with `exact`, nothing is remembered)
+    slacks: list[int]           # expected remaining tokens of each request in flight, sorted
+    prefix: list[int]           # their running sums, from 0
+    exact: bool = False         # a full adapter queued: priced from the requests at every read
+
 
 @dataclass
 class WorkModel:
-    """Expected remaining seconds per request and per replica queue."""
+    """Expected remaining work per request and per replica queue, in integer ns (seconds: `*_s`)."""
 
     prior_output_tokens: float = 256.0   # prior mean output length of an adapter never observed
     prior_weight: float = 1.0            # pseudo-observations the prior counts for
@@ -29,6 +55,9 @@ class WorkModel:
     merge_aware: bool = True             # discount full single-adapter batches by merged/unmerged time
     ref_context: int = 512               # context per sequence of the reference decode batch
     ref_adapters: int = 4                # distinct adapters in the reference unmerged batch
+    relearn: float = 0.01                # an adapter's mean output length is taken anew when it moved by
+    #                                      more than this share (finer moves are noise beside the lengths'
+    #                                      spread, and each re-prices every replica's queue)
     _sum: dict = field(default_factory=lambda: defaultdict(float), repr=False)
     _cnt: dict = field(default_factory=lambda: defaultdict(int), repr=False)
     _pending: list = field(default_factory=list, repr=False)
@@ -37,17 +66,17 @@ class WorkModel:
     _prefill_cache: dict = field(default_factory=dict, repr=False)
     _expected: dict = field(default_factory=dict, repr=False)
     _epoch: int = field(default=0, repr=False)              # bumped whenever an estimate may change
-    _replica_cache: dict = field(default_factory=dict, repr=False)   # id(view) -> (view, version, seconds)
+    _shapes: dict = field(default_factory=dict, repr=False)   # id(view) -> (view, _Shape)
 
     def __post_init__(self) -> None:
         if self.lengths not in ("estimate", "oracle"):
             raise ValueError(f"lengths must be 'estimate' or 'oracle', got {self.lengths!r}")
-        if self.prior_output_tokens < 1 or self.prior_weight < 0:
-            raise ValueError("prior_output_tokens must be >= 1 and prior_weight >= 0")
+        if self.prior_output_tokens < 1 or self.prior_weight < 0 or self.relearn < 0:
+            raise ValueError("prior_output_tokens must be >= 1, prior_weight and relearn >= 0")
 
     # --- cost-model constants for one replica shape ------------------------------------------------
     def bind(self, cost: "CostModel", batch: int, rank: int = 16) -> None:
-        """Per-token decode seconds at a full batch, and the merged/unmerged iteration-time ratio."""
+        """Per-token decode ns at a full batch, and the merged/unmerged iteration-time ratio (ppm)."""
         key = (id(cost), batch, rank)
         if self._bound is not None and self._bound[0] == key:
             return
@@ -55,9 +84,9 @@ class WorkModel:
                                     rank=rank)
         single = cost.decode_time(batch, self.ref_context, merged=False, distinct_adapters=1, rank=rank)
         merged = cost.decode_time(batch, self.ref_context, merged=True)
-        self._bound = (key, cost, batch, unmerged / batch, merged / single)
+        self._bound = (key, cost, batch, max(to_ns(unmerged / batch), 1), round(merged / single * PPM))
         self._prefill_cache.clear()
-        self._replica_cache.clear()
+        self._shapes.clear()
         self._epoch += 1
 
     @property
@@ -65,27 +94,41 @@ class WorkModel:
         """Changes whenever an estimate may (a rebind or a harvest); cached estimates key on it."""
         return self._epoch
 
-    @property
-    def token_s(self) -> float:
+    def _constants(self) -> tuple:
         if self._bound is None:
             raise RuntimeError("WorkModel.bind(cost, batch) must be called before estimating work")
-        return self._bound[3]
+        return self._bound
+
+    @property
+    def token_ns(self) -> int:
+        return self._constants()[3]
+
+    @property
+    def token_s(self) -> float:
+        return self.token_ns / NS
+
+    @property
+    def merged_ppm(self) -> int:
+        return self._constants()[4] if self.merge_aware else PPM
 
     @property
     def merged_ratio(self) -> float:
-        return self._bound[4] if self.merge_aware else 1.0
+        return self.merged_ppm / PPM
 
-    def prefill_s(self, tokens: int) -> float:
-        """Marginal seconds a prefill of `tokens` adds to a full decode batch."""
+    def prefill_ns(self, tokens: int) -> int:
+        """Marginal ns a prefill of `tokens` adds to a full decode batch."""
         v = self._prefill_cache.get(tokens)
         if v is None:
-            _, cost, b, _, _ = self._bound
+            _, cost, b, _, _ = self._constants()
             ctx = b * self.ref_context
-            v = max(0.0, cost.iteration_time(prefill_tokens=tokens, prefill_sq=tokens * tokens, decode_seqs=b,
-                                             decode_context=ctx, num_seqs=b + 1)
-                    - cost.iteration_time(decode_seqs=b, decode_context=ctx, num_seqs=b))
-            self._prefill_cache[tokens] = v
+            v = self._prefill_cache[tokens] = max(0, to_ns(
+                cost.iteration_time(prefill_tokens=tokens, prefill_sq=tokens * tokens, decode_seqs=b,
+                                    decode_context=ctx, num_seqs=b + 1)
+                - cost.iteration_time(decode_seqs=b, decode_context=ctx, num_seqs=b)))
         return v
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill_ns(tokens) / NS
 
     # --- per-adapter length estimates ------------------------------------------------------------
     def track(self, requests: Iterable[Request]) -> None:
@@ -96,94 +139,149 @@ class WorkModel:
                 self._pending.append(r)
 
     def harvest(self) -> None:
-        keep = []
+        """Learn the lengths of the tracked requests that finished. The estimates (and every price that
+        used them) change only if an adapter's mean moved by more than `relearn`."""
+        keep, learnt = [], set()
         for r in self._pending:
             if r.state == State.FINISHED:
                 self._sum[r.adapter] += r.output_tokens
                 self._cnt[r.adapter] += 1
+                learnt.add(r.adapter)
             elif r.state != State.REJECTED:
                 keep.append(r)
         self._pending = keep
         self._seen = {r.id for r in keep}   # memory follows the requests in flight, not all ever seen
-        self._expected.clear()
-        self._replica_cache.clear()
-        self._epoch += 1
+        expected = self._expected
+        if any(a in expected and abs(self._mean(a) - expected[a]) > self.relearn * expected[a] for a in learnt):
+            expected.clear()
+            self._shapes.clear()
+            self._epoch += 1
 
-    def expected_output(self, adapter: int) -> float:
-        """The adapter's mean output length so far (with the prior); cached until the next harvest."""
+    def _mean(self, adapter: int) -> int:
+        w, n = self.prior_weight, self._cnt[adapter]
+        mean = (self.prior_output_tokens * w + self._sum[adapter]) / (w + n) if w + n > 0 else self.prior_output_tokens
+        return max(1, round(mean))
+
+    def expected_output(self, adapter: int) -> int:
+        """The adapter's mean output length so far (with the prior), in whole tokens (at least 1);
+        cached until a harvest moves it."""
         v = self._expected.get(adapter)
         if v is None:
-            w = self.prior_weight
-            v = self._expected[adapter] = (
-                (self.prior_output_tokens * w + self._sum[adapter]) / (w + self._cnt[adapter])
-                if (w + self._cnt[adapter]) > 0 else self.prior_output_tokens)
+            v = self._expected[adapter] = self._mean(adapter)
         return v
 
-    def remaining_tokens(self, r: Request) -> float:
+    def remaining_tokens(self, r: Request) -> int:
         if self.lengths == "oracle":
-            return float(r.remaining)
-        return max(self.expected_output(r.adapter) - r.generated, 1.0)
+            return r.remaining
+        return max(self.expected_output(r.adapter) - r.generated, 1)
 
-    def request_s(self, r: Request) -> float:
-        """Expected seconds of replica time this request still needs (decode share + pending prefill)."""
-        t = self.remaining_tokens(r) * self.token_s
+    def request_ns(self, r: Request) -> int:
+        """Expected ns of replica time this request still needs (decode share + pending prefill)."""
+        t = self.remaining_tokens(r) * self._constants()[3]
         if r.state == State.QUEUED:
-            t += self.prefill_s(r.context_len - r.prefilled)
+            t += self.prefill_ns(r.context_len - r.prefilled)
         return t
 
-    def queue_s(self, requests: Sequence[Request], batch: int) -> float:
-        """Seconds of outstanding work: full single-adapter batches run merged (discounted)."""
-        grouped: dict[int, list[Request]] = {}   # first-seen order, each list in the given order
-        for r in requests:
-            rs = grouped.get(r.adapter)
-            if rs is None:
-                grouped[r.adapter] = [r]
-            else:
-                rs.append(r)
-        return self.grouped_s(grouped, batch)
+    def request_s(self, r: Request) -> float:
+        return self.request_ns(r) / NS
 
-    def grouped_s(self, by_adapter: Mapping[int, Sequence[Request]], batch: int) -> float:
-        """`queue_s` of requests grouped by adapter (adapters in first-seen order, each list in queue
-        order; `ReplicaState.by_adapter` keeps one): the hot path of every dispatch, `request_s` inlined."""
-        token_s, oracle = self.token_s, self.lengths == "oracle"
-        prefill, prefill_s = self._prefill_cache, self.prefill_s
-        rho, total, expected = self.merged_ratio, 0.0, self._expected
-        for a, rs in by_adapter.items():
-            e_out = 0.0 if oracle else expected.get(a)
-            if e_out is None:
-                e_out = self.expected_output(a)
-            work = 0.0   # 0.0 + t == t: the sums of accumulating from the first request's t
+    # --- a queue's work ----------------------------------------------------------------------------
+    def _output(self, r: Request) -> int:
+        return r.output_tokens if self.lengths == "oracle" else self.expected_output(r.adapter)
+
+    def queue_ns(self, requests: Sequence[Request], batch: int, lag: int = 0,
+                 in_flight: Collection[Request] = ()) -> int:
+        """The work of `requests` (the module's definition), recomputed from the requests themselves; those
+        in `in_flight` have generated `lag` tokens more than they show."""
+        per: dict[int, list[Request]] = {}
+        for r in requests:
+            per.setdefault(r.adapter, []).append(r)
+        tok, flying, total = self._constants()[3], {id(r) for r in in_flight} if lag else (), 0
+        for rs in per.values():
+            work = 0
             for r in rs:
-                if oracle:
-                    rem = float(r.output_tokens - r.generated)
-                else:
-                    rem = e_out - r.generated
-                    if 1.0 > rem:
-                        rem = 1.0
-                t = rem * token_s
+                g = r.generated + lag if id(r) in flying else r.generated
+                rem = self._output(r) - g
+                work += (rem if rem > 1 else 1) * tok
                 if r.state == _QUEUED:
-                    ctx = r.prompt_tokens + r.generated - r.prefilled
-                    v = prefill.get(ctx)
-                    t += v if v is not None else prefill_s(ctx)
-                work += t
-            n = len(rs)
-            full = (n // batch) * batch / n
-            total += work * (1.0 - full + full * rho)
+                    work += self.prefill_ns(r.prompt_tokens + r.generated - r.prefilled)
+            total += self._discounted(work, len(rs), batch)
         return total
 
-    def replica_s(self, view: "ReplicaView") -> float:
-        """`queue_s` of the replica's queue, remembered until the replica's `version` or the estimates
-        change: a router prices every host per arrival, and many did nothing since the last."""
+    def _discounted(self, work: int, n: int, batch: int) -> int:
+        """An adapter's work with the share of its `n` requests in full batches discounted."""
+        if n < batch:
+            return work
+        return work - work * (n // batch * batch) * (PPM - self.merged_ppm) // (n * PPM)
+
+    def queue_s(self, requests: Sequence[Request], batch: int) -> float:
+        return self.queue_ns(requests, batch) / NS
+
+    def replica_ns(self, view: "ReplicaView") -> int:
+        """`queue_ns` of the replica's queue, with its batch in flight's `lag` counted: what a router
+        prices every host with at every arrival. Remembered as a function of the lag until the replica
+        changes, so a host that only fast-forwarded costs a bisection."""
         try:
-            version = view.version
-        except AttributeError:   # a view without a version (tests' stand-ins) is priced every time
-            return self.queue_s(view.queue, view.max_num_seqs)
-        hit = self._replica_cache.get(id(view))   # emptied whenever the estimates change (epoch)
-        if hit is not None and hit[1] == version and hit[0] is view:
-            return hit[2]
-        v = self.grouped_s(view.by_adapter(), view.max_num_seqs)
-        self._replica_cache[id(view)] = (view, version, v)
-        return v
+            lag = view.lag()   # first: it may apply the run's first iteration, which changes the version
+        except AttributeError:   # a view without one (tests' stand-ins) is priced from its requests
+            return self.queue_ns(view.queue, view.max_num_seqs)
+        return self._priced(view, lag, self._shapes.get(id(view)))
+
+    def _priced(self, view: "ReplicaView", lag: int, hit: tuple | None) -> int:
+        if hit is not None and hit[0] is view and hit[1].version == view.version and hit[1].epoch == self._epoch:
+            shape = hit[1]
+        else:
+            shape = self._shape(view)
+            self._shapes[id(view)] = (view, shape)
+        if shape.exact:
+            return self.queue_ns(view.queue, view.max_num_seqs, lag, view.in_flight)
+        slacks = shape.slacks
+        if not slacks:
+            return shape.fixed
+        k = bisect.bisect_right(slacks, lag)   # requests whose slack the lag used up count one token each
+        return shape.fixed + (shape.prefix[-1] - shape.prefix[k] - lag * (len(slacks) - k) + k) * self._bound[3]
+
+    def cheapest(self, views: Sequence["ReplicaView"], candidates: Iterable[int], request: Request,
+                 cost: "CostModel") -> int:
+        """The candidate of least `replica_ns` + `request_ns(request)` (ties: the lower index): a
+        dispatch's hot loop, one pass per host."""
+        best, best_c, batch, own, shapes = -1, 0, None, 0, self._shapes
+        for j in candidates:
+            view = views[j]
+            if view.max_num_seqs != batch:   # bind (and the request's own time) again only for another shape
+                batch = view.max_num_seqs
+                self.bind(cost, batch)
+                own = self.request_ns(request)
+            try:
+                lag = view.lag()
+            except AttributeError:
+                c = self.replica_ns(view) + own
+            else:
+                c = self._priced(view, lag, shapes.get(id(view))) + own
+            if best < 0 or c < best_c or (c == best_c and j < best):
+                best, best_c = j, c
+        return best
+
+    def _shape(self, view: "ReplicaView") -> _Shape:
+        batch = view.max_num_seqs
+        if any(len(rs) >= batch for rs in view.by_adapter().values()):
+            return _Shape(view.version, self._epoch, 0, [], [0], exact=True)
+        tok, fixed = self._constants()[3], 0
+        for r in view.queue:   # every request as if it made no progress ...
+            rem = self._output(r) - r.generated
+            fixed += (rem if rem > 1 else 1) * tok
+            if r.state == _QUEUED:
+                fixed += self.prefill_ns(r.prompt_tokens + r.generated - r.prefilled)
+        slacks = []
+        for r in view.in_flight:   # ... but those in flight, whose progress is the lag's
+            rem = self._output(r) - r.generated
+            fixed -= (rem if rem > 1 else 1) * tok
+            slacks.append(rem)
+        slacks.sort()
+        return _Shape(view.version, self._epoch, fixed, slacks, [0, *accumulate(slacks)])
+
+    def replica_s(self, view: "ReplicaView") -> float:
+        return self.replica_ns(view) / NS
 
     @staticmethod
     def demanded_blocks(view: "ReplicaView") -> int:
