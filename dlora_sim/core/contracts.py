@@ -51,7 +51,9 @@ class ReplicaView(Protocol):
     def ranks(self) -> Sequence[int]: ...          # every workload adapter's rank, by id
     def by_adapter(self) -> Mapping[int, Sequence[Request]]: ...   # the queue per adapter, FCFS, oldest first
     version: int                      # changes with every change to the queue or its requests' progress
-    def lag(self) -> int: ...         # iterations of `in_flight` that ended but are not applied to its requests
+    # iterations of `in_flight` that ended but are not applied to its requests (each has generated that many
+    # tokens more than it shows); may apply the run's first iteration first, which changes `version`
+    def lag(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -118,9 +120,9 @@ class Placement:
 class Router(ABC):
     """Global scheduler: placement at start, then one replica per arriving request.
 
-    `reads_progress` = False declares that dispatch reads no request's progress (tokens generated, KV
-    blocks held) but with the view's `lag` added to its batch in flight, so an executor may leave
-    fast-forwarded iterations unapplied before it."""
+    `reads_progress` = False declares that dispatch reads request progress (tokens generated, KV blocks
+    held) only through the views' `lag` or not at all, so an executor need not apply fast-forwarded
+    iterations before it."""
 
     reads_progress: bool = True
 

@@ -326,16 +326,11 @@ class ReplicaState:
             self._ended(done, free, end)
         return prefill_tokens, prefills
 
-    def complete_repeats(self, batch: Sequence[Request], m: int, total: int, *, grow: bool = False) -> None:
-        """m more identical decode iterations of `total` ns together (nobody finishes inside them).
-        With `grow`, the next identical iteration is in flight: every request's KV grows to hold it
-        (one pass for both, the hot path of a fast-forwarded run observed part-way)."""
+    def complete_repeats(self, batch: Sequence[Request], m: int, total: int) -> None:
+        """m more identical decode iterations of `total` ns together (nobody finishes inside them), and
+        the next identical one is in flight: every request's KV grows to hold it (one pass for both, the
+        hot path of a fast-forwarded run observed part-way; the run's end is `end_run` with repeats)."""
         self.version += 1
-        if not grow:
-            for r in batch:
-                r.generated += m
-                r.exec_ns += total
-            return
         bs, free = self.block_size, self.free_blocks
         for r in batch:
             g = r.generated = r.generated + m
@@ -350,7 +345,7 @@ class ReplicaState:
 
     def grow_in_flight(self, batch: Sequence[Request]) -> None:
         """The next identical iteration of `batch` is in flight: every request's KV grows to hold it."""
-        self.complete_repeats(batch, 0, 0, grow=True)
+        self.complete_repeats(batch, 0, 0)
 
     def end_run(self, batch: Sequence[Request], end: int, repeats: int = 0, repeat_ns: int = 0) -> list[Request]:
         """The batch's last iteration ended at `end` ns: requests with all their tokens finish; the others

@@ -7,8 +7,10 @@ Fast-forward: when a policy marks its decision `stable` and the batch is all dec
 load, switch, swap or preempt, the replica runs up to k identical iterations (until the first request finishes,
 KV blocks would run out, or the decision's `max_repeats`) as a few timeouts, one per chunk of doubling
 size. Any queue change interrupts it; it then stops at the end of the iteration in flight.
-`sync(now)` materialises the iterations completed before `now`, so routers and migrators observe
-exactly the state they would if every iteration were simulated one by one.
+`sync(now)` materialises the iterations completed before `now`, so migrators and routers that read
+requests observe exactly the state they would if every iteration were simulated one by one; the
+dLoRA router reads the replica's `lag` instead (iterations ended, not applied) and nothing is applied
+for it but a run's first iteration.
 
 Continuation: after an iteration with prefills, a policy that `continues` is not asked again while
 its promise holds (see `LocalScheduler.continues`); the same batch goes on as decodes, fast-forwarded.
@@ -207,7 +209,7 @@ class Replica:
             if last:   # the repeats and the run's end in one pass
                 state.end_run(batch, run.ends[-1], m, total)
             else:
-                state.complete_repeats(batch, m, total, grow=True)
+                state.complete_repeats(batch, m, total)
             if rec.keep_iterations:
                 for k in range(i, upto):
                     rec.iteration(self.id, run.ends[k] - run.durations[k], run.durations[k], run.compute[k],

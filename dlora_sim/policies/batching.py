@@ -56,12 +56,13 @@ def fill_batch(view: ReplicaView, candidates: Iterable[Request], *, plan: BatchP
 
 
 def _whole_queue(view: ReplicaView, adapter_limit: int | None) -> BatchPlan | None:
-    """The plan `_fill` makes of the whole queue when every request fits, else None (then `_fill` decides).
+    """The plan `_fill` makes of the whole queue when the whole queue surely fits, else None (then
+    `_fill` decides; it may still take it whole).
 
-    The common decision (a queue that fits one batch) in one light pass: it holds exactly when the
-    queue fits the seats and the adapter limit, nobody is swapped out, its tokens fit the budget and
-    its new KV blocks fit the free ones (above the watermark when it prefills); then `_fill` takes
-    every candidate in turn, and its plan's adapters are the queue's in order of first appearance."""
+    The common decision (a queue that fits one batch) in one light pass. Sufficient: the queue fits the
+    seats and the adapter limit, nobody is swapped out, its tokens fit the budget and all its new KV
+    blocks fit the free ones (above the watermark when it prefills); then `_fill` takes every candidate
+    in turn, adding their adapters to the plan's set one by one in order of first appearance."""
     queue = view.queue
     by_adapter = view.by_adapter()   # adapters in order of their oldest request: first appearance in FCFS
     if len(queue) > view.max_num_seqs or (adapter_limit is not None and len(by_adapter) > adapter_limit):
@@ -86,7 +87,10 @@ def _whole_queue(view: ReplicaView, adapter_limit: int | None) -> BatchPlan | No
         need += add
     if tokens > view.max_num_batched_tokens or need > view.free_blocks - (view.watermark_blocks if prefills else 0):
         return None
-    return BatchPlan(list(queue), adapters=set(by_adapter))
+    adapters: set[int] = set()
+    for a in by_adapter:   # one by one, as _fill adds them (a set built at once may iterate otherwise)
+        adapters.add(a)
+    return BatchPlan(list(queue), adapters=adapters)
 
 
 def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, limit: int | None,

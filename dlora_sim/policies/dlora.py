@@ -56,7 +56,8 @@ class DLoRAScheduler(LocalScheduler):
 
     merges = True
     # whole-queue stable decisions hold after their prefills: the counts, F, the mode, the credits and the
-    # phase statistics depend only on queue membership, residency and the mode, which such a prefill keeps
+    # phase statistics depend on queue membership, the resident adapters and the mode, which such a prefill
+    # keeps (the executor checks the free blocks, and max_repeats >= 2 keeps the AIMD window's end)
     continues = True
     guard: bool = True                 # the starvation guard (False: credits still move but never force)
     c_right: float = 48.0              # credit (displaced request-iterations) at which an adapter is forced

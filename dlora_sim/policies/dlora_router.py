@@ -85,6 +85,6 @@ class DLoRARouter(Router):
         return (work.replica_ns(view) + work.request_ns(request)) / NS
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
-        """The host of least `replica_cost` (ties: the lower index), in integer ns."""
+        """The host of least `replica_cost` (ties: the lower index), compared in integer ns."""
         self._observe(request, cluster)
         return self.work.cheapest(cluster.replicas, self.candidates(request, cluster), request, cluster.cost)

@@ -3,8 +3,8 @@
 Both global policies must rank replicas in the same unit (time, no division of counts: lightly loaded
 replicas must not all tie at zero), and both need each request's *expected* remaining time. Output
 lengths are unknown at dispatch, so a request's remaining decode tokens come from a per-adapter running
-mean of the output lengths observed so far, in whole tokens (looked up by the request's own adapter; taken
-anew when it moves by more than `relearn`), at least one; `lengths="oracle"` uses the true length (an upper bound on what estimation can buy). Times come
+mean of the output lengths observed so far, in whole tokens (looked up by the request's own adapter;
+taken anew when it moves by more than `relearn`), at least one; `lengths="oracle"` uses the true length (an upper bound on what estimation can buy). Times come
 from the cost model of the profile, rounded once to integer ns per token and per prefill, so a queue's
 work is an integer: the same whichever order it is summed in, and remembered exactly.
 
@@ -65,7 +65,7 @@ class WorkModel:
     _bound: tuple | None = field(default=None, repr=False)
     _prefill_cache: dict = field(default_factory=dict, repr=False)
     _expected: dict = field(default_factory=dict, repr=False)
-    _epoch: int = field(default=0, repr=False)              # bumped whenever an estimate may change
+    _epoch: int = field(default=0, repr=False)   # bumped when an estimate changes (a rebind, a relearnt mean)
     _shapes: dict = field(default_factory=dict, repr=False)   # id(view) -> (view, _Shape)
 
     def __post_init__(self) -> None:
@@ -89,11 +89,6 @@ class WorkModel:
         self._shapes.clear()
         self._epoch += 1
 
-    @property
-    def epoch(self) -> int:
-        """Changes whenever an estimate may (a rebind or a harvest); cached estimates key on it."""
-        return self._epoch
-
     def _constants(self) -> tuple:
         if self._bound is None:
             raise RuntimeError("WorkModel.bind(cost, batch) must be called before estimating work")
@@ -102,10 +97,6 @@ class WorkModel:
     @property
     def token_ns(self) -> int:
         return self._constants()[3]
-
-    @property
-    def token_s(self) -> float:
-        return self.token_ns / NS
 
     @property
     def merged_ppm(self) -> int:
@@ -221,11 +212,11 @@ class WorkModel:
         """`queue_ns` of the replica's queue, with its batch in flight's `lag` counted: what a router
         prices every host with at every arrival. Remembered as a function of the lag until the replica
         changes, so a host that only fast-forwarded costs a bisection."""
-        try:
-            lag = view.lag()   # first: it may apply the run's first iteration, which changes the version
-        except AttributeError:   # a view without one (tests' stand-ins) is priced from its requests
+        lag = getattr(view, "lag", None)
+        if lag is None:   # a view without one (tests' stand-ins) is priced from its requests
             return self.queue_ns(view.queue, view.max_num_seqs)
-        return self._priced(view, lag, self._shapes.get(id(view)))
+        # the lag first: it may apply the run's first iteration, which changes the version
+        return self._priced(view, lag(), self._shapes.get(id(view)))
 
     def _priced(self, view: "ReplicaView", lag: int, hit: tuple | None) -> int:
         if hit is not None and hit[0] is view and hit[1].version == view.version and hit[1].epoch == self._epoch:
@@ -252,12 +243,11 @@ class WorkModel:
                 batch = view.max_num_seqs
                 self.bind(cost, batch)
                 own = self.request_ns(request)
-            try:
-                lag = view.lag()
-            except AttributeError:
-                c = self.replica_ns(view) + own
+            lag = getattr(view, "lag", None)
+            if lag is None:
+                c = self.queue_ns(view.queue, batch) + own
             else:
-                c = self._priced(view, lag, shapes.get(id(view))) + own
+                c = self._priced(view, lag(), shapes.get(id(view))) + own
             if best < 0 or c < best_c or (c == best_c and j < best):
                 best, best_c = j, c
         return best
