@@ -4,9 +4,10 @@ Both global policies must rank replicas in the same unit (time, no division of c
 replicas must not all tie at zero), and both need each request's *expected* remaining time. Output
 lengths are unknown at dispatch, so a request's remaining decode tokens come from a per-adapter running
 mean of the output lengths observed so far, in whole tokens (looked up by the request's own adapter;
-taken anew when it moves by more than `relearn`), at least one; `lengths="oracle"` uses the true length (an upper bound on what estimation can buy). Times come
-from the cost model of the profile, rounded once to integer ns per token and per prefill, so a queue's
-work is an integer: the same whichever order it is summed in, and remembered exactly.
+taken anew when it moves by more than `relearn`), at least one; `lengths="oracle"` uses the true length
+(an upper bound on what estimation can buy). Times come from the cost model of the profile, rounded once
+to integer ns per token and per prefill, so a queue's work is an integer: the same whichever order it is
+summed in, and remembered exactly.
 
 A queue's work: per adapter, its requests' remaining decode tokens x the per-token time, plus each waiting
 prompt's prefill; an adapter with at least one full batch queued (n_a >= B) has the share of its work in
@@ -95,10 +96,6 @@ class WorkModel:
         return self._bound
 
     @property
-    def token_ns(self) -> int:
-        return self._constants()[3]
-
-    @property
     def merged_ppm(self) -> int:
         return self._constants()[4] if self.merge_aware else PPM
 
@@ -162,9 +159,9 @@ class WorkModel:
         return v
 
     def remaining_tokens(self, r: Request) -> int:
-        if self.lengths == "oracle":
-            return r.remaining
-        return max(self.expected_output(r.adapter) - r.generated, 1)
+        """Its expected (oracle: true) output tokens not generated yet, at least one."""
+        rem = self._output(r) - r.generated
+        return rem if rem > 1 else 1
 
     def request_ns(self, r: Request) -> int:
         """Expected ns of replica time this request still needs (decode share + pending prefill)."""
