@@ -209,13 +209,11 @@ class WorkModel:
         """`queue_ns` of the replica's queue, with its batch in flight's `lag` counted: what a router
         prices every host with at every arrival. Remembered as a function of the lag until the replica
         changes, so a host that only fast-forwarded costs a bisection."""
-        lag = getattr(view, "lag", None)
-        if lag is None:   # a view without one (tests' stand-ins) is priced from its requests
+        lag_of = getattr(view, "lag", None)
+        if lag_of is None:   # a view without one (tests' stand-ins) is priced from its requests
             return self.queue_ns(view.queue, view.max_num_seqs)
-        # the lag first: it may apply the run's first iteration, which changes the version
-        return self._priced(view, lag(), self._shapes.get(id(view)))
-
-    def _priced(self, view: "ReplicaView", lag: int, hit: tuple | None) -> int:
+        lag = lag_of()   # first: it may apply the run's first iteration, which changes the version
+        hit = self._shapes.get(id(view))
         if hit is not None and hit[0] is view and hit[1].version == view.version and hit[1].epoch == self._epoch:
             shape = hit[1]
         else:
@@ -232,19 +230,15 @@ class WorkModel:
     def cheapest(self, views: Sequence["ReplicaView"], candidates: Iterable[int], request: Request,
                  cost: "CostModel") -> int:
         """The candidate of least `replica_ns` + `request_ns(request)` (ties: the lower index): a
-        dispatch's hot loop, one pass per host."""
-        best, best_c, batch, own, shapes = -1, 0, None, 0, self._shapes
+        dispatch's loop, one `replica_ns` per host."""
+        best, best_c, batch, own = -1, 0, None, 0
         for j in candidates:
             view = views[j]
             if view.max_num_seqs != batch:   # bind (and the request's own time) again only for another shape
                 batch = view.max_num_seqs
                 self.bind(cost, batch)
                 own = self.request_ns(request)
-            lag = getattr(view, "lag", None)
-            if lag is None:
-                c = self.queue_ns(view.queue, batch) + own
-            else:
-                c = self._priced(view, lag(), shapes.get(id(view))) + own
+            c = self.replica_ns(view) + own
             if best < 0 or c < best_c or (c == best_c and j < best):
                 best, best_c = j, c
         return best
