@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if os.environ.get("RESULTS_CHANGE_CODE"):   # a child measuring the baseline: its dlora_sim first
-    sys.path.insert(0, os.environ["RESULTS_CHANGE_CODE"])
 
+from benchmarks.baseline import checkout, child_json, commit_of, use_code_from_env  # noqa: E402
 from benchmarks.recording import finish, output_dir, write_report  # noqa: E402
+
+use_code_from_env()
 
 # what the change touches: multi-replica runs of the routers that price queues (dLoRA, Proactive), with and
 # without co-migration, on the default workload and on the paper's (the capacity experiment's setting)
@@ -51,15 +50,7 @@ def one(config: str, seed: int) -> dict:
 
 
 def _child(config: str, seed: int, code: Path | None) -> dict:
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    env.pop("RESULTS_CHANGE_CODE", None)
-    if code is not None:
-        env["RESULTS_CHANGE_CODE"] = str(code)
-    out = subprocess.run([sys.executable, __file__, "--child", config, str(seed)], capture_output=True, text=True,
-                         env=env)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(__file__, [config, str(seed)], code)
 
 
 def main() -> None:
@@ -74,15 +65,13 @@ def main() -> None:
     if a.child:
         print(json.dumps(one(a.child[0], int(a.child[1]))))
         return
-    if a.baseline is None or not (a.baseline / "dlora_sim").is_dir():
-        raise SystemExit(f"--baseline {a.baseline}: give a checkout of the earlier code (a git worktree)")
+    baseline = checkout(a.baseline, required=True)
     seeds = [int(x) for x in a.seeds.split(",")]
-    at = subprocess.run(["git", "-C", str(a.baseline), "rev-parse", "--short=10", "HEAD"], capture_output=True,
-                        text=True).stdout.strip() or "not a git checkout"
+    at = commit_of(baseline)
     rows = []
     for config in a.configs.split(","):
         runs = {code: [_child(config, s, where) for s in seeds]
-                for code, where in (("this", None), ("baseline", a.baseline.resolve()))}
+                for code, where in (("this", None), ("baseline", baseline))}
         for m in METRICS:
             vals = {code: [r[m] for r in rs if r[m] is not None] for code, rs in runs.items()}
             if not vals["this"] or not vals["baseline"]:

@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if os.environ.get("SIM_SPEED_CODE"):   # a child measuring other code (--baseline): its dlora_sim first
-    sys.path.insert(0, os.environ["SIM_SPEED_CODE"])
 
+from benchmarks.baseline import checkout, child_json, commit_of, use_code_from_env  # noqa: E402
 from benchmarks.recording import RESULTS, finish, write_report  # noqa: E402
+
+use_code_from_env()
 
 
 def _compose(overrides: list[str]):
@@ -88,19 +87,7 @@ def capacity(system: str, seed: int) -> float:
 
 
 def _child(args: list[str], code: Path | None = None) -> dict:
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    env.pop("SIM_SPEED_CODE", None)
-    if code is not None:
-        env["SIM_SPEED_CODE"] = str(code)
-    cmd = ["taskset", "-c", "0"] if _has_taskset() else []
-    out = subprocess.run(cmd + [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _has_taskset() -> bool:
-    return subprocess.run(["which", "taskset"], capture_output=True).returncode == 0
+    return child_json(__file__, args, code, one_core=True)
 
 
 def main() -> None:
@@ -133,9 +120,7 @@ def main() -> None:
     systems = a.systems.split(",")
     codes: dict[str, Path | None] = {"this": None}
     if a.baseline is not None:
-        if not (a.baseline / "dlora_sim").is_dir():
-            raise SystemExit(f"--baseline {a.baseline}: no dlora_sim/ there (give a checkout, e.g. a git worktree)")
-        codes["baseline"] = a.baseline.resolve()
+        codes["baseline"] = checkout(a.baseline)
     caps = {}
     for system in systems:   # the rates come from this code's probe: both codes simulate the same requests
         caps[system] = _child(["capacity", system, str(a.seed)])["capacity"]
@@ -178,9 +163,8 @@ def _notes(a, rows: list[dict], ratios: list, speedups: list) -> str:
             "of a replica's local policy. Runs alternate within each repeat; a ratio is the median of the "
             "paired wall-time ratios.")
     if speedups:
-        at = subprocess.run(["git", "-C", str(a.baseline), "rev-parse", "--short=10", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "not a git checkout"
-        note += (f"\n\nSpeed-up of this code over `--baseline` ({a.baseline}, commit {at}), same requests, same machine, "
+        note += (f"\n\nSpeed-up of this code over `--baseline` ({a.baseline}, commit {commit_of(a.baseline)}), same "
+                 "requests, same machine, "
                  "runs alternating:\n\n| system | replicas | baseline wall / this wall (median of pairs) | "
                  "pairs (min..max) |\n|---|---|---|---|\n")
         note += "\n".join(f"| {s} | {r} | {statistics.median(p):.2f} | {p[0]:.2f}..{p[-1]:.2f} |"
