@@ -75,14 +75,15 @@ def _timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> 
     return wall, rss, proc.stdout + proc.stderr
 
 
-def run_ours(rows, replicas: int, work: Path, system: str = "merged") -> tuple[float, float, dict, float]:
+def run_ours(rows, replicas: int, work: Path, system: str = "merged",
+             profile: str = "a100_80gb") -> tuple[float, float, dict, float]:
     path = work / "ours.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["arrival_s", "adapter", "prompt_tokens", "output_tokens"])
         w.writerows([f"{t:.6f}", 0, p, o] for t, p, o in rows)
     out = work / "ours_out"
-    wall, rss, _ = _timed([sys.executable, "-m", "dlora_sim.cli", f"system={system}", "workload=csv",
+    wall, rss, _ = _timed([sys.executable, "-m", "dlora_sim.cli", f"system={system}", f"profile={profile}", "workload=csv",
                            f"workload.path={path}", "workload.num_adapters=1", "router=rr",
                            f"cluster.num_replicas={replicas}", f"cluster.replica.max_num_seqs={BATCH_CAP}",
                            f"cluster.replica.max_num_batched_tokens={MAX_TOKENS}",
@@ -151,10 +152,11 @@ def _metrics(arrival, e2e, ttft, out_tokens) -> dict:
 KEYS = ["mean_e2e_s", "p99_e2e_s", "mean_ttft_s", "p99_ttft_s", "mean_tpot_s", "throughput_rps"]
 
 
-def report(rows: list[dict], system: str = "merged") -> str:
-    lines = [f"# Side by side with Vidur (A100 / Llama-2-7B, vLLM scheduling, round-robin; ours: system={system})", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on this machine by `python benchmarks/vs_vidur.py --record"
-             f"{'' if system == 'merged' else ' --system ' + system}` "
+def report(rows: list[dict], system: str = "merged", profile: str = "a100_80gb") -> str:
+    flags = ("" if system == "merged" else f" --system {system}") + ("" if profile == "a100_80gb" else f" --profile {profile}")
+    lines = [f"# Side by side with Vidur (A100 / Llama-2-7B, vLLM scheduling, round-robin; ours: system={system}, "
+             f"profile={profile})", "",
+             f"Measured {time.strftime('%Y-%m-%d')} on this machine by `python benchmarks/vs_vidur.py --record{flags}` "
              "(vidur 0.0.26 from its own venv, its own profiling data). Wall and peak RSS are whole "
              "processes (start-up included; ours also reports the simulation alone); best of the repeats. "
              "Metric columns: ours / Vidur - 1 on the same requests.", "",
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="azure_conv,poisson")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--system", default="merged", help="our policy on the one adapter (merged | dlora | slora ...)")
+    ap.add_argument("--profile", default="a100_80gb",
+                    help="our cost model (conf/profile): a100_80gb (analytic, the paper's software) | a100_80gb_vidur "
+                         "(fitted to Vidur's own operator measurements)")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="vs_vidur_"))
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             reqs = _requests(kind, n)
             case = work / f"{kind}_{n}"
             case.mkdir()
-            ours = [run_ours(reqs, n, case, args.system) for _ in range(args.repeats)]
+            ours = [run_ours(reqs, n, case, args.system, args.profile) for _ in range(args.repeats)]
             vid = [run_vidur(reqs, n, case, args.vidur_python, args.vidur_cache) for _ in range(args.repeats)]
             o, v = min(ours, key=lambda x: x[0]), min(vid, key=lambda x: x[0])
             row = {"workload": kind, "replicas": n, "requests": len(reqs), "ours_wall_s": o[0],
@@ -201,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             out_rows.append(row)
             print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}), flush=True)
     dest = RESULTS if args.record else work
-    name = "vs_vidur" if args.system == "merged" else f"vs_vidur_{args.system}"
-    text = report(out_rows, args.system)
+    name = ("vs_vidur" + ("" if args.system == "merged" else f"_{args.system}")
+            + ("" if args.profile == "a100_80gb" else f"_{args.profile}"))
+    text = report(out_rows, args.system, args.profile)
     write_report(dest, name, [{k: (f"{x:.6g}" if isinstance(x, float) else x) for k, x in r.items()}
                               for r in out_rows], text)
     print(text)
