@@ -6,22 +6,35 @@ benchmarks/results/capacity.{csv,md} and capacity_probes.csv, and copies the swe
 
     dlora-sim --multirun experiment=capacity
     python benchmarks/capacity.py outputs/capacity/<date_time> --record
+
+A sweep on another profile (`dlora-sim --multirun experiment=capacity profile=a100_80gb_vidur`) is recorded beside
+the default's, as capacity_vidur.*.
 """
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from benchmarks.recording import report_main, write_rows  # noqa: E402
+from benchmarks.recording import profile_suffix, report_main, write_rows  # noqa: E402
 
 SYSTEMS = {"vllm": "vLLM (replicated)", "peft": "PEFT", "slora": "S-LoRA-style", "dlora": "dLoRA"}
 
 
 def parse_arm(arm: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in arm.split())
+
+
+def hardware(sweep: Path) -> str:
+    """The profile the sweep ran on (conf/profile's `hardware`), from any of its runs' summaries."""
+    from dlora_sim.api import summary_files
+    first = next(iter(summary_files(Path(sweep))), None)
+    if first is None:
+        raise SystemExit(f"{sweep}: no run's summary.json under it")
+    return json.loads(first.read_text())["config"]["profile"]["hardware"]
 
 
 def load(sweep: Path) -> list[dict]:
@@ -43,13 +56,14 @@ def fmt(x: float | None) -> str:
     return "< 0.25" if x is None else f"{x:.3g}"
 
 
-def report(rows: list[dict], sweep: Path) -> str:
+def report(rows: list[dict], sweep: Path, hw: str = "a100-80gb") -> str:
     lengths = sorted({r["run_length"] for r in rows})
+    override = "" if not profile_suffix(hw) else f" profile={hw.replace('-', '_')}"
     lines = ["# capacity: the highest request rate with mean s/token <= 0.5 s (8 replicas)", "",
              "Bisection by the capacity sweeper (dlora_sim/capacity.py), 8 log-space rounds between 0.25 and 128 "
-             "req/s; requests = run length x rate. A100-80GB profiles (simulated), rank-16 adapters with Zipf(1) "
+             f"req/s; requests = run length x rate. Profile {hw} (simulated), rank-16 adapters with Zipf(1) "
              "popularity, lengths resampled from Azure conv and filtered like the paper's ShareGPT, batch cap 16. "
-             f"Source: `{sweep}`. Commands: `dlora-sim --multirun experiment=capacity`, then "
+             f"Source: `{sweep}`. Commands: `dlora-sim --multirun experiment=capacity{override}`, then "
              "`python benchmarks/capacity.py <folder> --record`.", ""]
     keys = sorted({(r["model"], r["lora"]) for r in rows})
     head = "| model | LoRA cost | system | " + " | ".join(f"{L:g} x rate" for L in lengths) + " | change |"
@@ -77,14 +91,18 @@ def report(rows: list[dict], sweep: Path) -> str:
 
 
 def write(rows: list[dict], out: Path, sweep: Path) -> list[str]:
-    text = report(rows, sweep)
+    hw = hardware(sweep)
+    stem = "capacity" + profile_suffix(hw)
+    text = report(rows, sweep, hw)
     print(text)
-    write_rows(out / "capacity.csv", rows)
-    (out / "capacity.md").write_text(text)
-    for name in ("capacity.png", "capacity_probes.csv"):
-        if (sweep / name).exists():
-            shutil.copyfile(sweep / name, out / name)
-    return ["capacity.csv", "capacity.md", "capacity.png", "capacity_probes.csv"]
+    write_rows(out / f"{stem}.csv", rows)
+    (out / f"{stem}.md").write_text(text)
+    files = [f"{stem}.csv", f"{stem}.md"]
+    for name, suffix in (("capacity", ".png"), ("capacity_probes", ".csv")):
+        if (sweep / f"{name}{suffix}").exists():
+            files.append(f"{name}{profile_suffix(hw)}{suffix}")
+            shutil.copyfile(sweep / f"{name}{suffix}", out / files[-1])
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:

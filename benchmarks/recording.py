@@ -23,6 +23,17 @@ REPO = RESULTS.parents[1]
 PROVENANCE = RESULTS / "provenance.json"
 
 
+DEFAULT_HARDWARE = "a100-80gb"   # conf/profile/a100_80gb: the profile the paper comparison's recordings use
+
+
+def profile_suffix(hardware: str) -> str:
+    """'' for the default A100 profile, else '_' and what sets the profile apart (a100-80gb-vidur -> '_vidur'):
+    a benchmark recorded on another profile sits beside the default's recording instead of replacing it."""
+    if hardware == DEFAULT_HARDWARE:
+        return ""
+    return "_" + hardware.removeprefix(DEFAULT_HARDWARE + "-").replace("-", "_")
+
+
 def output_dir(record: bool, name: str, out: Path | None = None) -> Path:
     """benchmarks/results/ with --record, else `out` (--out) or a fresh temporary folder."""
     if record and out is not None:

@@ -12,6 +12,9 @@ of one dlora run per batch cap. Exit status 1 if an enforced criterion fails.
 
     dlora-sim --multirun experiment=skew_sweep
     python benchmarks/skew_sweep.py outputs/skew_sweep/<date_time> --record
+
+A sweep on another profile (`... experiment=skew_sweep profile=a100_80gb_vidur`) is recorded beside the default's
+(skew_sweep_vidur.*, skew_sweep_kernel_vidur.*), its criteria reported, not enforced.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from benchmarks.recording import finish, output_dir, write_rows  # noqa: E402
+from benchmarks.recording import finish, output_dir, profile_suffix, write_rows  # noqa: E402
 
 from dlora_sim.api import load_summaries
 
@@ -104,12 +107,14 @@ def report(path: str, checked: dict[int, tuple[list[dict], list[str]]], sweep: P
     rows, _ = checked[seed]
     any_run = next(iter(table.values()))["dlora"]
     wl = any_run["config"]["workload"]
+    hw = any_run["config"]["profile"]["hardware"]
+    override = "" if not profile_suffix(hw) else f" profile={hw.replace('-', '_')}"
     lines = [f"# skew_sweep ({path}): s/token vs adapter popularity (one replica)", "",
              f"Unmerged LoRA priced as {PATHS[path]}. {wl['num_adapters']} adapters, Zipf(s) popularity, "
              f"{wl['num_requests']} requests, lengths uniform [8, 512), profile "
              f"{any_run['config']['profile']['hardware']} / {any_run['config']['model']['name']} (simulated). "
              f"Tables: seed {seed}; the verdicts of every seed follow them. Source: `{sweep}`.", "",
-             "Commands: `dlora-sim --multirun experiment=skew_sweep` then "
+             f"Commands: `dlora-sim --multirun experiment=skew_sweep{override}` then "
              "`python benchmarks/skew_sweep.py <sweep folder> --record`.", ""]
     for load_name, (_, kind) in LOADS.items():
         sel = [r for r in rows if r["load"] == load_name]
@@ -130,7 +135,7 @@ def report(path: str, checked: dict[int, tuple[list[dict], list[str]]], sweep: P
     lines += ["Criteria: at `queue > batch` loads, dlora mean and P90 <= 1.02 x the better single mode; at "
               "overload, dlora throughput >= the better single mode's; switching < 3% of busy time everywhere."
               + ("" if enforced else " Reported, not enforced: this is not the cost the scheduler's acceptance "
-                 "was set for."), "",
+                 "was set for (the analytic profile's einsum path)."), "",
               "| seed | worst dlora mean / best (queue > batch) | worst P90 / best | lowest throughput / best "
               "(overload) | most switching | verdict |", "|---|---|---|---|---|---|"]
     for sd, (rs, fails) in checked.items():
@@ -178,9 +183,10 @@ def write(name: str, path: str, all_rows: list[dict], rows: list[dict], text: st
     """CSV of every seed's rows; chart and modes charts of the first seed. Returns the files' names."""
     write_rows(out / f"{name}.csv", all_rows)
     (out / f"{name}.md").write_text(text)
-    wl = next(iter(table.values()))["dlora"]["config"]["workload"]
+    cfg = next(iter(table.values()))["dlora"]["config"]
+    wl, hw = cfg["workload"], cfg["profile"]["hardware"]
     chart(rows, out / f"{name}.png", f"one replica, {wl['num_adapters']} adapters (Zipf s), {wl['num_requests']} "
-                                     f"requests, A100-80GB / Llama-2-7B, unmerged LoRA cost: {path}")
+                                     f"requests, {hw} / Llama-2-7B, unmerged LoRA cost: {path}")
     from dlora_sim.plots import mode_threshold_chart
     files = [f"{name}.csv", f"{name}.md", f"{name}.png"]
     for load_name, skew in MODES_CHART.items():
@@ -189,7 +195,7 @@ def write(name: str, path: str, all_rows: list[dict], rows: list[dict], text: st
             continue
         if run is not None and (Path(run["folder"]) / "iterations.csv").exists():
             png = mode_threshold_chart(Path(run["folder"]))
-            files.append(f"skew_sweep_{load_name.split('_', 1)[1]}_s{skew:g}_modes.png")
+            files.append(f"skew_sweep_{load_name.split('_', 1)[1]}_s{skew:g}_modes{profile_suffix(hw)}.png")
             shutil.copyfile(png, out / files[-1])
     return files
 
@@ -209,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         checked = {seed: check(table) for seed, table in by_seed.items()}
         first = next(iter(by_seed))
-        enforced = path == "einsum"   # the cost the scheduler's acceptance criteria were set for
+        hw = next(iter(by_seed[first].values()))["dlora"]["config"]["profile"]["hardware"]
+        # the cost the scheduler's acceptance criteria were set for: the analytic profile's einsum path
+        enforced = path == "einsum" and not profile_suffix(hw)
         text = report(path, checked, args.sweep, by_seed[first], enforced)
         print(text)
-        name = "skew_sweep" if path == "einsum" else f"skew_sweep_{path}"
+        name = ("skew_sweep" if path == "einsum" else f"skew_sweep_{path}") + profile_suffix(hw)
         files = write(name, path, [r for rs, _ in checked.values() for r in rs], checked[first][0], text,
                       by_seed[first], out)
         failed |= enforced and any(f for _, f in checked.values())

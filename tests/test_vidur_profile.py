@@ -151,3 +151,10 @@ def test_the_committed_profile_is_what_the_shared_data_fits_to(tmp_path):
     assert (tmp_path / f"{vidur.NAME}.fit.md").read_text() == (PROFILES_DIR / f"{vidur.NAME}.fit.md").read_text()
     held = yaml.safe_load((tmp_path / f"{vidur.NAME}.yaml").read_text())["provenance"]["method"]
     assert "held-out" in held
+
+
+def test_a_benchmark_recorded_on_the_fitted_profile_sits_beside_the_defaults_recording():
+    from benchmarks.recording import profile_suffix
+    assert profile_suffix("a100-80gb") == ""
+    assert profile_suffix("a100-80gb-vidur") == "_vidur"
+    assert profile_suffix("h200") == "_h200"
