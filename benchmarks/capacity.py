@@ -30,22 +30,29 @@ def parse_arm(arm: str) -> dict[str, str]:
 
 def hardware(sweep: Path) -> str:
     """The profile the sweep ran on (conf/profile's `hardware`), from any of its runs' summaries."""
+    return _first_summary(sweep)["config"]["profile"]["hardware"]
+
+
+def _first_summary(sweep: Path) -> dict:
     from dlora_sim.api import summary_files
     first = next(iter(summary_files(Path(sweep))), None)
     if first is None:
         raise SystemExit(f"{sweep}: no run's summary.json under it")
-    return json.loads(first.read_text())["config"]["profile"]["hardware"]
+    return json.loads(first.read_text())
 
 
 def load(sweep: Path) -> list[dict]:
     path = Path(sweep) / "capacity.csv"
     if not path.exists():
         raise SystemExit(f"{path} not found: run `dlora-sim --multirun experiment=capacity` first")
+    # an arm names only the swept keys: a sweep of one model (hydra.sweeper.params.model=llama2_7b) takes it
+    # from its runs' overrides
+    model = next((o.split("=", 1)[1] for o in _first_summary(sweep)["overrides"] if o.startswith("model=")), "?")
     rows = []
     with path.open(newline="") as f:
         for r in csv.DictReader(f):
             a = parse_arm(r["arm"])
-            rows.append({"system": a.get("system", "?"), "model": a.get("model", "?"),
+            rows.append({"system": a.get("system", "?"), "model": a.get("model", model),
                          "lora": a.get("profile.lora", "?"), "run_length": float(r["run_length"]),
                          "capacity_rps": float(r["capacity_rps"]) if r["capacity_rps"] else None,
                          "first_failed_rps": float(r["first_failed_rps"])})

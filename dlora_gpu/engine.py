@@ -213,7 +213,7 @@ class Engine:
     def __init__(self, parts: Parts, rcfg: RuntimeConfig, make_workers: Callable, clock: Clock, *,
                  progress: bool = False, keep_iterations: bool = True, keep_tokens: bool = False,
                  stream: RequestStream | None = None):
-        self._refuse(parts)
+        self._refuse(parts, clock)
         n = parts.cluster.num_replicas
         migrator = parts.migrator if n > 1 else None
         self.cluster = Cluster(parts.workload, parts.profile, parts.cluster, parts.scheduler_factory, parts.router,
@@ -261,11 +261,14 @@ class Engine:
         return self.cluster.requests
 
     @staticmethod
-    def _refuse(parts: Parts) -> None:
+    def _refuse(parts: Parts, clock: Clock) -> None:
         """What the runtime cannot serve, named by its config key."""
         if parts.cluster.replica.weights != "lora":
             raise ValueError("cluster.replica.weights=full_copy: the runtime keeps one base model with LoRA slots "
                              "(vLLM-replicated whole-model copies are simulator-only)")
+        if parts.cluster.replica.host_adapter_cache is not None and not clock.virtual:
+            raise ValueError("cluster.replica.host_adapter_cache: the runtime keeps every adapter in host memory; "
+                             "adapter tiers are priced on runtime.clock=virtual only")
 
     # --- one step on one replica -----------------------------------------------------------------------
     def _decide(self, j: int) -> Decision | None:

@@ -91,6 +91,10 @@ class CostModel:
         load = 0.0
         for nbytes in step.load_bytes:
             load += self.load_time(nbytes)
+        if step.overlap_loads:   # the copies run beside the compute: only what outlasts it shows
+            load = max(0.0, load - compute)
+        if step.store_s:
+            load += step.store_s
         return Prices(compute, self.mode_change_time(step.mode_from, step.decision.merged, step.full_copy), load,
                       self.swap_time(step.swapped_in_blocks + step.swapped_out_blocks, step.block_bytes))
 
@@ -157,6 +161,14 @@ class CostModel:
     def load_time(self, nbytes: int) -> float:
         tr = self.profile.transfers
         return tr.load_overhead_s + nbytes / (tr.host_to_gpu_bytes_per_s * self.gpus)
+
+    def store_time(self, nbytes: int) -> float:
+        """One adapter fetched from the backing store into host memory (a bounded host adapter cache's miss)."""
+        tr = self.profile.transfers
+        if tr.store_bytes_per_s <= 0:
+            raise ValueError(f"{self.profile.path or self.profile.name}: 'transfers.store_bytes_per_s' is 0: this "
+                             "profile prices no backing store, so cluster.replica.host_adapter_cache must be null")
+        return tr.store_latency_s + nbytes / tr.store_bytes_per_s
 
     def swap_time(self, blocks: int, block_bytes: int) -> float:
         """KV blocks moved between GPU and host in one iteration (both directions together)."""

@@ -104,6 +104,10 @@ class Transfers:
     load_overhead_s: float = 0.0     # fixed cost per adapter load (measured profiles: per-slice copies)
     swap_overhead_s: float = 0.0     # fixed cost of an iteration that swaps (measured profiles)
     kv_transfer_overhead_s: float = 0.0   # fixed cost per migrated request's KV (export, ship, import calls)
+    # the backing store behind a bounded host adapter cache (cluster.replica.host_adapter_cache): disk or a
+    # remote object store; an adapter not in host memory is fetched from it first. 0 = none priced
+    store_bytes_per_s: float = 0.0
+    store_latency_s: float = 0.0     # fixed cost per fetch (a request to the store)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,12 @@ class ReplicaConfig:
     chunked_prefill: bool | str = "auto"   # Sarathi-style: prompts split across iterations; "auto": only
                                            # if some prompt exceeds the token budget (see resolve_chunked_prefill)
     prefill_priority: bool = False   # vLLM's default: admissible prefills go first (alone, unless chunked)
+    # adapter tiers (core/adapter_tiers.py): adapters held in host memory, an LRU (vLLM's max_cpu_loras, SGLang's
+    # max_loaded_loras); null = every adapter, no backing store. A miss is fetched from the profile's store
+    host_adapter_cache: int | None = None
+    adapter_prefetch: bool = False   # fetch queued requests' adapters from the store ahead of their load (S-LoRA)
+    overlap_loads: bool = False      # host-to-GPU adapter loads overlap the iteration's compute (SGLang's
+                                     # --enable-lora-overlap-loading)
 
     def __post_init__(self) -> None:
         if self.weights not in ("lora", "full_copy"):
@@ -51,6 +57,12 @@ class ReplicaConfig:
             raise ValueError(f"cluster.replica.max_kv_blocks must be >= 1 or null, got {self.max_kv_blocks}")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"cluster.replica.watermark must be in [0, 1), got {self.watermark}")
+        if self.host_adapter_cache is not None and (isinstance(self.host_adapter_cache, bool)
+                                                    or self.host_adapter_cache < 1):
+            raise ValueError(f"cluster.replica.host_adapter_cache must be >= 1 or null, got {self.host_adapter_cache!r}")
+        if self.adapter_prefetch and self.host_adapter_cache is None:
+            raise ValueError("cluster.replica.adapter_prefetch=true needs a bounded cluster.replica.host_adapter_cache "
+                             "(with every adapter in host memory there is nothing to fetch ahead)")
         if not (isinstance(self.chunked_prefill, bool) or self.chunked_prefill == "auto"):
             raise ValueError(f"cluster.replica.chunked_prefill must be true, false or auto, got {self.chunked_prefill!r}")
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from dlora_sim.core.adapter_tiers import AdapterTiers
 from dlora_sim.core.contracts import Decision, PolicyError
 from dlora_sim.core.cost_model import CostModel
 from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots
-from dlora_sim.core.request import NS, Request, State, blocks_for
+from dlora_sim.core.request import NS, Request, State, blocks_for, to_ns
 from dlora_sim.core.step import Step
 from dlora_sim.core.validation import check_accounting, validate
 
@@ -63,6 +64,11 @@ class ReplicaState:
         # Set by an executor that defers them; a router reads progress through it (policies/estimates.py)
         self.lag: Callable[[], int] = _no_lag
         self._grouped: tuple[int, dict[int, list[Request]]] = (-1, {})
+        self.tiers: AdapterTiers | None = None   # a bounded host adapter cache and the store behind it
+        if cfg.host_adapter_cache is not None:
+            cost.store_time(0)   # a profile without a store is refused here, naming the key
+            self.tiers = AdapterTiers(cfg.host_adapter_cache, lambda nbytes: to_ns(cost.store_time(nbytes)))
+            recorder.counters["tiered_replicas"] += 1
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
         # called when the queue changes from outside (an arrival, a migration): an executor that waits
         # for work (the simulator's replica process) wakes up here
@@ -163,6 +169,8 @@ class ReplicaState:
                 raise ValueError(f"replica {self.id}: cannot preload {list(adapters)} into {self.adapter_slots} slots")
             self.resident[a] = None
             self.resident_rank_sum += self._ranks[a]
+            if self.tiers is not None:   # fetched before serving starts
+                self.tiers.load(a, 0, 0)
 
     # --- applying a decision ------------------------------------------------------------------------
     def begin(self, d: Decision) -> Step:
@@ -193,6 +201,9 @@ class ReplicaState:
             self.resident_rank_sum += ranks[a]
             step.load_bytes.append(self.slot_bytes(ranks[a]))
         rec.count("adapter_loads", len(d.load))
+        step.overlap_loads = self.cfg.overlap_loads
+        if self.tiers is not None:
+            self._tiered(step, d)
         if d.merged != self.merged:
             if not self.full_copy:
                 rec.count("switches", 1)
@@ -263,6 +274,29 @@ class ReplicaState:
         if self.debug:
             self.check_accounting()
         return step
+
+    def _tiered(self, step: Step, d: Decision) -> None:
+        """The decision's loads by tier (what the store adds to each), then prefetches for the queue's
+        adapters that are not resident, oldest request first: only the most urgent that host memory holds
+        beside the GPU's adapters (a prefetch that evicted a more urgent one would be wasted), as many in
+        flight as the GPU has slots."""
+        tiers, rec, now = self.tiers, self.recorder, self._clock()
+        assert tiers is not None
+        evicted = tiers.evictions
+        tiers.settle(now)
+        for a, nbytes in zip(d.load, step.load_bytes):
+            wait, tier = tiers.load(a, nbytes, now)
+            step.store_s += wait
+            rec.count(f"adapter_loads_{tier}")
+            rec.count("adapter_store_wait_ns", to_ns(wait))
+            rec.count("adapter_host_load_ns", to_ns(self.cost.load_time(nbytes)))
+        if self.cfg.adapter_prefetch:
+            ranks = self._ranks
+            room = max(tiers.capacity - len(self.resident), 1)
+            wanted = [a for a in self.by_adapter() if a not in self.resident][:room]
+            rec.count("adapter_prefetches", tiers.prefetch(wanted, lambda a: self.slot_bytes(ranks[a]), now,
+                                                           self.adapter_slots))
+        rec.count("host_cache_evictions", tiers.evictions - evicted)
 
     def continue_decodes(self, d: Decision, prev: Step) -> Step:
         """`begin` for the decisions a policy promised to make again right after `prev`'s prefills

@@ -252,8 +252,19 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
         "busy_s": round(res.recorder.busy_ns / NS, 6), "switch_s": round(res.recorder.switch_s, 6),
         "switching_share": round(res.recorder.switch_s * NS / res.recorder.busy_ns, 6) if res.recorder.busy_ns else 0.0,
         "sim_time_s": round(res.sim_end_s, 6), "sim_wall_s": round(res.wall_s, 3),
+        **(_tier_summary(c) if c["tiered_replicas"] else {}),
         **res.extra,
     }
+
+
+def _tier_summary(c: Counter) -> dict[str, Any]:
+    """Adapter loads by the tier they came from and the time each tier took (runs with a bounded host adapter
+    cache): host-to-GPU copies (before any overlap with compute), waits on the backing store."""
+    return {"num_adapter_loads_host": c["adapter_loads_host"], "num_adapter_loads_store": c["adapter_loads_store"],
+            "num_adapter_loads_prefetched": c["adapter_loads_prefetched"],
+            "num_adapter_prefetches": c["adapter_prefetches"], "num_host_cache_evictions": c["host_cache_evictions"],
+            "adapter_host_load_s": round(c["adapter_host_load_ns"] / NS, 6),
+            "adapter_store_wait_s": round(c["adapter_store_wait_ns"] / NS, 6)}
 
 
 def _finite(x: Any) -> Any:

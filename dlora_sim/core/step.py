@@ -36,6 +36,10 @@ class Step:
     swapped_out_blocks: int = 0
     # what the replica's memory makes of the decision's loads and swaps (for their prices)
     load_bytes: list[int] = field(default_factory=list)   # bytes of each adapter loaded, in load order
+    # seconds the loads waited on the backing store first (adapters not in a bounded host cache, or still
+    # being prefetched; adapter_tiers.py); 0 when every adapter is in host memory
+    store_s: float = 0.0
+    overlap_loads: bool = False      # host-to-GPU loads overlap the iteration's compute (cluster.replica.overlap_loads)
     block_bytes: int = 0             # bytes of one KV block
     full_copy: bool = False          # adapters are whole model copies: a mode change is free
 

@@ -52,6 +52,25 @@ def test_virtual_clock_reproduces_the_simulator_byte_for_byte(system):
     assert served.recorder.num_iterations == simulated.recorder.num_iterations
 
 
+def test_virtual_clock_reproduces_the_simulator_with_adapter_tiers(tmp_path):
+    """A bounded host cache, prefetch and overlapped loads live in the shared replica state: the runtime's
+    virtual clock prices them as the simulator does (the CPU profile with a backing store added: it measured
+    none)."""
+    from dlora_sim.core.paths import PROFILES_DIR
+    raw = yaml.safe_load((PROFILES_DIR / "cpu-tiny.yaml").read_text())
+    raw["transfers"].update(store_bytes_per_s=5e6, store_latency_s=0.002)
+    (tmp_path / "cpu-store.yaml").write_text(yaml.safe_dump(raw))
+    overrides = ["system=slora", "runtime.clock=virtual", *PRESSURE, f"profile.path={tmp_path / 'cpu-store.yaml'}",
+                 "cluster.replica.host_adapter_cache=3", "cluster.replica.adapter_prefetch=true",
+                 "cluster.replica.overlap_loads=true"]
+    served = _checked(build_engine(_cfg(*overrides))).run()
+    simulated = build_simulation(_cfg(*overrides)).run()
+    counters = served.recorder.counters
+    assert counters["adapter_loads_store"] > 0 and counters["adapter_prefetches"] > 0
+    assert _csv(served) == _csv(simulated)
+    assert served.recorder.num_iterations == simulated.recorder.num_iterations
+
+
 def test_merge_strategies_serve_the_same_tokens():
     """In-place and drift-free merging run the same greedy tokens (fp32, a tiny model: no rounding flips
     an argmax); their clocks differ by the strategies' prices."""
@@ -170,6 +189,7 @@ def test_measured_clock_refuses_a_reference_timed_with_another_probe(tmp_path):
     ("+runtime.bogus=1", "runtime.bogus"),
     ("cluster.replica.chunked_prefill=true", "cluster.replica.chunked_prefill"),
     ("cluster.replica.max_num_batched_tokens=32", "cluster.replica.chunked_prefill"),   # auto turns it on
+    ("cluster.replica.host_adapter_cache=2", "cluster.replica.host_adapter_cache"),   # tiers: virtual clock only
 ])
 def test_what_the_runtime_cannot_serve_is_refused_naming_the_key(override, key):
     if override == "runtime.device=cuda":
