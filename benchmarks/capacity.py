@@ -66,6 +66,9 @@ def fmt(x: float | None) -> str:
 def report(rows: list[dict], sweep: Path, hw: str = "a100-80gb") -> str:
     lengths = sorted({r["run_length"] for r in rows})
     override = "" if not profile_suffix(hw) else f" profile={hw.replace('-', '_')}"
+    models = sorted({r["model"] for r in rows})
+    if len(models) == 1:   # a one-model sweep (the Vidur-fitted profile has Llama-2-7B only)
+        override += f" hydra.sweeper.params.model={models[0]}"
     lines = ["# capacity: the highest request rate with mean s/token <= 0.5 s (8 replicas)", "",
              "Bisection by the capacity sweeper (dlora_sim/capacity.py), 8 log-space rounds between 0.25 and 128 "
              f"req/s; requests = run length x rate. Profile {hw} (simulated), rank-16 adapters with Zipf(1) "
