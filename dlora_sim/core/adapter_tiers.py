@@ -5,7 +5,8 @@ bounded host cache (`cluster.replica.host_adapter_cache`: vLLM's max_cpu_loras, 
 memory holds the most recently used adapters; a GPU load of any other first fetches it from the store (disk or a
 remote object store, `CostModel.store_time`), and the fetched adapter takes the least recently used host entry.
 With prefetch (S-LoRA's), every decision also starts fetches of the adapters that queued requests will load, one
-at a time over the store link, so their loads later wait only for what is left of the fetch.
+at a time over the store link, so their loads later wait only for what is left of the fetch. A fetch on demand is
+its own request to the store: it does not queue behind prefetches, and a decision's fetches add up.
 
 A replica's `ReplicaState` owns one, so every executor prices tiers alike (the runtime's virtual clock too).
 Times are integer ns on the replica's clock.
