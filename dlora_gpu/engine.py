@@ -266,6 +266,9 @@ class Engine:
         if parts.cluster.replica.weights != "lora":
             raise ValueError("cluster.replica.weights=full_copy: the runtime keeps one base model with LoRA slots "
                              "(vLLM-replicated whole-model copies are simulator-only)")
+        if parts.cluster.replica.prefix_caching:
+            raise ValueError("cluster.replica.prefix_caching: the runtime's paged KV cache gives every request its "
+                             "own blocks (no block shared between requests); prefix caching is simulator-only")
         if parts.cluster.replica.host_adapter_cache is not None and not clock.virtual:
             raise ValueError("cluster.replica.host_adapter_cache: the runtime keeps every adapter in host memory; "
                              "adapter tiers are priced on runtime.clock=virtual only")

@@ -24,7 +24,7 @@ from dlora_sim.core.replica_config import ClusterConfig, reject_reason, resolve_
 from dlora_sim.core.replica_state import ReplicaState
 from dlora_sim.core.request import NS, Request, State, to_ns
 from dlora_sim.core.results import Recorder, RequestStream, SimResult
-from dlora_sim.core.workload import AdapterSpec, Workload
+from dlora_sim.core.workload import AdapterSpec, RequestSpec, Workload
 
 
 class SimulationError(RuntimeError):
@@ -82,14 +82,15 @@ class Cluster:
         self.adapters: list[AdapterSpec] = list(workload.adapters)   # grows when a server loads one
         self.recorder = Recorder(keep_iterations=keep_iterations)
         self.router, self.migrator, self.stream = router, migrator, stream
+        self._prefixes = workload.prefixes if config.replica.prefix_caching else None
         self.requests: list[Request] | None = None if stream is not None else [
-            Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
-            for i, s in enumerate(workload.requests)]
+            self._request(i, s) for i, s in enumerate(workload.requests)]
         self._live: dict[int, Request] = {}   # streaming: created, not yet done
         ranks = [a.rank for a in workload.adapters]
         self.schedulers: list[LocalScheduler] = [scheduler_factory() for _ in range(config.num_replicas)]
         self.replicas: list[ReplicaState] = [
-            ReplicaState(j, config.replica, self.cost, ranks, self.recorder, self._done, clock, merges=s.merges)
+            ReplicaState(j, config.replica, self.cost, ranks, self.recorder, self._done, clock, merges=s.merges,
+                         prefix_block_tokens=workload.prefix_block_tokens)
             for j, s in enumerate(self.schedulers)]
         self.hosts: dict[int, tuple[int, ...]] = {}
         self.total = len(workload.requests)
@@ -125,9 +126,15 @@ class Cluster:
             return
         live = self._live
         for i, s in enumerate(self.workload.requests):
-            r = Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
+            r = self._request(i, s)
             live[i] = r
             yield r
+
+    def _request(self, i: int, s: RequestSpec) -> Request:
+        r = Request(i, s.adapter, to_ns(s.arrival_s), s.prompt_tokens, s.output_tokens)
+        if self._prefixes is not None:
+            r.prefix = self._prefixes[i]
+        return r
 
     def place(self) -> dict[int, list[int]]:
         """The router's initial placement: hosts, and each replica's preloaded adapters (returned, so an

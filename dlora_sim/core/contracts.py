@@ -54,6 +54,9 @@ class ReplicaView(Protocol):
     # iterations of `in_flight` that ended but are not applied to its requests (each has generated that many
     # tokens more than it shows); may apply the run's first iteration first, which changes `version`
     def lag(self) -> int: ...
+    # KV blocks preempting r gives back: its blocks less those of cached prefixes other requests share (prefix
+    # caching; all of them otherwise)
+    def freed_by(self, r: Request) -> int: ...
 
 
 @dataclass(slots=True)

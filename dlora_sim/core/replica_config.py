@@ -34,6 +34,7 @@ class ReplicaConfig:
     adapter_prefetch: bool = False   # fetch queued requests' adapters from the store ahead of their load (S-LoRA)
     overlap_loads: bool = False      # host-to-GPU adapter loads overlap the iteration's compute (SGLang's
                                      # --enable-lora-overlap-loading)
+    prefix_caching: bool = False     # reuse the KV of cached prompt prefixes, keyed by adapter (core/prefix_cache.py)
 
     def __post_init__(self) -> None:
         if self.weights not in ("lora", "full_copy"):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from dlora_sim.core.adapter_tiers import AdapterTiers
 from dlora_sim.core.contracts import Decision, PolicyError
 from dlora_sim.core.cost_model import CostModel
+from dlora_sim.core.prefix_cache import PrefixCache
 from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots
 from dlora_sim.core.request import NS, Request, State, blocks_for, to_ns
 from dlora_sim.core.step import Step
@@ -27,9 +28,11 @@ if TYPE_CHECKING:
 
 class ReplicaState:
     def __init__(self, rid: int, cfg: ReplicaConfig, cost: CostModel, ranks: Sequence[int], recorder: "Recorder",
-                 on_done: Callable[[Request], None], clock: Callable[[], int], *, merges: bool = False):
+                 on_done: Callable[[Request], None], clock: Callable[[], int], *, merges: bool = False,
+                 prefix_block_tokens: int = 512):
         """`merges`: the local policy may merge adapters into the weights, so a pristine_gpu merge
-        strategy keeps its copy of the touched weights here (taken from the KV cache)."""
+        strategy keeps its copy of the touched weights here (taken from the KV cache).
+        `prefix_block_tokens`: the workload's prefix hash granularity (prefix caching's entries)."""
         self.id, self.cfg, self.cost = rid, cfg, cost
         self._ranks = list(ranks)
         self.recorder, self._on_done, self._clock = recorder, on_done, clock
@@ -69,6 +72,9 @@ class ReplicaState:
             cost.store_time(0)   # a profile without a store is refused here, naming the key
             self.tiers = AdapterTiers(cfg.host_adapter_cache, lambda nbytes: to_ns(cost.store_time(nbytes)))
             recorder.counters["tiered_replicas"] += 1
+        self.prefix_cache = PrefixCache(prefix_block_tokens, cfg.block_size) if cfg.prefix_caching else None
+        if self.prefix_cache is not None:
+            recorder.counters["prefix_cached_replicas"] += 1
         self.debug = False   # O(queue) memory accounting checks after every step (tests)
         # called when the queue changes from outside (an arrival, a migration): an executor that waits
         # for work (the simulator's replica process) wakes up here
@@ -138,6 +144,8 @@ class ReplicaState:
         else:   # a partly prefilled prompt's chunks are recomputed wherever it goes
             self.free_blocks += r.kv_blocks
             r.prefilled = 0
+        if r.cache_refs:
+            self._release(r)
         r.kv_blocks = 0
         self.version += 1
         self.on_queue_change()
@@ -154,6 +162,8 @@ class ReplicaState:
             r.state, r.kv_blocks = State.SWAPPED, need
         else:
             r.state, r.kv_blocks = State.QUEUED, 0
+        if self.prefix_cache is not None:
+            self.prefix_cache.reclaim(self.free_blocks)
         self.enqueue(r)
         return r.state
 
@@ -183,12 +193,16 @@ class ReplicaState:
             self.free_blocks += r.kv_blocks
             r.kv_blocks, r.state, r.prefilled = 0, State.QUEUED, 0
             r.preemptions += 1
+            if r.cache_refs:
+                self._release(r)
         for r in d.swap_out:
             self.free_blocks += r.kv_blocks
             self.host_free_blocks -= r.kv_blocks
             step.swapped_out_blocks += r.kv_blocks
             r.state = State.SWAPPED
             r.preemptions += 1
+            if r.cache_refs:   # its whole KV goes to host memory; the cached prefix stays on the GPU
+                self._release(r)
         rec.count("preemptions", len(d.recompute) + len(d.swap_out))
         rec.count("swap_outs", len(d.swap_out))
         rec.count("recomputes", len(d.recompute))
@@ -215,6 +229,7 @@ class ReplicaState:
         now = self._clock()
         free = self.free_blocks
         left, chunked = self.max_num_batched_tokens, self.chunked_prefill
+        cache = self.prefix_cache
         # hot loop: plain attribute arithmetic, with prefill_chunks' rule and blocks_for inlined (a call per
         # request slowed whole runs measurably, side by side with benchmarks/sim_speed.py's workload)
         for r in d.batch:
@@ -227,6 +242,11 @@ class ReplicaState:
                     c = left
                     rec.count("prefill_chunks", 1)   # a partial chunk: the prompt continues next iteration
                 left -= c
+                if cache is not None and not done and r.prefix:   # its first chunk: the cached prefix is done
+                    done, credit = cache.acquire(r, c)
+                    if done:   # the chunk's tokens and blocks stay as planned; only the rest is computed
+                        r.prefilled, c, free = done, c - done, free + credit
+                        rec.count("prefix_hit_tokens", done)
                 need = -(-(done + c) // bs)
             else:
                 need = -(-n // bs)
@@ -263,6 +283,8 @@ class ReplicaState:
         if self.free_blocks < 0 or self.host_free_blocks < 0:
             raise PolicyError(f"replica {self.id}: decision exceeds memory (free blocks {self.free_blocks}, "
                               f"host blocks {self.host_free_blocks})")
+        if self.prefix_cache is not None:
+            self.prefix_cache.reclaim(self.free_blocks)
         rec.count("swap_ins", len(swap_in))
         step.prefill_tokens, step.prefill_sq, step.decode_seqs, step.decode_context = prefill_tokens, prefill_sq, decode, ctx
         step.rank_sum, step.token_rank, step.distinct = rank_sum, token_rank, len(seen)
@@ -274,6 +296,19 @@ class ReplicaState:
         if self.debug:
             self.check_accounting()
         return step
+
+    def freed_by(self, r: Request) -> int:
+        """ReplicaView: the KV blocks preempting r frees (blocks of cached prefixes it shares stay in use)."""
+        if not r.cache_refs:
+            return r.kv_blocks
+        cache = self.prefix_cache
+        assert cache is not None
+        return r.kv_blocks - cache.blocks * sum(cache.refs[k] > 1 for k in r.cache_refs)
+
+    def _release(self, r: Request) -> None:
+        """r gave its KV blocks back: those of cached entries other requests still reference stay in use."""
+        assert self.prefix_cache is not None
+        self.free_blocks -= self.prefix_cache.release(r)
 
     def _tiered(self, step: Step, d: Decision) -> None:
         """The decision's loads by tier (what the store adds to each), then prefetches for the queue's
@@ -321,6 +356,8 @@ class ReplicaState:
         if free < 0:
             raise PolicyError(f"replica {self.id}: a continued decision exceeds memory (free blocks {free})")
         self.free_blocks = free
+        if self.prefix_cache is not None:
+            self.prefix_cache.reclaim(free)
         n = len(d.batch)
         step = Step(d.batch, d, [0] * n, [], self.merged, decode_seqs=n, decode_context=ctx, rank_sum=prev.rank_sum,
                     token_rank=token_rank, distinct=prev.distinct, lora_passes=prev.distinct,
@@ -345,6 +382,9 @@ class ReplicaState:
                     continue
                 r.prefilled = 0
                 r.state = _RESIDENT
+                if r.prefix and self.prefix_cache is not None:
+                    self.prefix_cache.register(r)
+                    self.recorder.count("prefix_prompt_tokens", r.prompt_tokens + r.generated)
             g = r.generated = r.generated + 1
             r.exec_ns += dur
             if r.first_token < 0:
@@ -412,6 +452,8 @@ class ReplicaState:
         self._check_free()
 
     def _check_free(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.reclaim(self.free_blocks)
         if self.free_blocks < 0:
             raise AssertionError(f"replica {self.id}: KV blocks overcommitted ({self.free_blocks})")
         if self.debug:
@@ -443,6 +485,8 @@ class ReplicaState:
 
     def _finish(self, r: Request, t: int) -> None:
         self.free_blocks += r.kv_blocks
+        if r.cache_refs:
+            self._release(r)
         r.kv_blocks = 0
         r.state = State.FINISHED
         r.finish = t

@@ -35,7 +35,7 @@ class Request:
     generated: int = 0
     state: State = State.QUEUED
     kv_blocks: int = 0
-    prefilled: int = 0      # QUEUED under chunked prefill: context tokens whose KV earlier chunks computed
+    prefilled: int = 0      # QUEUED: context tokens whose KV earlier chunks computed, or a prefix cache held
     replica: int = UNSET
     dispatch: int = UNSET
     first_scheduled: int = UNSET
@@ -45,6 +45,8 @@ class Request:
     migrations: int = 0
     preemptions: int = 0
     reject_reason: str = ""
+    prefix: tuple[int, ...] = ()      # hashes of the prompt's prefix blocks (workload.prefix_block_tokens each)
+    cache_refs: tuple = ()            # the prefix-cache entries it references on its replica (prefix_cache.py)
 
     @property
     def context_len(self) -> int:

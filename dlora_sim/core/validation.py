@@ -2,6 +2,7 @@
 keep after: a buggy policy fails loudly here, naming the replica and the rule, before any memory moves."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from dlora_sim.core.contracts import Decision, PolicyError
@@ -78,6 +79,13 @@ def check_accounting(rep: "ReplicaState") -> None:
     flight = {id(r) for r in rep.running}
     gpu = sum(r.kv_blocks for r in rep.queue if r.state != State.SWAPPED or id(r) in flight)
     host = sum(r.kv_blocks for r in rep.queue if r.state == State.SWAPPED)
+    cache = rep.prefix_cache
+    if cache is not None:   # blocks of a cached prefix that several requests reference exist once
+        gpu -= cache.shared_blocks()
+        refs = Counter(k for r in rep.queue for k in r.cache_refs)
+        if refs != Counter({k: n for k, n in cache.refs.items() if n}) or \
+                cache.evictable != cache.blocks * len(cache.lru) or cache.evictable > rep.free_blocks:
+            raise AssertionError(f"replica {rep.id}: prefix cache references or evictable blocks out of step")
     if gpu != rep.total_blocks - rep.free_blocks or not 0 <= rep.free_blocks <= rep.total_blocks:
         raise AssertionError(f"replica {rep.id}: KV accounting {gpu} used vs {rep.total_blocks - rep.free_blocks}")
     if host != rep.host_total_blocks - rep.host_free_blocks or rep.host_free_blocks < 0:

@@ -93,8 +93,14 @@ class Workload:
     adapters: tuple[AdapterSpec, ...]
     name: str = "workload"
     meta: dict = field(default_factory=dict)
+    # per request, the hashes of its prompt's prefix blocks of `prefix_block_tokens` tokens each (Mooncake's
+    # hash_ids; equal hashes at equal positions = equal tokens): what prefix caching matches on; None = unknown
+    prefixes: Sequence[tuple[int, ...]] | None = None
+    prefix_block_tokens: int = 512
 
     def __post_init__(self) -> None:
+        if self.prefixes is not None and len(self.prefixes) != len(self.requests):
+            raise ValueError(f"{len(self.prefixes)} prefixes for {len(self.requests)} requests")
         ids = [a.id for a in self.adapters]
         if ids != list(range(len(ids))):
             raise ValueError(f"adapter ids must be 0..{len(ids) - 1} in order, got {ids[:10]}...")

@@ -104,7 +104,7 @@ def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, lim
     chunked = view.chunked_prefill
     chunks, tokens = prefill_chunks(batch, view.max_num_batched_tokens, chunked)
     free = view.free_blocks - sum(_new_blocks(r, c, bs) for r, c in zip(batch, chunks))
-    free += sum(r.kv_blocks for r in plan.swap_out) + sum(r.kv_blocks for r in plan.recompute)
+    free += sum(view.freed_by(r) for r in plan.swap_out) + sum(view.freed_by(r) for r in plan.recompute)
     host_free = view.host_free_blocks - sum(r.kv_blocks for r in plan.swap_out)
     # one iteration never swaps both ways: once the plan swaps a request in, victims are recomputed
     swapping_in = any(r.state == _SWAPPED for r in batch)
@@ -134,7 +134,7 @@ def _fill(view: ReplicaView, candidates: Iterable[Request], plan: BatchPlan, lim
                     if v is None:
                         break
                     preempted.add(v)
-                    free += v.kv_blocks
+                    free += view.freed_by(v)
                     if not swapping_in and v.kv_blocks <= host_free and v.state == _RESIDENT:
                         host_free -= v.kv_blocks
                         plan.swap_out.append(v)
@@ -200,7 +200,7 @@ def _make_room(view: ReplicaView, plan: BatchPlan, r: Request, free: int, host_f
     chosen_swap, chosen_recompute = [], []
     while need > free and victims:
         v = victims.pop()
-        free += v.kv_blocks
+        free += view.freed_by(v)
         if not swap_in and v.kv_blocks <= host_free and v.state == _RESIDENT:
             host_free -= v.kv_blocks
             chosen_swap.append(v)

@@ -22,10 +22,11 @@ class RawRequests:
     prompt_tokens: np.ndarray | None = None
     output_tokens: np.ndarray | None = None
     key: np.ndarray | None = None
+    prefix: np.ndarray | None = None   # per request, a tuple of its prompt's prefix-block hashes (object array)
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
-        for name in ("prompt_tokens", "output_tokens", "key"):
+        for name in ("prompt_tokens", "output_tokens", "key", "prefix"):
             arr = getattr(self, name)
             if arr is not None and len(arr) != n:
                 raise ValueError(f"{name} has {len(arr)} entries for {n} arrivals")
@@ -40,7 +41,8 @@ class RawRequests:
     def take(self, idx: np.ndarray) -> "RawRequests":
         """A subset (or reordering) of the requests by index or boolean mask."""
         pick = (lambda a: None if a is None else a[idx])
-        return RawRequests(self.arrival_s[idx], pick(self.prompt_tokens), pick(self.output_tokens), pick(self.key))
+        return RawRequests(self.arrival_s[idx], pick(self.prompt_tokens), pick(self.output_tokens), pick(self.key),
+                           pick(self.prefix))
 
     def sorted(self) -> "RawRequests":
         """Stable sort by arrival, so equal timestamps keep file order (determinism)."""

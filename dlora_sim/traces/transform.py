@@ -21,10 +21,17 @@ def _arrays(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
             np.fromiter((x.prompt_tokens for x in r), np.int64, len(r)), np.fromiter((x.output_tokens for x in r), np.int64, len(r)))
 
 
-def _rebuild(w: Workload, arrival, adapter, prompt, output, **meta) -> Workload:
+def _rebuild(w: Workload, arrival, adapter, prompt, output, picked=None, **meta) -> Workload:
+    """The workload of these columns, sorted by arrival; `picked`: the original request of each row (None: the
+    same rows), which carries each request's prefix along."""
     order = np.argsort(arrival, kind="stable")
     reqs = tuple(RequestSpec(float(arrival[i]), int(adapter[i]), int(prompt[i]), int(output[i])) for i in order)
-    return Workload(requests=reqs, adapters=w.adapters, name=w.name, meta={**w.meta, **meta})
+    prefixes = None
+    if w.prefixes is not None:
+        source = np.arange(len(arrival)) if picked is None else np.asarray(picked)
+        prefixes = tuple(w.prefixes[int(source[i])] for i in order)
+    return Workload(requests=reqs, adapters=w.adapters, name=w.name, meta={**w.meta, **meta}, prefixes=prefixes,
+                    prefix_block_tokens=w.prefix_block_tokens)
 
 
 def window(w: Workload, start_s: float = 0.0, end_s: float | None = None) -> Workload:
@@ -34,7 +41,7 @@ def window(w: Workload, start_s: float = 0.0, end_s: float | None = None) -> Wor
     if end <= start_s:
         raise ValueError(f"window end {end_s} must be after start {start_s}")
     m = (a >= start_s) & (a < end)
-    return _rebuild(w, a[m] - start_s, ad[m], p[m], o[m], window_s=[start_s, end_s])
+    return _rebuild(w, a[m] - start_s, ad[m], p[m], o[m], np.flatnonzero(m), window_s=[start_s, end_s])
 
 
 def time_scale(w: Workload, factor: float) -> Workload:
@@ -69,4 +76,4 @@ def scale_rate(w: Workload, factor: float, seed: int = 0) -> Workload:
         new_t += [t, t[extra] + rng.random(extra.size) * gaps[extra]]
     sel = np.concatenate(pick) if pick else np.zeros(0, dtype=np.int64)
     t = np.concatenate(new_t) if new_t else np.zeros(0)
-    return _rebuild(w, t, ad[sel], p[sel], o[sel], rate_scale=factor * w.meta.get("rate_scale", 1.0))
+    return _rebuild(w, t, ad[sel], p[sel], o[sel], sel, rate_scale=factor * w.meta.get("rate_scale", 1.0))

@@ -64,7 +64,7 @@ class TraceWorkload:
         if not windowed:
             end = np.inf if self.end_s is None else self.end_s
             raw = raw.take((raw.arrival_s >= self.start_s) & (raw.arrival_s < end))
-            raw = RawRequests(raw.arrival_s - self.start_s, raw.prompt_tokens, raw.output_tokens, raw.key)
+            raw = RawRequests(raw.arrival_s - self.start_s, raw.prompt_tokens, raw.output_tokens, raw.key, raw.prefix)
         adapters, k = mapping.assign(raw.key, len(raw), _rng(seed, _MAPPING))
         if not (lengths_drawn and raw.has_lengths) and (self.lengths is not None or not raw.has_lengths):
             if self.lengths is None:
@@ -84,12 +84,16 @@ class TraceWorkload:
             if keys.size <= 1000:
                 info["adapter_of_key"] = {str(kk): int(adapters[i]) for kk, i in zip(keys, first)}
         w = Workload.from_requests(reqs, num_adapters=k, rank=self.rank, name=name, meta=info)
+        if raw.prefix is not None:   # raw is sorted by arrival, and from_requests' sort is stable: rows align
+            w = Workload(w.requests, w.adapters, w.name, w.meta, prefixes=tuple(raw.prefix))
         if self.rate_scale != 1.0 and not windowed:
             w = scale_rate(w, self.rate_scale, seed=int(_rng(seed, _RATE).integers(2**31)))
         if self.time_scale != 1.0:
             w = time_scale(w, self.time_scale)
         if self.max_requests is not None and len(w.requests) > self.max_requests:
-            w = Workload(w.requests[: self.max_requests], w.adapters, w.name, {**w.meta, "max_requests": self.max_requests})
+            w = Workload(w.requests[: self.max_requests], w.adapters, w.name, {**w.meta, "max_requests": self.max_requests},
+                         prefixes=None if w.prefixes is None else w.prefixes[: self.max_requests],
+                         prefix_block_tokens=w.prefix_block_tokens)
         return w
 
 

@@ -5,6 +5,8 @@ dLoRA artifact's shared-seed defect: adapters' bursts are independent.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,11 @@ class SyntheticWorkload:
     output: LengthDist = field(default_factory=lambda: LengthDist("uniform", low=8, high=512))
     lengths: Any = None                # joint (prompt, output) pairs (dlora_sim.traces.lengths); replaces prompt/output
     name: str = "synthetic"
+    # shared system prompts (prefix caching): each request opens with one of `shared_prefix_groups` prompts of
+    # `shared_prefix_tokens` tokens (added to its drawn prompt length), drawn uniformly; 0 = none
+    shared_prefix_groups: int = 0
+    shared_prefix_tokens: int = 0
+    prefix_block_tokens: int = 512
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, dict):
@@ -38,6 +45,9 @@ class SyntheticWorkload:
             raise ValueError(f"workload.rate and workload.cv must be > 0, got {self.rate}, {self.cv}")
         if self.num_requests < 1 or self.num_adapters < 1:
             raise ValueError("workload.num_requests and workload.num_adapters must be >= 1")
+        if (self.shared_prefix_groups > 0) != (self.shared_prefix_tokens > 0) or self.shared_prefix_groups < 0:
+            raise ValueError("workload.shared_prefix_groups and workload.shared_prefix_tokens must both be > 0 "
+                             f"or both 0, got {self.shared_prefix_groups}, {self.shared_prefix_tokens}")
 
     def build(self, seed: int) -> Workload:
         weights = popularity_weights(self.popularity, self.num_adapters, self.popularity_param)
@@ -71,6 +81,20 @@ class SyntheticWorkload:
         else:
             prompts = self.prompt.sample(lrng, t_all.size)
             outputs = self.output.sample(lrng, t_all.size)
-        return Workload.from_arrays(RequestArrays(t_all, a_all, prompts, outputs), self.num_adapters, self.rank,
-                                    name=self.name, meta={"rate": self.rate, "cv": self.cv, "popularity": self.popularity,
-                                                          "popularity_param": self.popularity_param})
+        meta = {"rate": self.rate, "cv": self.cv, "popularity": self.popularity,
+                "popularity_param": self.popularity_param}
+        if not self.shared_prefix_groups:
+            return Workload.from_arrays(RequestArrays(t_all, a_all, prompts, outputs), self.num_adapters, self.rank,
+                                        name=self.name, meta=meta)
+        # the system prompt's blocks hash by (group, block); a request's own blocks by (request, block), negative
+        groups = np.random.default_rng(root.spawn(self.num_adapters + 2)[-1]).integers(self.shared_prefix_groups,
+                                                                                         size=t_all.size)
+        prompts = np.asarray(prompts) + self.shared_prefix_tokens
+        shared = -(-self.shared_prefix_tokens // self.prefix_block_tokens)
+        prefixes = tuple(tuple([int(g) * 100_003 + b for b in range(shared)]
+                               + [-(i * 100_003 + b) - 1 for b in range(shared, -(-int(p) // self.prefix_block_tokens))])
+                         for i, (g, p) in enumerate(zip(groups, prompts)))
+        w = Workload.from_arrays(RequestArrays(t_all, a_all, prompts, outputs), self.num_adapters, self.rank,
+                                 name=self.name, meta={**meta, "shared_prefix_groups": self.shared_prefix_groups,
+                                                       "shared_prefix_tokens": self.shared_prefix_tokens})
+        return dataclasses.replace(w, prefixes=prefixes, prefix_block_tokens=self.prefix_block_tokens)
