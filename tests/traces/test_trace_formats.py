@@ -1,6 +1,8 @@
 """Loaders on small files written in the published formats, and malformed input naming file + line."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -26,6 +28,28 @@ def test_mooncake_small(tmp_path):
     raw = load_mooncake(formats.mooncake_jsonl(tmp_path / "m.jsonl", [(1000, 5, 1), (500, 7, 2)]))
     assert raw.arrival_s.tolist() == [0.0, 0.5]  # sorted, relative, seconds
     assert raw.prompt_tokens.tolist() == [7, 5]
+
+
+def test_mooncake_keeps_each_requests_hash_ids_through_sorting_windowing_and_capping(tmp_path):
+    """hash_ids become the workload's prefixes, still beside their own request after the trace is sorted by
+    arrival, windowed and capped (prefix caching matches on them)."""
+    from dlora_sim.traces.workloads import MooncakeWorkload
+    p = tmp_path / "m.jsonl"
+    rows = [(3000, 1100, 2, [9, 8, 7]), (1000, 600, 2, [1, 2]), (2000, 50, 2, [1]), (4000, 600, 2, [5, 6])]
+    p.write_text("".join(json.dumps({"timestamp": t, "input_length": n, "output_length": o, "hash_ids": h}) + "\n"
+                         for t, n, o, h in rows))
+    assert [tuple(x) for x in load_mooncake(p).prefix] == [(1, 2), (1,), (9, 8, 7), (5, 6)]
+    w = MooncakeWorkload(path=str(p), num_adapters=2, start_s=1.0, max_requests=2).build(seed=0)
+    assert [(r.prompt_tokens, pre) for r, pre in zip(w.requests, w.prefixes)] == [(50, (1,)), (1100, (9, 8, 7))]
+    assert w.prefix_block_tokens == 512
+
+
+def test_mooncake_hash_ids_that_are_not_integers_are_named(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1, "x"]}\n')
+    with pytest.raises(TraceFormatError, match="hash_ids") as err:
+        load_mooncake(p)
+    _assert_names(err, p, 1)
 
 
 def _assert_names(err, path, line):
