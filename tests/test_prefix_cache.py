@@ -112,14 +112,14 @@ def test_random_workloads_keep_invariants_with_prefix_caching(system):
 
 
 def test_shared_system_prompts_are_served_from_the_cache_end_to_end():
-    """The synthetic generator's shared system prompts (4 of 1,024 tokens, on 16 adapters): with caching on, most
-    prompt tokens come from the cache and TTFT falls; the generator's prefixes never change the requests."""
+    """The synthetic generator's shared system prompts (4 of 1,024 tokens, on 16 adapters): with caching on, a large share of
+    the prompt tokens come from the cache and TTFT falls; the generator's prefixes never change the requests."""
     over = ("system=vllm_lora", "workload.shared_prefix_groups=4", "workload.shared_prefix_tokens=1024",
             "workload.num_requests=400")
     _, off = run_cfg(*over)
     _, on = run_cfg(*over, ON)
     c = on.recorder.counters
-    assert c["prefix_hit_tokens"] > 0.5 * c["prefix_prompt_tokens"]
+    assert c["prefix_hit_tokens"] > 0.3 * c["prefix_prompt_tokens"]   # 64 (adapter, prompt) pairs over 4 replicas
     assert [(r.prompt_tokens, r.output_tokens, r.adapter) for r in on.requests] == \
         [(r.prompt_tokens, r.output_tokens, r.adapter) for r in off.requests]
     mean_ttft = [sum(r.first_token - r.arrival for r in res.requests) / len(res.requests) for res in (off, on)]
