@@ -137,3 +137,18 @@ def test_random_workloads_keep_invariants_with_tiers(system):
     partly = () if system == "peft" else ("adapter_loads_prefetched",)
     for path in ("adapter_loads_host", "adapter_loads_store", *partly, "adapter_prefetches", "host_cache_evictions"):
         assert paths[path] > 0, f"{system}: no example exercised {path} ({dict(paths)})"
+
+
+def test_fast_forward_changes_nothing_with_prefetch():
+    """Prefetches start at decisions: a fast-forwarded decode run must not skip the decisions that would start
+    fetches for waiting requests' adapters (the same requests.csv with fast-forward on and off)."""
+    from sim_helpers import requests_csv
+    rows = [RequestSpec(0.0, 0, 64, 300), RequestSpec(0.0, 1, 64, 300)] + \
+        [RequestSpec(0.5 + 0.01 * i, 2 + i, 64, 4) for i in range(5)]
+    w = Workload.from_requests(rows, num_adapters=7)
+    common = ("system=slora", "cluster.num_replicas=1", "router=least_loaded", "cluster.replica.gpu_adapter_slots=2",
+              "cluster.replica.host_adapter_cache=12", "cluster.replica.adapter_prefetch=true")
+    _, ff = run_cfg(*common, workload=w)
+    _, steps = run_cfg(*common, "cluster.replica.fast_forward=false", workload=w)
+    assert steps.recorder.counters["adapter_prefetches"] > 0
+    assert requests_csv(ff) == requests_csv(steps)

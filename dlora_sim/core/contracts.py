@@ -54,8 +54,9 @@ class ReplicaView(Protocol):
     # iterations of `in_flight` that ended but are not applied to its requests (each has generated that many
     # tokens more than it shows); may apply the run's first iteration first, which changes `version`
     def lag(self) -> int: ...
-    # KV blocks preempting r gives back: its blocks less those of cached prefixes other requests share (prefix
-    # caching; all of them otherwise)
+    # KV blocks preempting r alone gives back: its blocks less those of cached prefixes other requests share
+    # (prefix caching; all of them otherwise). Per victim: two victims sharing an entry free it once more than
+    # the sum says (a planner that adds them up preempts a little more than it must, never too little)
     def freed_by(self, r: Request) -> int: ...
 
 

@@ -297,6 +297,14 @@ class ReplicaState:
             self.check_accounting()
         return step
 
+    def prefetch_pending(self) -> bool:
+        """Adapter prefetch has work a later decision would start (a queued request's adapter neither resident,
+        in host memory nor on its way): the simulator then does not fast-forward past those decisions."""
+        tiers = self.tiers
+        if tiers is None or not self.cfg.adapter_prefetch:
+            return False
+        return any(a not in self.resident and a not in tiers.host and a not in tiers.fetching for a in self.by_adapter())
+
     def freed_by(self, r: Request) -> int:
         """ReplicaView: the KV blocks preempting r frees (blocks of cached prefixes it shares stay in use)."""
         if not r.cache_refs:
@@ -319,12 +327,14 @@ class ReplicaState:
         assert tiers is not None
         evicted = tiers.evictions
         tiers.settle(now)
-        for a, nbytes in zip(d.load, step.load_bytes):
+        ready = now   # when the decision's adapters are all in host memory: prefetches land in parallel,
+        for a, nbytes in zip(d.load, step.load_bytes):   # fetches on demand follow one another
             wait, tier = tiers.load(a, nbytes, now)
-            step.store_s += wait
+            ready = ready + to_ns(wait) if tier == "store" else max(ready, now + to_ns(wait))
             rec.count(f"adapter_loads_{tier}")
-            rec.count("adapter_store_wait_ns", to_ns(wait))
             rec.count("adapter_host_load_ns", to_ns(self.cost.load_time(nbytes)))
+        step.store_s = (ready - now) / NS
+        rec.count("adapter_store_wait_ns", ready - now)
         if self.cfg.adapter_prefetch:
             ranks = self._ranks
             room = max(tiers.capacity - len(self.resident), 1)

@@ -142,7 +142,7 @@ class Replica:
         n = len(d.batch)
         # a preemption leaves a request waiting that the next decision may admit: not a repeatable state
         if (state.cfg.fast_forward and d.stable and step.decode_seqs == n and not d.recompute and not d.swap_out
-                and price.switch + price.load + price.swap == 0.0):
+                and price.switch + price.load + price.swap == 0.0 and not state.prefetch_pending()):
             run.planned = state.repeatable(d.batch)
             if d.max_repeats is not None:
                 run.planned = max(min(run.planned, d.max_repeats), 1)

@@ -42,8 +42,9 @@ class LoraAffinity(Router):
     `queue_threshold`, keep those, then LoRA affinity, then least queue, then least KV; otherwise least queue
     first, then affinity, then least KV; a seeded random pick among what remains. Affinity: replicas where
     the adapter runs or waits; with probability `affinity_share`, only those (if any), else the replicas with
-    room for one more active adapter (distinct running and waiting adapters < adapter slots, vLLM's
-    max_loras). Defaults are the extension's: 128 and 0.999."""
+    room for one more active adapter (running adapters plus waiting adapters, an adapter in both counted twice
+    as the extension counts vLLM's two lists, < adapter slots: vLLM's max_loras). Defaults are the extension's:
+    128 and 0.999."""
 
     queue_threshold: int = 128
     affinity_share: float = 0.999
@@ -60,10 +61,13 @@ class LoraAffinity(Router):
     def _affinity(self, js: list[int], adapter: int, reps: Sequence[ReplicaView]) -> list[int]:
         active, room = [], []
         for j in js:
-            adapters = {r.adapter for r in reps[j].queue}   # running and waiting
-            if adapter in adapters:
+            view = reps[j]
+            running = {r.adapter for r in view.in_flight}
+            flight = {id(r) for r in view.in_flight}
+            waiting = {r.adapter for r in view.queue if id(r) not in flight}
+            if adapter in running or adapter in waiting:
                 active.append(j)
-            elif len(adapters) < reps[j].adapter_slots:
+            elif len(running) + len(waiting) < view.adapter_slots:   # as the extension counts: both lists
                 room.append(j)
         if active and room:
             return active if self._rng.random() < self.affinity_share else room

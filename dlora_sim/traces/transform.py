@@ -21,15 +21,16 @@ def _arrays(w: Workload) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
             np.fromiter((x.prompt_tokens for x in r), np.int64, len(r)), np.fromiter((x.output_tokens for x in r), np.int64, len(r)))
 
 
-def _rebuild(w: Workload, arrival, adapter, prompt, output, picked=None, **meta) -> Workload:
+def _rebuild(w: Workload, arrival, adapter, prompt, output, picked=None, clone=None, **meta) -> Workload:
     """The workload of these columns, sorted by arrival; `picked`: the original request of each row (None: the
-    same rows), which carries each request's prefix along."""
+    same rows), which carries each request's prefix along; `clone`: rows that copy another request's lengths,
+    which get no prefix (the same hashes would make a copy's prompt identical to its original's)."""
     order = np.argsort(arrival, kind="stable")
     reqs = tuple(RequestSpec(float(arrival[i]), int(adapter[i]), int(prompt[i]), int(output[i])) for i in order)
     prefixes = None
     if w.prefixes is not None:
         source = np.arange(len(arrival)) if picked is None else np.asarray(picked)
-        prefixes = tuple(w.prefixes[int(source[i])] for i in order)
+        prefixes = tuple(() if clone is not None and clone[i] else w.prefixes[int(source[i])] for i in order)
     return Workload(requests=reqs, adapters=w.adapters, name=w.name, meta={**w.meta, **meta}, prefixes=prefixes,
                     prefix_block_tokens=w.prefix_block_tokens)
 
@@ -61,19 +62,21 @@ def scale_rate(w: Workload, factor: float, seed: int = 0) -> Workload:
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5CA1E]))
     a, ad, p, o = _arrays(w)
     end = float(a.max()) if a.size else 0.0
-    pick, new_t = [], []
+    pick, new_t, cloned = [], [], []
     for adapter in np.unique(ad):
         idx = np.flatnonzero(ad == adapter)
         target = int(np.floor(factor * idx.size + rng.random()))
         if target <= idx.size:
             chosen = np.sort(rng.choice(idx, size=target, replace=False))
-            pick.append(chosen); new_t.append(a[chosen])
+            pick.append(chosen); new_t.append(a[chosen]); cloned.append(np.zeros(chosen.size, dtype=bool))
             continue
         extra = rng.integers(0, idx.size, size=target - idx.size)
         t = a[idx]
         gaps = np.diff(t, append=end)  # clones of an adapter's last request stay before the workload's end
         pick += [idx, idx[extra]]
         new_t += [t, t[extra] + rng.random(extra.size) * gaps[extra]]
+        cloned += [np.zeros(idx.size, dtype=bool), np.ones(extra.size, dtype=bool)]
     sel = np.concatenate(pick) if pick else np.zeros(0, dtype=np.int64)
     t = np.concatenate(new_t) if new_t else np.zeros(0)
-    return _rebuild(w, t, ad[sel], p[sel], o[sel], sel, rate_scale=factor * w.meta.get("rate_scale", 1.0))
+    clone = np.concatenate(cloned) if cloned else np.zeros(0, dtype=bool)
+    return _rebuild(w, t, ad[sel], p[sel], o[sel], sel, clone, rate_scale=factor * w.meta.get("rate_scale", 1.0))

@@ -84,7 +84,8 @@ class TraceWorkload:
             if keys.size <= 1000:
                 info["adapter_of_key"] = {str(kk): int(adapters[i]) for kk, i in zip(keys, first)}
         w = Workload.from_requests(reqs, num_adapters=k, rank=self.rank, name=name, meta=info)
-        if raw.prefix is not None:   # raw is sorted by arrival, and from_requests' sort is stable: rows align
+        if raw.prefix is not None and prompt is raw.prompt_tokens:   # hashes describe the trace's own prompts;
+            # raw is sorted by arrival, and from_requests' sort is stable: rows align
             w = Workload(w.requests, w.adapters, w.name, w.meta, prefixes=tuple(raw.prefix))
         if self.rate_scale != 1.0 and not windowed:
             w = scale_rate(w, self.rate_scale, seed=int(_rng(seed, _RATE).integers(2**31)))

@@ -90,7 +90,7 @@ class SyntheticWorkload:
         groups = np.random.default_rng(root.spawn(self.num_adapters + 2)[-1]).integers(self.shared_prefix_groups,
                                                                                          size=t_all.size)
         prompts = np.asarray(prompts) + self.shared_prefix_tokens
-        shared = -(-self.shared_prefix_tokens // self.prefix_block_tokens)
+        shared = self.shared_prefix_tokens // self.prefix_block_tokens   # whole blocks only: equal hash = equal tokens
         prefixes = tuple(tuple([int(g) * 100_003 + b for b in range(shared)]
                                + [-(i * 100_003 + b) - 1 for b in range(shared, -(-int(p) // self.prefix_block_tokens))])
                          for i, (g, p) in enumerate(zip(groups, prompts)))
