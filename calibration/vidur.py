@@ -178,8 +178,8 @@ def iteration_points(data: Path, *, mixed: int = MIXED_POINTS, seed: int = 0) ->
 
 
 def _mixed(attn: list[dict], lin: dict[int, float], n: int, seed: int) -> list[IterationPoint]:
-    """Held-out batches of one measured prompt (no cached context) and a measured decode batch, composed
-    as Vidur composes them: linear operators at the total tokens, plus both attentions."""
+    """Held-out batches of one prompt (no cached context; Vidur's rows, mostly its 70B proxy) and a measured
+    decode batch, composed as Vidur composes them: linear operators at the total tokens, plus both attentions."""
     rng = np.random.default_rng(seed)
     decodes = [r for r in attn if r["is_prefill"].strip() == "False" and r.get("source", "measured") == "measured"
                and r["num_tensor_parallel_workers"] == "1"]
@@ -279,10 +279,11 @@ def report_md(vf: VidurFit, command: str) -> str:
              "| iteration | points | mean abs rel err | P90 | max |", "|---|---|---|---|---|",
              _row("in sample", ins), _row("held out", held), "",
              "Held out: decode batch sizes 3, 7, 11, ..., 127 and contexts 768, 2048, 3520 (whole rows and columns of "
-             "the grid), every 4th prompt length, and random mixed batches (a measured prompt and a measured decode "
+             "the grid), every 4th prompt length, and random mixed batches (a prompt and a measured decode "
              "batch in one iteration, which no fitted point is).", "",
              "By kind and source (source: Vidur's column; `interp_kv` decode points are interpolated in context, "
-             "`70b_tp2_proxy_scaled` prefills above ~2k tokens come from its 70B profile, +-10%; bias in the sum = "
+             "`70b_tp2_proxy_scaled` prefills (all whole prompts but 64, 928 and 1,984 tokens) are Vidur's 70B TP2 "
+             "profile scaled to 7B, +-10%; bias in the sum = "
              "predicted total / Vidur's total - 1):", "",
              "| kind | split | source | points | bias in the sum | mean abs rel err | max |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {b['kind']} | {b['split']} | {b['source']} | {b['n']} | {b['sum_bias']:+.1%} | {b['mean_abs_rel']:.1%} "
