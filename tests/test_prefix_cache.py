@@ -124,3 +124,15 @@ def test_shared_system_prompts_are_served_from_the_cache_end_to_end():
         [(r.prompt_tokens, r.output_tokens, r.adapter) for r in off.requests]
     mean_ttft = [sum(r.first_token - r.arrival for r in res.requests) / len(res.requests) for res in (off, on)]
     assert mean_ttft[1] < mean_ttft[0]
+
+
+def test_a_long_prompt_reuses_its_whole_cached_prefix_past_the_first_chunk():
+    """A 1,024-token budget cuts a 2,000-token prompt into chunks, yet the second request takes all three cached
+    blocks (1,536 tokens), not only those of its first chunk: one iteration computes the last 464 tokens over them."""
+    rows = [(0.0, 0, 2000, 2), (10.0, 0, 2000, 2)]
+    _, res = one_replica(ON, "cluster.replica.chunked_prefill=true", "cluster.replica.max_num_batched_tokens=1024",
+                         workload=wl(rows, [(1, 2, 3, 4)] * 2))
+    chunks = [(r.prefill_tokens, r.start) for r in res.recorder.rows if r.prefill_tokens]
+    assert [t for t, _ in chunks] == [1024, 976, 464]
+    assert res.recorder.counters["prefix_hit_tokens"] == 1536
+    assert res.recorder.counters["prefill_chunks"] == 1   # only the first request's prompt was cut

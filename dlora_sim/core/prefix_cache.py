@@ -11,8 +11,10 @@ the replica's free blocks where blocks are shared (the one place that arithmetic
 - when a request's first prefill chunk runs, it takes the longest run of cached entries from the start of its
   prompt within that chunk (`acquire`): the chunk computes only the rest (priced as a later chunk over the
   cached prefix is), and each entry another request already references is credited back (its blocks exist
-  once). The chunk keeps the tokens and blocks its policy planned (the cached tokens count against the token
-  budget, where vLLM counts only computed ones), so no policy needs to know the cache to plan within memory;
+  once). The chunk keeps the tokens and blocks its policy planned, so no policy needs to know the cache to plan
+  within memory; a chunk the token budget cut then also takes the entries past it (`extension`, `take`) as far as
+  the blocks the batch leaves free allow, so a long prompt reuses its whole cached prefix as in vLLM (the cached
+  tokens of the first chunk still count against the token budget, where vLLM counts only computed ones);
 - when its prompt is complete its remaining full blocks become entries it references (`register`);
 - when it stops holding KV on the GPU (finishes, leaves, is preempted) its entries lose a reference (`release`):
   an entry still referenced is debited (its blocks stay in use), an unreferenced one stays cached, counted as
@@ -49,14 +51,28 @@ class PrefixCache:
         """r's first chunk of `tokens` tokens is about to run: reference the longest cached run of its prefix
         within it, leaving at least one token to compute. Returns (the cached tokens, KV blocks to credit:
         entries other requests reference)."""
+        r.cache_refs = ()
+        credit = self.take(r, len(self.extension(r, tokens)))
+        return len(r.cache_refs) * self.block_tokens, credit
+
+    def extension(self, r: "Request", tokens: int) -> list[bool]:
+        """The cached entries that continue r's referenced prefix, within its first `tokens - 1` tokens: for
+        each, whether other requests reference it (taking it then costs no block)."""
         most = (tokens - 1) // self.block_tokens
-        hits: list[Key] = []
-        for key in self.keys(r)[:most]:
-            if key not in self.refs:
+        found: list[bool] = []
+        for key in self.keys(r)[len(r.cache_refs):most]:
+            n = self.refs.get(key)
+            if n is None:
                 break
-            hits.append(key)
+            found.append(n > 0)
+        return found
+
+    def take(self, r: "Request", count: int) -> int:
+        """Reference the next `count` entries of r's prefix (`extension` found them). Returns the KV blocks to
+        credit (entries other requests already reference)."""
+        keys = self.keys(r)[len(r.cache_refs):len(r.cache_refs) + count]
         credit = 0
-        for key in hits:
+        for key in keys:
             n = self.refs[key]
             if n:
                 credit += self.blocks
@@ -64,8 +80,8 @@ class PrefixCache:
                 del self.lru[key]
                 self.evictable -= self.blocks
             self.refs[key] = n + 1
-        r.cache_refs = tuple(hits)
-        return len(hits) * self.block_tokens, credit
+        r.cache_refs += tuple(keys)
+        return credit
 
     def register(self, r: "Request") -> None:
         """r's prompt KV is complete: its full blocks past those it took from the cache become entries it

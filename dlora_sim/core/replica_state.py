@@ -230,6 +230,7 @@ class ReplicaState:
         free = self.free_blocks
         left, chunked = self.max_num_batched_tokens, self.chunked_prefill
         cache = self.prefix_cache
+        fresh: list[tuple[int, Request, int]] = []   # first chunks the token budget cut (prefix caching)
         # hot loop: plain attribute arithmetic, with prefill_chunks' rule and blocks_for inlined (a call per
         # request slowed whole runs measurably, side by side with benchmarks/sim_speed.py's workload)
         for r in d.batch:
@@ -243,6 +244,8 @@ class ReplicaState:
                     rec.count("prefill_chunks", 1)   # a partial chunk: the prompt continues next iteration
                 left -= c
                 if cache is not None and not done and r.prefix:   # its first chunk: the cached prefix is done
+                    if c < n:   # cut by the budget: the cache may reach past it (_extend_prefixes)
+                        fresh.append((len(prefill), r, c))
                     done, credit = cache.acquire(r, c)
                     if done:   # the chunk's tokens and blocks stay as planned; only the rest is computed
                         r.prefilled, c, free = done, c - done, free + credit
@@ -279,6 +282,9 @@ class ReplicaState:
             if a not in seen:
                 seen.add(a)
                 rank_sum += rank
+        if fresh:
+            free, dt, dsq, dtr = self._extend_prefixes(fresh, free, prefill)
+            prefill_tokens, prefill_sq, token_rank = prefill_tokens + dt, prefill_sq + dsq, token_rank + dtr
         self.free_blocks = free
         if self.free_blocks < 0 or self.host_free_blocks < 0:
             raise PolicyError(f"replica {self.id}: decision exceeds memory (free blocks {self.free_blocks}, "
@@ -296,6 +302,43 @@ class ReplicaState:
         if self.debug:
             self.check_accounting()
         return step
+
+    def _extend_prefixes(self, fresh: list[tuple[int, Request, int]], free: int,
+                         prefill: list[int]) -> tuple[int, int, int, int]:
+        """Prefix caching: a first chunk the token budget cut takes cached blocks past it too, as far as the blocks
+        the batch leaves free allow (an entry other requests reference costs none; an unreferenced one is already
+        counted free), so a long prompt reuses its whole cached prefix as vLLM's does: the prompt then continues
+        after the cached run, the chunk computing at most the tokens planned. Returns the free blocks and what the
+        step's prefill tokens, prefill_sq and token-rank change by."""
+        cache, bs, rec = self.prefix_cache, self.block_size, self.recorder
+        assert cache is not None
+        bt, dt, dsq, dtr = cache.block_tokens, 0, 0, 0
+        for i, r, planned in fresh:
+            n = r.prompt_tokens + r.generated
+            flags = cache.extension(r, n)
+            h, c = r.prefilled, prefill[i]
+            best, shared = 0, 0
+            for k, is_shared in enumerate(flags, start=1):
+                shared += is_shared
+                top = h + k * bt
+                blocks = -(-(top + min(n - top, planned)) // bs)
+                if blocks - r.kv_blocks - cache.blocks * shared <= free:
+                    best = k
+            if not best:
+                continue
+            credit = cache.take(r, best)
+            top = h + best * bt
+            c2 = min(n - top, planned)
+            blocks = -(-(top + c2) // bs)
+            free -= blocks - r.kv_blocks - credit
+            r.kv_blocks, r.prefilled, prefill[i] = blocks, top, c2
+            dt += c2 - c
+            dsq += c2 * (2 * top + c2) - c * (2 * h + c)
+            dtr += (c2 - c) * self._ranks[r.adapter]
+            rec.count("prefix_hit_tokens", top - h)
+            if top + c2 >= n:   # the prompt completes in this chunk after all
+                rec.count("prefill_chunks", -1)
+        return free, dt, dsq, dtr
 
     def prefetch_pending(self) -> bool:
         """Adapter prefetch has work a later decision would start (a queued request's adapter neither resident,
