@@ -10,6 +10,10 @@ requests were rejected. `run_lengths` repeats the search with more requests per 
 ~100 s of arrivals an overloaded system can still average under the SLO, so the capacity found at two
 lengths says how robust it is.
 
+The knob is `workload.rate` (with `workload.num_requests` = run length x rate) unless `rate_key` names another,
+e.g. a trace's `workload.rate_scale` with `count_key: null` (its window sets the requests): the bisection then
+runs on that knob, and capacities are reported in req/s as the met run's offered rate (`offered_rps`).
+
 Writes capacity.csv (one row per arm and run length), capacity_probes.csv (every run) and capacity.png
 (mean s/token vs rate per arm, the SLO as a line) into the sweep folder.
 """
@@ -30,6 +34,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+RATE_KEY = "workload.rate"   # the default knob: a synthetic workload's request rate
 
 
 @dataclass
@@ -67,10 +72,12 @@ class CapacitySearch(Sweeper):
 
     def __init__(self, rate_low: float = 0.25, rate_high: float = 128.0, rounds: int = 8,
                  run_lengths: Sequence[float] = (100.0,), max_rejected: float = 0.01,
-                 params: dict[str, str] | None = None):
+                 params: dict[str, str] | None = None, rate_key: str = RATE_KEY,
+                 count_key: str | None = "workload.num_requests"):
         if not 0 < rate_low < rate_high or rounds < 1 or not run_lengths or not 0 <= max_rejected < 1:
             raise ValueError("hydra.sweeper: need 0 < rate_low < rate_high, rounds >= 1, run_lengths, "
                              "0 <= max_rejected < 1")
+        self.rate_key, self.count_key = rate_key, count_key
         self.rate_low, self.rate_high, self.rounds = rate_low, rate_high, rounds
         self.run_lengths = [float(x) for x in run_lengths]
         self.max_rejected = max_rejected
@@ -100,18 +107,20 @@ class CapacitySearch(Sweeper):
             batch = []
             for s in searches:
                 rate = s.next_rate()
-                batch.append([*s.arm, f"workload.rate={rate}", f"workload.num_requests={max(1, round(s.run_length * rate))}"])
+                count = [f"{self.count_key}={max(1, round(s.run_length * rate))}"] if self.count_key else []
+                batch.append([*s.arm, f"{self.rate_key}={rate}", *count])
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=job)
             job += len(batch)
             for s, overrides_, res in zip(searches, batch, results):
                 _ = res.return_value   # raises if the job failed
                 summary = json.loads((Path(res.hydra_cfg.hydra.runtime.output_dir) / "summary.json").read_text())
-                rate = float(overrides_[-2].split("=", 1)[1])
+                rate = float(overrides_[len(s.arm)].split("=", 1)[1])
                 rejected = summary["rejected"] / max(summary["num_requests"], 1)
                 spt = summary["mean_s_per_token"]
                 met = spt is not None and spt <= slo and rejected <= self.max_rejected
-                s.probes.append({"rate": rate, "num_requests": summary["num_requests"], "mean_s_per_token": spt,
+                s.probes.append({"rate": rate, "num_requests": summary["num_requests"],
+                                 "offered_rps": summary.get("offered_rps"), "mean_s_per_token": spt,
                                  "rejected_share": round(rejected, 6), "met": met,
                                  "folder": res.hydra_cfg.hydra.runtime.output_dir})
                 if met:
@@ -120,15 +129,27 @@ class CapacitySearch(Sweeper):
                     s.hi = rate
             log.info("capacity round %d/%d: %s", round_ + 1, self.rounds,
                      ", ".join(f"{' '.join(s.arm)} x{s.run_length:g}: [{s.lo:g}, {s.hi:g}]" for s in searches))
-        rows = write_results(sweep_dir, searches, slo)
+        rows = write_results(sweep_dir, searches, slo, self.rate_key)
         for r in rows:
             log.info("capacity %-40s %s requests/rate: %s req/s", r["arm"], r["run_length"], r["capacity_rps"])
         return rows
 
 
 def _capacity(s: Search) -> float | None:
-    """The highest met rate; None when even rate_low failed."""
+    """The highest met value of the knob; None when even rate_low failed."""
     return s.lo if s.lo_met else None
+
+
+def _capacity_rps(s: Search, knob: str) -> float | None:
+    """The capacity in req/s: the knob itself when it is the rate, else the met run's offered rate."""
+    cap = _capacity(s)
+    if cap is None or knob == RATE_KEY:
+        return cap
+    return next(p["offered_rps"] for p in s.probes if p["rate"] == cap and p["met"])
+
+
+def _x(p: dict, knob: str) -> float:
+    return p["rate"] if knob == RATE_KEY else p["offered_rps"]
 
 
 def label(s: Search, searches: list[Search]) -> str:
@@ -137,29 +158,35 @@ def label(s: Search, searches: list[Search]) -> str:
     return " ".join(o for o in s.arm if o not in common) or " ".join(s.arm)
 
 
-def write_results(folder: Path, searches: list[Search], slo: float) -> list[dict]:
+def write_results(folder: Path, searches: list[Search], slo: float, knob: str = RATE_KEY) -> list[dict]:
     rows = []
     for s in searches:
-        cap = _capacity(s)
-        rows.append({"arm": label(s, searches), "run_length": s.run_length,
-                     "capacity_rps": "" if cap is None else cap, "first_failed_rps": s.hi,
-                     "probes": len(s.probes)})
+        cap = _capacity_rps(s, knob)
+        row = {"arm": label(s, searches), "run_length": s.run_length, "capacity_rps": "" if cap is None else cap}
+        if knob == RATE_KEY:
+            row["first_failed_rps"] = s.hi
+        else:   # the knob's own values beside the req/s
+            name = knob.rsplit(".", 1)[-1]
+            row[f"capacity_{name}"] = "" if _capacity(s) is None else _capacity(s)
+            row[f"first_failed_{name}"] = s.hi
+        rows.append({**row, "probes": len(s.probes)})
     with (folder / "capacity.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     with (folder / "capacity_probes.csv").open("w", newline="") as f:
-        fields = ["arm", "run_length", "rate", "num_requests", "mean_s_per_token", "rejected_share", "met", "folder"]
+        fields = ["arm", "run_length", "rate", "num_requests", "offered_rps", "mean_s_per_token", "rejected_share",
+                  "met", "folder"]
         w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         w.writeheader()
         for s in searches:
             for p in sorted(s.probes, key=lambda p: p["rate"]):
                 w.writerow({"arm": label(s, searches), "run_length": s.run_length, **p})
-    chart(folder / "capacity.png", searches, slo)
+    chart(folder / "capacity.png", searches, slo, knob)
     return rows
 
 
-def chart(path: Path, searches: list[Search], slo: float) -> None:
+def chart(path: Path, searches: list[Search], slo: float, knob: str = RATE_KEY) -> None:
     """One panel per arm without its system (e.g. model x LoRA cost); in it a line per system (its
     colour everywhere in the project), solid for the longest run length, dashed for shorter ones."""
     import matplotlib
@@ -182,13 +209,13 @@ def chart(path: Path, searches: list[Search], slo: float) -> None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(6.4 * cols, 4.3 * rows_n), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for s in sorted((s for s in searches if split(s)[1] == panel), key=lambda s: (split(s)[0], -s.run_length)):
-            pts = sorted((p["rate"], p["mean_s_per_token"]) for p in s.probes if p["mean_s_per_token"] is not None)
+            pts = sorted((_x(p, knob), p["mean_s_per_token"]) for p in s.probes if p["mean_s_per_token"] is not None)
             if not pts:
                 continue
             system = split(s)[0]
-            cap = _capacity(s)
-            legend = f"{system or 'run'} ({s.run_length:g}x rate): " + (f"{cap:g} req/s" if cap is not None
-                                                                           else f"< {s.hi:g} req/s")
+            cap = _capacity_rps(s, knob)
+            below = f"< {s.hi:g} req/s" if knob == RATE_KEY else f"none met ({knob} >= {s.hi:g})"
+            legend = f"{system or 'run'} ({s.run_length:g}x rate): " + (f"{cap:g} req/s" if cap is not None else below)
             c = color(system, systems)
             ax.plot(*zip(*pts), marker="o", ms=3, color=c, ls="-" if s.run_length == longest else "--", label=legend)
             if cap is not None and s.run_length == longest:
