@@ -149,6 +149,17 @@ class Workload:
         return Workload(requests=requests, adapters=_adapters(num_adapters, rank), name=name, meta=dict(meta or {}))
 
 
+def shared_prompt_prefixes(groups: Sequence[int], prompts: Sequence[int], shared_tokens: int,
+                           block_tokens: int) -> tuple[tuple[int, ...], ...]:
+    """Prefix hashes of prompts that open with their group's system prompt of `shared_tokens` tokens (already in
+    `prompts`): its whole blocks hash by (group, block), so equal hashes are equal tokens; every other block is
+    the request's own (a negative hash by (request, block))."""
+    shared = shared_tokens // block_tokens
+    return tuple(tuple([int(g) * 100_003 + b for b in range(shared)]
+                       + [-(i * 100_003 + b) - 1 for b in range(shared, -(-int(p) // block_tokens))])
+                 for i, (g, p) in enumerate(zip(groups, prompts)))
+
+
 def _adapters(n: int, rank: int | Sequence[int]) -> tuple[AdapterSpec, ...]:
     ranks = [rank] * n if isinstance(rank, int) else list(rank)
     if len(ranks) != n:

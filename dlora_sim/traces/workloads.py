@@ -18,7 +18,7 @@ from dlora_sim.traces.lengths import LengthSource, TraceLengths
 from dlora_sim.traces.mapping import AdapterMapping
 from dlora_sim.traces.raw import RawRequests
 from dlora_sim.traces.transform import scale_rate, time_scale
-from dlora_sim.core.workload import RequestSpec, Workload
+from dlora_sim.core.workload import RequestSpec, Workload, shared_prompt_prefixes
 
 # Purposes of the RNG streams derived from the seed (fixed so results never depend on call order).
 _MAPPING, _LENGTHS, _RATE = 1, 2, 3
@@ -46,6 +46,9 @@ class TraceWorkload:
     rank: int = 16
     path: str | None = None
     lengths: LengthSource | None = None
+    # a system prompt per trace key (client, function) of this many tokens opens each of its requests (added to
+    # the prompt; its whole 512-token blocks are shared, for prefix caching); 0 = none
+    shared_prefix_tokens: int = 0
 
     trace_name = ""  # registry entry; set by subclasses
 
@@ -74,6 +77,16 @@ class TraceWorkload:
         else:
             prompt, output = raw.prompt_tokens, raw.output_tokens
         clamped = int((prompt < 1).sum() + (output < 1).sum())
+        shared_prefixes = None
+        if self.shared_prefix_tokens:
+            if raw.key is None:
+                raise ValueError(f"{name}: workload.shared_prefix_tokens needs a trace whose requests name their "
+                                 "client or function (ServeGen, Azure Functions); this one names none")
+            if raw.prefix is not None:
+                raise ValueError(f"{name}: workload.shared_prefix_tokens on a trace that has its own prefixes")
+            _, groups = np.unique(raw.key.astype(str), return_inverse=True)
+            prompt = np.maximum(prompt, 1) + self.shared_prefix_tokens
+            shared_prefixes = shared_prompt_prefixes(groups, prompt, self.shared_prefix_tokens, 512)
         reqs = [RequestSpec(float(t), int(a), int(max(p, 1)), int(max(o, 1)))
                 for t, a, p, o in zip(raw.arrival_s, adapters, prompt, output)]
         info = {"source": type(self).__name__, "trace": self.trace_name, "seed": seed,
@@ -84,9 +97,12 @@ class TraceWorkload:
             if keys.size <= 1000:
                 info["adapter_of_key"] = {str(kk): int(adapters[i]) for kk, i in zip(keys, first)}
         w = Workload.from_requests(reqs, num_adapters=k, rank=self.rank, name=name, meta=info)
-        if raw.prefix is not None and prompt is raw.prompt_tokens:   # hashes describe the trace's own prompts;
-            # raw is sorted by arrival, and from_requests' sort is stable: rows align
+        # raw is sorted by arrival, and from_requests' sort is stable: rows align
+        if raw.prefix is not None and prompt is raw.prompt_tokens:   # hashes describe the trace's own prompts
             w = Workload(w.requests, w.adapters, w.name, w.meta, prefixes=tuple(raw.prefix))
+        elif shared_prefixes is not None:
+            w = Workload(w.requests, w.adapters, w.name, {**w.meta, "shared_prefix_tokens": self.shared_prefix_tokens},
+                         prefixes=shared_prefixes)
         if self.rate_scale != 1.0 and not windowed:
             w = scale_rate(w, self.rate_scale, seed=int(_rng(seed, _RATE).integers(2**31)))
         if self.time_scale != 1.0:

@@ -14,7 +14,7 @@ import numpy as np
 
 from dlora_sim.workload.lengths import LengthDist
 from dlora_sim.workload.popularity import popularity_weights
-from dlora_sim.core.workload import RequestArrays, Workload
+from dlora_sim.core.workload import RequestArrays, Workload, shared_prompt_prefixes
 
 
 @dataclass
@@ -86,14 +86,10 @@ class SyntheticWorkload:
         if not self.shared_prefix_groups:
             return Workload.from_arrays(RequestArrays(t_all, a_all, prompts, outputs), self.num_adapters, self.rank,
                                         name=self.name, meta=meta)
-        # the system prompt's blocks hash by (group, block); a request's own blocks by (request, block), negative
         groups = np.random.default_rng(root.spawn(self.num_adapters + 2)[-1]).integers(self.shared_prefix_groups,
                                                                                          size=t_all.size)
         prompts = np.asarray(prompts) + self.shared_prefix_tokens
-        shared = self.shared_prefix_tokens // self.prefix_block_tokens   # whole blocks only: equal hash = equal tokens
-        prefixes = tuple(tuple([int(g) * 100_003 + b for b in range(shared)]
-                               + [-(i * 100_003 + b) - 1 for b in range(shared, -(-int(p) // self.prefix_block_tokens))])
-                         for i, (g, p) in enumerate(zip(groups, prompts)))
+        prefixes = shared_prompt_prefixes(groups, prompts, self.shared_prefix_tokens, self.prefix_block_tokens)
         w = Workload.from_arrays(RequestArrays(t_all, a_all, prompts, outputs), self.num_adapters, self.rank,
                                  name=self.name, meta={**meta, "shared_prefix_groups": self.shared_prefix_groups,
                                                        "shared_prefix_tokens": self.shared_prefix_tokens})

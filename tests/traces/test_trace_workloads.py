@@ -151,3 +151,25 @@ def test_trace_without_lengths_and_no_lengths_source_is_an_error(tmp_path):
     p = tf.maf2021_csv(tmp_path / "t.txt", [("a", "f", 1.0, 0.5)])
     with pytest.raises(ValueError, match="no token lengths"):
         MAF2021Workload(path=str(p), lengths=None).build(0)
+
+
+def test_a_system_prompt_per_client_opens_each_of_its_requests(servegen_folder):
+    """`shared_prefix_tokens`: every request of a client opens with that client's prompt (added to its length); its
+    whole blocks hash alike within a client and differ between clients, the rest of each prompt is its own."""
+    w = ServeGenWorkload(path=str(servegen_folder), start_s=0, end_s=1800, lengths=FixedLengths(50, 5),
+                         shared_prefix_tokens=1100).build(0)
+    assert {r.prompt_tokens - 1100 for r in w.requests} == {50, 100, 200}   # client 0's own lengths, the fallback
+    by_client: dict = {}
+    for r, p in zip(w.requests, w.prefixes):
+        assert len(p) == 3 and p[2] < 0   # 1,150-1,300 tokens: two shared 512-token blocks, then its own
+        by_client.setdefault(r.adapter, set()).add(p[:2])
+    assert all(len(v) == 1 for v in by_client.values()) and len(set().union(*by_client.values())) == len(by_client)
+    assert len({p[2] for p in w.prefixes}) == len(w.requests)
+
+
+def test_a_system_prompt_per_client_needs_a_trace_that_names_clients(tmp_path):
+    from dlora_sim.traces.workloads import MooncakeWorkload
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1}\n')
+    with pytest.raises(ValueError, match="shared_prefix_tokens"):
+        MooncakeWorkload(path=str(p), num_adapters=1, shared_prefix_tokens=512).build(0)
