@@ -40,11 +40,14 @@ def unbounded_share(adapters: int) -> float:
     """The hit share of one cache with room for everything, shared by all replicas (the trace's ceiling under this
     adapter mapping): each request's longest prefix some earlier request of its adapter had."""
     from dlora_sim.core.config import build_workload, compose
+    from dlora_sim.core.prefix_cache import PrefixCache
+    from dlora_sim.core.request import Request
     w = build_workload(compose(["workload=mooncake", f"workload.num_adapters={adapters}", *BASE]))
+    cache = PrefixCache(w.prefix_block_tokens, 16)   # its keys: what a replica's cache matches on
     seen: set = set()
     hit = total = 0
-    for r, hashes in zip(w.requests, w.prefixes):
-        keys = [(r.adapter, *hashes[: i + 1]) for i in range(min(len(hashes), r.prompt_tokens // w.prefix_block_tokens))]
+    for i, (r, hashes) in enumerate(zip(w.requests, w.prefixes)):
+        keys = cache.keys(Request(i, r.adapter, 0, r.prompt_tokens, r.output_tokens, prefix=hashes))
         run = next((i for i, k in enumerate(keys) if k not in seen), len(keys)) * w.prefix_block_tokens
         hit += min(run, r.prompt_tokens - 1)
         total += r.prompt_tokens

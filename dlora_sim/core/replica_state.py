@@ -188,7 +188,8 @@ class ReplicaState:
         validate(self, d)
         self.version += 1
         rec, bs = self.recorder, self.block_size
-        step = Step(d.batch, d, [], [], self.merged, block_bytes=self.layout.block_bytes, full_copy=self.full_copy)
+        step = Step(d.batch, d, [], [], self.merged, block_bytes=self.layout.block_bytes, full_copy=self.full_copy,
+                    overlap_loads=self.cfg.overlap_loads)
         for r in d.recompute:
             self.free_blocks += r.kv_blocks
             r.kv_blocks, r.state, r.prefilled = 0, State.QUEUED, 0
@@ -215,7 +216,6 @@ class ReplicaState:
             self.resident_rank_sum += ranks[a]
             step.load_bytes.append(self.slot_bytes(ranks[a]))
         rec.count("adapter_loads", len(d.load))
-        step.overlap_loads = self.cfg.overlap_loads
         if self.tiers is not None:
             self._tiered(step, d)
         if d.merged != self.merged:
