@@ -253,11 +253,16 @@ def summarize(res: SimResult, slo_s_per_token: float) -> dict[str, Any]:
         "switching_share": round(res.recorder.switch_s * NS / res.recorder.busy_ns, 6) if res.recorder.busy_ns else 0.0,
         "sim_time_s": round(res.sim_end_s, 6), "sim_wall_s": round(res.wall_s, 3),
         **(_tier_summary(c) if c["tiered_replicas"] else {}),
-        **({"prefix_hit_tokens": c["prefix_hit_tokens"], "prefix_prompt_tokens": c["prefix_prompt_tokens"],
-            "prefix_hit_share": round(c["prefix_hit_tokens"] / c["prefix_prompt_tokens"], 6)
-            if c["prefix_prompt_tokens"] else 0.0} if c["prefix_cached_replicas"] else {}),
+        **(_prefix_summary(c) if c["prefix_cached_replicas"] else {}),
         **res.extra,
     }
+
+
+def _prefix_summary(c: Counter) -> dict[str, Any]:
+    """Prompt tokens served from the prefix cache, of those completed prefills asked for (runs with prefix caching)."""
+    asked = c["prefix_prompt_tokens"]
+    return {"prefix_hit_tokens": c["prefix_hit_tokens"], "prefix_prompt_tokens": asked,
+            "prefix_hit_share": round(c["prefix_hit_tokens"] / asked, 6) if asked else 0.0}
 
 
 def _tier_summary(c: Counter) -> dict[str, Any]:
