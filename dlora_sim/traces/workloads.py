@@ -46,9 +46,11 @@ class TraceWorkload:
     rank: int = 16
     path: str | None = None
     lengths: LengthSource | None = None
-    # a system prompt per trace key (client, function) of this many tokens opens each of its requests (added to
-    # the prompt; its whole 512-token blocks are shared, for prefix caching); 0 = none
+    # a system prompt of this many tokens opens each request (added to the prompt; its whole 512-token blocks are
+    # shared, for prefix caching); 0 = none. One prompt per `shared_prefix_by`: key (the trace's client or function)
+    # or adapter (each adapter's application has its own prompt; any trace)
     shared_prefix_tokens: int = 0
+    shared_prefix_by: str = "key"
 
     trace_name = ""  # registry entry; set by subclasses
 
@@ -64,6 +66,8 @@ class TraceWorkload:
         `lengths_drawn`: the source already drew lengths (with `lengths` as its fallback).
         """
         mapping = self.adapter_mapping()  # validate options before any heavy work
+        if self.shared_prefix_by not in ("key", "adapter"):
+            raise ValueError(f"{name}: workload.shared_prefix_by must be key or adapter, got {self.shared_prefix_by!r}")
         if not windowed:
             end = np.inf if self.end_s is None else self.end_s
             raw = raw.take((raw.arrival_s >= self.start_s) & (raw.arrival_s < end))
@@ -79,12 +83,14 @@ class TraceWorkload:
         clamped = int((prompt < 1).sum() + (output < 1).sum())
         shared_prefixes = None
         if self.shared_prefix_tokens:
-            if raw.key is None:
-                raise ValueError(f"{name}: workload.shared_prefix_tokens needs a trace whose requests name their "
-                                 "client or function (ServeGen, Azure Functions); this one names none")
+            if raw.key is None and self.shared_prefix_by == "key":
+                raise ValueError(f"{name}: workload.shared_prefix_tokens by key needs a trace whose requests name their "
+                                 "client or function (ServeGen, Azure Functions); this one names none "
+                                 "(workload.shared_prefix_by=adapter gives each adapter a prompt)")
             if raw.prefix is not None:
                 raise ValueError(f"{name}: workload.shared_prefix_tokens on a trace that has its own prefixes")
-            _, groups = np.unique(raw.key.astype(str), return_inverse=True)
+            groups = (adapters if self.shared_prefix_by == "adapter"
+                      else np.unique(raw.key.astype(str), return_inverse=True)[1])
             prompt = np.maximum(prompt, 1) + self.shared_prefix_tokens
             shared_prefixes = shared_prompt_prefixes(groups, prompt, self.shared_prefix_tokens, 512)
         reqs = [RequestSpec(float(t), int(a), int(max(p, 1)), int(max(o, 1)))

@@ -173,3 +173,23 @@ def test_a_system_prompt_per_client_needs_a_trace_that_names_clients(tmp_path):
     p.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1}\n')
     with pytest.raises(ValueError, match="shared_prefix_tokens"):
         MooncakeWorkload(path=str(p), num_adapters=1, shared_prefix_tokens=512).build(0)
+
+
+def test_a_system_prompt_per_adapter_on_a_trace_without_clients(tmp_path):
+    """`shared_prefix_by=adapter`: each adapter's requests open with its own prompt, on a trace that names no
+    clients (Azure conv); the key-less trace by key is still an error naming the alternative."""
+    rows = [(f"2023-11-16 18:15:{i:02d}.0000000", 600 + i, 5) for i in range(40)]
+    p = tf.azure_llm_csv(tmp_path / "conv.csv", rows)
+    w = AzureLLMWorkload(path=str(p), num_adapters=4, mapping="uniform", shared_prefix_tokens=1024,
+                         shared_prefix_by="adapter").build(0)
+    assert [r.prompt_tokens for r in w.requests] == [r[1] + 1024 for r in rows]
+    by_adapter: dict = {}
+    for r, pre in zip(w.requests, w.prefixes):
+        assert len(pre) == 4 and pre[2] < 0 and pre[3] < 0   # 1,624-1,663 tokens: two shared blocks, two its own
+        by_adapter.setdefault(r.adapter, set()).add(pre[:2])
+    assert len(by_adapter) == 4 and all(len(v) == 1 for v in by_adapter.values())
+    assert len(set().union(*by_adapter.values())) == 4
+    with pytest.raises(ValueError, match="shared_prefix_by=adapter"):
+        AzureLLMWorkload(path=str(p), num_adapters=4, shared_prefix_tokens=1024).build(0)
+    with pytest.raises(ValueError, match="shared_prefix_by must be"):
+        AzureLLMWorkload(path=str(p), num_adapters=4, shared_prefix_tokens=1024, shared_prefix_by="client").build(0)
