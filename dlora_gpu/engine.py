@@ -39,6 +39,7 @@ from dlora_gpu.workers import Pending, ReplicaError
 from dlora_sim.core.cluster import Cluster
 from dlora_sim.core.config import Parts
 from dlora_sim.core.contracts import Decision, PolicyError
+from dlora_sim.core.replica_config import rank_pad
 from dlora_sim.core.request import NS, Request, State, to_ns
 from dlora_sim.core.results import RequestStream, SimResult
 from dlora_sim.core.step import LoraFeatures, Prices, Step
@@ -269,6 +270,11 @@ class Engine:
         if parts.cluster.replica.prefix_caching:
             raise ValueError("cluster.replica.prefix_caching: the runtime's paged KV cache gives every request its "
                              "own blocks (no block shared between requests); prefix caching is simulator-only")
+        pad = rank_pad(parts.cluster.replica, [a.rank for a in parts.workload.adapters])
+        if pad is not None and not clock.virtual and any(a.rank < pad for a in parts.workload.adapters):
+            raise ValueError(f"cluster.replica.max_lora_rank={parts.cluster.replica.max_lora_rank}: the runtime's "
+                             "kernels compute at each adapter's own rank; vLLM's rank padding of smaller adapters is "
+                             "priced on runtime.clock=virtual only")
         if parts.cluster.replica.host_adapter_cache is not None and not clock.virtual:
             raise ValueError("cluster.replica.host_adapter_cache: the runtime keeps every adapter in host memory; "
                              "adapter tiers are priced on runtime.clock=virtual only")

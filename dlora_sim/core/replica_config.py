@@ -35,6 +35,11 @@ class ReplicaConfig:
     overlap_loads: bool = False      # host-to-GPU adapter loads overlap the iteration's compute (SGLang's
                                      # --enable-lora-overlap-loading)
     prefix_caching: bool = False     # reuse the KV of cached prompt prefixes, keyed by adapter (core/prefix_cache.py)
+    # vLLM's max_lora_rank: adapter slots are this rank and the LoRA kernels compute over all of it, so a smaller
+    # adapter costs as a rank-max_lora_rank one (its load still copies its own bytes); adapters above it are refused.
+    # "max" = the workload's largest rank (how vLLM must be configured to serve it); null = each adapter at its own
+    # rank (S-LoRA/Punica, SGLang's per-adapter-rank kernels)
+    max_lora_rank: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.weights not in ("lora", "full_copy"):
@@ -64,8 +69,23 @@ class ReplicaConfig:
         if self.adapter_prefetch and self.host_adapter_cache is None:
             raise ValueError("cluster.replica.adapter_prefetch=true needs a bounded cluster.replica.host_adapter_cache "
                              "(with every adapter in host memory there is nothing to fetch ahead)")
+        if self.max_lora_rank not in (None, "max") and (isinstance(self.max_lora_rank, (bool, str))
+                                                         or self.max_lora_rank < 1):
+            raise ValueError(f"cluster.replica.max_lora_rank must be >= 1, max or null, got {self.max_lora_rank!r}")
         if not (isinstance(self.chunked_prefill, bool) or self.chunked_prefill == "auto"):
             raise ValueError(f"cluster.replica.chunked_prefill must be true, false or auto, got {self.chunked_prefill!r}")
+
+
+def rank_pad(cfg: ReplicaConfig, ranks: Sequence[int]) -> int | None:
+    """The rank every adapter's LoRA compute and slot is priced at (vLLM's max_lora_rank), or None: each its own."""
+    if cfg.max_lora_rank is None:
+        return None
+    pad = max(ranks, default=1) if cfg.max_lora_rank == "max" else int(cfg.max_lora_rank)
+    above = [(a, r) for a, r in enumerate(ranks) if r > pad]
+    if above:
+        raise ValueError(f"cluster.replica.max_lora_rank={cfg.max_lora_rank}: adapter {above[0][0]} has rank "
+                         f"{above[0][1]} ({len(above)} adapter(s) above it); raise it, or set max or null")
+    return pad
 
 
 def resolve_chunked_prefill(cfg: ReplicaConfig, longest_prompt: int) -> ReplicaConfig:

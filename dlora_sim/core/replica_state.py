@@ -18,7 +18,7 @@ from dlora_sim.core.adapter_tiers import AdapterTiers
 from dlora_sim.core.contracts import Decision, PolicyError
 from dlora_sim.core.cost_model import CostModel
 from dlora_sim.core.prefix_cache import PrefixCache
-from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots
+from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots, rank_pad
 from dlora_sim.core.request import NS, Request, State, blocks_for, to_ns
 from dlora_sim.core.step import Step
 from dlora_sim.core.validation import check_accounting, validate
@@ -34,7 +34,9 @@ class ReplicaState:
         strategy keeps its copy of the touched weights here (taken from the KV cache).
         `prefix_block_tokens`: the workload's prefix hash granularity (prefix caching's entries)."""
         self.id, self.cfg, self.cost = rid, cfg, cost
-        self._ranks = list(ranks)
+        self._pad = rank_pad(cfg, ranks)
+        self._ranks = list(ranks) if self._pad is None else [self._pad] * len(ranks)  # LoRA compute and slots
+        self._copy_ranks = list(ranks)   # what a load copies: an adapter's own weights
         self.recorder, self._on_done, self._clock = recorder, on_done, clock
         self.full_copy = cfg.weights == "full_copy"
         slot_bytes = self.slot_bytes(max(self._ranks, default=1))
@@ -171,7 +173,8 @@ class ReplicaState:
         """A new adapter's rank (the next id); it must fit the slots, sized for the largest rank."""
         if self.slot_bytes(rank) > self.slot_bytes(max(self._ranks, default=1)):
             raise ValueError(f"rank {rank} is above the adapter slots' maximum {max(self._ranks, default=1)}")
-        self._ranks.append(rank)
+        self._ranks.append(rank if self._pad is None else self._pad)
+        self._copy_ranks.append(rank)
 
     def preload(self, adapters: Sequence[int]) -> None:
         for a in adapters:
@@ -214,7 +217,7 @@ class ReplicaState:
         for a in d.load:
             self.resident[a] = None
             self.resident_rank_sum += ranks[a]
-            step.load_bytes.append(self.slot_bytes(ranks[a]))
+            step.load_bytes.append(self.slot_bytes(self._copy_ranks[a]))
         rec.count("adapter_loads", len(d.load))
         if self.tiers is not None:
             self._tiered(step, d)
@@ -379,7 +382,7 @@ class ReplicaState:
         step.store_s = (ready - now) / NS
         rec.count("adapter_store_wait_ns", ready - now)
         if self.cfg.adapter_prefetch:
-            ranks = self._ranks
+            ranks = self._copy_ranks
             room = max(tiers.capacity - len(self.resident), 1)
             wanted = [a for a in self.by_adapter() if a not in self.resident][:room]
             rec.count("adapter_prefetches", tiers.prefetch(wanted, lambda a: self.slot_bytes(ranks[a]), now,

@@ -191,6 +191,7 @@ def test_measured_clock_refuses_a_reference_timed_with_another_probe(tmp_path):
     ("cluster.replica.max_num_batched_tokens=32", "cluster.replica.chunked_prefill"),   # auto turns it on
     ("cluster.replica.host_adapter_cache=2", "cluster.replica.host_adapter_cache"),   # tiers: virtual clock only
     ("cluster.replica.prefix_caching=true", "cluster.replica.prefix_caching"),
+    ("cluster.replica.max_lora_rank=16", "cluster.replica.max_lora_rank"),   # rank padding: virtual clock only
 ])
 def test_what_the_runtime_cannot_serve_is_refused_naming_the_key(override, key):
     if override == "runtime.device=cuda":
