@@ -82,7 +82,7 @@ class Cluster:
         self.adapters: list[AdapterSpec] = list(workload.adapters)   # grows when a server loads one
         self.recorder = Recorder(keep_iterations=keep_iterations)
         self.router, self.migrator, self.stream = router, migrator, stream
-        self._prefixes = workload.prefixes if config.replica.prefix_caching else None
+        self._prefixes = workload.prefixes   # the prompts' text as routers see it; replicas cache it only if asked
         self.requests: list[Request] | None = None if stream is not None else [
             self._request(i, s) for i, s in enumerate(workload.requests)]
         self._live: dict[int, Request] = {}   # streaming: created, not yet done
