@@ -14,6 +14,9 @@ The knob is `workload.rate` (with `workload.num_requests` = run length x rate) u
 e.g. a trace's `workload.rate_scale` with `count_key: null` (its window sets the requests): the bisection then
 runs on that knob, and capacities are reported in req/s as the met run's offered rate (`offered_rps`).
 
+`fixed_loads` (values of the knob) first runs every arm at each of those loads, at the longest run length: the
+same offered load for every system, for latency percentiles side by side (fixed_load.csv).
+
 Writes capacity.csv (one row per arm and run length), capacity_probes.csv (every run) and capacity.png
 (mean s/token vs rate per arm, the SLO as a line) into the sweep folder.
 """
@@ -73,10 +76,13 @@ class CapacitySearch(Sweeper):
     def __init__(self, rate_low: float = 0.25, rate_high: float = 128.0, rounds: int = 8,
                  run_lengths: Sequence[float] = (100.0,), max_rejected: float = 0.01,
                  params: dict[str, str] | None = None, rate_key: str = RATE_KEY,
-                 count_key: str | None = "workload.num_requests"):
+                 count_key: str | None = "workload.num_requests", fixed_loads: Sequence[float] = ()):
         if not 0 < rate_low < rate_high or rounds < 1 or not run_lengths or not 0 <= max_rejected < 1:
             raise ValueError("hydra.sweeper: need 0 < rate_low < rate_high, rounds >= 1, run_lengths, "
                              "0 <= max_rejected < 1")
+        if any(float(x) <= 0 for x in fixed_loads or ()):
+            raise ValueError(f"hydra.sweeper.fixed_loads must be > 0, got {list(fixed_loads)}")
+        self.fixed_loads = [float(x) for x in fixed_loads or ()]
         self.rate_key, self.count_key = rate_key, count_key
         self.rate_low, self.rate_high, self.rounds = rate_low, rate_high, rounds
         self.run_lengths = [float(x) for x in run_lengths]
@@ -103,12 +109,15 @@ class CapacitySearch(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         slo = float(self.config.slo_s_per_token)
         job = 0
+        if self.fixed_loads:
+            arms, longest = arms_of(overrides), max(self.run_lengths)
+            batch = [self._overrides(arm, longest, x) for arm in arms for x in self.fixed_loads]
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=job)
+            job += len(batch)
+            write_fixed_loads(sweep_dir, arms, batch, results, self.rate_key)
         for round_ in range(self.rounds):
-            batch = []
-            for s in searches:
-                rate = s.next_rate()
-                count = [f"{self.count_key}={max(1, round(s.run_length * rate))}"] if self.count_key else []
-                batch.append([*s.arm, f"{self.rate_key}={rate}", *count])
+            batch = [self._overrides(s.arm, s.run_length, s.next_rate()) for s in searches]
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=job)
             job += len(batch)
@@ -133,6 +142,31 @@ class CapacitySearch(Sweeper):
         for r in rows:
             log.info("capacity %-40s %s requests/rate: %s req/s", r["arm"], r["run_length"], r["capacity_rps"])
         return rows
+
+
+    def _overrides(self, arm: list[str], run_length: float, rate: float) -> list[str]:
+        count = [f"{self.count_key}={max(1, round(run_length * rate))}"] if self.count_key else []
+        return [*arm, f"{self.rate_key}={rate}", *count]
+
+
+FIXED_COLUMNS = ("offered_rps", "num_requests", "completed", "rejected", "mean_s_per_token", "slo_attainment",
+                 "mean_ttft_s", "p50_latency_s", "p99_ttft_s", "p99_latency_s")
+
+
+def write_fixed_loads(folder: Path, arms: list[list[str]], batch: list[list[str]], results, knob: str) -> None:
+    """fixed_load.csv: one row per arm and load, the run's summary figures beside its folder."""
+    common = set.intersection(*(set(a) for a in arms)) if len(arms) > 1 else set()
+    with (folder / "fixed_load.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["arm", knob, *FIXED_COLUMNS, "folder"], lineterminator="\n")
+        w.writeheader()
+        for overrides_, res in zip(batch, results):
+            _ = res.return_value   # raises if the job failed
+            out = Path(res.hydra_cfg.hydra.runtime.output_dir)
+            summary = json.loads((out / "summary.json").read_text())
+            arm = overrides_[: len(arms[0])]   # then the knob (Search's order)
+            w.writerow({"arm": " ".join(o for o in arm if o not in common) or " ".join(arm),
+                        knob: float(overrides_[len(arm)].split("=", 1)[1]),
+                        **{k: summary.get(k) for k in FIXED_COLUMNS}, "folder": str(out)})
 
 
 def _capacity(s: Search) -> float | None:

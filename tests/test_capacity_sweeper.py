@@ -25,7 +25,7 @@ def test_a_small_capacity_sweep_brackets_each_arms_capacity(tmp_path):
     proc = subprocess.run([SIM, "--multirun", "hydra/sweeper=capacity", "hydra/launcher=basic", "system=slora,merged",
                            "cluster.num_replicas=1", "workload.num_adapters=4", "hydra.sweeper.rate_low=0.5",
                            "hydra.sweeper.rate_high=64", "hydra.sweeper.rounds=4", "hydra.sweeper.run_lengths=[20]",
-                           "charts=false", "progress=false", "keep_iterations=false", f"hydra.sweep.dir={out}"],
+                           "hydra.sweeper.fixed_loads=[2]", "charts=false", "progress=false", "keep_iterations=false", f"hydra.sweep.dir={out}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     caps = {r["arm"]: r for r in _rows(out / "capacity.csv")}
@@ -41,6 +41,11 @@ def test_a_small_capacity_sweep_brackets_each_arms_capacity(tmp_path):
         assert all(r > (cap or 0) for r in missed) and float(row["first_failed_rps"]) == min(missed, default=64.0)
         assert all(int(p["num_requests"]) == max(1, round(20 * float(p["rate"]))) for p in mine)
     assert (out / "capacity.png").exists()
+    fixed = _rows(out / "fixed_load.csv")   # every arm first ran at the same load, 20 x 2 requests
+    assert sorted(r["arm"] for r in fixed) == ["system=merged", "system=slora"]
+    assert all(float(r["workload.rate"]) == 2 and r["num_requests"] == r["completed"] == "40" and r["p99_ttft_s"]
+               for r in fixed)
+    assert len({r["folder"] for r in fixed} | {p["folder"] for p in probes}) == 2 + 2 * 4
 
 
 def test_a_knob_other_than_the_rate_reports_capacity_as_the_met_runs_offered_rate(tmp_path):
