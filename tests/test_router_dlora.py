@@ -255,6 +255,7 @@ def test_the_remembered_price_equals_the_recomputed_one_under_random_queues(reqs
     for i in sorted(set(i for i in leave if i < len(queue))):
         rep.remove(queue[i])
     rep.running = [r for i, r in enumerate(rep.queue) if i in set(flying) and r.state == State.RESIDENT]
+    rep.lag_until = lambda: -1   # its lag may move at any time: no price is reused
     for lag in lags:
         rep.lag = lambda: lag
         lazy = work.replica_ns(rep)
@@ -264,3 +265,27 @@ def test_the_remembered_price_equals_the_recomputed_one_under_random_queues(reqs
     rep.version += 1
     rep.lag = lambda: 0
     assert work.replica_ns(rep) == work.queue_ns(rep.queue, seqs) == lazy
+
+
+@pytest.mark.parametrize("over", [("cluster.num_replicas=8", "workload.rate=40"),
+                                  ("cluster.num_replicas=4", "workload.rate=30", "cluster.replica.max_num_batched_tokens=512")])
+def test_dispatch_over_every_replica_from_the_index_is_the_loops_answer(over, monkeypatch):
+    """Where every replica hosts the adapter the dLoRA router reads its answer from the index of remembered
+    prices; at every such dispatch of a real run the loop over all hosts, priced afresh, gives the same one."""
+    from dlora_sim.policies.estimates import WorkModel
+    seen = {"index": 0}
+    cheapest = WorkModel.cheapest
+
+    def checked(self, views, candidates, request, cost):
+        got = cheapest(self, views, candidates, request, cost)
+        if len(candidates) == len(views):
+            seen["index"] += 1
+            self.bind(cost, views[0].max_num_seqs)
+            prices = [WorkModel.queue_ns(self, v.queue, v.max_num_seqs, v.lag(), v.in_flight) for v in views]
+            assert got == prices.index(min(prices))   # lag() here has no effect: the index just read it
+        return got
+
+    monkeypatch.setattr(WorkModel, "cheapest", checked)
+    sim = build_simulation(compose_cfg("system=dlora", "workload.num_adapters=4", "workload.num_requests=600", *over))
+    res = sim.run()
+    assert seen["index"] > 500 and all(r.state == State.FINISHED for r in res.requests)

@@ -54,6 +54,10 @@ class ReplicaView(Protocol):
     # iterations of `in_flight` that ended but are not applied to its requests (each has generated that many
     # tokens more than it shows); may apply the run's first iteration first, which changes `version`
     def lag(self) -> int: ...
+    # the latest time (ns) up to which `lag()` keeps the value it last returned and has no effect, while `version`
+    # holds (a price read through the lag may be reused until then); and the clock it is read against
+    def lag_until(self) -> int: ...
+    def clock_ns(self) -> int: ...
     # KV blocks preempting r alone gives back: its blocks less those of cached prefixes other requests share
     # (prefix caching; all of them otherwise). Per victim: two victims sharing an entry free it once more than
     # the sum says (a planner that adds them up preempts a little more than it must, never too little)

@@ -20,6 +20,8 @@ from dlora_sim.core.cost_model import CostModel
 from dlora_sim.core.prefix_cache import PrefixCache
 from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots, rank_pad
 from dlora_sim.core.request import NS, Request, State, blocks_for, to_ns
+
+FOREVER_NS = 1 << 62   # later than any simulated time
 from dlora_sim.core.step import Step
 from dlora_sim.core.validation import check_accounting, validate
 
@@ -68,6 +70,9 @@ class ReplicaState:
         # applies them lazily): each of its requests has generated that many more tokens than it shows.
         # Set by an executor that defers them; a router reads progress through it (policies/estimates.py)
         self.lag: Callable[[], int] = _no_lag
+        # the latest time (ns) up to which `lag()` keeps the value it last returned and has no effect, while
+        # `version` holds: a router may reuse a price until then (the executor that sets `lag` sets it)
+        self.lag_until: Callable[[], int] = _forever
         self._grouped: tuple[int, dict[int, list[Request]]] = (-1, {})
         self.tiers: AdapterTiers | None = None   # a bounded host adapter cache and the store behind it
         if cfg.host_adapter_cache is not None:
@@ -91,6 +96,9 @@ class ReplicaState:
     @property
     def now(self) -> float:
         return self._clock() / NS
+
+    def clock_ns(self) -> int:
+        return self._clock()
 
     def adapter_rank(self, adapter: int) -> int:
         return self._ranks[adapter]
@@ -560,3 +568,7 @@ def _nothing() -> None:
 
 def _no_lag() -> int:
     return 0
+
+
+def _forever() -> int:
+    return FOREVER_NS

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import simpy
 
 from dlora_sim.core.contracts import Decision, LocalScheduler, PolicyError
-from dlora_sim.core.replica_state import ReplicaState
+from dlora_sim.core.replica_state import FOREVER_NS, ReplicaState
 from dlora_sim.core.request import State, to_ns
 from dlora_sim.core.step import Step
 
@@ -50,6 +50,7 @@ class Replica:
         self.id = state.id
         state.on_queue_change = self.queue_changed
         state.lag = self._lag
+        state.lag_until = self._lag_until
         self._wake: simpy.Event | None = None     # set while idle
         self._repeating = False                     # waiting out repeats of a stable decision
         self._interrupted = False
@@ -130,6 +131,18 @@ class Replica:
                 return 0
             self._advance(run, 1)
         return bisect.bisect_left(ends, now) - run.applied if run.applied < len(ends) else 0
+
+    def _lag_until(self) -> int:
+        """Until when `_lag()` keeps the value it returned now, with no effect: the end of the iteration in flight
+        (the first iteration's, before it is applied); now itself where the run's ends are not generated yet."""
+        run = self._run
+        if run is None:
+            return FOREVER_NS   # nothing runs: the next run begins with a version change
+        now, ends = self.env.now, run.ends
+        if run.applied == 0:
+            return ends[0] if ends[0] >= now else now
+        i = bisect.bisect_left(ends, now)
+        return ends[i] if i < len(ends) else now
 
     # --- applying a decision ------------------------------------------------------------------------
     def _begin(self, d: Decision, step: Step) -> _Run:

@@ -20,6 +20,7 @@ for bit to the definition recomputed from the requests once they are brought up 
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -67,7 +68,8 @@ class WorkModel:
     _prefill_cache: dict = field(default_factory=dict, repr=False)
     _expected: dict = field(default_factory=dict, repr=False)
     _epoch: int = field(default=0, repr=False)   # bumped when an estimate changes (a rebind, a relearnt mean)
-    _shapes: dict = field(default_factory=dict, repr=False)   # id(view) -> (view, _Shape)
+    _shapes: dict = field(default_factory=dict, repr=False)   # id(view) -> (view, _Shape, lag_until, price)
+    _index: "_Index | None" = field(default=None, repr=False)   # every replica's price, for dispatch over all
 
     def __post_init__(self) -> None:
         if self.lengths not in ("estimate", "oracle"):
@@ -207,18 +209,26 @@ class WorkModel:
 
     def replica_ns(self, view: "ReplicaView") -> int:
         """`queue_ns` of the replica's queue, with its batch in flight's `lag` counted: what a router
-        prices every host with at every arrival. Remembered as a function of the lag until the replica
-        changes, so a host that only fast-forwarded costs a bisection."""
+        prices every host with at every arrival. Remembered while the replica's version and lag hold (its
+        `lag_until`), and as a function of the lag until the replica changes, so a host that only
+        fast-forwarded costs a bisection."""
         lag_of = getattr(view, "lag", None)
         if lag_of is None:   # a view without one (tests' stand-ins) is priced from its requests
             return self.queue_ns(view.queue, view.max_num_seqs)
-        lag = lag_of()   # first: it may apply the run's first iteration, which changes the version
         hit = self._shapes.get(id(view))
-        if hit is not None and hit[0] is view and hit[1].version == view.version and hit[1].epoch == self._epoch:
+        same = hit is not None and hit[0] is view and hit[1].version == view.version and hit[1].epoch == self._epoch
+        if same and view.clock_ns() <= hit[2]:
+            return hit[3]   # neither its queue nor its lag moved since it was priced
+        lag = lag_of()   # first: it may apply the run's first iteration, which changes the version
+        if same and hit[1].version == view.version:
             shape = hit[1]
         else:
             shape = self._shape(view)
-            self._shapes[id(view)] = (view, shape)
+        price = self._price(view, shape, lag)
+        self._shapes[id(view)] = (view, shape, view.lag_until(), price)
+        return price
+
+    def _price(self, view: "ReplicaView", shape: _Shape, lag: int) -> int:
         if shape.exact:
             return self.queue_ns(view.queue, view.max_num_seqs, lag, view.in_flight)
         slacks = shape.slacks
@@ -229,10 +239,17 @@ class WorkModel:
 
     def cheapest(self, views: Sequence["ReplicaView"], candidates: Iterable[int], request: Request,
                  cost: "CostModel") -> int:
-        """The candidate of least `replica_ns` + `request_ns(request)` (ties: the lower index): a
+        """The candidate of least `replica_ns` + `request_ns(request)` (ties: the lower index). Where every
+        replica is a candidate and all share one batch size (the request's own time then adds alike), the
+        answer comes from `_Index`, which reprices only the replicas whose price may have moved; otherwise a
         dispatch's loop, one `replica_ns` per host."""
+        cands = candidates if isinstance(candidates, (range, tuple, list)) else list(candidates)
+        if len(cands) == len(views) > 1 and self._uniform(views):
+            self.bind(cost, views[0].max_num_seqs)
+            self.request_ns(request)   # as the loop does: it may learn the adapter's expected length now
+            return self._index_of(views).cheapest(self)
         best, best_c, batch, own = -1, 0, None, 0
-        for j in candidates:
+        for j in cands:
             view = views[j]
             if view.max_num_seqs != batch:   # bind (and the request's own time) again only for another shape
                 batch = view.max_num_seqs
@@ -242,6 +259,20 @@ class WorkModel:
             if best < 0 or c < best_c or (c == best_c and j < best):
                 best, best_c = j, c
         return best
+
+    def _uniform(self, views: Sequence["ReplicaView"]) -> bool:
+        idx = self._index
+        if idx is not None and idx.views is views and idx.n == len(views):
+            return idx.uniform
+        batch = views[0].max_num_seqs
+        uniform = all(v.max_num_seqs == batch and hasattr(v, "lag_until") and hasattr(v, "lag") for v in views)
+        self._index = _Index(views, uniform)
+        return uniform
+
+    def _index_of(self, views: Sequence["ReplicaView"]) -> "_Index":
+        idx = self._index
+        assert idx is not None and idx.views is views
+        return idx
 
     def _shape(self, view: "ReplicaView") -> _Shape:
         batch = view.max_num_seqs
@@ -272,3 +303,40 @@ class WorkModel:
 
 
 _QUEUED = State.QUEUED
+
+
+class _Index:
+    """Every replica's `replica_ns`, kept for a dispatch among all of them: at a dispatch only the replicas whose
+    version changed or whose lag may have moved (past their `lag_until`) are priced again, in index order as
+    a dispatch's loop would (pricing may apply a run's first iteration), and a heap of (price, index) with
+    stale entries skipped gives the least price, ties to the lower index: the loop's answer, bit for bit."""
+
+    def __init__(self, views: Sequence["ReplicaView"], uniform: bool):
+        self.views, self.n, self.uniform = views, len(views), uniform
+        self.epoch = -1
+        self.versions: list[int] = []
+        self.untils: list[int] = []
+        self.prices: list[int] = []
+        self.heap: list[tuple[int, int]] = []
+
+    def cheapest(self, work: WorkModel) -> int:
+        views, n = self.views, self.n
+        if self.epoch != work._epoch:   # estimates relearnt or rebound: price every replica again
+            self.epoch = work._epoch
+            self.versions, self.untils, self.prices = [-1] * n, [-1] * n, [-1] * n
+            self.heap = []
+        versions, untils, prices, heap = self.versions, self.untils, self.prices, self.heap
+        now = views[0].clock_ns()
+        shapes = work._shapes
+        for j in [j for j in range(n) if versions[j] != views[j].version or untils[j] < now]:
+            view = views[j]
+            price = work.replica_ns(view)
+            versions[j], untils[j] = view.version, shapes[id(view)][2]
+            if price != prices[j]:
+                prices[j] = price
+                heapq.heappush(heap, (price, j))
+        while heap[0][0] != prices[heap[0][1]]:   # a replica's price moved since this entry
+            heapq.heappop(heap)
+        if len(heap) > 4 * n:   # drop the stale entries
+            self.heap = heap = sorted(set((p, j) for j, p in enumerate(prices)))
+        return heap[0][1]
