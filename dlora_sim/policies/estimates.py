@@ -131,16 +131,19 @@ class WorkModel:
     def harvest(self) -> None:
         """Learn the lengths of the tracked requests that finished. The estimates (and every price that
         used them) change only if an adapter's mean moved by more than `relearn`."""
-        keep, learnt = [], set()
+        keep, learnt, seen = [], set(), self._seen
         for r in self._pending:
-            if r.state == State.FINISHED:
+            state = r.state
+            if state == _FINISHED:
                 self._sum[r.adapter] += r.output_tokens
                 self._cnt[r.adapter] += 1
                 learnt.add(r.adapter)
-            elif r.state != State.REJECTED:
+                seen.discard(r.id)   # memory follows the requests in flight, not all ever seen
+            elif state == _REJECTED:
+                seen.discard(r.id)
+            else:
                 keep.append(r)
         self._pending = keep
-        self._seen = {r.id for r in keep}   # memory follows the requests in flight, not all ever seen
         expected = self._expected
         if any(a in expected and abs(self._mean(a) - expected[a]) > self.relearn * expected[a] for a in learnt):
             expected.clear()
@@ -302,7 +305,7 @@ class WorkModel:
         return sum(blocks_for(r.context_len + (0 if r.state == State.QUEUED else 1), bs) for r in view.queue)
 
 
-_QUEUED = State.QUEUED
+_QUEUED, _FINISHED, _REJECTED = State.QUEUED, State.FINISHED, State.REJECTED
 
 
 class _Index:
