@@ -143,7 +143,6 @@ class CapacitySearch(Sweeper):
             log.info("capacity %-40s %s requests/rate: %s req/s", r["arm"], r["run_length"], r["capacity_rps"])
         return rows
 
-
     def _overrides(self, arm: list[str], run_length: float, rate: float) -> list[str]:
         count = [f"{self.count_key}={max(1, round(run_length * rate))}"] if self.count_key else []
         return [*arm, f"{self.rate_key}={rate}", *count]

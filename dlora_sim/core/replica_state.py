@@ -20,10 +20,10 @@ from dlora_sim.core.cost_model import CostModel
 from dlora_sim.core.prefix_cache import PrefixCache
 from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots, rank_pad
 from dlora_sim.core.request import NS, Request, State, blocks_for, to_ns
-
-FOREVER_NS = 1 << 62   # later than any simulated time
 from dlora_sim.core.step import Step
 from dlora_sim.core.validation import check_accounting, validate
+
+FOREVER_NS = 1 << 62   # later than any simulated time
 
 if TYPE_CHECKING:
     from dlora_sim.core.results import Recorder
