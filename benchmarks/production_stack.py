@@ -66,6 +66,8 @@ def load(sweep: Path) -> list[dict]:
                                  "slo_attainment": s["slo_attainment"], "adapter_loads": s["num_adapter_loads"],
                                  "store_loads": s.get("num_adapter_loads_store"),
                                  "prefix_hit_share": s.get("prefix_hit_share")})
+        first = next(p for p in probes if p["arm"] == r["arm"])
+        row["config"] = _summary(first["folder"])["config"]   # the run's settings, for the report's header
         rows.append(row)
     if not rows:
         raise SystemExit(f"{sweep}: capacity.csv has no rows")
@@ -92,17 +94,24 @@ def report(rows: list[dict], sweep: Path) -> str:
     systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
     others = [s for s in systems if s != "dlora"]
     scales = sorted({f["rate_scale"] for r in rows for f in r["fixed"]})
-    lines = ["# production_stack: dLoRA against today's LoRA serving stacks (8 A100 / Llama-2-7B replicas)", "",
-             "ServeGen m-large's per-client arrivals (day 1, 20:00-20:05; lengths from Azure conv), each request's "
-             "adapter drawn with Zipf(1) popularity over N rank-16 adapters, each adapter's requests opening with "
-             "its own 1,024-token system prompt. Systems: " + "; ".join(
+    c = rows[0]["config"]
+    w = c["workload"]
+    host = next((r["config"]["cluster"]["replica"]["host_adapter_cache"] for r in rows if r["arm"] == "host_cache"),
+                None)
+    lines = [f"# production_stack: dLoRA against today's LoRA serving stacks ({c['cluster']['num_replicas']} "
+             f"{c['profile']['hardware']} / {c['model']['name']} replicas)", "",
+             f"ServeGen {w['model']}'s per-client arrivals (trace seconds {w['start_s']:g}-{w['end_s']:g}; lengths "
+             f"from {w['lengths']['trace']}), each request's adapter drawn with {w['mapping']}({w['skew']:g}) popularity "
+             f"over N rank-{w['rank']} adapters, each {w['shared_prefix_by']}'s requests opening with its own "
+             f"{w['shared_prefix_tokens']:,}-token system prompt. Systems: " + "; ".join(
                  f"{SYSTEMS[s]} (`system={s}`)" for s in systems) + ". Arms: base (every adapter in host memory, "
-             "no prefix caching), prefix caching on (keyed by adapter), a host cache of 32 adapters in front of the "
-             "profile's backing store. Every system has the same replicas, memory, adapter slots, batch limits, "
-             "host cache and prefix cache. Capacity: the highest offered rate whose mean s/token stays <= 0.5 s "
-             "(dLoRA's SLO), bisected on the trace's rate_scale (brackets of ~4.4%); "
-             f"fixed loads: every arm at rate_scale {', '.join(f'{x:g}' for x in scales)}. Simulated (profile "
-             f"a100-80gb). Source: `{sweep}`. Commands: `dlora-sim --multirun experiment=production_stack`, then "
+             "no prefix caching), prefix caching on (keyed by adapter), a host cache of "
+             f"{host if host is not None else '?'} adapters in front of the profile's backing store. Every system "
+             "has the same replicas, memory, adapter slots, batch limits, host cache and prefix cache. Capacity: the "
+             f"highest offered rate whose mean s/token stays <= {c['slo_s_per_token']:g} s (dLoRA's SLO), bisected "
+             "on the trace's rate_scale (its bracket is in production_stack.csv); "
+             f"fixed loads: every arm at rate_scale {', '.join(f'{x:g}' for x in scales)}. Simulated. "
+             f"Source: `{sweep}`. Commands: `dlora-sim --multirun experiment=production_stack`, then "
              "`python benchmarks/production_stack.py <folder> --record`.", "",
              "## Capacity at the SLO (req/s offered)", "",
              "| adapters | arm | " + " | ".join(SYSTEMS[s] for s in systems) + " | dLoRA / best other |",
@@ -208,8 +217,7 @@ def chart(rows: list[dict], path: Path) -> None:
         axes[1, col].yaxis.set_minor_formatter(ticker.NullFormatter())
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(systems), fontsize=8)
-    fig.suptitle("dLoRA vs today's stacks on ServeGen m-large (8 replicas, Zipf(1) adapters, 1,024-token system "
-                 "prompts per adapter)", fontsize=10)
+    fig.suptitle("dLoRA vs today's stacks: capacity at the SLO (top), P99 TTFT at one fixed load (bottom)", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -219,7 +227,7 @@ def write(rows: list[dict], out: Path, sweep: Path) -> list[str]:
     text = report(rows, sweep)
     print(text)
     (out / "production_stack.md").write_text(text)
-    write_rows(out / "production_stack.csv", [{k: v for k, v in r.items() if k != "fixed"} for r in rows])
+    write_rows(out / "production_stack.csv", [{k: v for k, v in r.items() if k not in ("fixed", "config")} for r in rows])
     write_rows(out / "production_stack_fixed.csv",
                [{"system": r["system"], "adapters": r["adapters"], "arm": r["arm"], **f} for r in rows for f in r["fixed"]])
     shutil.copyfile(Path(sweep) / "capacity_probes.csv", out / "production_stack_probes.csv")

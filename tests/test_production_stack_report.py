@@ -18,9 +18,16 @@ def _write(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+CONFIG = {"cluster": {"num_replicas": 8, "replica": {"host_adapter_cache": 32}}, "profile": {"hardware": "a100-80gb"},
+          "model": {"name": "llama-2-7b"}, "slo_s_per_token": 0.5,
+          "workload": {"model": "m-large", "start_s": 72000.0, "end_s": 72300.0, "lengths": {"trace": "azure_conv"},
+                       "mapping": "zipf", "skew": 1.0, "rank": 16, "shared_prefix_by": "adapter",
+                       "shared_prefix_tokens": 1024}}
+
+
 def _run(folder: Path, p99_ttft: float, **extra) -> str:
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({
+    (folder / "summary.json").write_text(json.dumps({"config": CONFIG,
         "offered_rps": 9.0, "completed": 100, "mean_ttft_s": p99_ttft / 4, "p99_ttft_s": p99_ttft,
         "mean_s_per_token": 0.1, "slo_attainment": 1.0, "num_adapter_loads": 7, **extra}))
     return str(folder)
@@ -59,5 +66,7 @@ def test_the_report_puts_each_number_in_its_cell_and_says_where_dlora_loses(tmp_
     assert "64 adapters, prefix caching: capacity 46 req/s, below vLLM, least loaded 55" in loss
     assert "64 adapters, prefix caching, rate_scale 0.02: P99 TTFT 3 s, above vLLM, least loaded 0.5 s" in loss
     assert "base" not in loss   # dLoRA wins both there
+    assert text.startswith("# production_stack: dLoRA against today's LoRA serving stacks (8 a100-80gb / llama-2-7b")
+    assert "trace seconds 72000-72300" in text and "1,024-token system prompt" in text
     files = ps.write(rows, tmp_path / "out", tmp_path) if (tmp_path / "out").mkdir() is None else []
     assert all((tmp_path / "out" / f).exists() for f in files) and len(files) == 5
