@@ -182,6 +182,11 @@ class WorkModel:
     def _output(self, r: Request) -> int:
         return r.output_tokens if self.lengths == "oracle" else self.expected_output(r.adapter)
 
+    def _expected_of(self, r: Request) -> int:
+        """`_output` when lengths are estimated: the adapter's remembered estimate, learnt on first use."""
+        v = self._expected.get(r.adapter)
+        return self.expected_output(r.adapter) if v is None else v
+
     def queue_ns(self, requests: Sequence[Request], batch: int, lag: int = 0,
                  in_flight: Collection[Request] = ()) -> int:
         """The work of `requests` (the module's definition), recomputed from the requests themselves; those
@@ -282,14 +287,18 @@ class WorkModel:
         if any(len(rs) >= batch for rs in view.by_adapter().values()):
             return _Shape(view.version, self._epoch, 0, [], [0], exact=True)
         tok, fixed = self._constants()[3], 0
+        out_of = self._output if self.lengths == "oracle" else self._expected_of   # _output, looked up inline
+        prefill, prefill_of = self._prefill_cache, self.prefill_ns
         for r in view.queue:   # every request as if it made no progress ...
-            rem = self._output(r) - r.generated
+            rem = out_of(r) - r.generated
             fixed += (rem if rem > 1 else 1) * tok
             if r.state == _QUEUED:
-                fixed += self.prefill_ns(r.prompt_tokens + r.generated - r.prefilled)
+                t = r.prompt_tokens + r.generated - r.prefilled
+                p = prefill.get(t)
+                fixed += prefill_of(t) if p is None else p
         slacks = []
         for r in view.in_flight:   # ... but those in flight, whose progress is the lag's
-            rem = self._output(r) - r.generated
+            rem = out_of(r) - r.generated
             fixed -= (rem if rem > 1 else 1) * tok
             slacks.append(rem)
         slacks.sort()
