@@ -20,8 +20,9 @@ def _cfg(system: str, arm: str):
 def test_every_system_of_an_arm_gets_the_same_cluster_and_workload(arm):
     cfgs = {s: _cfg(s, arm) for s in SYSTEMS}
     clusters = {s: OmegaConf.to_container(c.cluster) for s, c in cfgs.items()}
-    for c in clusters.values():
-        c["replica"].pop("max_lora_rank")   # vLLM pads to the largest rank: all are rank 16 here
+    pads = {s: c["replica"].pop("max_lora_rank") for s, c in clusters.items()}
+    assert pads == {"dlora": None, "vllm_lora": "max", "vllm_gateway": "max", "sglang_router": None}   # rank 16 only
+    assert all(not c["preload"] for c in clusters.values())   # a cold start for all: dLoRA's placement loads nothing
     assert all(c == clusters["dlora"] for c in clusters.values())
     workloads = [OmegaConf.to_container(c.workload) for c in cfgs.values()]
     assert all(w == workloads[0] for w in workloads)

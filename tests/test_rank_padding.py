@@ -45,3 +45,12 @@ def test_a_number_pads_to_it_and_null_changes_nothing():
 def test_bad_padding_is_named(value, match):
     with pytest.raises((ValueError, ConfigError), match=match):
         run_cfg(*ONE, f"cluster.replica.max_lora_rank={value}", workload=_one_request([8, 16]))
+
+
+def test_slots_are_sized_for_the_padded_rank():
+    """With slots sized by memory, padding rank-16 adapters to 64 leaves room for a quarter as many."""
+    wl = Workload.from_requests([RequestSpec(0.0, 0, 64, 4)], num_adapters=2000, rank=16)
+    sim_own, _ = run_cfg(*ONE, workload=wl)
+    sim_pad, _ = run_cfg(*ONE, "cluster.replica.max_lora_rank=64", workload=wl)
+    own, pad = sim_own.cluster.replicas[0].adapter_slots, sim_pad.cluster.replicas[0].adapter_slots
+    assert pad < own and pad == pytest.approx(own / 4, rel=0.02)

@@ -8,7 +8,7 @@ from sim_helpers import requests_csv, run_cfg
 from test_engine_invariants import check_invariants
 from test_router_affinity import Cluster, rep
 from dlora_sim.core.request import Request
-from dlora_sim.policies.cache_aware import CacheAware
+from dlora_sim.policies.cache_aware import CacheAware, _chain
 
 _ids = iter(range(10**6))
 
@@ -62,7 +62,7 @@ def test_the_tree_forgets_its_least_recently_used_blocks():
     c = Cluster([rep()])
     router.dispatch(req(0, 1, 2), c)
     router.dispatch(req(0, 5, 6), c)
-    assert len(router._trees[0]) == 3
+    assert list(router._trees[0]) == [_chain((1, 2))[1], *_chain((5, 6))]   # the least recent block, (1,), went
 
 
 @pytest.mark.parametrize("value", ["router.cache_threshold=1.5", "router.balance_rel_threshold=0.5",

@@ -281,11 +281,29 @@ def test_dispatch_over_every_replica_from_the_index_is_the_loops_answer(over, mo
         if len(candidates) == len(views):
             seen["index"] += 1
             self.bind(cost, views[0].max_num_seqs)
+            versions = [v.version for v in views]
             prices = [WorkModel.queue_ns(self, v.queue, v.max_num_seqs, v.lag(), v.in_flight) for v in views]
-            assert got == prices.index(min(prices))   # lag() here has no effect: the index just read it
+            assert got == prices.index(min(prices))
+            assert [v.version for v in views] == versions   # lag() here applied nothing: the index did it already
         return got
 
     monkeypatch.setattr(WorkModel, "cheapest", checked)
     sim = build_simulation(compose_cfg("system=dlora", "workload.num_adapters=4", "workload.num_requests=600", *over))
     res = sim.run()
     assert seen["index"] > 500 and all(r.state == State.FINISHED for r in res.requests)
+
+
+def test_a_cold_start_loads_the_placed_adapters_on_demand():
+    """cluster.preload=false: dLoRA's placement still decides the hosts, but no replica holds an adapter at t=0, so
+    the first request of each (replica, adapter) pays its load; with the default every placed adapter is resident."""
+    over = ("system=dlora", "cluster.num_replicas=2", "workload.num_adapters=4", "workload.num_requests=60",
+            "workload.rate=4")
+    warm = build_simulation(compose_cfg(*over))
+    warm_res = warm.run()
+    cold = build_simulation(compose_cfg(*over, "cluster.preload=false"))
+    cold_res = cold.run()
+    assert warm_res.recorder.counters.get("adapter_loads", 0) == 0
+    pairs = {(r.replica, r.adapter) for r in cold_res.requests}
+    assert cold_res.recorder.counters["adapter_loads"] >= len(pairs) > 0
+    assert cold.cluster.hosts == warm.cluster.hosts
+    assert all(r.state == State.FINISHED for r in cold_res.requests)

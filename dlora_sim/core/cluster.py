@@ -141,6 +141,8 @@ class Cluster:
         executor loads them too)."""
         placement = self.router.place(self)
         self.hosts = {a: tuple(h) for a, h in placement.hosts.items()}
+        if not self.config.preload:   # a cold start: adapters load on demand
+            return {}
         for j, adapters in placement.preload.items():
             self.replicas[j].preload(adapters)
         return placement.preload

@@ -69,7 +69,8 @@ class ReplicaConfig:
         if self.adapter_prefetch and self.host_adapter_cache is None:
             raise ValueError("cluster.replica.adapter_prefetch=true needs a bounded cluster.replica.host_adapter_cache "
                              "(with every adapter in host memory there is nothing to fetch ahead)")
-        if self.max_lora_rank not in (None, "max") and (isinstance(self.max_lora_rank, (bool, str))
+        if self.max_lora_rank not in (None, "max") and (isinstance(self.max_lora_rank, bool)
+                                                         or not isinstance(self.max_lora_rank, int)
                                                          or self.max_lora_rank < 1):
             raise ValueError(f"cluster.replica.max_lora_rank must be >= 1, max or null, got {self.max_lora_rank!r}")
         if not (isinstance(self.chunked_prefill, bool) or self.chunked_prefill == "auto"):
@@ -112,6 +113,9 @@ class ClusterConfig:
     num_replicas: int = 1
     gpus_per_replica: int = 1
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    # load the adapters a router's placement puts on each replica before the first request (dLoRA's does); false:
+    # every replica starts with empty adapter slots and host cache, as routers without a placement leave them
+    preload: bool = True
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1 or self.gpus_per_replica < 1:

@@ -180,7 +180,8 @@ class ReplicaState:
     def add_adapter(self, rank: int) -> None:
         """A new adapter's rank (the next id); it must fit the slots, sized for the largest rank."""
         if self.slot_bytes(rank) > self.slot_bytes(max(self._ranks, default=1)):
-            raise ValueError(f"rank {rank} is above the adapter slots' maximum {max(self._ranks, default=1)}")
+            padded = "" if self._pad is None else f" (cluster.replica.max_lora_rank={self.cfg.max_lora_rank})"
+            raise ValueError(f"rank {rank} is above the adapter slots' maximum {max(self._ranks, default=1)}{padded}")
         self._ranks.append(rank if self._pad is None else self._pad)
         self._copy_ranks.append(rank)
 

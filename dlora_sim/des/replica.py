@@ -134,13 +134,14 @@ class Replica:
 
     def _lag_until(self) -> int:
         """Until when `_lag()` keeps the value it returned now, with no effect: the end of the iteration in flight
-        (the first iteration's, before it is applied); now itself where the run's ends are not generated yet."""
+        (the first iteration's, before it is applied); now itself where the run's ends are not generated yet, and
+        before now where `_lag()` would apply the ended first iteration."""
         run = self._run
         if run is None:
             return FOREVER_NS   # nothing runs: the next run begins with a version change
         now, ends = self.env.now, run.ends
-        if run.applied == 0:
-            return ends[0] if ends[0] >= now else now
+        if run.applied == 0:   # lag() applies the first iteration once it ended: expired already if it has
+            return ends[0] if ends[0] >= now else now - 1
         i = bisect.bisect_left(ends, now)
         return ends[i] if i < len(ends) else now
 

@@ -3,15 +3,17 @@
 The router keeps an approximate radix tree of the prompts it sent to each worker and, while the workers' loads
 are balanced, sends a request to the worker whose tree shares the longest prefix with its prompt if that prefix
 is more than `cache_threshold` of it; otherwise, and whenever loads are imbalanced, to the least loaded worker.
-Its tree keys on text only: a request's adapter (`lora_path`) is forwarded, never routed on (checked in
-sgl-model-gateway's cache_aware policy and HTTP router), so requests of two adapters that open alike go together
-though their engines' caches keep them apart, and nothing keeps an adapter's requests together but their text.
+(The policy's header comment says a miss goes to the worker with the smallest tree, as older sgl-router versions
+did; its code picks the least loaded: `min_by_key(load)` in sgl-model-gateway's src/policies/cache_aware.rs.)
+Its tree keys on text only: a request's adapter (`lora_path`) is forwarded, never routed on (checked in the
+gateway's cache_aware policy and HTTP router), so requests of two adapters that open alike go together though
+their engines' caches keep them apart, and nothing keeps an adapter's requests together but their text.
 
 Here the text is the prompt's prefix-block hashes (the workload's; none = no match, so least loaded), matched
 block by block: the share matched is blocks matched / the prompt's blocks (SGLang's: characters). Load is the
-worker's outstanding requests, which the router counts itself. The tree's size bound evicts the least recently
-used blocks of a worker at insertion (SGLang's evicts on a timer, every 60 s by default); with the default bound
-(2^26 characters, ~16M tokens at ~4 characters a token) no run of ours reaches it.
+worker's outstanding requests (SGLang's router counts its own requests in flight per worker). The tree's size
+bound evicts the least recently used blocks of a worker at insertion (SGLang's evicts on a timer); with the
+default bound (2^26 characters, ~16M tokens at ~4 characters a token) no run of ours reaches it.
 """
 from __future__ import annotations
 

@@ -252,10 +252,11 @@ class WorkModel:
         answer comes from `_Index`, which reprices only the replicas whose price may have moved; otherwise a
         dispatch's loop, one `replica_ns` per host."""
         cands = candidates if isinstance(candidates, (range, tuple, list)) else list(candidates)
-        if len(cands) == len(views) > 1 and self._uniform(views):
+        idx = self._index_for(views)
+        if idx.uniform and len(cands) == idx.n and (cands if isinstance(cands, tuple) else tuple(cands)) == idx.everyone:
             self.bind(cost, views[0].max_num_seqs)
             self.request_ns(request)   # as the loop does: it may learn the adapter's expected length now
-            return self._index_of(views).cheapest(self)
+            return idx.cheapest(self)
         best, best_c, batch, own = -1, 0, None, 0
         for j in cands:
             view = views[j]
@@ -268,18 +269,15 @@ class WorkModel:
                 best, best_c = j, c
         return best
 
-    def _uniform(self, views: Sequence["ReplicaView"]) -> bool:
+    def _index_for(self, views: Sequence["ReplicaView"]) -> "_Index":
+        """The index of these replicas' prices (made anew for another cluster); `uniform` when every replica
+        shares one batch size and reads its progress through `lag` and `lag_until`, which the index needs."""
         idx = self._index
-        if idx is not None and idx.views is views and idx.n == len(views):
-            return idx.uniform
-        batch = views[0].max_num_seqs
-        uniform = all(v.max_num_seqs == batch and hasattr(v, "lag_until") and hasattr(v, "lag") for v in views)
-        self._index = _Index(views, uniform)
-        return uniform
-
-    def _index_of(self, views: Sequence["ReplicaView"]) -> "_Index":
-        idx = self._index
-        assert idx is not None and idx.views is views
+        if idx is None or idx.views is not views or idx.n != len(views):
+            batch = views[0].max_num_seqs if views else 0
+            uniform = len(views) > 1 and all(v.max_num_seqs == batch and hasattr(v, "lag_until")
+                                             and hasattr(v, "lag") for v in views)
+            idx = self._index = _Index(views, uniform)
         return idx
 
     def _shape(self, view: "ReplicaView") -> _Shape:
@@ -325,6 +323,7 @@ class _Index:
 
     def __init__(self, views: Sequence["ReplicaView"], uniform: bool):
         self.views, self.n, self.uniform = views, len(views), uniform
+        self.everyone = tuple(range(len(views)))   # the candidates it answers for: every replica, in index order
         self.epoch = -1
         self.versions: list[int] = []
         self.untils: list[int] = []
