@@ -182,11 +182,6 @@ class WorkModel:
     def _output(self, r: Request) -> int:
         return r.output_tokens if self.lengths == "oracle" else self.expected_output(r.adapter)
 
-    def _expected_of(self, r: Request) -> int:
-        """`_output` when lengths are estimated: the adapter's remembered estimate, learnt on first use."""
-        v = self._expected.get(r.adapter)
-        return self.expected_output(r.adapter) if v is None else v
-
     def queue_ns(self, requests: Sequence[Request], batch: int, lag: int = 0,
                  in_flight: Collection[Request] = ()) -> int:
         """The work of `requests` (the module's definition), recomputed from the requests themselves; those
@@ -220,21 +215,21 @@ class WorkModel:
         prices every host with at every arrival. Remembered while the replica's version and lag hold (its
         `lag_until`), and as a function of the lag until the replica changes, so a host that only
         fast-forwarded costs a bisection."""
-        lag_of = getattr(view, "lag", None)
-        if lag_of is None:   # a view without one (tests' stand-ins) is priced from its requests
+        if getattr(view, "lag", None) is None:   # a view without one (tests' stand-ins) is priced from its requests
             return self.queue_ns(view.queue, view.max_num_seqs)
+        return self._priced(view)[3]
+
+    def _priced(self, view: "ReplicaView") -> tuple:
+        """The replica's remembered (view, shape, lag_until, price), priced again if its version, the estimates or
+        its lag moved."""
         hit = self._shapes.get(id(view))
         same = hit is not None and hit[0] is view and hit[1].version == view.version and hit[1].epoch == self._epoch
         if same and view.clock_ns() <= hit[2]:
-            return hit[3]   # neither its queue nor its lag moved since it was priced
-        lag = lag_of()   # first: it may apply the run's first iteration, which changes the version
-        if same and hit[1].version == view.version:
-            shape = hit[1]
-        else:
-            shape = self._shape(view)
-        price = self._price(view, shape, lag)
-        self._shapes[id(view)] = (view, shape, view.lag_until(), price)
-        return price
+            return hit   # neither its queue nor its lag moved since it was priced
+        lag = view.lag()   # first: it may apply the run's first iteration, which changes the version
+        shape = hit[1] if same and hit[1].version == view.version else self._shape(view)
+        entry = self._shapes[id(view)] = (view, shape, view.lag_until(), self._price(view, shape, lag))
+        return entry
 
     def _price(self, view: "ReplicaView", shape: _Shape, lag: int) -> int:
         if shape.exact:
@@ -285,18 +280,14 @@ class WorkModel:
         if any(len(rs) >= batch for rs in view.by_adapter().values()):
             return _Shape(view.version, self._epoch, 0, [], [0], exact=True)
         tok, fixed = self._constants()[3], 0
-        out_of = self._output if self.lengths == "oracle" else self._expected_of   # _output, looked up inline
-        prefill, prefill_of = self._prefill_cache, self.prefill_ns
         for r in view.queue:   # every request as if it made no progress ...
-            rem = out_of(r) - r.generated
+            rem = self._output(r) - r.generated
             fixed += (rem if rem > 1 else 1) * tok
             if r.state == _QUEUED:
-                t = r.prompt_tokens + r.generated - r.prefilled
-                p = prefill.get(t)
-                fixed += prefill_of(t) if p is None else p
+                fixed += self.prefill_ns(r.prompt_tokens + r.generated - r.prefilled)
         slacks = []
         for r in view.in_flight:   # ... but those in flight, whose progress is the lag's
-            rem = out_of(r) - r.generated
+            rem = self._output(r) - r.generated
             fixed -= (rem if rem > 1 else 1) * tok
             slacks.append(rem)
         slacks.sort()
@@ -338,11 +329,10 @@ class _Index:
             self.heap = []
         versions, untils, prices, heap = self.versions, self.untils, self.prices, self.heap
         now = views[0].clock_ns()
-        shapes = work._shapes
         for j in [j for j in range(n) if versions[j] != views[j].version or untils[j] < now]:
             view = views[j]
-            price = work.replica_ns(view)
-            versions[j], untils[j] = view.version, shapes[id(view)][2]
+            _, _, untils[j], price = work._priced(view)
+            versions[j] = view.version
             if price != prices[j]:
                 prices[j] = price
                 heapq.heappush(heap, (price, j))
