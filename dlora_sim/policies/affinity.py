@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from dlora_sim.core.contracts import ClusterView, ReplicaView, Router
 from dlora_sim.core.request import Request
+from dlora_sim.policies.dispatch import least_loaded
 
 
 def _waiting(view: ReplicaView) -> int:
@@ -106,9 +107,9 @@ class AdapterLRU(Router):
         js = self.candidates(request, cluster)
         a = request.adapter
         warm = [j for j in js if a in self._lru[j]]
-        best = min(warm, key=lambda j: (len(reps[j].queue), j)) if warm else None
+        best = least_loaded(reps, warm) if warm else None
         if best is None or len(reps[best].queue) > self.queue_threshold:
-            best = min(js, key=lambda j: (len(reps[j].queue), j))
+            best = least_loaded(reps, js)
         lru = self._lru[best]
         lru.pop(a, None)
         lru[a] = None

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
-from dlora_sim.core.contracts import ClusterView, Placement, Router
+from dlora_sim.core.contracts import ClusterView, Placement, ReplicaView, Router
 from dlora_sim.core.request import Request
 
 
@@ -22,6 +23,11 @@ class RoundRobin(Router):
         return choice
 
 
+def least_loaded(replicas: Sequence[ReplicaView], candidates: Iterable[int]) -> int:
+    """The candidate with the fewest outstanding requests; ties -> lowest id."""
+    return min(candidates, key=lambda j: (len(replicas[j].queue), j))
+
+
 @dataclass
 class LeastLoaded(Router):
     """Fewest outstanding requests on the replica (Vidur's and Llumnix's simple baseline); ties -> lowest id."""
@@ -29,8 +35,7 @@ class LeastLoaded(Router):
     reads_progress = False
 
     def dispatch(self, request: Request, cluster: ClusterView) -> int:
-        reps = cluster.replicas
-        return min(self.candidates(request, cluster), key=lambda j: (len(reps[j].queue), j))
+        return least_loaded(cluster.replicas, self.candidates(request, cluster))
 
 
 @dataclass
