@@ -22,6 +22,7 @@ from dlora_sim.core.replica_config import ReplicaConfig, adapter_slots, rank_pad
 from dlora_sim.core.request import NS, Request, State, blocks_for, to_ns
 from dlora_sim.core.step import Step
 from dlora_sim.core.validation import check_accounting, validate
+from dlora_sim.core.workload import PREFIX_BLOCK_TOKENS
 
 FOREVER_NS = 1 << 62   # later than any simulated time
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 class ReplicaState:
     def __init__(self, rid: int, cfg: ReplicaConfig, cost: CostModel, ranks: Sequence[int], recorder: "Recorder",
                  on_done: Callable[[Request], None], clock: Callable[[], int], *, merges: bool = False,
-                 prefix_block_tokens: int = 512):
+                 prefix_block_tokens: int = PREFIX_BLOCK_TOKENS):
         """`merges`: the local policy may merge adapters into the weights, so a pristine_gpu merge
         strategy keeps its copy of the touched weights here (taken from the KV cache).
         `prefix_block_tokens`: the workload's prefix hash granularity (prefix caching's entries)."""

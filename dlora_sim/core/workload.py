@@ -11,6 +11,8 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
+PREFIX_BLOCK_TOKENS = 512   # tokens per prompt-prefix hash block (Mooncake's hash_ids) unless a workload says
+
 
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
@@ -96,7 +98,7 @@ class Workload:
     # per request, the hashes of its prompt's prefix blocks of `prefix_block_tokens` tokens each (Mooncake's
     # hash_ids; equal hashes at equal positions = equal tokens): what prefix caching matches on; None = unknown
     prefixes: Sequence[tuple[int, ...]] | None = None
-    prefix_block_tokens: int = 512
+    prefix_block_tokens: int = PREFIX_BLOCK_TOKENS
 
     def __post_init__(self) -> None:
         if self.prefixes is not None and len(self.prefixes) != len(self.requests):

@@ -18,7 +18,7 @@ from dlora_sim.traces.lengths import LengthSource, TraceLengths
 from dlora_sim.traces.mapping import AdapterMapping
 from dlora_sim.traces.raw import RawRequests
 from dlora_sim.traces.transform import scale_rate, time_scale
-from dlora_sim.core.workload import RequestSpec, Workload, shared_prompt_prefixes
+from dlora_sim.core.workload import PREFIX_BLOCK_TOKENS, RequestSpec, Workload, shared_prompt_prefixes
 
 # Purposes of the RNG streams derived from the seed (fixed so results never depend on call order).
 _MAPPING, _LENGTHS, _RATE = 1, 2, 3
@@ -92,7 +92,8 @@ class TraceWorkload:
             groups = (adapters if self.shared_prefix_by == "adapter"
                       else np.unique(raw.key.astype(str), return_inverse=True)[1])
             prompt = np.maximum(prompt, 1) + self.shared_prefix_tokens
-            shared_prefixes = shared_prompt_prefixes(groups, prompt, self.shared_prefix_tokens, 512)
+            shared_prefixes = shared_prompt_prefixes(groups, prompt, self.shared_prefix_tokens,
+                                                     PREFIX_BLOCK_TOKENS)
         reqs = [RequestSpec(float(t), int(a), int(max(p, 1)), int(max(o, 1)))
                 for t, a, p, o in zip(raw.arrival_s, adapters, prompt, output)]
         info = {"source": type(self).__name__, "trace": self.trace_name, "seed": seed,

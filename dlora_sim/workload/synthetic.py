@@ -14,7 +14,7 @@ import numpy as np
 
 from dlora_sim.workload.lengths import LengthDist
 from dlora_sim.workload.popularity import popularity_weights
-from dlora_sim.core.workload import RequestArrays, Workload, shared_prompt_prefixes
+from dlora_sim.core.workload import PREFIX_BLOCK_TOKENS, RequestArrays, Workload, shared_prompt_prefixes
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SyntheticWorkload:
     # `shared_prefix_tokens` tokens (added to its drawn prompt length), drawn uniformly; 0 = none
     shared_prefix_groups: int = 0
     shared_prefix_tokens: int = 0
-    prefix_block_tokens: int = 512
+    prefix_block_tokens: int = PREFIX_BLOCK_TOKENS
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, dict):
