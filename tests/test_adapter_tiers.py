@@ -152,3 +152,14 @@ def test_fast_forward_changes_nothing_with_prefetch():
     _, steps = run_cfg(*common, "cluster.replica.fast_forward=false", workload=w)
     assert steps.recorder.counters["adapter_prefetches"] > 0
     assert requests_csv(ff) == requests_csv(steps)
+
+
+def test_a_prefetch_without_the_option_is_refused():
+    """Prefetching is the option's: a decision that asks for it on a replica without it is a policy bug, named."""
+    from dlora_util import add, make_replica
+    from dlora_sim.core.contracts import Decision, PolicyError
+    from dlora_sim.policies.dlora import DLoRAScheduler
+    rep = make_replica(DLoRAScheduler())
+    reqs = add(rep, [0, 1])
+    with pytest.raises(PolicyError, match="adapter_prefetch"):
+        rep.begin(Decision(reqs[:1], prefetch=(1,)))

@@ -40,6 +40,8 @@ class ReplicaView(Protocol):
     resident_rank_sum: int            # the sum of their ranks
     merged: int | None                # adapter merged into the base weights, or None (clean)
     full_copy: bool                   # adapters are whole merged model copies (vLLM-replicated)
+    host_adapter_cache: int | None    # adapters host memory holds (null: every adapter; core/adapter_tiers.py)
+    adapter_prefetch: bool            # decisions may fetch adapters from the backing store ahead of their loads
     cost: "CostModel"
 
     @property
@@ -85,6 +87,8 @@ class Decision:
     max_repeats: int | None = None
     forced: bool = False
     info: Mapping[str, float] | None = None   # extra columns for iterations.csv
+    # adapters to start fetching from the backing store into host memory, most urgent first (adapter_prefetch)
+    prefetch: tuple[int, ...] = ()
 
 
 class LocalScheduler(ABC):

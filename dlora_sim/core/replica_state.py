@@ -76,6 +76,7 @@ class ReplicaState:
         self.lag_until: Callable[[], int] = _forever
         self._grouped: tuple[int, dict[int, list[Request]]] = (-1, {})
         self.tiers: AdapterTiers | None = None   # a bounded host adapter cache and the store behind it
+        self.host_adapter_cache, self.adapter_prefetch = cfg.host_adapter_cache, cfg.adapter_prefetch
         if cfg.host_adapter_cache is not None:
             cost.store_time(0)   # a profile without a store is refused here, naming the key
             self.tiers = AdapterTiers(cfg.host_adapter_cache, lambda nbytes: to_ns(cost.store_time(nbytes)))
@@ -375,10 +376,8 @@ class ReplicaState:
         self.free_blocks -= self.prefix_cache.release(r)
 
     def _tiered(self, step: Step, d: Decision) -> None:
-        """The decision's loads by tier (what the store adds to each), then prefetches for the queue's
-        adapters that are not resident, oldest request first: only the most urgent that host memory holds
-        beside the GPU's adapters (a prefetch that evicted a more urgent one would be wasted), as many in
-        flight as the GPU has slots."""
+        """The decision's loads by tier (what the store adds to each), then the fetches it asks for
+        (`Decision.prefetch`, policies/batching.py chooses them), as many in flight as the GPU has slots."""
         tiers, rec, now = self.tiers, self.recorder, self._clock()
         assert tiers is not None
         evicted = tiers.evictions
@@ -393,9 +392,7 @@ class ReplicaState:
         rec.count("adapter_store_wait_ns", ready - now)
         if self.cfg.adapter_prefetch:
             ranks = self._copy_ranks
-            room = max(tiers.capacity - len(self.resident), 1)
-            wanted = [a for a in self.by_adapter() if a not in self.resident][:room]
-            rec.count("adapter_prefetches", tiers.prefetch(wanted, lambda a: self.slot_bytes(ranks[a]), now,
+            rec.count("adapter_prefetches", tiers.prefetch(d.prefetch, lambda a: self.slot_bytes(ranks[a]), now,
                                                            self.adapter_slots))
         rec.count("host_cache_evictions", tiers.evictions - evicted)
 

@@ -38,6 +38,8 @@ def validate(rep: "ReplicaState", d: Decision) -> None:
                               f"max_num_batched_tokens {cfg.max_num_batched_tokens} (a prefill gets no token)")
     elif tokens > cfg.max_num_batched_tokens and len(batch) > 1:
         raise PolicyError(f"replica {rep.id}: {tokens} tokens exceed max_num_batched_tokens")
+    if d.prefetch and not cfg.adapter_prefetch:
+        raise PolicyError(f"replica {rep.id}: a decision prefetches adapters without cluster.replica.adapter_prefetch")
     for r in d.swap_out:
         if r.state != State.RESIDENT or r in members or r.replica != rep.id:
             raise PolicyError(f"replica {rep.id}: cannot preempt request {r.id} ({r.state.name})")

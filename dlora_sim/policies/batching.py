@@ -276,3 +276,15 @@ def plan_adapter_slots(view: ReplicaView, needed: Iterable[int], *, lru: Sequenc
     if overflow > len(spare):
         raise ValueError(f"replica {view.id}: {len(need_set)} adapters needed but only {view.adapter_slots} slots")
     return loads, tuple(spare[:overflow])
+
+
+def adapter_prefetch(view: ReplicaView, load: Sequence[int], evict: Sequence[int]) -> tuple[int, ...]:
+    """S-LoRA's prefetch (`cluster.replica.adapter_prefetch`), the same for every policy: the queue's adapters not
+    in GPU slots once this decision's loads and evictions are done, oldest request first, only as many as host
+    memory holds beside the GPU's adapters (a prefetch that evicted a more urgent one would be wasted). The
+    replica starts those not already in host memory or on their way (core/adapter_tiers.py)."""
+    if not view.adapter_prefetch:
+        return ()
+    resident = (set(view.resident) - set(evict)) | set(load)
+    room = max(view.host_adapter_cache - len(resident), 1)
+    return tuple([a for a in view.by_adapter() if a not in resident][:room])

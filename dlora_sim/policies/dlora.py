@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 from dlora_sim.core.contracts import Decision, LocalScheduler, PolicyError, ReplicaView
-from dlora_sim.policies.batching import BatchPlan, batch_adapter_slots, fill_batch, plan_adapter_slots
+from dlora_sim.policies.batching import BatchPlan, adapter_prefetch, batch_adapter_slots, fill_batch, plan_adapter_slots
 from dlora_sim.policies.credits import CreditLedger
 from dlora_sim.policies.thresholds import IterationStats, ThresholdTuner
 from dlora_sim.core.request import Request, to_ns
@@ -230,7 +230,7 @@ class DLoRAScheduler(LocalScheduler):
         info = self._info
         return Decision(chosen.batch, merged=run_mode, load=load, evict=evict, swap_out=tuple(chosen.swap_out),
                         recompute=tuple(chosen.recompute), stable=stable, max_repeats=tuner.until_window(),
-                        forced=forced, info=info)
+                        forced=forced, info=info, prefetch=adapter_prefetch(view, load, evict))
 
     def _guard(self, view: ReplicaView, by_adapter: dict[int, list[Request]], fcfs_plan: BatchPlan,
                now: float) -> tuple[BatchPlan, int | None] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dlora_sim.core.contracts import Decision, LocalScheduler, ReplicaView
-from dlora_sim.policies.batching import fill_batch, plan_adapter_slots
+from dlora_sim.policies.batching import adapter_prefetch, fill_batch, plan_adapter_slots
 
 
 @dataclass
@@ -20,7 +20,7 @@ class MergedOnly(LocalScheduler):
             return Decision([], merged=view.merged)
         load, evict = plan_adapter_slots(view, [target], lru=self._lru(view))
         return Decision(plan.batch, merged=target, load=load, evict=evict, swap_out=tuple(plan.swap_out),
-                        recompute=tuple(plan.recompute), stable=True)
+                        recompute=tuple(plan.recompute), stable=True, prefetch=adapter_prefetch(view, load, evict))
 
     def _candidates(self, view: ReplicaView, target: int):
         """The requests it may batch, in priority order: every queued request of the target adapter."""

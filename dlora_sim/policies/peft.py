@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 
 from dlora_sim.core.contracts import Decision, LocalScheduler, ReplicaView
-from dlora_sim.policies.batching import fill_batch, plan_adapter_slots
+from dlora_sim.policies.batching import adapter_prefetch, fill_batch, plan_adapter_slots
 
 
 @dataclass
@@ -20,4 +20,4 @@ class Peft(LocalScheduler):
             return Decision([])
         load, evict = plan_adapter_slots(view, [head])
         return Decision(plan.batch, merged=None, load=load, evict=evict, swap_out=tuple(plan.swap_out),
-                        recompute=tuple(plan.recompute), stable=True)
+                        recompute=tuple(plan.recompute), stable=True, prefetch=adapter_prefetch(view, load, evict))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlora_sim.core.contracts import Decision, LocalScheduler, ReplicaView
-from dlora_sim.policies.batching import batch_adapter_slots, fill_batch
+from dlora_sim.policies.batching import adapter_prefetch, batch_adapter_slots, fill_batch
 
 
 @dataclass
@@ -34,4 +34,4 @@ class UnmergedOnly(LocalScheduler):
             for a in plan.adapters:
                 self._last_used[a] = self._tick
         return Decision(plan.batch, merged=None, load=load, evict=evict, swap_out=tuple(plan.swap_out),
-                        recompute=tuple(plan.recompute), stable=True)
+                        recompute=tuple(plan.recompute), stable=True, prefetch=adapter_prefetch(view, load, evict))
