@@ -213,6 +213,7 @@ def chart(rows: list[dict], path: Path) -> None:
             ax.set_title(f"{n} adapters", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
         axes[1, col].set_yscale("log")
+        axes[1, col].yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))   # 1, 2, 5, 10, ...
         axes[1, col].yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         axes[1, col].yaxis.set_minor_formatter(ticker.NullFormatter())
     handles, labels = axes[0, 0].get_legend_handles_labels()
