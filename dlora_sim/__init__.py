@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from dlora_sim import compiled as _compiled
+
+_compiled.install()   # the optional mypyc build of the hot modules, if built from these sources
+
 __all__ = ["Results", "load", "load_sweep", "simulate"]
 
 

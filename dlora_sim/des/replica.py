@@ -61,7 +61,7 @@ class Replica:
     def queue_changed(self) -> None:
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
-        elif self._repeating and not self._interrupted:   # cut a fast-forwarded run short
+        elif self._repeating and not self._interrupted and self._proc is not None:   # cut a fast-forwarded run short
             self._interrupted = True
             self._proc.interrupt()
 
@@ -139,7 +139,7 @@ class Replica:
         run = self._run
         if run is None:
             return FOREVER_NS   # nothing runs: the next run begins with a version change
-        now, ends = self.env.now, run.ends
+        now, ends = int(self.env.now), run.ends   # simulated time is integer ns
         if run.applied == 0:   # lag() applies the first iteration once it ended: expired already if it has
             return ends[0] if ends[0] >= now else now - 1
         i = bisect.bisect_left(ends, now)
@@ -151,7 +151,7 @@ class Replica:
         state = self.state
         price = state.cost.price(step)
         first = price.total_ns()
-        now = self.env.now
+        now = int(self.env.now)
         run = self._run = _Run(step, state.membership, [first], [now + first], [price.compute], price.overhead)
         n = len(d.batch)
         # a preemption leaves a request waiting that the next decision may admit: not a repeatable state

@@ -283,8 +283,9 @@ def adapter_prefetch(view: ReplicaView, load: Sequence[int], evict: Sequence[int
     in GPU slots once this decision's loads and evictions are done, oldest request first, only as many as host
     memory holds beside the GPU's adapters (a prefetch that evicted a more urgent one would be wasted). The
     replica starts those not already in host memory or on their way (core/adapter_tiers.py)."""
-    if not view.adapter_prefetch:
+    cache = view.host_adapter_cache
+    if not view.adapter_prefetch or cache is None:   # validation refuses a prefetch without a host cache
         return ()
     resident = (set(view.resident) - set(evict)) | set(load)
-    room = max(view.host_adapter_cache - len(resident), 1)
+    room = max(cache - len(resident), 1)
     return tuple([a for a in view.by_adapter() if a not in resident][:room])

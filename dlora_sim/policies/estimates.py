@@ -68,7 +68,7 @@ class WorkModel:
     _prefill_cache: dict = field(default_factory=dict, repr=False)
     _expected: dict = field(default_factory=dict, repr=False)
     _epoch: int = field(default=0, repr=False)   # bumped when an estimate changes (a rebind, a relearnt mean)
-    _shapes: dict = field(default_factory=dict, repr=False)   # id(view) -> (view, _Shape, lag_until, price)
+    _shapes: dict[int, tuple] = field(default_factory=dict, repr=False)   # id(view) -> (view, _Shape, lag_until, price)
     _index: "_Index | None" = field(default=None, repr=False)   # every replica's price, for dispatch over all
 
     def __post_init__(self) -> None:
@@ -223,11 +223,14 @@ class WorkModel:
         """The replica's remembered (view, shape, lag_until, price), priced again if its version, the estimates or
         its lag moved."""
         hit = self._shapes.get(id(view))
-        same = hit is not None and hit[0] is view and hit[1].version == view.version and hit[1].epoch == self._epoch
-        if same and view.clock_ns() <= hit[2]:
-            return hit   # neither its queue nor its lag moved since it was priced
-        lag = view.lag()   # first: it may apply the run's first iteration, which changes the version
-        shape = hit[1] if same and hit[1].version == view.version else self._shape(view)
+        if hit is not None and hit[0] is view and hit[1].version == view.version and hit[1].epoch == self._epoch:
+            if view.clock_ns() <= hit[2]:
+                return hit   # neither its queue nor its lag moved since it was priced
+            lag = view.lag()   # first: it may apply the run's first iteration, which changes the version
+            shape = hit[1] if hit[1].version == view.version else self._shape(view)
+        else:
+            lag = view.lag()
+            shape = self._shape(view)
         entry = self._shapes[id(view)] = (view, shape, view.lag_until(), self._price(view, shape, lag))
         return entry
 
@@ -238,7 +241,7 @@ class WorkModel:
         if not slacks:
             return shape.fixed
         k = bisect.bisect_right(slacks, lag)   # requests whose slack the lag used up count one token each
-        return shape.fixed + (shape.prefix[-1] - shape.prefix[k] - lag * (len(slacks) - k) + k) * self._bound[3]
+        return shape.fixed + (shape.prefix[-1] - shape.prefix[k] - lag * (len(slacks) - k) + k) * self._constants()[3]
 
     def cheapest(self, views: Sequence["ReplicaView"], candidates: Iterable[int], request: Request,
                  cost: "CostModel") -> int:

@@ -1,0 +1,82 @@
+"""Builds the optional compiled build of the simulator's hot modules (dlora_sim/compiled.py says what it is
+and when it is used): `python -m dlora_sim.mypyc_build [build|status|clean]`. Needs the `compiled` extra (mypy,
+which carries mypyc) and a C compiler; `make compile` runs it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from dlora_sim.compiled import DIR, HOT, MANIFEST, SUFFIX, active, digests, source
+
+
+def build(dest: Path = DIR) -> Path:
+    """Compile the hot modules with mypyc into `dest`, replacing what is there only once the whole build
+    succeeded (a failed build leaves the previous one, or none)."""
+    from mypyc.build import mypycify   # the `compiled` extra
+    from setuptools import setup
+
+    sums = digests()
+    work = Path(tempfile.mkdtemp(prefix="dlora_mypyc_"))
+    cwd = os.getcwd()
+    try:
+        os.chdir(work)   # mypyc writes its C and setuptools its objects under the working directory
+        # type errors only in the compiled modules themselves; others are read for their types
+        exts = mypycify(["--follow-imports=silent", "--ignore-missing-imports", *(str(source(m)) for m in HOT)],
+                        opt_level="3")
+        setup(name="dlora_sim_compiled", ext_modules=exts, script_args=[
+            "-q", "build_ext", "--build-lib", str(work / "lib"), "--build-temp", str(work / "tmp")])
+    finally:
+        os.chdir(cwd)
+    files = {}
+    for p in (work / "lib").rglob(f"*{SUFFIX}"):
+        rel = p.relative_to(work / "lib")
+        files[".".join(rel.parts).removesuffix(SUFFIX)] = str(rel)
+    missing = [m for m in HOT if m not in files]
+    if missing:
+        raise RuntimeError(f"mypyc built no module for {missing}")
+    stage = Path(tempfile.mkdtemp(prefix="_compiled.", dir=dest.parent))
+    for name, rel in files.items():
+        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(work / "lib" / rel, stage / rel)
+    (stage / MANIFEST).write_text(json.dumps({"python": sys.version, "suffix": SUFFIX, "sources": sums,
+                                              "files": files}, indent=1) + "\n")
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    stage.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m dlora_sim.mypyc_build", description=__doc__.splitlines()[0])
+    ap.add_argument("command", nargs="?", default="build", choices=["build", "status", "clean"])
+    a = ap.parse_args(argv)
+    if a.command == "clean":
+        shutil.rmtree(DIR, ignore_errors=True)
+        print(f"removed {DIR}")
+        return 0
+    if a.command == "build":
+        try:
+            print(f"compiled build: {build()} ({len(HOT)} modules)")
+        except Exception as e:   # noqa: BLE001 - any failure leaves pure Python, which is correct
+            print(f"compiled build failed, the simulator runs as pure Python: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if active():
+        print(f"compiled: {', '.join(HOT)} from {DIR}")
+    else:
+        print("pure Python" + ("" if (DIR / MANIFEST).exists() else " (no compiled build)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
