@@ -9,14 +9,18 @@ TORCH := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 CPU_TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),@true,$(BIN)/pip install -q --no-deps "$(TORCH)" --index-url $(TORCH_CPU_INDEX))
 
-.PHONY: run test install install-dev install-runtime install-cluster install-server install-bench bench clean
+.PHONY: run test install install-dev install-runtime install-cluster install-server install-bench bench compile clean
+
+# The optional compiled build of the simulator's hot modules (dlora_sim/compiled.py): rebuilt when its sources
+# changed; where it cannot be built the simulator runs as pure Python, with the same results.
+COMPILE = $(BIN)/python -m dlora_sim.mypyc_build || echo "make: continuing with the pure-Python simulator"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[compiled]'
 	touch $@
 
 $(VENV)/.installed-runtime: pyproject.toml Makefile | $(BIN)/python
@@ -40,7 +44,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(BIN)/python
 	$(CPU_TORCH)
-	$(BIN)/pip install -q -e '.[dev,gpu,ref,cluster,server,bench]'
+	$(BIN)/pip install -q -e '.[dev,compiled,gpu,ref,cluster,server,bench]'
 	touch $@ $(VENV)/.installed $(VENV)/.installed-runtime $(VENV)/.installed-cluster $(VENV)/.installed-server \
 		$(VENV)/.installed-bench
 
@@ -57,14 +61,22 @@ install-dev: $(VENV)/.installed-dev
 
 ## The main job: does merging pay? five systems, four cases (conf/experiment/compare.yaml), a verdict per case.
 run: $(VENV)/.installed
+	$(COMPILE)
 	$(BIN)/dlora-sim --multirun experiment=compare
 
 ## The test suite (CPU only; Triton kernels run under TRITON_INTERPRET=1).
 test: $(VENV)/.installed-dev
+	$(COMPILE)
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
+	$(COMPILE)
 	$(BIN)/python benchmarks/sim_speed.py
 
+## (Re)build the compiled simulator modules if their sources changed (`make run` and `make test` do it too).
+compile: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[compiled]'
+	$(BIN)/python -m dlora_sim.mypyc_build
+
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun dlora_sim/_compiled

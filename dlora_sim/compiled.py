@@ -32,7 +32,7 @@ MANIFEST = "manifest.json"
 # the modules a run spends its time in (py-spy over dlora and slora runs at 8-128 replicas)
 HOT = ("dlora_sim.core.request", "dlora_sim.core.step", "dlora_sim.core.cost_model", "dlora_sim.core.validation",
        "dlora_sim.core.replica_state", "dlora_sim.policies.batching", "dlora_sim.policies.estimates",
-       "dlora_sim.des.replica")
+       "dlora_sim.des.replica", "dlora_sim.policies.thresholds", "dlora_sim.policies.credits")
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or importlib.machinery.EXTENSION_SUFFIXES[0]
 
 _active = False
@@ -58,10 +58,22 @@ class _Finder(importlib.abc.MetaPathFinder):
         return None if f is None else importlib.util.spec_from_file_location(name, f)
 
 
-def _skip(why: str) -> bool:
-    warnings.warn(f"dlora_sim: not using the compiled build in {DIR}: {why}; running pure Python "
-                  f"(rebuild: make compile, or python -m dlora_sim.mypyc_build)", RuntimeWarning, stacklevel=3)
-    return False
+def why_not() -> str | None:
+    """None where the build in DIR can be used by this process, else why not ('' where none was built)."""
+    try:
+        manifest = json.loads((DIR / MANIFEST).read_text())
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError) as e:
+        return f"{DIR / MANIFEST} unreadable ({e})"
+    if manifest.get("python") != sys.version or manifest.get("suffix") != SUFFIX:
+        return f"built by Python {str(manifest.get('python', '?')).split()[0]}, this is {sys.version.split()[0]}"
+    changed = [m for m, d in digests().items() if manifest.get("sources", {}).get(m) != d]
+    if changed:
+        return f"{source(changed[0]).relative_to(PACKAGE.parent)} changed since it was built"
+    if not all((DIR / rel).is_file() for rel in manifest.get("files", {}).values()):
+        return "files listed in its manifest are missing"
+    return None
 
 
 def install() -> bool:
@@ -70,23 +82,16 @@ def install() -> bool:
     global _active
     if _active or os.environ.get("DLORA_SIM_PURE", "") not in ("", "0"):
         return _active
-    try:
-        manifest = json.loads((DIR / MANIFEST).read_text())
-    except FileNotFoundError:
-        return False   # never built: pure Python, nothing to say
-    except (OSError, ValueError) as e:
-        return _skip(f"{DIR / MANIFEST} unreadable ({e})")
-    if manifest.get("python") != sys.version or manifest.get("suffix") != SUFFIX:
-        return _skip(f"built by Python {manifest.get('python', '?').split()[0]}, this is {sys.version.split()[0]}")
-    changed = [m for m, d in digests().items() if manifest.get("sources", {}).get(m) != d]
-    if changed:
-        return _skip(f"{source(changed[0]).relative_to(PACKAGE.parent)} changed since it was built")
-    if any(name in sys.modules for name in HOT):
-        return _skip("hot modules were imported before dlora_sim")
-    files = {name: DIR / rel for name, rel in manifest["files"].items()}
-    if not all(f.is_file() for f in files.values()):
-        return _skip("files listed in its manifest are missing")
-    sys.meta_path.insert(0, _Finder(files))
+    why = why_not()
+    if why is None and any(name in sys.modules for name in HOT):
+        why = "hot modules were imported before dlora_sim"
+    if why is not None:
+        if why:
+            warnings.warn(f"dlora_sim: not using the compiled build in {DIR}: {why}; running pure Python "
+                          "(rebuild: make compile)", RuntimeWarning, stacklevel=2)
+        return False
+    manifest = json.loads((DIR / MANIFEST).read_text())
+    sys.meta_path.insert(0, _Finder({name: DIR / rel for name, rel in manifest["files"].items()}))
     _active = True
     return True
 

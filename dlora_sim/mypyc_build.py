@@ -3,6 +3,8 @@ and when it is used): `python -m dlora_sim.mypyc_build [build|status|clean]`. Ne
 which carries mypyc) and a C compiler; `make compile` runs it."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -10,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dlora_sim.compiled import DIR, HOT, MANIFEST, SUFFIX, active, digests, source
+from dlora_sim.compiled import DIR, HOT, MANIFEST, SUFFIX, digests, source, why_not
 
 
 def build(dest: Path = DIR) -> Path:
@@ -22,13 +24,18 @@ def build(dest: Path = DIR) -> Path:
     sums = digests()
     work = Path(tempfile.mkdtemp(prefix="dlora_mypyc_"))
     cwd = os.getcwd()
+    log = io.StringIO()
     try:
         os.chdir(work)   # mypyc writes its C and setuptools its objects under the working directory
-        # type errors only in the compiled modules themselves; others are read for their types
-        exts = mypycify(["--follow-imports=silent", "--ignore-missing-imports", *(str(source(m)) for m in HOT)],
-                        opt_level="3")
-        setup(name="dlora_sim_compiled", ext_modules=exts, script_args=[
-            "-q", "build_ext", "--build-lib", str(work / "lib"), "--build-temp", str(work / "tmp")])
+        with contextlib.redirect_stdout(log):   # a compiler command line per module: shown only on failure
+            # type errors only in the compiled modules themselves; others are read for their types
+            exts = mypycify(["--follow-imports=silent", "--ignore-missing-imports",
+                             *(str(source(m)) for m in HOT)], opt_level="3")
+            setup(name="dlora_sim_compiled", ext_modules=exts, script_args=[
+                "-q", "build_ext", "--build-lib", str(work / "lib"), "--build-temp", str(work / "tmp")])
+    except BaseException:   # mypy's type errors end in SystemExit
+        sys.stderr.write(log.getvalue()[-4000:])
+        raise
     finally:
         os.chdir(cwd)
     files = {}
@@ -57,24 +64,32 @@ def build(dest: Path = DIR) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m dlora_sim.mypyc_build", description=__doc__.splitlines()[0])
-    ap.add_argument("command", nargs="?", default="build", choices=["build", "status", "clean"])
+    ap.add_argument("command", nargs="?", default="build", choices=["build", "status", "clean"],
+                    help="build: (re)build unless the build is current; status: whether runs use it; clean: remove it")
+    ap.add_argument("--force", action="store_true", help="build even if the build is current")
     a = ap.parse_args(argv)
+    why = why_not()
     if a.command == "clean":
         shutil.rmtree(DIR, ignore_errors=True)
         print(f"removed {DIR}")
-        return 0
-    if a.command == "build":
+    elif a.command == "status":
+        pure = os.environ.get("DLORA_SIM_PURE", "") not in ("", "0")
+        print(f"compiled ({len(HOT)} modules, {DIR})" if why is None and not pure else
+              "pure Python: " + ("DLORA_SIM_PURE is set" if pure else why or "no compiled build (make compile)"))
+    elif why is None and not a.force:
+        print(f"compiled build: current ({DIR})")
+    else:
+        try:
+            import mypyc  # noqa: F401
+        except ImportError:
+            print("compiled build: skipped (mypyc not installed: pip install -e '.[compiled]'); pure Python")
+            return 0
         try:
             print(f"compiled build: {build()} ({len(HOT)} modules)")
-        except Exception as e:   # noqa: BLE001 - any failure leaves pure Python, which is correct
+        except BaseException as e:   # any failure leaves pure Python, which gives the same results
             print(f"compiled build failed, the simulator runs as pure Python: {type(e).__name__}: {e}",
                   file=sys.stderr)
             return 1
-        return 0
-    if active():
-        print(f"compiled: {', '.join(HOT)} from {DIR}")
-    else:
-        print("pure Python" + ("" if (DIR / MANIFEST).exists() else " (no compiled build)"))
     return 0
 
 

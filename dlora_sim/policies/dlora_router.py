@@ -38,9 +38,9 @@ def preload_for(cluster: ClusterView, hosts: list[list[int]], demand: str = "onl
     """What each replica loads at t=0: its hosted adapters, most demanded first, up to its GPU slots
     (hosted adapters beyond the slots are loaded on demand)."""
     n = len(hosts)
-    demand = known_demand(cluster, demand)
+    weights = known_demand(cluster, demand)
     preload: dict[int, list[int]] = {}
-    for a in sorted(range(n), key=lambda a: (-demand[a], a)):
+    for a in sorted(range(n), key=lambda a: (-weights[a], a)):
         for j in hosts[a]:
             if len(preload.setdefault(j, [])) < cluster.replicas[j].adapter_slots:
                 preload[j].append(a)
