@@ -37,10 +37,11 @@ def commit_of(path: Path) -> str:
     return out.stdout.strip() or "not a git checkout"
 
 
-def child_json(script: str, args: Sequence[str], code: Path | None = None, *, one_core: bool = False) -> dict:
+def child_json(script: str, args: Sequence[str], code: Path | None = None, *, one_core: bool = False,
+               extra_env: dict[str, str] | None = None) -> dict:
     """Run `script --child args` (on `code`'s dlora_sim if given; pinned to core 0 with `one_core` where
-    taskset exists) and return the JSON of its last line."""
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    taskset exists; with `extra_env` set) and return the JSON of its last line."""
+    env = dict(os.environ, PYTHONHASHSEED="0", **(extra_env or {}))
     env.pop(CODE_ENV, None)
     if code is not None:
         env[CODE_ENV] = str(code)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -52,10 +53,15 @@ def one_point(system: str, replicas: int, rate: float, requests: int, seed: int,
     t0 = time.perf_counter()
     res = sim.run()
     wall = time.perf_counter() - t0
+    try:   # code older than the compiled build has none
+        from dlora_sim import compiled
+        build_kind = "compiled" if compiled.active() else "pure"
+    except ImportError:
+        build_kind = "pure"
     if res.streamed is not None:
         res.streamed.close()
     done = len(res.stats.lat)
-    return {"system": system, "replicas": replicas, "rate_rps": round(rate, 3), "requests": requests,
+    return {"system": system, "build": build_kind, "replicas": replicas, "rate_rps": round(rate, 3), "requests": requests,
             "completed": done, "sim_time_s": round(res.sim_end_s, 3), "wall_s": round(wall, 3),
             "speedup": round(res.sim_end_s / wall, 1),
             "us_per_request": round(wall / requests * 1e6, 1),
@@ -86,8 +92,8 @@ def capacity(system: str, seed: int) -> float:
     return len(res.stats.lat) / res.sim_end_s
 
 
-def _child(args: list[str], code: Path | None = None) -> dict:
-    return child_json(__file__, args, code, one_core=True)
+def _child(args: list[str], code: Path | None = None, env: dict[str, str] | None = None) -> dict:
+    return child_json(__file__, args, code, one_core=True, extra_env=env)
 
 
 def main() -> None:
@@ -118,9 +124,13 @@ def main() -> None:
     if a.large:
         return large_runs(a)
     systems = a.systems.split(",")
-    codes: dict[str, Path | None] = {"this": None}
+    from dlora_sim import compiled
+    # this code as the runs would use it (its compiled build where current) and, beside it, pure Python
+    codes: dict[str, tuple[Path | None, dict[str, str]]] = {"this": (None, {})}
+    if compiled.why_not() is None and os.environ.get("DLORA_SIM_PURE", "") in ("", "0"):
+        codes["pure"] = (None, {"DLORA_SIM_PURE": "1"})
     if a.baseline is not None:
-        codes["baseline"] = checkout(a.baseline)
+        codes["baseline"] = (checkout(a.baseline), {})
     caps = {}
     for system in systems:   # the rates come from this code's probe: both codes simulate the same requests
         caps[system] = _child(["capacity", system, str(a.seed)])["capacity"]
@@ -131,10 +141,10 @@ def main() -> None:
         tries: dict[tuple[str, str], list[dict]] = {(s, c): [] for s in systems for c in codes}
         for _ in range(a.repeats):
             for system in systems:
-                for code, where in codes.items():
+                for code, (where, env) in codes.items():
                     args = ["point", system, str(r), str(a.load * caps[system] * r), str(a.per_replica * r),
                             str(a.seed)]
-                    tries[system, code].append(_child(args, where))
+                    tries[system, code].append(_child(args, where, env))
         for (system, code), runs in tries.items():
             walls = sorted(t["wall_s"] for t in runs)
             row = {"code": code, **min(runs, key=lambda t: t["wall_s"])}   # the least-disturbed run
@@ -144,9 +154,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         for system in systems[1:]:
             ratios.append((system, systems[0], r, _paired(tries[system, "this"], tries[systems[0], "this"])))
-        if "baseline" in codes:
-            for system in systems:
-                speedups.append((system, r, _paired(tries[system, "baseline"], tries[system, "this"])))
+        for slow, fast in (("baseline", "this"), ("baseline", "pure"), ("pure", "this")):
+            if slow in codes and fast in codes:
+                for system in systems:
+                    speedups.append((slow, fast, system, r, _paired(tries[system, slow], tries[system, fast])))
     _write(a, a.out or RESULTS / "sim_speed", rows,
            f"# Simulator speed ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
            f"one core per point, best of {a.repeats}, python {platform.python_version()})",
@@ -162,13 +173,17 @@ def _notes(a, rows: list[dict], ratios: list, speedups: list) -> str:
             "default workload otherwise (16 adapters, Zipf 1, uniform lengths 8-511). A decision is one call "
             "of a replica's local policy. Runs alternate within each repeat; a ratio is the median of the "
             "paired wall-time ratios.")
+    builds = {row["code"]: row["build"] for row in rows}
     if speedups:
-        note += (f"\n\nSpeed-up of this code over `--baseline` ({a.baseline}, commit {commit_of(a.baseline)}), same "
-                 "requests, same machine, "
-                 "runs alternating:\n\n| system | replicas | baseline wall / this wall (median of pairs) | "
-                 "pairs (min..max) |\n|---|---|---|---|\n")
-        note += "\n".join(f"| {s} | {r} | {statistics.median(p):.2f} | {p[0]:.2f}..{p[-1]:.2f} |"
-                           for s, r, p in speedups)
+        note += ("\n\nCodes: `this` is this commit as runs use it (build: " + builds.get("this", "?") + ")"
+                 + ("; `pure` is this commit with DLORA_SIM_PURE=1" if "pure" in builds else "")
+                 + (f"; `baseline` is `--baseline` ({a.baseline}, commit {commit_of(a.baseline)})"
+                    if a.baseline is not None else "")
+                 + ". Same requests, same machine, runs alternating; speed-up = slower wall / faster wall:\n\n"
+                 "| slower | faster | system | replicas | speed-up (median of pairs) | pairs (min..max) |\n"
+                 "|---|---|---|---|---|---|\n")
+        note += "\n".join(f"| {slow} | {fast} | {s} | {r} | {statistics.median(p):.2f} | {p[0]:.2f}..{p[-1]:.2f} |"
+                           for slow, fast, s, r, p in speedups)
     if ratios:
         note += "\n\n| system | vs | replicas | wall ratio (median of pairs) | pairs (min..max) |\n|---|---|---|---|---|\n"
         note += "\n".join(f"| {s} | {b} | {r} | {statistics.median(p):.2f} | {p[0]:.2f}..{p[-1]:.2f} |"
