@@ -201,16 +201,22 @@ def _notes(a, rows: list[dict], ratios: list, speedups: list) -> str:
 def large_runs(a) -> None:
     """One streamed run of `--large` requests per system at `--large-replicas`, 80% load."""
     import tempfile
+    from dlora_sim import compiled
+    builds = [{}]   # this code as runs use it, and pure Python beside a compiled build
+    if compiled.why_not() is None and os.environ.get("DLORA_SIM_PURE", "") in ("", "0"):
+        builds.append({"DLORA_SIM_PURE": "1"})
     rows = []
     for system in a.systems.split(","):
         cap = _child(["capacity", system, str(a.seed)])["capacity"]
         r = a.large_replicas
-        with tempfile.TemporaryDirectory() as tmp:
-            row = _child(["point", system, str(r), str(a.load * cap * r), str(a.large), str(a.seed), tmp])
-            row["requests_csv_mb"] = round((Path(tmp) / "requests.csv").stat().st_size / 2**20, 1)
-        row["capacity_rps_per_replica"] = round(cap, 3)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for env in builds:
+            with tempfile.TemporaryDirectory() as tmp:
+                row = _child(["point", system, str(r), str(a.load * cap * r), str(a.large), str(a.seed), tmp],
+                             env=env)
+                row["requests_csv_mb"] = round((Path(tmp) / "requests.csv").stat().st_size / 2**20, 1)
+            row["capacity_rps_per_replica"] = round(cap, 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     _write(a, a.out or RESULTS / "sim_speed_large", rows,
            f"# A million requests ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
            f"one core, python {platform.python_version()})",
