@@ -13,7 +13,8 @@ CPU_TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),@true,$(BIN)/pip in
 
 # The optional compiled build of the simulator's hot modules (dlora_sim/compiled.py): rebuilt when its sources
 # changed; where it cannot be built the simulator runs as pure Python, with the same results.
-COMPILE = $(BIN)/python -m dlora_sim.mypyc_build || echo "make: continuing with the pure-Python simulator"
+# (DLORA_SIM_PURE: the builder's own import of dlora_sim does not warn about the build it is replacing)
+COMPILE = DLORA_SIM_PURE=1 $(BIN)/python -m dlora_sim.mypyc_build || echo "make: continuing with the pure-Python simulator"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -76,7 +77,7 @@ bench: $(VENV)/.installed
 ## (Re)build the compiled simulator modules if their sources changed (`make run` and `make test` do it too).
 compile: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[compiled]'
-	$(BIN)/python -m dlora_sim.mypyc_build
+	DLORA_SIM_PURE=1 $(BIN)/python -m dlora_sim.mypyc_build
 
 clean:
-	rm -rf $(VENV) outputs multirun dlora_sim/_compiled
+	rm -rf $(VENV) outputs multirun dlora_sim/_compiled dlora_sim/_compiled.lock

@@ -197,9 +197,10 @@ def _notes(a, rows: list[dict], ratios: list, speedups: list) -> str:
     builds = {row["code"]: row["build"] for row in rows}
     if speedups:
         note += ("\n\nCodes: `this` is this commit as runs use it (build: " + builds.get("this", "?") + ")"
-                 + ("; `pure` is this commit with DLORA_SIM_PURE=1" if "pure" in builds else "")
-                 + (f"; `baseline` is `--baseline` ({a.baseline}, commit {commit_of(a.baseline)})"
-                    if a.baseline is not None else "")
+                 + ("; `pure` is this commit with DLORA_SIM_PURE=1 (build: pure)" if "pure" in builds else "")
+                 + (f"; `baseline` is `--baseline` ({a.baseline}, commit {commit_of(a.baseline)}; build: "
+                    f"{builds.get('baseline', '?')})" if a.baseline is not None else "")
+                 + " (`build`: compiled or pure Python; `build_s`: the run's set-up time)"
                  + ". Same requests, same machine, runs alternating; speed-up = slower wall / faster wall:\n\n"
                  "| slower | faster | system | replicas | speed-up (median of pairs) | pairs (min..max) |\n"
                  "|---|---|---|---|---|---|\n")

@@ -1,16 +1,17 @@
 """The optional compiled build of the simulator's hot modules (mypyc): the same Python source, compiled to C
-extension modules, about twice as fast (benchmarks/results/sim_speed.md); results byte-identical
+extension modules, about twice as fast (docs/performance.md#compiled-build); results byte-identical
 (tests/test_compiled.py runs configs both ways).
 
 `make run` and `make test` build it after installing (`python -m dlora_sim.mypyc_build`, ~30 s on 2
 cores) into `dlora_sim/_compiled/`; where the build fails (no C compiler, say) the simulator stays pure
-Python. Importing `dlora_sim` loads it only if it was built by this interpreter from the sources now on disk
-(a digest of the compiled modules' files); a build that no longer matches is skipped with a warning that
-names the changed file, so an edit is never silently shadowed by old compiled code. `DLORA_SIM_PURE=1`
-turns it off (the test suite does: some tests replace methods, which compiled classes refuse).
+Python. Importing `dlora_sim` loads it only if it was built by this interpreter from the sources now on disk:
+a digest of every module of dlora_sim/core, policies and des (the hot modules and every module mypyc read
+their types from); a build that no longer matches is skipped with a warning that names a changed file, so
+an edit is never shadowed by old compiled code. `DLORA_SIM_PURE=1` turns it off (the test suite runs pure:
+a method a test replaces on a compiled class is still called directly by compiled code).
 
-`dlora_sim.policies.dlora` stays interpreted: a compiled dataclass that subclasses an ABC fails at import
-(mypyc issue 1061).
+`dlora_sim.policies.dlora` and the other policy classes stay interpreted: a compiled dataclass that subclasses
+an ABC fails at import (mypyc issue 1061).
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ MANIFEST = "manifest.json"
 HOT = ("dlora_sim.core.request", "dlora_sim.core.step", "dlora_sim.core.cost_model", "dlora_sim.core.validation",
        "dlora_sim.core.replica_state", "dlora_sim.policies.batching", "dlora_sim.policies.estimates",
        "dlora_sim.des.replica", "dlora_sim.policies.thresholds", "dlora_sim.policies.credits")
+# what the build is checked against: the folders of the hot modules (core imports only core, policies only core,
+# the replica process core and policies: pyproject.toml's import-linter contracts)
+SOURCES = ("core", "policies", "des")
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or importlib.machinery.EXTENSION_SUFFIXES[0]
 
 _active = False
@@ -43,8 +47,10 @@ def source(module: str) -> Path:
 
 
 def digests() -> dict[str, str]:
-    """sha256 of each hot module's source file, as the build records them."""
-    return {m: hashlib.sha256(source(m).read_bytes()).hexdigest() for m in HOT}
+    """sha256 of every source file the build depends on, by path relative to the package's parent."""
+    root = PACKAGE.parent
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in SOURCES for p in sorted((PACKAGE / folder).rglob("*.py"))}
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -58,22 +64,36 @@ class _Finder(importlib.abc.MetaPathFinder):
         return None if f is None else importlib.util.spec_from_file_location(name, f)
 
 
-def why_not() -> str | None:
-    """None where the build in DIR can be used by this process, else why not ('' where none was built)."""
+def read_build() -> tuple[dict | None, str | None]:
+    """(the build's manifest, None) where this process can use the build in DIR, else (None, why not; '' where
+    none was built)."""
     try:
         manifest = json.loads((DIR / MANIFEST).read_text())
     except FileNotFoundError:
-        return ""
+        return None, ""
     except (OSError, ValueError) as e:
-        return f"{DIR / MANIFEST} unreadable ({e})"
-    if manifest.get("python") != sys.version or manifest.get("suffix") != SUFFIX:
-        return f"built by Python {str(manifest.get('python', '?')).split()[0]}, this is {sys.version.split()[0]}"
-    changed = [m for m, d in digests().items() if manifest.get("sources", {}).get(m) != d]
+        return None, f"{DIR / MANIFEST} unreadable ({e})"
+    built_by = str(manifest.get("python", "?"))
+    if built_by != sys.version:
+        return None, f"built by Python {built_by.split()[0]}, this is {sys.version.split()[0]}"
+    if manifest.get("suffix") != SUFFIX:
+        return None, f"built as *{manifest.get('suffix')}, this interpreter loads *{SUFFIX}"
+    files = manifest.get("files", {})
+    if not set(HOT) <= set(files):
+        return None, f"its manifest lists no module for {sorted(set(HOT) - set(files))[0]}"
+    built = manifest.get("sources", {})
+    now = digests()
+    changed = sorted(set(built) ^ set(now) | {p for p in now if built.get(p) != now[p]})
     if changed:
-        return f"{source(changed[0]).relative_to(PACKAGE.parent)} changed since it was built"
-    if not all((DIR / rel).is_file() for rel in manifest.get("files", {}).values()):
-        return "files listed in its manifest are missing"
-    return None
+        return None, f"{changed[0]} changed since it was built"
+    if not all((DIR / rel).is_file() for rel in files.values()):
+        return None, "files listed in its manifest are missing"
+    return manifest, None
+
+
+def why_not() -> str | None:
+    """None where the build in DIR can be used by this process, else why not ('' where none was built)."""
+    return read_build()[1]
 
 
 def install() -> bool:
@@ -82,26 +102,22 @@ def install() -> bool:
     global _active
     if _active or os.environ.get("DLORA_SIM_PURE", "") not in ("", "0"):
         return _active
-    why = why_not()
-    if why is None and any(name in sys.modules for name in HOT):
-        why = "hot modules were imported before dlora_sim"
-    if why is not None:
+    manifest, why = read_build()
+    if manifest is None:
         if why:
             warnings.warn(f"dlora_sim: not using the compiled build in {DIR}: {why}; running pure Python "
                           "(rebuild: make compile)", RuntimeWarning, stacklevel=2)
         return False
-    manifest = json.loads((DIR / MANIFEST).read_text())
     sys.meta_path.insert(0, _Finder({name: DIR / rel for name, rel in manifest["files"].items()}))
     _active = True
     return True
 
 
 def active() -> bool:
-    """Whether the hot modules run compiled in this process."""
-    return _active and all(getattr(sys.modules.get(m), "__file__", "").endswith(SUFFIX) for m in HOT
-                           if m in sys.modules)
+    """Whether this process runs the hot modules compiled (those imported so far are, and the rest will be)."""
+    return _active and all(loaded(sys.modules[m]) == "compiled" for m in HOT if m in sys.modules)
 
 
 def loaded(module: ModuleType) -> str:
     """'compiled' or 'pure', for one imported module."""
-    return "compiled" if getattr(module, "__file__", "").endswith(SUFFIX) else "pure"
+    return "compiled" if (getattr(module, "__file__", None) or "").endswith(SUFFIX) else "pure"

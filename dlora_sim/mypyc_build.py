@@ -1,6 +1,6 @@
 """Builds the optional compiled build of the simulator's hot modules (dlora_sim/compiled.py says what it is
-and when it is used): `python -m dlora_sim.mypyc_build [build|status|clean]`. Needs the `compiled` extra (mypy,
-which carries mypyc) and a C compiler; `make compile` runs it."""
+and when it is used): `python -m dlora_sim.mypyc_build [build|status|clean] [--force]`. Needs the `compiled`
+extra (mypy, which carries mypyc) and a C compiler; `make compile` runs it."""
 from __future__ import annotations
 
 import contextlib
@@ -15,49 +15,71 @@ from pathlib import Path
 from dlora_sim.compiled import DIR, HOT, MANIFEST, SUFFIX, digests, source, why_not
 
 
-def build(dest: Path = DIR) -> Path:
-    """Compile the hot modules with mypyc into `dest`, replacing what is there only once the whole build
-    succeeded (a failed build leaves the previous one, or none)."""
+@contextlib.contextmanager
+def _locked(dest: Path):
+    """One build at a time (two `make` runs at once wait for each other instead of colliding)."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX: no lock
+        yield
+        return
+    with open(dest.with_name(dest.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _compile(work: Path) -> dict[str, str]:
+    """mypyc's C for the hot modules, compiled under `work`; {module: path relative to work/lib}."""
     from mypyc.build import mypycify   # the `compiled` extra
     from setuptools import setup
 
-    sums = digests()
-    work = Path(tempfile.mkdtemp(prefix="dlora_mypyc_"))
-    cwd = os.getcwd()
-    log = io.StringIO()
+    log, cwd = io.StringIO(), os.getcwd()
     try:
         os.chdir(work)   # mypyc writes its C and setuptools its objects under the working directory
         with contextlib.redirect_stdout(log):   # a compiler command line per module: shown only on failure
             # type errors only in the compiled modules themselves; others are read for their types
             exts = mypycify(["--follow-imports=silent", "--ignore-missing-imports",
                              *(str(source(m)) for m in HOT)], opt_level="3")
+            if os.name == "posix":   # no fused multiply-add where CPython rounds twice: the same floats
+                for ext in exts:
+                    ext.extra_compile_args = [*ext.extra_compile_args, "-ffp-contract=off"]
             setup(name="dlora_sim_compiled", ext_modules=exts, script_args=[
                 "-q", "build_ext", "--build-lib", str(work / "lib"), "--build-temp", str(work / "tmp")])
-    except BaseException:   # mypy's type errors end in SystemExit
+    except (Exception, SystemExit):   # mypy's type errors end in SystemExit
         sys.stderr.write(log.getvalue()[-4000:])
         raise
     finally:
         os.chdir(cwd)
-    files = {}
-    for p in (work / "lib").rglob(f"*{SUFFIX}"):
-        rel = p.relative_to(work / "lib")
-        files[".".join(rel.parts).removesuffix(SUFFIX)] = str(rel)
+    files = {".".join(p.relative_to(work / "lib").parts).removesuffix(SUFFIX): str(p.relative_to(work / "lib"))
+             for p in (work / "lib").rglob(f"*{SUFFIX}")}
     missing = [m for m in HOT if m not in files]
     if missing:
         raise RuntimeError(f"mypyc built no module for {missing}")
-    stage = Path(tempfile.mkdtemp(prefix="_compiled.", dir=dest.parent))
-    for name, rel in files.items():
-        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(work / "lib" / rel, stage / rel)
-    (stage / MANIFEST).write_text(json.dumps({"python": sys.version, "suffix": SUFFIX, "sources": sums,
-                                              "files": files}, indent=1) + "\n")
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    stage.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
+    return files
+
+
+def build(dest: Path = DIR) -> Path:
+    """Compile the hot modules with mypyc into `dest`, replacing what is there only once the whole build
+    succeeded (a failed build leaves the previous one, or none, and no files of its own)."""
+    with _locked(dest):
+        sums = digests()
+        work = Path(tempfile.mkdtemp(prefix="dlora_mypyc_"))
+        stage = Path(tempfile.mkdtemp(prefix="_compiled.", dir=dest.parent))
+        old = dest.with_name(dest.name + ".old")
+        try:
+            files = _compile(work)
+            for rel in files.values():
+                (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(work / "lib" / rel, stage / rel)
+            (stage / MANIFEST).write_text(json.dumps({"python": sys.version, "suffix": SUFFIX, "sources": sums,
+                                                      "files": files}, indent=1) + "\n")
+            shutil.rmtree(old, ignore_errors=True)
+            if dest.exists():   # a process importing in between finds no build and runs pure Python
+                dest.rename(old)
+            stage.rename(dest)
+        finally:
+            for leftover in (work, stage, old):
+                shutil.rmtree(leftover, ignore_errors=True)
     return dest
 
 
@@ -86,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             print(f"compiled build: {build()} ({len(HOT)} modules)")
-        except BaseException as e:   # any failure leaves pure Python, which gives the same results
+        except (Exception, SystemExit) as e:   # any failure leaves pure Python, which gives the same results
             print(f"compiled build failed, the simulator runs as pure Python: {type(e).__name__}: {e}",
                   file=sys.stderr)
             return 1

@@ -42,6 +42,9 @@ for name, overrides in configs.items():
     folder = Path(tempfile.mkdtemp())
     simulate(overrides[0].split("=", 1)[1], overrides=[*overrides[1:], "keep_iterations=true"], out=folder)
     out[name] = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in ("requests.csv", "iterations.csv")}
+    summary = json.loads((folder / "summary.json").read_text())   # counters too; not the wall times it measured
+    out[name]["summary"] = {k: v for k, v in summary.items() if "wall" not in k
+                            and not (k.startswith("solver_time") and k != "solver_time_charged_s")}
 out["loaded"] = {m: compiled.loaded(sys.modules[m]) for m in compiled.HOT if m in sys.modules}
 print(json.dumps(out))
 """
@@ -63,40 +66,50 @@ def test_compiled_build_gives_byte_identical_results():
             pytest.fail(msg)
         pytest.skip(msg)
     fast, pure = _run(pure=False), _run(pure=True)
-    assert set(fast.pop("loaded").values()) == {"compiled"}, "the compiled run did not load the compiled modules"
-    assert set(pure.pop("loaded").values()) == {"pure"}
+    assert fast.pop("loaded") == dict.fromkeys(compiled.HOT, "compiled"), "the runs did not load every compiled module"
+    assert pure.pop("loaded") == dict.fromkeys(compiled.HOT, "pure")
     assert len(fast) == len(CONFIGS)
     for name in CONFIGS:
         assert fast[name] == pure[name], f"{name}: compiled and pure-Python results differ"
 
 
 def _fake_build(tmp_path: Path, monkeypatch, **manifest) -> None:
-    """A build folder holding only a manifest (what `why_not` reads first)."""
-    base = {"python": sys.version, "suffix": compiled.SUFFIX, "sources": compiled.digests(), "files": {}}
+    """A build folder holding a manifest (what `why_not` reads) and, unless told otherwise, a file per module."""
+    files = {m: f"{m}{compiled.SUFFIX}" for m in compiled.HOT}
+    for rel in files.values():
+        (tmp_path / rel).write_bytes(b"")
+    base = {"python": sys.version, "suffix": compiled.SUFFIX, "sources": compiled.digests(), "files": files}
     (tmp_path / compiled.MANIFEST).write_text(json.dumps({**base, **manifest}))
     monkeypatch.setattr(compiled, "DIR", tmp_path)
 
 
 def test_a_build_of_other_sources_is_not_used_and_the_changed_file_is_named(tmp_path, monkeypatch):
     sums = compiled.digests()
-    sums["dlora_sim.core.step"] = "0" * 64
+    assert "dlora_sim/core/step.py" in sums and "dlora_sim/core/contracts.py" in sums   # what mypyc read too
+    _fake_build(tmp_path, monkeypatch, sources={**sums, "dlora_sim/core/contracts.py": "0" * 64})
+    assert compiled.why_not() == "dlora_sim/core/contracts.py changed since it was built"
+    del sums["dlora_sim/policies/vllm.py"]   # a module added since
     _fake_build(tmp_path, monkeypatch, sources=sums)
-    assert compiled.why_not() == "dlora_sim/core/step.py changed since it was built"
+    assert compiled.why_not() == "dlora_sim/policies/vllm.py changed since it was built"
 
 
 def test_a_build_of_another_interpreter_or_with_missing_files_is_not_used(tmp_path, monkeypatch):
     _fake_build(tmp_path, monkeypatch, python="3.99.0 (other)")
-    assert compiled.why_not().startswith("built by Python 3.99.0")
-    _fake_build(tmp_path, monkeypatch, files={"dlora_sim.core.step": "dlora_sim/core/step.so"})
-    assert compiled.why_not() == "files listed in its manifest are missing"
+    assert compiled.why_not() == f"built by Python 3.99.0, this is {sys.version.split()[0]}"
+    _fake_build(tmp_path, monkeypatch, suffix=".other.so")
+    assert compiled.why_not().startswith("built as *.other.so")
+    _fake_build(tmp_path, monkeypatch, files={m: f"{m}{compiled.SUFFIX}" for m in compiled.HOT[1:]})
+    assert compiled.why_not() == f"its manifest lists no module for {sorted(compiled.HOT[:1])[0]}"
     _fake_build(tmp_path, monkeypatch)
-    assert compiled.why_not() is None   # the same manifest with nothing missing is current
+    assert compiled.why_not() is None   # the same manifest with every file present is current
+    (tmp_path / f"{compiled.HOT[0]}{compiled.SUFFIX}").unlink()
+    assert compiled.why_not() == "files listed in its manifest are missing"
 
 
 def test_no_build_is_silent_and_an_unusable_one_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(compiled, "DIR", tmp_path)
     monkeypatch.setattr(compiled, "_active", False)
-    monkeypatch.delenv("DLORA_SIM_PURE")
+    monkeypatch.delenv("DLORA_SIM_PURE", raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compiled.install() is False   # nothing built: no warning
