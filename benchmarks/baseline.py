@@ -41,7 +41,7 @@ def child_json(script: str, args: Sequence[str], code: Path | None = None, *, on
                extra_env: dict[str, str] | None = None) -> dict:
     """Run `script --child args` (on `code`'s dlora_sim if given; pinned to core 0 with `one_core` where
     taskset exists; with `extra_env` set) and return the JSON of its last line."""
-    env = dict(os.environ, PYTHONHASHSEED="0", **(extra_env or {}))
+    env = {**os.environ, "PYTHONHASHSEED": "0", **(extra_env or {})}
     env.pop(CODE_ENV, None)
     if code is not None:
         env[CODE_ENV] = str(code)
