@@ -43,6 +43,7 @@ for name, overrides in configs.items():
     simulate(overrides[0].split("=", 1)[1], overrides=[*overrides[1:], "keep_iterations=true"], out=folder)
     out[name] = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in ("requests.csv", "iterations.csv")}
     summary = json.loads((folder / "summary.json").read_text())   # counters too; not the wall times it measured
+    out[name]["build"] = summary.pop("sim_build")
     out[name]["summary"] = {k: v for k, v in summary.items() if "wall" not in k
                             and not (k.startswith("solver_time") and k != "solver_time_charged_s")}
 out["loaded"] = {m: compiled.loaded(sys.modules[m]) for m in compiled.HOT if m in sys.modules}
@@ -70,6 +71,7 @@ def test_compiled_build_gives_byte_identical_results():
     assert pure.pop("loaded") == dict.fromkeys(compiled.HOT, "pure")
     assert len(fast) == len(CONFIGS)
     for name in CONFIGS:
+        assert (fast[name].pop("build"), pure[name].pop("build")) == ("compiled", "pure")   # summary.json says so
         assert fast[name] == pure[name], f"{name}: compiled and pure-Python results differ"
 
 

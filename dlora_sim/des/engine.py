@@ -127,12 +127,16 @@ class Simulation:
 def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], charts: bool = True) -> dict:
     """Simulate a composed config into the results folder `out` (charts too, if `charts` and the config's
     `charts` key say so); its summary. What `dlora-sim` and `dlora_sim.simulate` run."""
+    from dlora_sim import compiled
     from dlora_sim.run_charts import draw_run_charts
     from dlora_sim.core.jobs import finish_job
 
     sim = build_simulation(cfg, out=out)
+    # what sim_wall_s was measured on (the results are the same either way)
+    about = {"sim_build": "compiled" if compiled.active() else "pure"}
     try:
-        return finish_job(cfg, out, system, overrides, sim.run, charts=draw_run_charts if charts else None)
+        return finish_job(cfg, out, system, overrides, sim.run, about=about,
+                          charts=draw_run_charts if charts else None)
     finally:
         if sim.stream is not None:
             sim.stream.abort()   # a no-op once the stream was closed into requests.csv
