@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -148,7 +147,7 @@ def main() -> None:
     from dlora_sim import compiled
     # this code as the runs would use it (its compiled build where current) and, beside it, pure Python
     codes: dict[str, tuple[Path | None, dict[str, str]]] = {"this": (None, {})}
-    if compiled.why_not() is None and os.environ.get("DLORA_SIM_PURE", "") in ("", "0"):
+    if compiled.available():
         codes["pure"] = (None, {"DLORA_SIM_PURE": "1"})
     if a.baseline is not None:
         codes["baseline"] = (checkout(a.baseline), {})
@@ -225,7 +224,7 @@ def large_runs(a) -> None:
     import tempfile
     from dlora_sim import compiled
     builds = [{}]   # this code as runs use it, and pure Python beside a compiled build
-    if compiled.why_not() is None and os.environ.get("DLORA_SIM_PURE", "") in ("", "0"):
+    if compiled.available():
         builds.append({"DLORA_SIM_PURE": "1"})
     rows = []
     for system in a.systems.split(","):

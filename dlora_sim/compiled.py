@@ -15,14 +15,11 @@ an ABC fails at import (mypyc issue 1061).
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
 import os
 import sys
-import sysconfig
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -37,7 +34,7 @@ HOT = ("dlora_sim.core.request", "dlora_sim.core.step", "dlora_sim.core.cost_mod
 # what the build is checked against: the folders of the hot modules (core imports only core, policies only core,
 # the replica process core and policies: pyproject.toml's import-linter contracts)
 SOURCES = ("core", "policies", "des")
-SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or importlib.machinery.EXTENSION_SUFFIXES[0]
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]   # this interpreter's own (EXT_SUFFIX), what builds are named
 
 _active = False
 
@@ -48,13 +45,14 @@ def source(module: str) -> Path:
 
 def digests() -> dict[str, str]:
     """sha256 of every source file the build depends on, by path relative to the package's parent."""
+    import hashlib   # only where a build exists: `import dlora_sim` stays light without one
     root = PACKAGE.parent
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for folder in SOURCES for p in sorted((PACKAGE / folder).rglob("*.py"))}
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Finds the compiled modules (and the one shared library they import) in the build folder."""
+class _Finder:
+    """A meta path finder: the compiled modules (and the one shared library they import) in the build folder."""
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
@@ -96,11 +94,21 @@ def why_not() -> str | None:
     return read_build()[1]
 
 
+def turned_off() -> bool:
+    """DLORA_SIM_PURE is set (to anything but 0): pure Python whatever is built."""
+    return os.environ.get("DLORA_SIM_PURE", "") not in ("", "0")
+
+
+def available() -> bool:
+    """Whether a new process would run the compiled build (it exists, matches, and is not turned off)."""
+    return not turned_off() and why_not() is None
+
+
 def install() -> bool:
     """Put the compiled build in front of the pure-Python modules if it exists and matches this interpreter
     and the sources; called by `dlora_sim/__init__.py` before any hot module is imported."""
     global _active
-    if _active or os.environ.get("DLORA_SIM_PURE", "") not in ("", "0"):
+    if _active or turned_off():
         return _active
     manifest, why = read_build()
     if manifest is None:

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dlora_sim.compiled import DIR, HOT, MANIFEST, SUFFIX, digests, source, why_not
+from dlora_sim.compiled import DIR, HOT, MANIFEST, SUFFIX, digests, source, turned_off, why_not
 
 
 @contextlib.contextmanager
@@ -95,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(DIR, ignore_errors=True)
         print(f"removed {DIR}")
     elif a.command == "status":
-        pure = os.environ.get("DLORA_SIM_PURE", "") not in ("", "0")
-        print(f"compiled ({len(HOT)} modules, {DIR})" if why is None and not pure else
-              "pure Python: " + ("DLORA_SIM_PURE is set" if pure else why or "no compiled build (make compile)"))
+        print(f"compiled ({len(HOT)} modules, {DIR})" if why is None and not turned_off() else
+              "pure Python: " + ("DLORA_SIM_PURE is set" if turned_off() else why or "no compiled build (make compile)"))
     elif why is None and not a.force:
         print(f"compiled build: current ({DIR})")
     else:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from dlora_sim.core.contracts import ClusterView, Router
 from dlora_sim.core.request import Request
+from dlora_sim.policies.dispatch import least_loaded
 
 
 @dataclass
@@ -50,9 +51,8 @@ class CacheAware(Router):
             self._trees = [{} for _ in reps]
         js = self.candidates(request, cluster)
         loads = [len(reps[j].queue) for j in js]
-        least = js[loads.index(min(loads))]
         keys = _chain(request.prefix)
-        best = least
+        best = least_loaded(reps, js)
         if keys and not (max(loads) - min(loads) > self.balance_abs_threshold
                          and max(loads) > min(loads) * self.balance_rel_threshold):
             matched = [_matched(self._trees[j], keys) for j in js]
