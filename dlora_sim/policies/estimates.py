@@ -280,17 +280,47 @@ class WorkModel:
 
     def _shape(self, view: "ReplicaView") -> _Shape:
         batch = view.max_num_seqs
-        if any(len(rs) >= batch for rs in view.by_adapter().values()):
+        grouped = view.by_adapter()
+        if any(len(rs) >= batch for rs in grouped.values()):
             return _Shape(view.version, self._epoch, 0, [], [0], exact=True)
+        if self.lengths == "oracle":
+            return self._shape_oracle(view)
+        # hot: one expected length per adapter and prefill prices read from their cache (a call per request
+        # cost a fifth of a dispatch)
+        expected, prefills = self._expected, self._prefill_cache
+        tokens = prefill = 0
+        for a, rs in grouped.items():   # every request as if it made no progress ...
+            e = expected.get(a)
+            if e is None:
+                e = self.expected_output(a)
+            for r in rs:
+                rem = e - r.generated
+                tokens += rem if rem > 1 else 1
+                if r.state == _QUEUED:
+                    n = r.prompt_tokens + r.generated - r.prefilled
+                    p = prefills.get(n)
+                    prefill += self.prefill_ns(n) if p is None else p
+        slacks = []
+        for r in view.in_flight:   # ... but those in flight, whose progress is the lag's
+            e = expected.get(r.adapter)
+            rem = (self.expected_output(r.adapter) if e is None else e) - r.generated
+            tokens -= rem if rem > 1 else 1
+            slacks.append(rem)
+        slacks.sort()
+        return _Shape(view.version, self._epoch, tokens * self._constants()[3] + prefill, slacks,
+                      [0, *accumulate(slacks)])
+
+    def _shape_oracle(self, view: "ReplicaView") -> _Shape:
+        """`_shape` with the true output lengths."""
         tok, fixed = self._constants()[3], 0
-        for r in view.queue:   # every request as if it made no progress ...
-            rem = self._output(r) - r.generated
+        for r in view.queue:
+            rem = r.output_tokens - r.generated
             fixed += (rem if rem > 1 else 1) * tok
             if r.state == _QUEUED:
                 fixed += self.prefill_ns(r.prompt_tokens + r.generated - r.prefilled)
         slacks = []
-        for r in view.in_flight:   # ... but those in flight, whose progress is the lag's
-            rem = self._output(r) - r.generated
+        for r in view.in_flight:
+            rem = r.output_tokens - r.generated
             fixed -= (rem if rem > 1 else 1) * tok
             slacks.append(rem)
         slacks.sort()
