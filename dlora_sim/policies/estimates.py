@@ -285,27 +285,26 @@ class WorkModel:
             return _Shape(view.version, self._epoch, 0, [], [0], exact=True)
         if self.lengths == "oracle":
             return self._shape_oracle(view)
-        # hot: one expected length per adapter and prefill prices read from their cache (a call per request
-        # cost a fifth of a dispatch)
-        expected, prefills = self._expected, self._prefill_cache
+        # hot: one pass over the queue grouped by adapter, one expected length per adapter and prefill prices
+        # read from their cache (a call per request cost a fifth of a dispatch). A request in flight adds only
+        # its prefill: its tokens are the lag's (its slack)
+        expected, prefills, flying = self._expected, self._prefill_cache, set(view.in_flight)
         tokens = prefill = 0
-        for a, rs in grouped.items():   # every request as if it made no progress ...
+        slacks = []
+        for a, rs in grouped.items():
             e = expected.get(a)
             if e is None:
                 e = self.expected_output(a)
             for r in rs:
                 rem = e - r.generated
-                tokens += rem if rem > 1 else 1
+                if r in flying:
+                    slacks.append(rem)
+                else:
+                    tokens += rem if rem > 1 else 1
                 if r.state == _QUEUED:
                     n = r.prompt_tokens + r.generated - r.prefilled
                     p = prefills.get(n)
                     prefill += self.prefill_ns(n) if p is None else p
-        slacks = []
-        for r in view.in_flight:   # ... but those in flight, whose progress is the lag's
-            e = expected.get(r.adapter)
-            rem = (self.expected_output(r.adapter) if e is None else e) - r.generated
-            tokens -= rem if rem > 1 else 1
-            slacks.append(rem)
         slacks.sort()
         return _Shape(view.version, self._epoch, tokens * self._constants()[3] + prefill, slacks,
                       [0, *accumulate(slacks)])
