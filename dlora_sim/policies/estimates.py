@@ -283,20 +283,17 @@ class WorkModel:
         grouped = view.by_adapter()
         if any(len(rs) >= batch for rs in grouped.values()):
             return _Shape(view.version, self._epoch, 0, [], [0], exact=True)
-        if self.lengths == "oracle":
-            return self._shape_oracle(view)
         # hot: one pass over the queue grouped by adapter, one expected length per adapter and prefill prices
         # read from their cache (a call per request cost a fifth of a dispatch). A request in flight adds only
         # its prefill: its tokens are the lag's (its slack)
         expected, prefills, flying = self._expected, self._prefill_cache, set(view.in_flight)
+        oracle = self.lengths == "oracle"
         tokens = prefill = 0
         slacks = []
         for a, rs in grouped.items():
-            e = expected.get(a)
-            if e is None:
-                e = self.expected_output(a)
+            e = 0 if oracle else expected.get(a) or self.expected_output(a)
             for r in rs:
-                rem = e - r.generated
+                rem = (r.output_tokens if oracle else e) - r.generated
                 if r in flying:
                     slacks.append(rem)
                 else:
@@ -308,22 +305,6 @@ class WorkModel:
         slacks.sort()
         return _Shape(view.version, self._epoch, tokens * self._constants()[3] + prefill, slacks,
                       [0, *accumulate(slacks)])
-
-    def _shape_oracle(self, view: "ReplicaView") -> _Shape:
-        """`_shape` with the true output lengths."""
-        tok, fixed = self._constants()[3], 0
-        for r in view.queue:
-            rem = r.output_tokens - r.generated
-            fixed += (rem if rem > 1 else 1) * tok
-            if r.state == _QUEUED:
-                fixed += self.prefill_ns(r.prompt_tokens + r.generated - r.prefilled)
-        slacks = []
-        for r in view.in_flight:
-            rem = r.output_tokens - r.generated
-            fixed -= (rem if rem > 1 else 1) * tok
-            slacks.append(rem)
-        slacks.sort()
-        return _Shape(view.version, self._epoch, fixed, slacks, [0, *accumulate(slacks)])
 
     def replica_s(self, view: "ReplicaView") -> float:
         return self.replica_ns(view) / NS
