@@ -72,7 +72,7 @@ def one_point(system: str, replicas: int, rate: float, requests: int, seed: int,
     t0 = time.perf_counter()
     res = sim.run()
     wall = time.perf_counter() - t0
-    try:   # code older than the compiled build has none
+    try:   # code older than the compiled build has none (active(), not build_kind(): a baseline may predate it)
         from dlora_sim import compiled
         build_kind = "compiled" if compiled.active() else "pure"
     except ImportError:
@@ -148,7 +148,7 @@ def main() -> None:
     # this code as the runs would use it (its compiled build where current) and, beside it, pure Python
     codes: dict[str, tuple[Path | None, dict[str, str]]] = {"this": (None, {})}
     if compiled.available():
-        codes["pure"] = (None, {"DLORA_SIM_PURE": "1"})
+        codes["pure"] = (None, compiled.PURE_ENV)
     if a.baseline is not None:
         codes["baseline"] = (checkout(a.baseline), {})
     caps = {}
@@ -225,7 +225,7 @@ def large_runs(a) -> None:
     from dlora_sim import compiled
     builds = [{}]   # this code as runs use it, and pure Python beside a compiled build
     if compiled.available():
-        builds.append({"DLORA_SIM_PURE": "1"})
+        builds.append(compiled.PURE_ENV)
     rows = []
     for system in a.systems.split(","):
         cap = _child(["capacity", system, str(a.seed)])["capacity"]

@@ -94,6 +94,9 @@ def why_not() -> str | None:
     return read_build()[1]
 
 
+PURE_ENV = {"DLORA_SIM_PURE": "1"}   # a child process's environment for pure Python beside a compiled build
+
+
 def turned_off() -> bool:
     """DLORA_SIM_PURE is set (to anything but 0): pure Python whatever is built."""
     return os.environ.get("DLORA_SIM_PURE", "") not in ("", "0")
@@ -124,6 +127,11 @@ def install() -> bool:
 def active() -> bool:
     """Whether this process runs the hot modules compiled (those imported so far are, and the rest will be)."""
     return _active and all(loaded(sys.modules[m]) == "compiled" for m in HOT if m in sys.modules)
+
+
+def build_kind() -> str:
+    """'compiled' or 'pure': what this process runs the simulator on (summary.json's `sim_build`)."""
+    return "compiled" if active() else "pure"
 
 
 def loaded(module: ModuleType) -> str:

@@ -133,7 +133,7 @@ def run_job(cfg: DictConfig, out: Path, system: str, overrides: list[str], chart
 
     sim = build_simulation(cfg, out=out)
     # what sim_wall_s was measured on (the results are the same either way)
-    about = {"sim_build": "compiled" if compiled.active() else "pure"}
+    about = {"sim_build": compiled.build_kind()}
     try:
         return finish_job(cfg, out, system, overrides, sim.run, about=about,
                           charts=draw_run_charts if charts else None)
